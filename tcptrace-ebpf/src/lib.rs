@@ -1,0 +1,119 @@
+//! What the eBPF program and userspace agree on: the event it emits, the
+//! configuration it is loaded with, and the names of the maps between them.
+//!
+//! This crate is built twice: for the BPF target (by `tcptrace/build.rs`,
+//! through aya-build) and for the host as a library of userspace, with the
+//! `user` feature, which only adds the `aya::Pod` impls.
+#![no_std]
+
+/// One `inet_sock_set_state` transition of a TCP socket.
+///
+/// Addresses are in network byte order; an IPv4 address is in the first four
+/// bytes. Ports are in host byte order (the tracepoint already converts them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, nanoseconds.
+    pub ts_ns: u64,
+    /// The kernel's `struct sock *`. Userspace groups events by it and never
+    /// shows it unless asked.
+    pub skaddr: u64,
+    /// Thread group id of the task the kernel ran in. Only meaningful for
+    /// transitions made in process context (see `attribute` in userspace).
+    pub pid: u32,
+    pub oldstate: u8,
+    pub newstate: u8,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// `comm` of the task the kernel ran in, NUL padded.
+    pub comm: [u8; 16],
+    /// Explicit, so that the whole struct is written and no kernel stack
+    /// bytes travel through the ring as padding.
+    pub _pad: u32,
+}
+
+/// Where each field sits in the tracepoint's record, as its format file says.
+///
+/// Offsets are in bytes from the start of the record. Userspace checks every
+/// offset against [`RECORD_MAX`] before loading, so the program can trust it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Bytes to copy out of the record: the end of its last field we read.
+    pub record_len: u32,
+    pub skaddr: u32,
+    pub oldstate: u32,
+    pub newstate: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub family: u32,
+    pub protocol: u32,
+    /// 1 on kernels before 5.6, 2 since.
+    pub protocol_size: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub saddr_v6: u32,
+    pub daddr_v6: u32,
+}
+
+/// The program's load-time configuration (a read-only global, so the
+/// verifier sees its values as constants).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    pub layout: Layout,
+    /// Bit set of the families to keep: [`FAMILY_V4`], [`FAMILY_V6`].
+    pub families: u32,
+    /// Bit set of the port filters in force: [`PORT_ANY`], [`PORT_LOCAL`],
+    /// [`PORT_REMOTE`]. The same bits mark each port in the [`PORTS_MAP`].
+    pub port_filters: u32,
+}
+
+/// The largest record the program copies; the tracepoint's is 72 bytes today.
+pub const RECORD_MAX: usize = 128;
+
+pub const FAMILY_V4: u32 = 1;
+pub const FAMILY_V6: u32 = 2;
+
+/// `--port`: the local or the remote port is marked.
+pub const PORT_ANY: u8 = 1;
+/// `--lport`: the local port is marked.
+pub const PORT_LOCAL: u8 = 2;
+/// `--rport`: the remote port is marked.
+pub const PORT_REMOTE: u8 = 4;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Name of the global holding [`Config`].
+pub const CONFIG_GLOBAL: &str = "CONFIG";
+/// Ring buffer of [`Event`]s.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Array of 65536 `u8`: the port filter bits of each port.
+pub const PORTS_MAP: &str = "PORTS";
+/// Per-CPU array of `u64` counters, indexed by the `COUNTER_*` constants.
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Events dropped because the ring buffer was full.
+pub const COUNTER_LOST: u32 = 0;
+/// Events the program filtered out (other protocol, family or port).
+pub const COUNTER_FILTERED: u32 = 1;
+pub const COUNTERS_LEN: u32 = 2;
+/// Name of the program in the object file.
+pub const PROGRAM: &str = "inet_sock_set_state";
+
+/// Ring size: half a second of 500k events/s at 96 bytes (event and ring
+/// header) is 24 MB; the kernel wants a power of two.
+pub const RING_BYTES: u32 = 32 << 20;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain old data, `repr(C)`, every bit pattern valid.
+    unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Config {}
+}
