@@ -1,0 +1,288 @@
+//! Attribute: give each transition its socket id, its owner and the time the
+//! socket spent in the state it leaves.
+//!
+//! The tracepoint runs in whatever task the kernel happens to be in. For
+//! connect, listen, close and shutdown that is the socket's owner; for the
+//! transitions driven by arriving packets (handshake completion, the peer's
+//! FIN, ACKs, resets) it runs in softirq, and the "current" task is whoever
+//! was interrupted. So the owner is learned only from process-context
+//! transitions and carried to the others; a child socket starts with its
+//! listener's owner. Where no owner is known the answer is "unknown", never
+//! the interrupted task.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use crate::decode::{Task, Transition};
+use crate::state::State;
+
+/// A transition with what tcptrace knows about its socket.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Row {
+    pub t: Transition,
+    /// Small id, unique for one run, grouping the events of one socket.
+    pub sock: u64,
+    pub owner: Option<Task>,
+    /// Time spent in `t.old`, when the socket was seen entering it.
+    pub dwell_ns: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Sock {
+    id: u64,
+    owner: Option<Task>,
+    /// When the socket entered its current state, if we saw that happen.
+    since_ns: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Listener {
+    skaddr: u64,
+    addr: IpAddr,
+    owner: Option<Task>,
+}
+
+/// The sockets seen so far. Memory is bounded by the number of sockets open
+/// at once: a socket is forgotten when it reaches CLOSE.
+#[derive(Debug, Default)]
+pub struct Attributor {
+    socks: HashMap<u64, Sock>,
+    listeners: HashMap<u16, Vec<Listener>>,
+    next_id: u64,
+}
+
+/// Transitions the kernel only makes from a system call of the process
+/// holding the socket, so the current task is its owner.
+///
+/// Deliberately absent: `* -> CLOSE` from SYN_SENT or ESTABLISHED (an abort
+/// from close() with SO_LINGER 0, but just as often a reset arriving in
+/// softirq) and everything a packet or timer drives.
+pub fn in_owner_context(old: State, new: State) -> bool {
+    matches!(
+        (old, new),
+        (State::CLOSE, State::SYN_SENT)
+            | (State::CLOSE, State::LISTEN)
+            | (State::LISTEN, State::CLOSE)
+            | (State::ESTABLISHED, State::FIN_WAIT1)
+            | (State::SYN_RECV, State::FIN_WAIT1)
+            | (State::CLOSE_WAIT, State::LAST_ACK)
+    )
+}
+
+/// The first transition of a socket's life: a new socket leaving CLOSE, or a
+/// child socket cloned from its listener.
+fn starts_life(old: State, new: State) -> bool {
+    old == State::CLOSE || (old == State::LISTEN && new == State::SYN_RECV)
+}
+
+impl Attributor {
+    pub fn new() -> Attributor {
+        Attributor::default()
+    }
+
+    pub fn observe(&mut self, t: &Transition) -> Row {
+        // A socket address can be reused once the socket is freed; a start
+        // of life on a known address (after a lost CLOSE) is a new socket.
+        if starts_life(t.old, t.new) {
+            self.socks.remove(&t.skaddr);
+        }
+        let sock = match self.socks.entry(t.skaddr) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                self.next_id += 1;
+                let owner = if t.old == State::LISTEN && t.new == State::SYN_RECV {
+                    listener_owner(&self.listeners, t)
+                } else {
+                    None
+                };
+                v.insert(Sock {
+                    id: self.next_id,
+                    owner,
+                    since_ns: None,
+                })
+            }
+        };
+        if in_owner_context(t.old, t.new) {
+            sock.owner = Some(t.task);
+        }
+        let row = Row {
+            t: *t,
+            sock: sock.id,
+            owner: sock.owner,
+            dwell_ns: sock.since_ns.map(|s| t.ts_ns.saturating_sub(s)),
+        };
+        sock.since_ns = Some(t.ts_ns);
+
+        if t.new == State::LISTEN {
+            self.listeners
+                .entry(t.local.port())
+                .or_default()
+                .push(Listener {
+                    skaddr: t.skaddr,
+                    addr: t.local.ip(),
+                    owner: row.owner,
+                });
+        } else if t.old == State::LISTEN && t.new != State::SYN_RECV {
+            self.forget_listener(t);
+        }
+        if t.new == State::CLOSE {
+            self.socks.remove(&t.skaddr);
+        }
+        row
+    }
+
+    fn forget_listener(&mut self, t: &Transition) {
+        if let Some(list) = self.listeners.get_mut(&t.local.port()) {
+            list.retain(|l| l.skaddr != t.skaddr);
+            if list.is_empty() {
+                self.listeners.remove(&t.local.port());
+            }
+        }
+    }
+
+    /// Sockets currently tracked (for tests and the memory bound).
+    pub fn tracked(&self) -> usize {
+        self.socks.len()
+    }
+}
+
+/// The owner of the listener a child socket was cloned from: one listening on
+/// the child's port, on its address or on the wildcard. Several listeners
+/// with different owners (SO_REUSEPORT, or the same port in two network
+/// namespaces) make it unknowable from here, so unknown.
+fn listener_owner(listeners: &HashMap<u16, Vec<Listener>>, t: &Transition) -> Option<Task> {
+    let mut owners = listeners
+        .get(&t.local.port())?
+        .iter()
+        .filter(|l| l.addr == t.local.ip() || l.addr.is_unspecified())
+        .map(|l| l.owner);
+    let first = owners.next()??;
+    owners
+        .all(|o| o.is_some_and(|o| o.pid == first.pid))
+        .then_some(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{Comm, Family};
+
+    fn task(pid: u32, comm: &str) -> Task {
+        Task {
+            pid,
+            comm: Comm::from_bytes(comm.as_bytes()),
+        }
+    }
+
+    fn tr(ts: u64, sk: u64, task_: Task, old: State, new: State, l: &str, r: &str) -> Transition {
+        Transition {
+            ts_ns: ts,
+            skaddr: sk,
+            task: task_,
+            old,
+            new,
+            family: Family::V4,
+            local: l.parse().unwrap(),
+            remote: r.parse().unwrap(),
+        }
+    }
+
+    const LISTENER: u64 = 0x100;
+    const CHILD: u64 = 0x200;
+    const CLIENT: u64 = 0x300;
+
+    #[test]
+    fn client_closes_first_owners_follow_the_kernel_not_the_interrupted_task() {
+        let server = task(100, "server");
+        let client = task(200, "client");
+        let swapper = task(0, "swapper/0");
+        let mut a = Attributor::new();
+        let s = |t: &Transition| t.local.to_string();
+        let steps = [
+            tr(0, LISTENER, server, State::CLOSE, State::LISTEN, "0.0.0.0:80", "0.0.0.0:0"),
+            tr(10, CLIENT, client, State::CLOSE, State::SYN_SENT, "127.0.0.1:0", "127.0.0.1:80"),
+            // softirq, running on the client's CPU: the task is the client.
+            tr(20, CLIENT, client, State::SYN_SENT, State::ESTABLISHED, "127.0.0.1:5000", "127.0.0.1:80"),
+            tr(30, CHILD, client, State::LISTEN, State::SYN_RECV, "127.0.0.1:80", "127.0.0.1:5000"),
+            tr(30, CHILD, client, State::SYN_RECV, State::ESTABLISHED, "127.0.0.1:80", "127.0.0.1:5000"),
+            tr(1000, CLIENT, client, State::ESTABLISHED, State::FIN_WAIT1, "127.0.0.1:5000", "127.0.0.1:80"),
+            tr(1010, CHILD, swapper, State::ESTABLISHED, State::CLOSE_WAIT, "127.0.0.1:80", "127.0.0.1:5000"),
+            tr(1010, CLIENT, swapper, State::FIN_WAIT1, State::FIN_WAIT2, "127.0.0.1:5000", "127.0.0.1:80"),
+            tr(5000, CHILD, server, State::CLOSE_WAIT, State::LAST_ACK, "127.0.0.1:80", "127.0.0.1:5000"),
+            tr(5010, CLIENT, swapper, State::FIN_WAIT2, State::CLOSE, "127.0.0.1:5000", "127.0.0.1:80"),
+            tr(5010, CHILD, swapper, State::LAST_ACK, State::CLOSE, "127.0.0.1:80", "127.0.0.1:5000"),
+        ];
+        let rows: Vec<Row> = steps.iter().map(|t| a.observe(t)).collect();
+        let owners: Vec<(String, Option<u32>, u64)> = rows
+            .iter()
+            .map(|r| (s(&r.t), r.owner.map(|o| o.pid), r.sock))
+            .collect();
+        let want = [
+            ("0.0.0.0:80", Some(100), 1),
+            ("127.0.0.1:0", Some(200), 2),
+            ("127.0.0.1:5000", Some(200), 2),
+            ("127.0.0.1:80", Some(100), 3),
+            ("127.0.0.1:80", Some(100), 3),
+            ("127.0.0.1:5000", Some(200), 2),
+            ("127.0.0.1:80", Some(100), 3),
+            ("127.0.0.1:5000", Some(200), 2),
+            ("127.0.0.1:80", Some(100), 3),
+            ("127.0.0.1:5000", Some(200), 2),
+            ("127.0.0.1:80", Some(100), 3),
+        ];
+        let want: Vec<_> = want.iter().map(|(l, p, s)| (l.to_string(), *p, *s)).collect();
+        assert_eq!(owners, want);
+        // Time in the state left: unknown at birth, then exact.
+        let dwell: Vec<Option<u64>> = rows.iter().map(|r| r.dwell_ns).collect();
+        assert_eq!(
+            dwell,
+            [None, None, Some(10), None, Some(0), Some(980), Some(980), Some(10), Some(3990), Some(4000), Some(10)]
+        );
+        // Both connection sockets are forgotten at CLOSE; the listener stays.
+        assert_eq!(a.tracked(), 1);
+    }
+
+    #[test]
+    fn socket_first_seen_in_softirq_has_no_owner() {
+        let mut a = Attributor::new();
+        let r = a.observe(&tr(
+            0, CLIENT, task(0, "swapper/1"), State::ESTABLISHED, State::CLOSE_WAIT,
+            "10.0.0.1:80", "10.0.0.2:999",
+        ));
+        assert_eq!(r.owner, None);
+        assert_eq!(r.dwell_ns, None);
+    }
+
+    #[test]
+    fn reset_received_keeps_the_owner_learned_at_connect() {
+        let mut a = Attributor::new();
+        let me = task(7, "curl");
+        a.observe(&tr(0, CLIENT, me, State::CLOSE, State::SYN_SENT, "1.1.1.1:0", "2.2.2.2:80"));
+        let r = a.observe(&tr(5, CLIENT, task(9, "other"), State::SYN_SENT, State::CLOSE, "1.1.1.1:4", "2.2.2.2:80"));
+        assert_eq!(r.owner.map(|o| o.pid), Some(7));
+    }
+
+    #[test]
+    fn child_of_ambiguous_listeners_has_no_owner() {
+        let mut a = Attributor::new();
+        a.observe(&tr(0, 1, task(1, "a"), State::CLOSE, State::LISTEN, "0.0.0.0:80", "0.0.0.0:0"));
+        a.observe(&tr(0, 2, task(2, "b"), State::CLOSE, State::LISTEN, "0.0.0.0:80", "0.0.0.0:0"));
+        let r = a.observe(&tr(1, 3, task(3, "c"), State::LISTEN, State::SYN_RECV, "127.0.0.1:80", "127.0.0.1:9"));
+        assert_eq!(r.owner, None);
+        // Once one listener closes, the other one is the only candidate.
+        a.observe(&tr(2, 2, task(2, "b"), State::LISTEN, State::CLOSE, "0.0.0.0:80", "0.0.0.0:0"));
+        let r = a.observe(&tr(3, 4, task(3, "c"), State::LISTEN, State::SYN_RECV, "127.0.0.1:80", "127.0.0.1:10"));
+        assert_eq!(r.owner.map(|o| o.pid), Some(1));
+    }
+
+    #[test]
+    fn reused_socket_address_starts_a_new_socket() {
+        let mut a = Attributor::new();
+        let me = task(7, "x");
+        let r1 = a.observe(&tr(0, 9, me, State::CLOSE, State::SYN_SENT, "1.1.1.1:0", "2.2.2.2:80"));
+        // CLOSE of the first life was lost; the address comes back.
+        let r2 = a.observe(&tr(9, 9, me, State::CLOSE, State::SYN_SENT, "1.1.1.1:0", "2.2.2.2:81"));
+        assert_ne!(r1.sock, r2.sock);
+        assert_eq!(r2.dwell_ns, None);
+    }
+}

@@ -1,0 +1,187 @@
+//! Capture: load the eBPF program with the filters compiled in, attach it to
+//! `sock:inet_sock_set_state`, and hand out what it puts in the ring.
+
+use std::fs;
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, RingBuf, ring_buf::RingBufItem},
+    programs::TracePoint,
+};
+use tcptrace_ebpf::{
+    COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP, CONFIG_GLOBAL, Config, EVENTS_MAP, PORTS_MAP,
+    PROGRAM,
+};
+
+use crate::filter::Filter;
+use crate::{layout, privileges, tracefs};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
+
+/// Kernel-side counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Events the ring had no room for.
+    pub lost: u64,
+    /// Events the program dropped by protocol, family or port.
+    pub filtered: u64,
+}
+
+/// An attached tracer. Dropping it detaches the program.
+pub struct Capture {
+    ring: RingBuf<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Owns the program and its link.
+    _ebpf: Ebpf,
+}
+
+/// Why tracing could not start; main maps the kinds to exit statuses.
+#[derive(Debug)]
+pub enum StartError {
+    Privileges(String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for StartError {
+    fn from(e: anyhow::Error) -> Self {
+        StartError::Other(e)
+    }
+}
+
+fn privilege_message(missing: &[&str]) -> String {
+    format!(
+        "tracing TCP state transitions needs the CAP_BPF and CAP_PERFMON capabilities \
+         (missing: {}); run tcptrace as root, for example `sudo tcptrace`",
+        missing.join(", ")
+    )
+}
+
+impl Capture {
+    pub fn start(filter: &Filter) -> Result<Capture, StartError> {
+        let missing = privileges::missing_for_tracing(privileges::effective());
+        if !missing.is_empty() {
+            return Err(StartError::Privileges(privilege_message(&missing)));
+        }
+        let dir = tracefs::event_dir(layout::CATEGORY, layout::NAME)?;
+        let format_path = dir.join("format");
+        let format = fs::read_to_string(&format_path)
+            .with_context(|| format!("cannot read {}", format_path.display()))?;
+        let layout = layout::parse(&format)?;
+        let (ports, port_filters) = filter.kernel_ports();
+        let config = Config {
+            layout,
+            families: filter.kernel_families(),
+            port_filters: u32::from(port_filters),
+        };
+        log::debug!("program configuration: {config:?}");
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(CONFIG_GLOBAL, &config, true)
+            .load(OBJECT)
+            .map_err(|e| load_error(anyhow!(e).context("cannot load the eBPF maps")))?;
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::debug!("eBPF-side logging is off: {e}");
+                None
+            }
+        };
+
+        let mut port_map: Array<_, u8> = Array::try_from(
+            ebpf.map_mut(PORTS_MAP).ok_or_else(|| anyhow!("the eBPF object has no {PORTS_MAP} map"))?,
+        )
+        .map_err(|e| anyhow!(e))?;
+        for (port, bits) in ports.marked() {
+            port_map
+                .set(u32::from(port), bits, 0)
+                .map_err(|e| anyhow!(e).context("cannot fill the port filter map"))?;
+        }
+
+        let program: &mut TracePoint = ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {PROGRAM}"))?
+            .try_into()
+            .map_err(|e| anyhow!("{e}"))?;
+        program
+            .load()
+            .map_err(|e| load_error(anyhow!(e).context("the kernel refused the eBPF program")))?;
+        program
+            .attach(layout::CATEGORY, layout::NAME)
+            .map_err(|e| {
+                load_error(anyhow!(e).context(format!(
+                    "cannot attach to the {}:{} tracepoint",
+                    layout::CATEGORY,
+                    layout::NAME
+                )))
+            })?;
+
+        let ring = RingBuf::try_from(
+            ebpf.take_map(EVENTS_MAP).ok_or_else(|| anyhow!("no {EVENTS_MAP} map"))?,
+        )
+        .map_err(|e| anyhow!(e))?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(COUNTERS_MAP).ok_or_else(|| anyhow!("no {COUNTERS_MAP} map"))?,
+        )
+        .map_err(|e| anyhow!(e))?;
+        Ok(Capture {
+            ring,
+            counters,
+            logger,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The next event in the ring, if any. Never blocks.
+    pub fn next(&mut self) -> Option<RingBufItem<'_>> {
+        self.ring.next()
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        let sum = |i: u32| -> Result<u64> {
+            Ok(self
+                .counters
+                .get(&i, 0)
+                .with_context(|| format!("cannot read counter {i}"))?
+                .iter()
+                .sum())
+        };
+        Ok(Counters {
+            lost: sum(COUNTER_LOST)?,
+            filtered: sum(COUNTER_FILTERED)?,
+        })
+    }
+
+    /// Writes pending eBPF-side log records to the `log` logger.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = &mut self.logger {
+            l.flush();
+        }
+    }
+}
+
+/// EPERM/EACCES from the loader mean missing privileges, whatever the
+/// capability check above concluded (a seccomp filter or a lockdown can
+/// still refuse): say so in the same words.
+fn load_error(e: anyhow::Error) -> StartError {
+    let denied = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.raw_os_error())
+            .is_some_and(|code| code == libc::EPERM || code == libc::EACCES)
+            || c.to_string().contains("Operation not permitted")
+    });
+    if denied {
+        return StartError::Privileges(format!(
+            "the kernel refused tcptrace ({e:#}); tracing needs the CAP_BPF and CAP_PERFMON \
+             capabilities: run tcptrace as root, for example `sudo tcptrace`"
+        ));
+    }
+    if format!("{e:#}").contains("verifier") {
+        return StartError::Other(
+            e.context("this is a bug in tcptrace: please report it with the verifier log above"),
+        );
+    }
+    StartError::Other(e)
+}

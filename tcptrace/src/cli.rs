@@ -1,0 +1,310 @@
+//! The command line. Each flag is documented where it is defined; the value
+//! parsers below turn bad input into one sentence naming the problem.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, Parser};
+
+use crate::decode::Family;
+use crate::filter::{Spec, Tuple};
+use crate::format::{OutputFormat, Style, TimeFormat};
+
+const EXAMPLES: &str = "\
+Examples:
+  Watch a service's port while restarting it:
+    sudo tcptrace --port 6389
+  Follow one connection, both of its sockets, from its SYN on:
+    sudo tcptrace --follow 127.0.0.1:53525,127.0.0.1:6389
+  Only the sockets a process owns, as JSON for jq:
+    sudo tcptrace --pid 4242 --format json | jq .
+  Stop by itself after ten seconds:
+    sudo tcptrace --port 443 --duration 10s";
+
+/// Show every TCP state transition the kernel makes, as it happens.
+///
+/// Each line is one transition of one socket: when it happened, the process
+/// that owns the socket, its addresses, the state it left and the one it
+/// entered, and how long it stayed in the state it left.
+#[derive(Parser, Debug)]
+#[command(name = "tcptrace", version, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+
+    /// Stop after this long (for example 30s, 5m, 1h30m; a bare number is seconds).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Stop after this many transitions have been shown.
+    #[arg(short = 'c', long, value_name = "N", value_parser = parse_count)]
+    pub count: Option<u64>,
+
+    /// Show tcptrace's own diagnostics, and those of its eBPF program, on
+    /// stderr (RUST_LOG=debug does the same).
+    #[arg(long)]
+    pub debug: bool,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Filters")]
+pub struct FilterArgs {
+    /// Only sockets with this local or remote port. Repeat the flag or give a
+    /// comma-separated list to watch several.
+    #[arg(short = 'p', long = "port", value_name = "PORT", value_delimiter = ',',
+          value_parser = parse_port, action = ArgAction::Append)]
+    pub ports: Vec<u16>,
+
+    /// Only sockets with this local port (a server's listening port, a
+    /// client's ephemeral one).
+    #[arg(long = "lport", value_name = "PORT", value_delimiter = ',',
+          value_parser = parse_port, action = ArgAction::Append)]
+    pub lports: Vec<u16>,
+
+    /// Only sockets with this remote port.
+    #[arg(long = "rport", value_name = "PORT", value_delimiter = ',',
+          value_parser = parse_port, action = ArgAction::Append)]
+    pub rports: Vec<u16>,
+
+    /// Only IPv4 sockets.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// Only IPv6 sockets (including dual-stack sockets talking IPv4).
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+
+    /// Only sockets owned by this process id. Repeatable.
+    #[arg(long = "pid", value_name = "PID", value_delimiter = ',',
+          value_parser = parse_pid, action = ArgAction::Append)]
+    pub pids: Vec<u32>,
+
+    /// Only sockets owned by a process with this name (its `comm`, at most
+    /// 15 bytes; longer names match their first 15). Repeatable.
+    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm,
+          action = ArgAction::Append)]
+    pub comms: Vec<String>,
+
+    /// Only one connection, given as LADDR:LPORT,RADDR:RPORT (IPv6 in
+    /// brackets). Both of its sockets appear when both ends are local,
+    /// including the connect's CLOSE -> SYN_SENT, which the kernel reports
+    /// before the local port is chosen.
+    #[arg(long, value_name = "LADDR:LPORT,RADDR:RPORT", value_parser = parse_tuple)]
+    pub follow: Option<Tuple>,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Output")]
+pub struct OutputArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+
+    /// How to show when each transition happened.
+    #[arg(long, value_enum, default_value_t = TimeFormat::Local)]
+    pub time: TimeFormat,
+
+    /// Also show each socket's kernel address (a kernel pointer: keep it out
+    /// of reports you share).
+    #[arg(long)]
+    pub show_skaddr: bool,
+
+    /// Leave out the header line of the text format.
+    #[arg(long)]
+    pub no_header: bool,
+}
+
+impl FilterArgs {
+    pub fn spec(&self) -> Spec {
+        Spec {
+            ports: self.ports.clone(),
+            lports: self.lports.clone(),
+            rports: self.rports.clone(),
+            family: match (self.ipv4, self.ipv6) {
+                (true, _) => Some(Family::V4),
+                (_, true) => Some(Family::V6),
+                _ => None,
+            },
+            pids: self.pids.clone(),
+            comms: self.comms.clone(),
+            follow: self.follow,
+        }
+    }
+
+    /// The filters in words, for the line that says what is traced.
+    pub fn describe(&self) -> String {
+        let list = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+        let mut parts = Vec::new();
+        if !self.ports.is_empty() {
+            parts.push(format!("port {}", list(&self.ports)));
+        }
+        if !self.lports.is_empty() {
+            parts.push(format!("local port {}", list(&self.lports)));
+        }
+        if !self.rports.is_empty() {
+            parts.push(format!("remote port {}", list(&self.rports)));
+        }
+        if self.ipv4 {
+            parts.push("IPv4 only".into());
+        }
+        if self.ipv6 {
+            parts.push("IPv6 only".into());
+        }
+        if !self.pids.is_empty() {
+            let pids: Vec<String> = self.pids.iter().map(u32::to_string).collect();
+            parts.push(format!("pid {}", pids.join(",")));
+        }
+        if !self.comms.is_empty() {
+            parts.push(format!("process {}", self.comms.join(",")));
+        }
+        if let Some(t) = self.follow {
+            parts.push(format!("connection {},{}", t.a, t.b));
+        }
+        if parts.is_empty() {
+            "all TCP sockets".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+impl OutputArgs {
+    pub fn style(&self) -> Style {
+        Style {
+            format: self.format,
+            time: self.time,
+            show_skaddr: self.show_skaddr,
+        }
+    }
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("port 0 is not a port a connection can use; ports are 1-65535".into()),
+        Ok(p) if p > 65535 => Err(format!("port {p} is out of range; ports are 1-65535")),
+        Ok(p) => Ok(p as u16),
+        Err(_) => Err(format!("{s:?} is not a port number; ports are 1-65535")),
+    }
+}
+
+fn parse_pid(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("pid 0 is not a process".into()),
+        Ok(p) if p <= 1 << 22 => Ok(p),
+        Ok(p) => Err(format!("pid {p} is larger than any Linux pid (4194304)")),
+        Err(_) => Err(format!("{s:?} is not a process id")),
+    }
+}
+
+fn parse_comm(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("the process name is empty".into());
+    }
+    if s.bytes().any(|b| b == 0) {
+        return Err("a process name cannot contain a NUL byte".into());
+    }
+    Ok(s.to_string())
+}
+
+fn parse_count(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("a count of 0 would show nothing; give 1 or more".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a number of transitions")),
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s).map_err(|e| {
+            format!("{s:?} is not a duration ({e}); write it like 30s, 5m or 1h30m")
+        })?,
+    };
+    if d.is_zero() {
+        return Err("a duration of 0 would stop at once; give a positive duration".into());
+    }
+    Ok(d)
+}
+
+fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    match s.parse::<SocketAddr>() {
+        Ok(a) if a.port() == 0 => Err(format!("{s:?} has port 0; a connection's ports are 1-65535")),
+        Ok(a) => Ok(a),
+        Err(_) if !s.starts_with('[') && s.matches(':').count() > 1 => Err(format!(
+            "{s:?} looks like an IPv6 address without brackets; write it as [ADDR]:PORT"
+        )),
+        Err(_) => Err(format!("{s:?} is not an ADDR:PORT endpoint")),
+    }
+}
+
+fn parse_tuple(s: &str) -> Result<Tuple, String> {
+    let parts: Vec<&str> = s.split(',').collect();
+    let [a, b] = parts[..] else {
+        return Err(format!(
+            "{s:?} is not a connection; write it as LADDR:LPORT,RADDR:RPORT"
+        ));
+    };
+    let (a, b) = (parse_endpoint(a)?, parse_endpoint(b)?);
+    if a.is_ipv4() != b.is_ipv4() {
+        return Err(format!("{a} and {b} are of different address families"));
+    }
+    Ok(Tuple { a, b })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_accept_lists_and_repeats() {
+        let cli = Cli::try_parse_from(["tcptrace", "-p", "80,443", "--port", "6389"]).unwrap();
+        assert_eq!(cli.filter.ports, [80, 443, 6389]);
+        assert_eq!(cli.filter.describe(), "port 80,443,6389");
+    }
+
+    #[test]
+    fn bad_values_name_the_problem() {
+        let cases = [
+            (vec!["-p", "0"], "port 0 is not a port"),
+            (vec!["-p", "65536"], "port 65536 is out of range"),
+            (vec!["-p", "abc"], "\"abc\" is not a port number"),
+            (vec!["-4", "-6"], "cannot be used with"),
+            (vec!["--follow", "1.2.3.4:80"], "is not a connection"),
+            (vec!["--follow", "::1:80,::1:81"], "IPv6 address without brackets"),
+            (vec!["--follow", "1.2.3.4:80,[::1]:81"], "different address families"),
+            (vec!["--follow", "1.2.3.4:0,1.2.3.4:81"], "has port 0"),
+            (vec!["--duration", "soon"], "is not a duration"),
+            (vec!["--duration", "0s"], "a duration of 0"),
+            (vec!["--count", "0"], "a count of 0"),
+            (vec!["--pid", "x"], "is not a process id"),
+            (vec!["--time", "tomorrow"], "invalid value"),
+        ];
+        for (args, want) in cases {
+            let err = Cli::try_parse_from(std::iter::once("tcptrace").chain(args.iter().copied()))
+                .expect_err(&format!("{args:?} should be refused"));
+            assert!(err.to_string().contains(want), "{args:?}: {err}");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn follow_accepts_ipv4_and_bracketed_ipv6() {
+        let t = parse_tuple("[::1]:40000,[::1]:6389").unwrap();
+        assert_eq!(t.a, "[::1]:40000".parse().unwrap());
+        let t = parse_tuple("127.0.0.1:40000,127.0.0.1:6389").unwrap();
+        assert_eq!(t.b.port(), 6389);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    }
+}

@@ -1,0 +1,206 @@
+//! Decode: turn the raw [`Event`] bytes from the ring into a [`Transition`].
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use tcptrace_ebpf::{AF_INET, Event};
+
+use crate::state::State;
+
+/// One transition, as the kernel reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub skaddr: u64,
+    /// The task the kernel ran in: the socket's owner only in process context.
+    pub task: Task,
+    pub old: State,
+    pub new: State,
+    pub family: Family,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Family> {
+        match name {
+            "ipv4" => Some(Family::V4),
+            "ipv6" => Some(Family::V6),
+            _ => None,
+        }
+    }
+}
+
+/// A process: thread group id and the `comm` of the thread seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub pid: u32,
+    pub comm: Comm,
+}
+
+/// A task's `comm`: at most 15 bytes, chosen by the process itself (so never
+/// trusted to be printable).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Comm([u8; 16]);
+
+impl Comm {
+    pub fn from_bytes(bytes: &[u8]) -> Comm {
+        let mut c = [0u8; 16];
+        let n = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len()).min(15);
+        c[..n].copy_from_slice(&bytes[..n]);
+        Comm(c)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        let n = self.0.iter().position(|&b| b == 0).unwrap_or(16);
+        &self.0[..n]
+    }
+
+    /// The name as text; bytes that are not UTF-8 become U+FFFD. Control
+    /// characters are kept: escaping is the output's job.
+    pub fn as_str(&self) -> Cow<'_, str> {
+        String::from_utf8_lossy(self.as_bytes())
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// Why a ring entry could not be decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ShortEntry(pub usize);
+
+impl fmt::Display for ShortEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ring entry of {} bytes is shorter than an event ({} bytes)",
+            self.0,
+            size_of::<Event>()
+        )
+    }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Transition, ShortEntry> {
+    if bytes.len() < size_of::<Event>() {
+        return Err(ShortEntry(bytes.len()));
+    }
+    // SAFETY: length checked above; Event is plain old data, and the ring
+    // gives no alignment guarantee, hence read_unaligned.
+    let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    Ok(from_event(&e))
+}
+
+pub fn from_event(e: &Event) -> Transition {
+    let (family, saddr, daddr) = if e.family == AF_INET {
+        (Family::V4, ipv4(&e.saddr), ipv4(&e.daddr))
+    } else {
+        (Family::V6, ipv6(&e.saddr), ipv6(&e.daddr))
+    };
+    Transition {
+        ts_ns: e.ts_ns,
+        skaddr: e.skaddr,
+        task: Task {
+            pid: e.pid,
+            comm: Comm::from_bytes(&e.comm),
+        },
+        old: State(e.oldstate),
+        new: State(e.newstate),
+        family,
+        local: SocketAddr::new(saddr, e.sport),
+        remote: SocketAddr::new(daddr, e.dport),
+    }
+}
+
+fn ipv4(b: &[u8; 16]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+}
+
+/// An IPv4-mapped address (a dual-stack socket talking IPv4) is shown as the
+/// IPv4 address it is.
+fn ipv6(b: &[u8; 16]) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::from(*b)).to_canonical()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn raw_event(family: u16, saddr: &[u8], daddr: &[u8]) -> Event {
+        let mut e = Event {
+            ts_ns: 5_000,
+            skaddr: 0xffff_8880_1234_5678,
+            pid: 42,
+            oldstate: 7,
+            newstate: 2,
+            family,
+            sport: 0,
+            dport: 6389,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm: *b"redis-cli\0\0\0\0\0\0\0",
+            _pad: 0,
+        };
+        e.saddr[..saddr.len()].copy_from_slice(saddr);
+        e.daddr[..daddr.len()].copy_from_slice(daddr);
+        e
+    }
+
+    fn bytes(e: &Event) -> Vec<u8> {
+        // SAFETY: reading the bytes of a repr(C) POD value.
+        unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn ipv4_event_decodes_to_addresses_ports_and_states() {
+        let e = raw_event(AF_INET, &[127, 0, 0, 1], &[10, 1, 2, 3]);
+        let t = decode(&bytes(&e)).unwrap();
+        assert_eq!(t.family, Family::V4);
+        assert_eq!(t.local, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(t.remote, "10.1.2.3:6389".parse().unwrap());
+        assert_eq!((t.old, t.new), (State::CLOSE, State::SYN_SENT));
+        assert_eq!(t.task.pid, 42);
+        assert_eq!(t.task.comm.as_str(), "redis-cli");
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_shown_as_ipv4() {
+        let mapped: Ipv6Addr = "::ffff:192.0.2.7".parse().unwrap();
+        let e = raw_event(10, &mapped.octets(), &Ipv6Addr::LOCALHOST.octets());
+        let t = decode(&bytes(&e)).unwrap();
+        assert_eq!(t.family, Family::V6);
+        assert_eq!(t.local.ip(), "192.0.2.7".parse::<IpAddr>().unwrap());
+        assert_eq!(t.remote.ip(), "::1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn short_entry_is_an_error_not_a_panic() {
+        assert_eq!(decode(&[0u8; 8]), Err(ShortEntry(8)));
+    }
+
+    #[test]
+    fn comm_stops_at_nul_and_keeps_at_most_15_bytes() {
+        assert_eq!(Comm::from_bytes(b"abc\0def").as_bytes(), b"abc");
+        assert_eq!(Comm::from_bytes(&[b'x'; 20]).as_bytes().len(), 15);
+        assert_eq!(Comm::from_bytes(b"\xff\x1b").as_str(), "\u{fffd}\u{1b}");
+    }
+}

@@ -1,0 +1,294 @@
+//! Filter: which transitions are shown.
+//!
+//! Family and port filters are also compiled into the kernel program (see
+//! [`Filter::kernel_ports`]), so unwanted traffic costs no ring space; they
+//! are checked again here so that replaying a recording filters the same way.
+//! Process filters need the owner, which only userspace knows.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use tcptrace_ebpf::{FAMILY_V4, FAMILY_V6, PORT_ANY, PORT_LOCAL, PORT_REMOTE};
+
+use crate::attribute::Row;
+use crate::decode::Family;
+use crate::state::State;
+
+/// What the user asked to see. Empty lists mean "any".
+#[derive(Clone, Debug, Default)]
+pub struct Spec {
+    pub ports: Vec<u16>,
+    pub lports: Vec<u16>,
+    pub rports: Vec<u16>,
+    pub family: Option<Family>,
+    pub pids: Vec<u32>,
+    pub comms: Vec<String>,
+    pub follow: Option<Tuple>,
+}
+
+/// One connection, as `LADDR:LPORT,RADDR:RPORT`. Matches both of its
+/// sockets when both ends are local.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuple {
+    pub a: SocketAddr,
+    pub b: SocketAddr,
+}
+
+impl Tuple {
+    fn matches(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        (local == self.a && remote == self.b) || (local == self.b && remote == self.a)
+    }
+
+    /// A connect's `CLOSE -> SYN_SENT` has local port 0 (the port is chosen
+    /// just after): it may be the start of this connection.
+    fn may_start(&self, row: &Row) -> bool {
+        let (l, r) = (row.t.local, row.t.remote);
+        row.t.old == State::CLOSE
+            && row.t.new == State::SYN_SENT
+            && l.port() == 0
+            && [(self.a, self.b), (self.b, self.a)].iter().any(|(me, peer)| {
+                r == *peer && (l.ip() == me.ip() || l.ip().is_unspecified())
+            })
+    }
+}
+
+/// The filter bits of each port, as the kernel program's port map holds them.
+pub struct PortBits(Box<[u8; 65536]>);
+
+impl PortBits {
+    pub fn get(&self, port: u16) -> u8 {
+        self.0[usize::from(port)]
+    }
+
+    /// Ports with any bit set, and their bits.
+    pub fn marked(&self) -> impl Iterator<Item = (u16, u8)> + '_ {
+        (0..=u16::MAX).map(|p| (p, self.get(p))).filter(|(_, b)| *b != 0)
+    }
+}
+
+pub enum Admit {
+    /// Not shown.
+    Hidden,
+    /// Kept back until the socket's next event says whether it belongs.
+    Held,
+    /// Shown, after the held event of the same socket, if any.
+    Show(Option<Row>),
+}
+
+pub struct Filter {
+    spec: Spec,
+    bits: PortBits,
+    /// Which of PORT_ANY / PORT_LOCAL / PORT_REMOTE the user gave.
+    wanted: u8,
+    held: HashMap<u64, Row>,
+}
+
+impl Filter {
+    pub fn new(spec: Spec) -> Filter {
+        let mut bits = Box::new([0u8; 65536]);
+        let mut wanted = 0;
+        for (list, bit) in [
+            (&spec.ports, PORT_ANY),
+            (&spec.lports, PORT_LOCAL),
+            (&spec.rports, PORT_REMOTE),
+        ] {
+            for &p in list {
+                bits[usize::from(p)] |= bit;
+                wanted |= bit;
+            }
+        }
+        Filter {
+            spec,
+            bits: PortBits(bits),
+            wanted,
+            held: HashMap::new(),
+        }
+    }
+
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// Families the kernel program keeps.
+    pub fn kernel_families(&self) -> u32 {
+        match self.spec.family {
+            Some(Family::V4) => FAMILY_V4,
+            Some(Family::V6) => FAMILY_V6,
+            None => FAMILY_V4 | FAMILY_V6,
+        }
+    }
+
+    /// Port bits and the filters in force for the kernel program. `--follow`
+    /// without port filters narrows the kernel to the tuple's two ports.
+    pub fn kernel_ports(&self) -> (PortBits, u8) {
+        let mut bits = PortBits(self.bits.0.clone());
+        let mut wanted = self.wanted;
+        if let (Some(f), 0) = (self.spec.follow, wanted) {
+            bits.0[usize::from(f.a.port())] |= PORT_ANY;
+            bits.0[usize::from(f.b.port())] |= PORT_ANY;
+            wanted = PORT_ANY;
+        }
+        (bits, wanted)
+    }
+
+    fn ports_pass(&self, local: u16, remote: u16) -> bool {
+        let (l, r) = (self.bits.get(local), self.bits.get(remote));
+        (self.wanted & PORT_ANY == 0 || (l | r) & PORT_ANY != 0)
+            && (self.wanted & PORT_LOCAL == 0 || l & PORT_LOCAL != 0)
+            && (self.wanted & PORT_REMOTE == 0 || r & PORT_REMOTE != 0)
+    }
+
+    fn owner_passes(&self, row: &Row) -> bool {
+        if self.spec.pids.is_empty() && self.spec.comms.is_empty() {
+            return true;
+        }
+        let Some(owner) = row.owner else {
+            return false;
+        };
+        (self.spec.pids.is_empty() || self.spec.pids.contains(&owner.pid))
+            && (self.spec.comms.is_empty()
+                || self.spec.comms.iter().any(|c| comm_matches(c, owner.comm.as_bytes())))
+    }
+
+    pub fn admit(&mut self, row: Row) -> Admit {
+        let t = &row.t;
+        let stateless = self.spec.family.is_none_or(|f| f == t.family)
+            && self.ports_pass(t.local.port(), t.remote.port())
+            && self.owner_passes(&row);
+        let Some(follow) = self.spec.follow else {
+            return if stateless { Admit::Show(None) } else { Admit::Hidden };
+        };
+        let held = self.held.remove(&t.skaddr);
+        if !stateless {
+            return Admit::Hidden;
+        }
+        if follow.matches(t.local, t.remote) {
+            Admit::Show(held)
+        } else if follow.may_start(&row) {
+            self.held.insert(t.skaddr, row);
+            Admit::Held
+        } else {
+            Admit::Hidden
+        }
+    }
+}
+
+/// `--comm` names longer than the kernel's 15 bytes match the truncated name.
+fn comm_matches(wanted: &str, comm: &[u8]) -> bool {
+    let wanted = wanted.as_bytes();
+    wanted[..wanted.len().min(15)] == *comm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{Comm, Task, Transition};
+
+    fn row(sk: u64, old: State, new: State, l: &str, r: &str, owner: Option<u32>) -> Row {
+        let task = |pid| Task {
+            pid,
+            comm: Comm::from_bytes(b"nginx"),
+        };
+        let local: SocketAddr = l.parse().unwrap();
+        Row {
+            t: Transition {
+                ts_ns: 0,
+                skaddr: sk,
+                task: task(1),
+                old,
+                new,
+                family: if local.is_ipv4() { Family::V4 } else { Family::V6 },
+                local,
+                remote: r.parse().unwrap(),
+            },
+            sock: sk,
+            owner: owner.map(task),
+            dwell_ns: None,
+        }
+    }
+
+    fn shown(a: Admit) -> Option<Option<u64>> {
+        match a {
+            Admit::Show(held) => Some(held.map(|h| h.t.skaddr)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn port_filters_combine_any_local_and_remote() {
+        let f = Filter::new(Spec {
+            ports: vec![80, 443],
+            lports: vec![5000],
+            ..Spec::default()
+        });
+        assert!(f.ports_pass(5000, 443));
+        assert!(!f.ports_pass(5000, 444));
+        assert!(!f.ports_pass(443, 5000));
+        let (bits, wanted) = f.kernel_ports();
+        assert_eq!(wanted, PORT_ANY | PORT_LOCAL);
+        assert_eq!(bits.marked().collect::<Vec<_>>(), [(80, 1), (443, 1), (5000, 2)]);
+    }
+
+    #[test]
+    fn follow_holds_the_connect_until_its_port_is_known() {
+        let tuple = Tuple {
+            a: "127.0.0.1:40000".parse().unwrap(),
+            b: "127.0.0.1:6389".parse().unwrap(),
+        };
+        let mut f = Filter::new(Spec {
+            follow: Some(tuple),
+            ..Spec::default()
+        });
+        let c = State::CLOSE;
+        let held = f.admit(row(1, c, State::SYN_SENT, "127.0.0.1:0", "127.0.0.1:6389", Some(9)));
+        assert!(matches!(held, Admit::Held));
+        let other = f.admit(row(2, c, State::SYN_SENT, "127.0.0.1:0", "127.0.0.1:6389", Some(9)));
+        assert!(matches!(other, Admit::Held));
+        // The other connect got another port: it and its held event go.
+        let est = State::ESTABLISHED;
+        let r = f.admit(row(2, State::SYN_SENT, est, "127.0.0.1:40001", "127.0.0.1:6389", None));
+        assert!(matches!(r, Admit::Hidden));
+        let r = f.admit(row(1, State::SYN_SENT, est, "127.0.0.1:40000", "127.0.0.1:6389", None));
+        assert_eq!(shown(r), Some(Some(1)));
+        // The server side of the same connection, reversed.
+        let r = f.admit(row(3, State::LISTEN, State::SYN_RECV, "127.0.0.1:6389", "127.0.0.1:40000", None));
+        assert_eq!(shown(r), Some(None));
+        assert!(f.held.is_empty());
+        let (bits, wanted) = f.kernel_ports();
+        assert_eq!((bits.get(40000), bits.get(6389), wanted), (PORT_ANY, PORT_ANY, PORT_ANY));
+    }
+
+    #[test]
+    fn pid_filter_hides_unknown_owners() {
+        let mut f = Filter::new(Spec {
+            pids: vec![7],
+            ..Spec::default()
+        });
+        let r = |o| row(1, State::ESTABLISHED, State::CLOSE_WAIT, "1.1.1.1:1", "2.2.2.2:2", o);
+        assert!(matches!(f.admit(r(Some(7))), Admit::Show(None)));
+        assert!(matches!(f.admit(r(Some(8))), Admit::Hidden));
+        assert!(matches!(f.admit(r(None)), Admit::Hidden));
+    }
+
+    #[test]
+    fn comm_filter_matches_the_kernels_truncated_name() {
+        assert!(comm_matches("a-very-long-process-name", b"a-very-long-pro"));
+        assert!(comm_matches("nginx", b"nginx"));
+        assert!(!comm_matches("nginx", b"nginx2"));
+        // The kernel cuts bytes, not characters.
+        assert!(comm_matches("ééééééééé", &"ééééééééé".as_bytes()[..15]));
+    }
+
+    #[test]
+    fn family_filter() {
+        let mut f = Filter::new(Spec {
+            family: Some(Family::V6),
+            ..Spec::default()
+        });
+        assert_eq!(f.kernel_families(), FAMILY_V6);
+        let v4 = row(1, State::CLOSE, State::LISTEN, "0.0.0.0:80", "0.0.0.0:0", None);
+        assert!(matches!(f.admit(v4), Admit::Hidden));
+        let v6 = row(1, State::CLOSE, State::LISTEN, "[::]:80", "[::]:0", None);
+        assert!(matches!(f.admit(v6), Admit::Show(None)));
+    }
+}

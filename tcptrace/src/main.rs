@@ -1,0 +1,83 @@
+//! tcptrace: every TCP state transition the kernel makes, as it happens.
+
+mod attribute;
+mod capture;
+mod cli;
+mod decode;
+mod filter;
+mod format;
+mod layout;
+mod live;
+mod privileges;
+mod state;
+mod tracefs;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+
+use crate::cli::Cli;
+use crate::live::Failure;
+
+/// Bad command line.
+const EXIT_USAGE: u8 = 2;
+/// Could not trace (privileges, kernel, I/O).
+const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    init_logging(cli.debug);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tcptrace: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(live::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Privileges(msg)) => {
+            eprintln!("tcptrace: {msg}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("tcptrace: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Help and version go to stdout with status 0; anything else is one line
+/// naming the problem, and status 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        _ => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("tcptrace: {first} (see tcptrace --help)");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn init_logging(debug: bool) {
+    // aya warns when the kernel refuses the object's BTF (generic Rust type names); a
+    // tracepoint program does not need it, so that is noise for users.
+    let default = if debug { "debug" } else { "warn,aya::bpf=error" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
+}

@@ -1,0 +1,59 @@
+//! What the kernel will ask of us, checked up front so the answer is a
+//! sentence instead of an EPERM from deep inside the loader.
+
+use std::fs;
+
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
+
+/// The effective capability set of this process.
+pub fn effective() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_cap_eff(&s))
+        .unwrap_or(0)
+}
+
+fn parse_cap_eff(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// Names of the capabilities missing for loading and attaching the tracer.
+/// CAP_SYS_ADMIN alone is also enough (it is what kernels before 5.8 ask).
+pub fn missing_for_tracing(eff: u64) -> Vec<&'static str> {
+    let has = |cap: u32| eff & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) {
+        return Vec::new();
+    }
+    [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(cap, _)| !has(*cap))
+        .map(|(_, name)| name)
+        .collect()
+}
+
+pub fn can_mount(eff: u64) -> bool {
+    eff & (1 << CAP_SYS_ADMIN) != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_cap_eff_from_proc_status() {
+        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000000c000000000\n";
+        let eff = parse_cap_eff(status).unwrap();
+        assert_eq!(missing_for_tracing(eff), Vec::<&str>::new());
+        assert!(!can_mount(eff));
+    }
+
+    #[test]
+    fn names_each_missing_capability() {
+        assert_eq!(missing_for_tracing(0), ["CAP_BPF", "CAP_PERFMON"]);
+        assert_eq!(missing_for_tracing(1 << CAP_BPF), ["CAP_PERFMON"]);
+        assert!(missing_for_tracing(1 << CAP_SYS_ADMIN).is_empty());
+    }
+}

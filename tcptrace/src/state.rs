@@ -1,0 +1,89 @@
+//! TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+//! This is the one table of state names in tcptrace.
+
+use std::fmt;
+
+/// A kernel TCP state. Numbers the table does not know are kept and shown as
+/// `STATE_<n>` rather than guessed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct State(pub u8);
+
+const NAMES: [&str; 13] = [
+    "STATE_0",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+    "NEW_SYN_RECV",
+];
+
+impl State {
+    pub const ESTABLISHED: State = State(1);
+    pub const SYN_SENT: State = State(2);
+    pub const SYN_RECV: State = State(3);
+    pub const FIN_WAIT1: State = State(4);
+    pub const FIN_WAIT2: State = State(5);
+    pub const TIME_WAIT: State = State(6);
+    pub const CLOSE: State = State(7);
+    pub const CLOSE_WAIT: State = State(8);
+    pub const LAST_ACK: State = State(9);
+    pub const LISTEN: State = State(10);
+    pub const CLOSING: State = State(11);
+
+    /// The kernel's name, as `ss` and the tracepoint's own output print it.
+    pub fn name(self) -> &'static str {
+        NAMES
+            .get(usize::from(self.0))
+            .filter(|_| self.0 != 0)
+            .copied()
+            .unwrap_or("")
+    }
+
+    /// Inverse of [`State::name`] (and of `Display` for unknown states).
+    pub fn from_name(name: &str) -> Option<State> {
+        if let Some(i) = NAMES.iter().skip(1).position(|n| *n == name) {
+            return Some(State(i as u8 + 1));
+        }
+        name.strip_prefix("STATE_")?.parse().ok().map(State)
+    }
+
+    pub fn all() -> impl Iterator<Item = State> {
+        (1..NAMES.len() as u8).map(State)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            "" => write!(f, "STATE_{}", self.0),
+            name => f.pad(name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_from_name() {
+        for s in State::all().chain([State(0), State(42)]) {
+            assert_eq!(State::from_name(&s.to_string()), Some(s), "{s}");
+        }
+        assert_eq!(State::from_name("ESTABLISHED"), Some(State::ESTABLISHED));
+        assert_eq!(State::from_name("established"), None);
+    }
+
+    #[test]
+    fn unknown_numbers_are_shown_not_guessed() {
+        assert_eq!(State(99).to_string(), "STATE_99");
+        assert_eq!(format!("{:<12}|", State::LISTEN), "LISTEN      |");
+    }
+}
