@@ -8,8 +8,9 @@
 use aya_ebpf::{
     EbpfContext, Global,
     bindings::BPF_RB_NO_WAKEUP,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-              bpf_probe_read_kernel_buf},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf,
+    },
     macros::{map, tracepoint},
     maps::{Array, PerCpuArray, RingBuf},
     programs::TracePointContext,

@@ -140,7 +140,8 @@ impl Attributor {
         }
     }
 
-    /// Sockets currently tracked (for tests and the memory bound).
+    /// Sockets currently tracked.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.socks.len()
     }
@@ -199,18 +200,106 @@ mod tests {
         let mut a = Attributor::new();
         let s = |t: &Transition| t.local.to_string();
         let steps = [
-            tr(0, LISTENER, server, State::CLOSE, State::LISTEN, "0.0.0.0:80", "0.0.0.0:0"),
-            tr(10, CLIENT, client, State::CLOSE, State::SYN_SENT, "127.0.0.1:0", "127.0.0.1:80"),
+            tr(
+                0,
+                LISTENER,
+                server,
+                State::CLOSE,
+                State::LISTEN,
+                "0.0.0.0:80",
+                "0.0.0.0:0",
+            ),
+            tr(
+                10,
+                CLIENT,
+                client,
+                State::CLOSE,
+                State::SYN_SENT,
+                "127.0.0.1:0",
+                "127.0.0.1:80",
+            ),
             // softirq, running on the client's CPU: the task is the client.
-            tr(20, CLIENT, client, State::SYN_SENT, State::ESTABLISHED, "127.0.0.1:5000", "127.0.0.1:80"),
-            tr(30, CHILD, client, State::LISTEN, State::SYN_RECV, "127.0.0.1:80", "127.0.0.1:5000"),
-            tr(30, CHILD, client, State::SYN_RECV, State::ESTABLISHED, "127.0.0.1:80", "127.0.0.1:5000"),
-            tr(1000, CLIENT, client, State::ESTABLISHED, State::FIN_WAIT1, "127.0.0.1:5000", "127.0.0.1:80"),
-            tr(1010, CHILD, swapper, State::ESTABLISHED, State::CLOSE_WAIT, "127.0.0.1:80", "127.0.0.1:5000"),
-            tr(1010, CLIENT, swapper, State::FIN_WAIT1, State::FIN_WAIT2, "127.0.0.1:5000", "127.0.0.1:80"),
-            tr(5000, CHILD, server, State::CLOSE_WAIT, State::LAST_ACK, "127.0.0.1:80", "127.0.0.1:5000"),
-            tr(5010, CLIENT, swapper, State::FIN_WAIT2, State::CLOSE, "127.0.0.1:5000", "127.0.0.1:80"),
-            tr(5010, CHILD, swapper, State::LAST_ACK, State::CLOSE, "127.0.0.1:80", "127.0.0.1:5000"),
+            tr(
+                20,
+                CLIENT,
+                client,
+                State::SYN_SENT,
+                State::ESTABLISHED,
+                "127.0.0.1:5000",
+                "127.0.0.1:80",
+            ),
+            tr(
+                30,
+                CHILD,
+                client,
+                State::LISTEN,
+                State::SYN_RECV,
+                "127.0.0.1:80",
+                "127.0.0.1:5000",
+            ),
+            tr(
+                30,
+                CHILD,
+                client,
+                State::SYN_RECV,
+                State::ESTABLISHED,
+                "127.0.0.1:80",
+                "127.0.0.1:5000",
+            ),
+            tr(
+                1000,
+                CLIENT,
+                client,
+                State::ESTABLISHED,
+                State::FIN_WAIT1,
+                "127.0.0.1:5000",
+                "127.0.0.1:80",
+            ),
+            tr(
+                1010,
+                CHILD,
+                swapper,
+                State::ESTABLISHED,
+                State::CLOSE_WAIT,
+                "127.0.0.1:80",
+                "127.0.0.1:5000",
+            ),
+            tr(
+                1010,
+                CLIENT,
+                swapper,
+                State::FIN_WAIT1,
+                State::FIN_WAIT2,
+                "127.0.0.1:5000",
+                "127.0.0.1:80",
+            ),
+            tr(
+                5000,
+                CHILD,
+                server,
+                State::CLOSE_WAIT,
+                State::LAST_ACK,
+                "127.0.0.1:80",
+                "127.0.0.1:5000",
+            ),
+            tr(
+                5010,
+                CLIENT,
+                swapper,
+                State::FIN_WAIT2,
+                State::CLOSE,
+                "127.0.0.1:5000",
+                "127.0.0.1:80",
+            ),
+            tr(
+                5010,
+                CHILD,
+                swapper,
+                State::LAST_ACK,
+                State::CLOSE,
+                "127.0.0.1:80",
+                "127.0.0.1:5000",
+            ),
         ];
         let rows: Vec<Row> = steps.iter().map(|t| a.observe(t)).collect();
         let owners: Vec<(String, Option<u32>, u64)> = rows
@@ -230,13 +319,28 @@ mod tests {
             ("127.0.0.1:5000", Some(200), 2),
             ("127.0.0.1:80", Some(100), 3),
         ];
-        let want: Vec<_> = want.iter().map(|(l, p, s)| (l.to_string(), *p, *s)).collect();
+        let want: Vec<_> = want
+            .iter()
+            .map(|(l, p, s)| (l.to_string(), *p, *s))
+            .collect();
         assert_eq!(owners, want);
         // Time in the state left: unknown at birth, then exact.
         let dwell: Vec<Option<u64>> = rows.iter().map(|r| r.dwell_ns).collect();
         assert_eq!(
             dwell,
-            [None, None, Some(10), None, Some(0), Some(980), Some(980), Some(10), Some(3990), Some(4000), Some(10)]
+            [
+                None,
+                None,
+                Some(10),
+                None,
+                Some(0),
+                Some(980),
+                Some(980),
+                Some(10),
+                Some(3990),
+                Some(4000),
+                Some(10)
+            ]
         );
         // Both connection sockets are forgotten at CLOSE; the listener stays.
         assert_eq!(a.tracked(), 1);
@@ -246,8 +350,13 @@ mod tests {
     fn socket_first_seen_in_softirq_has_no_owner() {
         let mut a = Attributor::new();
         let r = a.observe(&tr(
-            0, CLIENT, task(0, "swapper/1"), State::ESTABLISHED, State::CLOSE_WAIT,
-            "10.0.0.1:80", "10.0.0.2:999",
+            0,
+            CLIENT,
+            task(0, "swapper/1"),
+            State::ESTABLISHED,
+            State::CLOSE_WAIT,
+            "10.0.0.1:80",
+            "10.0.0.2:999",
         ));
         assert_eq!(r.owner, None);
         assert_eq!(r.dwell_ns, None);
@@ -257,21 +366,77 @@ mod tests {
     fn reset_received_keeps_the_owner_learned_at_connect() {
         let mut a = Attributor::new();
         let me = task(7, "curl");
-        a.observe(&tr(0, CLIENT, me, State::CLOSE, State::SYN_SENT, "1.1.1.1:0", "2.2.2.2:80"));
-        let r = a.observe(&tr(5, CLIENT, task(9, "other"), State::SYN_SENT, State::CLOSE, "1.1.1.1:4", "2.2.2.2:80"));
+        a.observe(&tr(
+            0,
+            CLIENT,
+            me,
+            State::CLOSE,
+            State::SYN_SENT,
+            "1.1.1.1:0",
+            "2.2.2.2:80",
+        ));
+        let r = a.observe(&tr(
+            5,
+            CLIENT,
+            task(9, "other"),
+            State::SYN_SENT,
+            State::CLOSE,
+            "1.1.1.1:4",
+            "2.2.2.2:80",
+        ));
         assert_eq!(r.owner.map(|o| o.pid), Some(7));
     }
 
     #[test]
     fn child_of_ambiguous_listeners_has_no_owner() {
         let mut a = Attributor::new();
-        a.observe(&tr(0, 1, task(1, "a"), State::CLOSE, State::LISTEN, "0.0.0.0:80", "0.0.0.0:0"));
-        a.observe(&tr(0, 2, task(2, "b"), State::CLOSE, State::LISTEN, "0.0.0.0:80", "0.0.0.0:0"));
-        let r = a.observe(&tr(1, 3, task(3, "c"), State::LISTEN, State::SYN_RECV, "127.0.0.1:80", "127.0.0.1:9"));
+        a.observe(&tr(
+            0,
+            1,
+            task(1, "a"),
+            State::CLOSE,
+            State::LISTEN,
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+        ));
+        a.observe(&tr(
+            0,
+            2,
+            task(2, "b"),
+            State::CLOSE,
+            State::LISTEN,
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+        ));
+        let r = a.observe(&tr(
+            1,
+            3,
+            task(3, "c"),
+            State::LISTEN,
+            State::SYN_RECV,
+            "127.0.0.1:80",
+            "127.0.0.1:9",
+        ));
         assert_eq!(r.owner, None);
         // Once one listener closes, the other one is the only candidate.
-        a.observe(&tr(2, 2, task(2, "b"), State::LISTEN, State::CLOSE, "0.0.0.0:80", "0.0.0.0:0"));
-        let r = a.observe(&tr(3, 4, task(3, "c"), State::LISTEN, State::SYN_RECV, "127.0.0.1:80", "127.0.0.1:10"));
+        a.observe(&tr(
+            2,
+            2,
+            task(2, "b"),
+            State::LISTEN,
+            State::CLOSE,
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+        ));
+        let r = a.observe(&tr(
+            3,
+            4,
+            task(3, "c"),
+            State::LISTEN,
+            State::SYN_RECV,
+            "127.0.0.1:80",
+            "127.0.0.1:10",
+        ));
         assert_eq!(r.owner.map(|o| o.pid), Some(1));
     }
 
@@ -279,9 +444,25 @@ mod tests {
     fn reused_socket_address_starts_a_new_socket() {
         let mut a = Attributor::new();
         let me = task(7, "x");
-        let r1 = a.observe(&tr(0, 9, me, State::CLOSE, State::SYN_SENT, "1.1.1.1:0", "2.2.2.2:80"));
+        let r1 = a.observe(&tr(
+            0,
+            9,
+            me,
+            State::CLOSE,
+            State::SYN_SENT,
+            "1.1.1.1:0",
+            "2.2.2.2:80",
+        ));
         // CLOSE of the first life was lost; the address comes back.
-        let r2 = a.observe(&tr(9, 9, me, State::CLOSE, State::SYN_SENT, "1.1.1.1:0", "2.2.2.2:81"));
+        let r2 = a.observe(&tr(
+            9,
+            9,
+            me,
+            State::CLOSE,
+            State::SYN_SENT,
+            "1.1.1.1:0",
+            "2.2.2.2:81",
+        ));
         assert_ne!(r1.sock, r2.sock);
         assert_eq!(r2.dwell_ns, None);
     }

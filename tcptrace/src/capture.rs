@@ -10,7 +10,7 @@ use aya::{
     programs::TracePoint,
 };
 use tcptrace_ebpf::{
-    COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP, CONFIG_GLOBAL, Config, EVENTS_MAP, PORTS_MAP,
+    CONFIG_GLOBAL, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP, Config, EVENTS_MAP, PORTS_MAP,
     PROGRAM,
 };
 
@@ -91,7 +91,8 @@ impl Capture {
         };
 
         let mut port_map: Array<_, u8> = Array::try_from(
-            ebpf.map_mut(PORTS_MAP).ok_or_else(|| anyhow!("the eBPF object has no {PORTS_MAP} map"))?,
+            ebpf.map_mut(PORTS_MAP)
+                .ok_or_else(|| anyhow!("the eBPF object has no {PORTS_MAP} map"))?,
         )
         .map_err(|e| anyhow!(e))?;
         for (port, bits) in ports.marked() {
@@ -119,11 +120,13 @@ impl Capture {
             })?;
 
         let ring = RingBuf::try_from(
-            ebpf.take_map(EVENTS_MAP).ok_or_else(|| anyhow!("no {EVENTS_MAP} map"))?,
+            ebpf.take_map(EVENTS_MAP)
+                .ok_or_else(|| anyhow!("no {EVENTS_MAP} map"))?,
         )
         .map_err(|e| anyhow!(e))?;
         let counters = PerCpuArray::try_from(
-            ebpf.take_map(COUNTERS_MAP).ok_or_else(|| anyhow!("no {COUNTERS_MAP} map"))?,
+            ebpf.take_map(COUNTERS_MAP)
+                .ok_or_else(|| anyhow!("no {COUNTERS_MAP} map"))?,
         )
         .map_err(|e| anyhow!(e))?;
         Ok(Capture {

@@ -234,7 +234,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
     let s = s.trim();
     match s.parse::<SocketAddr>() {
-        Ok(a) if a.port() == 0 => Err(format!("{s:?} has port 0; a connection's ports are 1-65535")),
+        Ok(a) if a.port() == 0 => Err(format!(
+            "{s:?} has port 0; a connection's ports are 1-65535"
+        )),
         Ok(a) => Ok(a),
         Err(_) if !s.starts_with('[') && s.matches(':').count() > 1 => Err(format!(
             "{s:?} looks like an IPv6 address without brackets; write it as [ADDR]:PORT"
@@ -276,8 +278,14 @@ mod tests {
             (vec!["-p", "abc"], "\"abc\" is not a port number"),
             (vec!["-4", "-6"], "cannot be used with"),
             (vec!["--follow", "1.2.3.4:80"], "is not a connection"),
-            (vec!["--follow", "::1:80,::1:81"], "IPv6 address without brackets"),
-            (vec!["--follow", "1.2.3.4:80,[::1]:81"], "different address families"),
+            (
+                vec!["--follow", "::1:80,::1:81"],
+                "IPv6 address without brackets",
+            ),
+            (
+                vec!["--follow", "1.2.3.4:80,[::1]:81"],
+                "different address families",
+            ),
             (vec!["--follow", "1.2.3.4:0,1.2.3.4:81"], "has port 0"),
             (vec!["--duration", "soon"], "is not a duration"),
             (vec!["--duration", "0s"], "a duration of 0"),

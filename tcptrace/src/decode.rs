@@ -36,14 +36,6 @@ impl Family {
             Family::V6 => "ipv6",
         }
     }
-
-    pub fn from_name(name: &str) -> Option<Family> {
-        match name {
-            "ipv4" => Some(Family::V4),
-            "ipv6" => Some(Family::V6),
-            _ => None,
-        }
-    }
 }
 
 /// A process: thread group id and the `comm` of the thread seen.
@@ -61,7 +53,11 @@ pub struct Comm([u8; 16]);
 impl Comm {
     pub fn from_bytes(bytes: &[u8]) -> Comm {
         let mut c = [0u8; 16];
-        let n = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len()).min(15);
+        let n = bytes
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(bytes.len())
+            .min(15);
         c[..n].copy_from_slice(&bytes[..n]);
         Comm(c)
     }

@@ -46,9 +46,9 @@ impl Tuple {
         row.t.old == State::CLOSE
             && row.t.new == State::SYN_SENT
             && l.port() == 0
-            && [(self.a, self.b), (self.b, self.a)].iter().any(|(me, peer)| {
-                r == *peer && (l.ip() == me.ip() || l.ip().is_unspecified())
-            })
+            && [(self.a, self.b), (self.b, self.a)]
+                .iter()
+                .any(|(me, peer)| r == *peer && (l.ip() == me.ip() || l.ip().is_unspecified()))
     }
 }
 
@@ -62,7 +62,9 @@ impl PortBits {
 
     /// Ports with any bit set, and their bits.
     pub fn marked(&self) -> impl Iterator<Item = (u16, u8)> + '_ {
-        (0..=u16::MAX).map(|p| (p, self.get(p))).filter(|(_, b)| *b != 0)
+        (0..=u16::MAX)
+            .map(|p| (p, self.get(p)))
+            .filter(|(_, b)| *b != 0)
     }
 }
 
@@ -105,10 +107,6 @@ impl Filter {
         }
     }
 
-    pub fn spec(&self) -> &Spec {
-        &self.spec
-    }
-
     /// Families the kernel program keeps.
     pub fn kernel_families(&self) -> u32 {
         match self.spec.family {
@@ -147,7 +145,11 @@ impl Filter {
         };
         (self.spec.pids.is_empty() || self.spec.pids.contains(&owner.pid))
             && (self.spec.comms.is_empty()
-                || self.spec.comms.iter().any(|c| comm_matches(c, owner.comm.as_bytes())))
+                || self
+                    .spec
+                    .comms
+                    .iter()
+                    .any(|c| comm_matches(c, owner.comm.as_bytes())))
     }
 
     pub fn admit(&mut self, row: Row) -> Admit {
@@ -156,7 +158,11 @@ impl Filter {
             && self.ports_pass(t.local.port(), t.remote.port())
             && self.owner_passes(&row);
         let Some(follow) = self.spec.follow else {
-            return if stateless { Admit::Show(None) } else { Admit::Hidden };
+            return if stateless {
+                Admit::Show(None)
+            } else {
+                Admit::Hidden
+            };
         };
         let held = self.held.remove(&t.skaddr);
         if !stateless {
@@ -197,7 +203,11 @@ mod tests {
                 task: task(1),
                 old,
                 new,
-                family: if local.is_ipv4() { Family::V4 } else { Family::V6 },
+                family: if local.is_ipv4() {
+                    Family::V4
+                } else {
+                    Family::V6
+                },
                 local,
                 remote: r.parse().unwrap(),
             },
@@ -226,7 +236,10 @@ mod tests {
         assert!(!f.ports_pass(443, 5000));
         let (bits, wanted) = f.kernel_ports();
         assert_eq!(wanted, PORT_ANY | PORT_LOCAL);
-        assert_eq!(bits.marked().collect::<Vec<_>>(), [(80, 1), (443, 1), (5000, 2)]);
+        assert_eq!(
+            bits.marked().collect::<Vec<_>>(),
+            [(80, 1), (443, 1), (5000, 2)]
+        );
     }
 
     #[test]
@@ -240,22 +253,60 @@ mod tests {
             ..Spec::default()
         });
         let c = State::CLOSE;
-        let held = f.admit(row(1, c, State::SYN_SENT, "127.0.0.1:0", "127.0.0.1:6389", Some(9)));
+        let held = f.admit(row(
+            1,
+            c,
+            State::SYN_SENT,
+            "127.0.0.1:0",
+            "127.0.0.1:6389",
+            Some(9),
+        ));
         assert!(matches!(held, Admit::Held));
-        let other = f.admit(row(2, c, State::SYN_SENT, "127.0.0.1:0", "127.0.0.1:6389", Some(9)));
+        let other = f.admit(row(
+            2,
+            c,
+            State::SYN_SENT,
+            "127.0.0.1:0",
+            "127.0.0.1:6389",
+            Some(9),
+        ));
         assert!(matches!(other, Admit::Held));
         // The other connect got another port: it and its held event go.
         let est = State::ESTABLISHED;
-        let r = f.admit(row(2, State::SYN_SENT, est, "127.0.0.1:40001", "127.0.0.1:6389", None));
+        let r = f.admit(row(
+            2,
+            State::SYN_SENT,
+            est,
+            "127.0.0.1:40001",
+            "127.0.0.1:6389",
+            None,
+        ));
         assert!(matches!(r, Admit::Hidden));
-        let r = f.admit(row(1, State::SYN_SENT, est, "127.0.0.1:40000", "127.0.0.1:6389", None));
+        let r = f.admit(row(
+            1,
+            State::SYN_SENT,
+            est,
+            "127.0.0.1:40000",
+            "127.0.0.1:6389",
+            None,
+        ));
         assert_eq!(shown(r), Some(Some(1)));
         // The server side of the same connection, reversed.
-        let r = f.admit(row(3, State::LISTEN, State::SYN_RECV, "127.0.0.1:6389", "127.0.0.1:40000", None));
+        let r = f.admit(row(
+            3,
+            State::LISTEN,
+            State::SYN_RECV,
+            "127.0.0.1:6389",
+            "127.0.0.1:40000",
+            None,
+        ));
         assert_eq!(shown(r), Some(None));
         assert!(f.held.is_empty());
         let (bits, wanted) = f.kernel_ports();
-        assert_eq!((bits.get(40000), bits.get(6389), wanted), (PORT_ANY, PORT_ANY, PORT_ANY));
+        assert_eq!(
+            (bits.get(40000), bits.get(6389), wanted),
+            (PORT_ANY, PORT_ANY, PORT_ANY)
+        );
     }
 
     #[test]
@@ -264,7 +315,16 @@ mod tests {
             pids: vec![7],
             ..Spec::default()
         });
-        let r = |o| row(1, State::ESTABLISHED, State::CLOSE_WAIT, "1.1.1.1:1", "2.2.2.2:2", o);
+        let r = |o| {
+            row(
+                1,
+                State::ESTABLISHED,
+                State::CLOSE_WAIT,
+                "1.1.1.1:1",
+                "2.2.2.2:2",
+                o,
+            )
+        };
         assert!(matches!(f.admit(r(Some(7))), Admit::Show(None)));
         assert!(matches!(f.admit(r(Some(8))), Admit::Hidden));
         assert!(matches!(f.admit(r(None)), Admit::Hidden));
@@ -286,7 +346,14 @@ mod tests {
             ..Spec::default()
         });
         assert_eq!(f.kernel_families(), FAMILY_V6);
-        let v4 = row(1, State::CLOSE, State::LISTEN, "0.0.0.0:80", "0.0.0.0:0", None);
+        let v4 = row(
+            1,
+            State::CLOSE,
+            State::LISTEN,
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+            None,
+        );
         assert!(matches!(f.admit(v4), Admit::Hidden));
         let v6 = row(1, State::CLOSE, State::LISTEN, "[::]:80", "[::]:0", None);
         assert!(matches!(f.admit(v6), Admit::Show(None)));

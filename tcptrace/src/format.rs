@@ -216,7 +216,12 @@ impl Printer {
             let us = self.relative_us(ts_ns);
             let sign = if us < 0 { "-" } else { "" };
             let us = us.unsigned_abs();
-            let _ = write!(self.scratch, "{sign}{}.{:06}", us / 1_000_000, us % 1_000_000);
+            let _ = write!(
+                self.scratch,
+                "{sign}{}.{:06}",
+                us / 1_000_000,
+                us % 1_000_000
+            );
             let pad = 10usize.saturating_sub(self.scratch.len());
             self.scratch.insert_str(0, &"          "[..pad]);
             return;
@@ -240,7 +245,10 @@ impl Printer {
 
     fn split_wall(&self, ts_ns: u64) -> (i64, u32) {
         let wall = self.clock.wall_ns(ts_ns);
-        (wall.div_euclid(1_000_000_000), (wall.rem_euclid(1_000_000_000) / 1000) as u32)
+        (
+            wall.div_euclid(1_000_000_000),
+            (wall.rem_euclid(1_000_000_000) / 1000) as u32,
+        )
     }
 
     fn refresh_prefix(&mut self, sec: i64, fmt: &'static str) {
@@ -340,7 +348,8 @@ impl Serialize for State {
 impl<'de> Deserialize<'de> for State {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<State, D::Error> {
         let s = <Cow<'de, str>>::deserialize(d)?;
-        State::from_name(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown TCP state {s:?}")))
+        State::from_name(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown TCP state {s:?}")))
     }
 }
 
@@ -406,7 +415,10 @@ mod tests {
             "10:00:01.234567Z     4242  evil\\x1b[2Jname  [::1]:6389             [::1]:53525            ESTABLISHED -> CLOSE_WAIT       12.345  3"
         );
         // Columns line up with the header.
-        assert_eq!(header.find("PID").unwrap() + 3, line.find("4242").unwrap() + 4);
+        assert_eq!(
+            header.find("PID").unwrap() + 3,
+            line.find("4242").unwrap() + 4
+        );
         assert!(!s.contains("dead"));
     }
 

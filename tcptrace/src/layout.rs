@@ -62,7 +62,10 @@ pub fn parse(format: &str) -> Result<Layout> {
             );
         }
         if (offset + size) as usize > RECORD_MAX {
-            bail!("field {name:?} ends at byte {}, past the {RECORD_MAX} bytes tcptrace copies", offset + size);
+            bail!(
+                "field {name:?} ends at byte {}, past the {RECORD_MAX} bytes tcptrace copies",
+                offset + size
+            );
         }
         Ok((offset, size))
     };
@@ -145,18 +148,42 @@ mod tests {
 \tfield:__u8 daddr_v6[16];\toffset:55;\tsize:16;\tsigned:0;
 ";
         let l = parse(old).unwrap();
-        assert_eq!((l.protocol, l.protocol_size, l.saddr, l.daddr_v6, l.record_len), (30, 1, 31, 55, 71));
+        assert_eq!(
+            (
+                l.protocol,
+                l.protocol_size,
+                l.saddr,
+                l.daddr_v6,
+                l.record_len
+            ),
+            (30, 1, 31, 55, 71)
+        );
     }
 
     #[test]
     fn missing_or_resized_fields_are_refused_with_their_name() {
         let f = include_str!("testdata/inet_sock_set_state-6.18.format");
         let no_sport = f.replace("__u16 sport;", "__u16 lport;");
-        assert!(parse(&no_sport).unwrap_err().to_string().contains("no field \"sport\""));
+        assert!(
+            parse(&no_sport)
+                .unwrap_err()
+                .to_string()
+                .contains("no field \"sport\"")
+        );
         let wide = f.replace("offset:16;\tsize:4;", "offset:16;\tsize:8;");
-        assert!(parse(&wide).unwrap_err().to_string().contains("\"oldstate\" of the sock:inet_sock_set_state tracepoint is 8 bytes"));
+        assert!(
+            parse(&wide)
+                .unwrap_err()
+                .to_string()
+                .contains("\"oldstate\" of the sock:inet_sock_set_state tracepoint is 8 bytes")
+        );
         let far = f.replace("offset:56;", "offset:120;");
-        assert!(parse(&far).unwrap_err().to_string().contains("past the 128 bytes"));
+        assert!(
+            parse(&far)
+                .unwrap_err()
+                .to_string()
+                .contains("past the 128 bytes")
+        );
         assert!(parse("garbage").is_err());
     }
 }

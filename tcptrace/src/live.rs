@@ -102,7 +102,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => stop = Stop::PipeClosed,
-            Err(e) => return Err(anyhow::Error::new(e).context("cannot write to stdout").into()),
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context("cannot write to stdout")
+                    .into());
+            }
         }
         if Instant::now() >= next_loss_check {
             next_loss_check = Instant::now() + LOSS_CHECK;
@@ -137,7 +141,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             );
             match last.and_then(|_| out.flush()) {
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
-                Err(e) => return Err(anyhow::Error::new(e).context("cannot write to stdout").into()),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context("cannot write to stdout")
+                        .into());
+                }
                 Ok(()) => {}
             }
             break;
@@ -146,7 +154,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     let counters = capture.counters().unwrap_or_default();
     warn_lost(&capture, reported_lost);
     if tally.undecodable > 0 {
-        eprintln!("tcptrace: warning: {} ring entries could not be decoded", tally.undecodable);
+        eprintln!(
+            "tcptrace: warning: {} ring entries could not be decoded",
+            tally.undecodable
+        );
     }
     eprintln!(
         "tcptrace: {} transitions shown, {} filtered, {} lost",

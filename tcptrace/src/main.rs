@@ -75,7 +75,11 @@ fn usage_error(e: clap::Error) -> ExitCode {
 fn init_logging(debug: bool) {
     // aya warns when the kernel refuses the object's BTF (generic Rust type names); a
     // tracepoint program does not need it, so that is noise for users.
-    let default = if debug { "debug" } else { "warn,aya::bpf=error" };
+    let default = if debug {
+        "debug"
+    } else {
+        "warn,aya::bpf=error"
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
         .format_timestamp(None)
         .format_target(false)

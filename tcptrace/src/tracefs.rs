@@ -43,7 +43,10 @@ pub fn event_dir(category: &str, name: &str) -> Result<PathBuf> {
     log::info!("mounted tracefs at {MOUNT_POINT}");
     let dir = Path::new(MOUNT_POINT).join(&rel);
     if !dir.join("format").exists() {
-        bail!("this kernel has no {category}:{name} tracepoint ({} is missing)", dir.display());
+        bail!(
+            "this kernel has no {category}:{name} tracepoint ({} is missing)",
+            dir.display()
+        );
     }
     Ok(dir)
 }
@@ -53,7 +56,17 @@ fn mount_tracefs() -> io::Result<()> {
     let (src, target, fstype) = (c("tracefs"), c(MOUNT_POINT), c("tracefs"));
     // SAFETY: valid NUL-terminated strings, no data argument.
     let rc = unsafe {
-        libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

@@ -1,0 +1,134 @@
+//! The command line's failures: bad arguments and missing privileges each get
+//! one sentence naming the problem, and the right exit status.
+
+use std::process::Command;
+
+use tcptrace_tests::tcptrace_bin;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(tcptrace_bin())
+        .args(args)
+        .output()
+        .expect("run tcptrace");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_arguments_exit_2_with_one_sentence() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--port", "0"], "port 0 is not a port"),
+        (&["--port", "65536"], "port 65536 is out of range"),
+        (&["-p", "abc"], "\"abc\" is not a port number"),
+        (&["--port", "80,,81"], "is not a port number"),
+        (&["--lport", "-1"], "unexpected argument"),
+        (&["--rport", "99999"], "out of range"),
+        (&["-4", "-6"], "cannot be used with"),
+        (&["--follow", "127.0.0.1:80"], "is not a connection"),
+        (
+            &["--follow", "127.0.0.1:80,127.0.0.1"],
+            "is not an ADDR:PORT endpoint",
+        ),
+        (
+            &["--follow", "::1:80,::1:81"],
+            "IPv6 address without brackets",
+        ),
+        (
+            &["--follow", "[::1]:80,127.0.0.1:81"],
+            "different address families",
+        ),
+        (&["--follow", "127.0.0.1:0,127.0.0.1:81"], "has port 0"),
+        (&["--follow", "a,b,c"], "is not a connection"),
+        (&["--pid", "0"], "pid 0 is not a process"),
+        (&["--pid", "12x"], "is not a process id"),
+        (&["--comm", ""], "the process name is empty"),
+        (&["--duration", "forever"], "is not a duration"),
+        (&["--duration", "0"], "a duration of 0"),
+        (&["--count", "0"], "a count of 0"),
+        (&["--count", "-3"], "unexpected argument"),
+        (&["--format", "xml"], "invalid value 'xml'"),
+        (&["--time", "yesterday"], "invalid value 'yesterday'"),
+        (&["--no-such-flag"], "unexpected argument '--no-such-flag'"),
+    ];
+    for (args, want) in cases {
+        let (code, stdout, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: one line, got {stderr:?}"
+        );
+        assert!(stderr.starts_with("tcptrace: "), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{args:?}: want {want:?} in {stderr:?}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn help_lists_every_flag_and_exits_0() {
+    let (code, stdout, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    for flag in [
+        "--port",
+        "--lport",
+        "--rport",
+        "--ipv4",
+        "--ipv6",
+        "--pid",
+        "--comm",
+        "--follow",
+        "--format",
+        "--time",
+        "--show-skaddr",
+        "--no-header",
+        "--duration",
+        "--count",
+        "--debug",
+        "Examples:",
+    ] {
+        assert!(stdout.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn unprivileged_user_is_told_which_capabilities_are_missing() {
+    // The binary may sit under a directory "nobody" cannot enter: copy it.
+    let dir = std::env::temp_dir().join(format!("tcptrace-unpriv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("tcptrace");
+    std::fs::copy(tcptrace_bin(), &bin).unwrap();
+    Command::new("chmod")
+        .args(["755", dir.to_str().unwrap(), bin.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
+        .arg(&bin)
+        .args(["--port", "6389"])
+        .output()
+        .expect("setpriv");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("needs the CAP_BPF and CAP_PERFMON capabilities"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("missing: CAP_BPF, CAP_PERFMON"), "{stderr}");
+    assert!(stderr.contains("run tcptrace as root"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}

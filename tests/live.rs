@@ -1,0 +1,427 @@
+//! Live tracing against the real kernel. Each test makes real connections
+//! between a server and a client process (known pids, names tt-server and
+//! tt-client) in a fresh network namespace, with tcptrace watching, and
+//! checks every transition of every socket, its owner and its addresses.
+
+use tcptrace_tests::{Netns, Output, Tracer, life, unique_port};
+
+const CLIENT_CLOSES: &str = "CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE";
+const SERVER_PASSIVE: &str = "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE";
+const LISTENER: &str = "CLOSE>LISTEN>CLOSE";
+
+struct Run {
+    out: Output,
+    server: u32,
+    client: u32,
+}
+
+/// Traces one server and one client on `addr:port`, with the given modes.
+fn scenario(ip: &str, server_mode: &str, client_mode: &str, hold_ms: u32) -> (Run, u16) {
+    let ns = Netns::new();
+    let port = unique_port();
+    let addr = if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    };
+    let hold = hold_ms.to_string();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "--format",
+        "json",
+        "--time",
+        "utc",
+    ]);
+    let server = ns.peer(&["server", &addr, "--mode", server_mode, "--hold-ms", &hold]);
+    let client = ns.peer(&["client", &addr, "--mode", client_mode, "--hold-ms", &hold]);
+    let (server_pid, client_pid) = (server.pid, client.pid);
+    client.finish();
+    server.finish();
+    let out = tracer.stop();
+    assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+    (
+        Run {
+            out,
+            server: server_pid,
+            client: client_pid,
+        },
+        port,
+    )
+}
+
+#[test]
+fn client_closes_first() {
+    let (run, port) = scenario("127.0.0.1", "wait-peer-close", "close", 150);
+    let lives = run.out.lives();
+    assert_eq!(
+        run.out.rows().len(),
+        12,
+        "10 for the connection, 2 for the listener"
+    );
+
+    let listener = life(&lives, LISTENER);
+    listener.assert_owner(run.server, "tt-server");
+    assert_eq!(listener.rows[0]["laddr"], "127.0.0.1");
+    assert_eq!(listener.lport(), u64::from(port));
+
+    let client = life(&lives, CLIENT_CLOSES);
+    client.assert_owner(run.client, "tt-client");
+    // The kernel reports the connect before choosing the local port.
+    assert_eq!(client.rows[0]["lport"], 0);
+    let ephemeral = client.rows[1]["lport"].as_u64().unwrap();
+    assert!(ephemeral >= 1024, "ephemeral port {ephemeral}");
+    assert!(
+        client.rows[1..]
+            .iter()
+            .all(|r| r["lport"] == ephemeral && r["rport"] == port)
+    );
+
+    let server = life(&lives, SERVER_PASSIVE);
+    server.assert_owner(run.server, "tt-server");
+    assert!(
+        server
+            .rows
+            .iter()
+            .all(|r| r["lport"] == port && r["rport"] == ephemeral)
+    );
+    assert!(
+        server
+            .rows
+            .iter()
+            .all(|r| r["laddr"] == "127.0.0.1" && r["raddr"] == "127.0.0.1")
+    );
+
+    // The server held the socket in CLOSE_WAIT for 150 ms before closing.
+    let close_wait = server.ms_in("CLOSE_WAIT").unwrap();
+    assert!(
+        (150.0..5000.0).contains(&close_wait),
+        "CLOSE_WAIT for {close_wait} ms"
+    );
+    // Time in state is unknown for a socket's first transition, never 0.
+    assert!(client.rows[0]["ms"].is_null() && server.rows[0]["ms"].is_null());
+    assert_eq!(run.out.stats().0, 12);
+    assert_eq!(run.out.stats().2, 0, "nothing lost");
+}
+
+#[test]
+fn server_closes_first() {
+    let (run, _) = scenario("127.0.0.1", "close-first", "wait-eof", 100);
+    let lives = run.out.lives();
+    assert_eq!(run.out.rows().len(), 12);
+    life(&lives, LISTENER).assert_owner(run.server, "tt-server");
+    let server = life(
+        &lives,
+        "LISTEN>SYN_RECV>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE",
+    );
+    server.assert_owner(run.server, "tt-server");
+    let client = life(
+        &lives,
+        "CLOSE>SYN_SENT>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE",
+    );
+    client.assert_owner(run.client, "tt-client");
+    let close_wait = client.ms_in("CLOSE_WAIT").unwrap();
+    assert!(
+        close_wait >= 100.0,
+        "client closed 100 ms after EOF, saw {close_wait} ms"
+    );
+}
+
+#[test]
+fn client_resets_with_so_linger_zero() {
+    let (run, _) = scenario("127.0.0.1", "expect-reset", "reset", 50);
+    let lives = run.out.lives();
+    assert_eq!(
+        run.out.rows().len(),
+        8,
+        "6 for the reset connection, 2 for the listener"
+    );
+    life(&lives, "CLOSE>SYN_SENT>ESTABLISHED>CLOSE").assert_owner(run.client, "tt-client");
+    // The server's socket dies from the reset, in softirq: still its owner.
+    life(&lives, "LISTEN>SYN_RECV>ESTABLISHED>CLOSE").assert_owner(run.server, "tt-server");
+}
+
+#[test]
+fn connection_refused() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let tracer = Tracer::start(&["--port", &port.to_string(), "--format", "json"]);
+    let client = ns.peer(&["client", &format!("127.0.0.1:{port}"), "--mode", "refused"]);
+    let pid = client.pid;
+    client.finish();
+    let out = tracer.stop();
+    let lives = out.lives();
+    assert_eq!(out.rows().len(), 2);
+    let refused = life(&lives, "CLOSE>SYN_SENT>CLOSE");
+    refused.assert_owner(pid, "tt-client");
+    assert_eq!(refused.rport(), u64::from(port));
+}
+
+#[test]
+fn listen_then_close() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let tracer = Tracer::start(&["--port", &port.to_string(), "--format", "json"]);
+    let addr = format!("0.0.0.0:{port}");
+    let server = ns.peer(&["server", &addr, "--mode", "listen-only", "--hold-ms", "120"]);
+    let pid = server.pid;
+    server.finish();
+    let out = tracer.stop();
+    let lives = out.lives();
+    assert_eq!(out.rows().len(), 2);
+    let l = life(&lives, LISTENER);
+    l.assert_owner(pid, "tt-server");
+    assert_eq!(l.rows[0]["laddr"], "0.0.0.0");
+    assert!(l.ms_in("LISTEN").unwrap() >= 120.0);
+}
+
+#[test]
+fn half_close_with_shutdown_write() {
+    // The client shuts down its sending side, then reads the server's answer:
+    // its socket stays half-closed until the server closes 400 ms later. (The
+    // peer may delay its ACK of our FIN by up to 200 ms, so part of the wait
+    // can be in FIN_WAIT1; an orphaned socket would leave FIN_WAIT2 at once.)
+    let (run, _) = scenario("127.0.0.1", "reply-after-eof", "half-close", 400);
+    let lives = run.out.lives();
+    assert_eq!(run.out.rows().len(), 12);
+    let client = life(&lives, CLIENT_CLOSES);
+    client.assert_owner(run.client, "tt-client");
+    let fin_wait1 = client.ms_in("FIN_WAIT1").unwrap();
+    let fin_wait2 = client.ms_in("FIN_WAIT2").unwrap();
+    assert!(
+        fin_wait1 + fin_wait2 >= 400.0,
+        "half-closed for {fin_wait1} + {fin_wait2} ms"
+    );
+    assert!(
+        fin_wait2 >= 150.0,
+        "half-closed client waited {fin_wait2} ms in FIN_WAIT2"
+    );
+    life(&lives, SERVER_PASSIVE).assert_owner(run.server, "tt-server");
+}
+
+#[test]
+fn ipv6_client_closes_first() {
+    let (run, port) = scenario("::1", "wait-peer-close", "close", 20);
+    let lives = run.out.lives();
+    assert_eq!(run.out.rows().len(), 12);
+    for l in &lives {
+        assert!(l.rows.iter().all(|r| r["family"] == "ipv6"), "{:?}", l.rows);
+    }
+    let client = life(&lives, CLIENT_CLOSES);
+    client.assert_owner(run.client, "tt-client");
+    assert!(
+        client
+            .rows
+            .iter()
+            .all(|r| r["laddr"] == "::1" && r["raddr"] == "::1")
+    );
+    let server = life(&lives, SERVER_PASSIVE);
+    assert_eq!(server.lport(), u64::from(port));
+    server.assert_owner(run.server, "tt-server");
+}
+
+#[test]
+fn port_filter_excludes_other_traffic_on_the_same_host() {
+    let ns = Netns::new();
+    let (watched, other) = (unique_port(), unique_port());
+    let tracer = Tracer::start(&["--port", &watched.to_string(), "--format", "json"]);
+    for port in [other, watched, other] {
+        let addr = format!("127.0.0.1:{port}");
+        let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
+        ns.peer(&["client", &addr, "--mode", "close"]).finish();
+        server.finish();
+    }
+    let out = tracer.stop();
+    assert_eq!(out.rows().len(), 12, "only the watched port's connection");
+    for r in out.rows() {
+        assert!(r["lport"] == watched || r["rport"] == watched, "{r}");
+    }
+    // The kernel dropped the other port's 24 events before the ring.
+    assert!(out.stats().1 >= 24, "{}", out.stderr);
+}
+
+#[test]
+fn follow_shows_exactly_one_connection_including_its_connect() {
+    let ns = Netns::new();
+    // One ephemeral port in this namespace, so the followed tuple is known
+    // before the connection exists; two clients tell apart by source address.
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40000");
+    let port = unique_port();
+    let tuple = format!("127.0.0.2:40000,127.0.0.1:{port}");
+    let tracer = Tracer::start(&["--follow", &tuple, "--format", "json"]);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close", "--conns", "2"]);
+    let a = ns.peer(&["client", &addr, "--mode", "close", "--bind", "127.0.0.3"]);
+    a.finish();
+    let b = ns.peer(&["client", &addr, "--mode", "close", "--bind", "127.0.0.2"]);
+    let (followed, server_pid) = (b.pid, server.pid);
+    b.finish();
+    server.finish();
+    let out = tracer.stop();
+    let lives = out.lives();
+    assert_eq!(out.rows().len(), 10, "{}", out.stdout);
+    let client = life(&lives, CLIENT_CLOSES);
+    client.assert_owner(followed, "tt-client");
+    assert_eq!(
+        (&client.rows[0]["laddr"], &client.rows[0]["lport"]),
+        (&"127.0.0.2".into(), &0.into())
+    );
+    assert!(
+        client.rows[1..]
+            .iter()
+            .all(|r| r["laddr"] == "127.0.0.2" && r["lport"] == 40000)
+    );
+    let server = life(&lives, SERVER_PASSIVE);
+    server.assert_owner(server_pid, "tt-server");
+    assert!(
+        server
+            .rows
+            .iter()
+            .all(|r| r["raddr"] == "127.0.0.2" && r["rport"] == 40000)
+    );
+}
+
+#[test]
+fn json_rows_carry_every_field_typed() {
+    let (run, port) = scenario("127.0.0.1", "wait-peer-close", "close", 10);
+    let rows = run.out.rows();
+    let keys = [
+        "time", "ts_ns", "sock", "pid", "comm", "family", "laddr", "lport", "raddr", "rport",
+        "old", "new", "ms",
+    ];
+    let mut last_ts = 0;
+    for r in &rows {
+        let obj = r.as_object().unwrap();
+        let mut have: Vec<&str> = obj.keys().map(String::as_str).collect();
+        have.sort_unstable();
+        let mut want = keys.to_vec();
+        want.sort_unstable();
+        assert_eq!(have, want, "no kernel address unless asked: {r}");
+        let time = r["time"].as_str().unwrap();
+        assert!(
+            time.len() == 27 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+            "{time}"
+        );
+        let ts = r["ts_ns"].as_u64().unwrap();
+        assert!(ts >= last_ts, "rows in kernel time order");
+        last_ts = ts;
+        assert!(r["sock"].as_u64().unwrap() >= 1);
+        assert!(
+            r["pid"].as_u64() == Some(run.server.into())
+                || r["pid"].as_u64() == Some(run.client.into())
+        );
+        assert!(["tt-server", "tt-client"].contains(&r["comm"].as_str().unwrap()));
+        assert_eq!(r["family"], "ipv4");
+        assert!(r["lport"].is_u64() && r["rport"].is_u64());
+        assert!(r["ms"].is_null() || r["ms"].as_f64().unwrap() >= 0.0);
+    }
+    let first = &rows[0];
+    assert_eq!(
+        (&first["old"], &first["new"]),
+        (&"CLOSE".into(), &"LISTEN".into())
+    );
+    assert_eq!(first["lport"], port);
+}
+
+#[test]
+fn text_output_has_a_header_and_aligned_rows() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let tracer = Tracer::start(&["--port", &port.to_string()]);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
+    let client = ns.peer(&["client", &addr, "--mode", "close"]);
+    let (spid, cpid) = (server.pid, client.pid);
+    client.finish();
+    server.finish();
+    let out = tracer.stop();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 13, "{}", out.stdout);
+    let header = lines[0];
+    for col in [
+        "TIME",
+        "PID",
+        "COMM",
+        "LADDR:LPORT",
+        "RADDR:RPORT",
+        "OLD",
+        "NEW",
+        "MS",
+        "SOCK",
+    ] {
+        assert!(header.contains(col), "{header}");
+    }
+    let arrow = header.find("OLD").unwrap() + 3;
+    for l in &lines[1..] {
+        assert_eq!(l.find(" -> "), Some(arrow), "arrow column in {l:?}");
+        let pid: u32 = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(pid == spid || pid == cpid, "{l}");
+    }
+    let connect = lines
+        .iter()
+        .find(|l| l.contains("CLOSE -> SYN_SENT"))
+        .unwrap();
+    assert!(connect.contains(&format!("{cpid}  tt-client")), "{connect}");
+    let cols: Vec<&str> = connect.split_whitespace().collect();
+    assert_eq!(
+        cols[3..9],
+        [
+            "127.0.0.1:0",
+            &format!("127.0.0.1:{port}"),
+            "CLOSE",
+            "->",
+            "SYN_SENT",
+            "-"
+        ][..],
+        "{connect}"
+    );
+}
+
+#[test]
+fn count_stops_after_n_transitions() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "--format",
+        "json",
+        "--count",
+        "3",
+    ]);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
+    ns.peer(&["client", &addr, "--mode", "close"]).finish();
+    server.finish();
+    let out = tracer.wait();
+    assert!(out.status.success());
+    assert_eq!(out.rows().len(), 3);
+    assert_eq!(out.stats().0, 3);
+}
+
+#[test]
+fn duration_stops_by_itself() {
+    let started = std::time::Instant::now();
+    let out = Tracer::start(&["--port", &unique_port().to_string(), "--duration", "1s"]).wait();
+    assert!(out.status.success());
+    let took = started.elapsed().as_secs_f64();
+    assert!((1.0..20.0).contains(&took), "{took}");
+    assert_eq!(out.stats(), (0, out.stats().1, 0));
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let tracer = Tracer::start(&["--port", &port.to_string(), "--format", "json"]);
+    let addr = format!("0.0.0.0:{port}");
+    ns.peer(&["server", &addr, "--mode", "listen-only"])
+        .finish();
+    let out = tracer.signal(libc::SIGTERM);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(
+        out.rows().len(),
+        2,
+        "the listener's two transitions were drained"
+    );
+}

@@ -1,0 +1,397 @@
+//! What the real-kernel tests share: network namespaces that clean up after
+//! themselves, the tcptrace process under test, scenario peers, and a view of
+//! tcptrace's JSON output grouped by socket.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The tcptrace binary under test: `TCPTRACE_BIN` (set by `cargo xtask
+/// test`), else the workspace's debug build.
+pub fn tcptrace_bin() -> PathBuf {
+    let bin = std::env::var_os("TCPTRACE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/debug/tcptrace"
+            ))
+        });
+    assert!(
+        bin.exists(),
+        "{} does not exist: run `cargo xtask test`, or `cargo build -p tcptrace` first",
+        bin.display()
+    );
+    bin
+}
+
+/// The scenario peer, built next to the test binaries (target/debug).
+pub fn peer_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/debug/deps");
+    dir.join("tt-peer")
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A port for one test: below the default ephemeral range, so no host
+/// connection picks it as its local port, and distinct per test process and
+/// test.
+pub fn unique_port() -> u16 {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    20000 + ((std::process::id() * 37 + n * 101) % 10000) as u16
+}
+
+/// A fresh network namespace with loopback up, deleted on drop (also when
+/// the test fails).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        let name = format!(
+            "tcptrace-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        run_ok(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        ns
+    }
+
+    /// Sets a sysctl inside the namespace (net.* sysctls are per namespace).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        run_ok(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.name,
+            "sh",
+            "-c",
+            &format!("echo '{value}' > {path}"),
+        ]));
+    }
+
+    /// Starts `cmd` inside the namespace.
+    pub fn spawn(&self, cmd: &mut Command) -> Child {
+        let file = std::fs::File::open(format!("/run/netns/{}", self.name))
+            .expect("the namespace's bind mount exists");
+        let fd = file.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; fd stays open until after spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn in namespace");
+        drop(file);
+        child
+    }
+
+    /// Starts a scenario peer in the namespace.
+    pub fn peer(&self, args: &[&str]) -> Peer {
+        let mut cmd = Command::new(peer_bin());
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = self.spawn(&mut cmd);
+        let pid = child.id();
+        if args.first() == Some(&"server") {
+            let mut line = String::new();
+            let stdout = child.stdout.as_mut().expect("piped");
+            BufReader::new(stdout)
+                .read_line(&mut line)
+                .expect("read server stdout");
+            if line.trim() != "ready" {
+                let out = child.wait_with_output().expect("wait");
+                panic!(
+                    "server {args:?} did not start: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Peer {
+            child,
+            pid,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+impl Default for Netns {
+    fn default() -> Self {
+        Netns::new()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A scenario process with a known pid.
+pub struct Peer {
+    child: Child,
+    pub pid: u32,
+    args: Vec<String>,
+}
+
+impl Peer {
+    /// Waits for the peer; it must have done what it was asked.
+    pub fn finish(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait peer") {
+                let mut err = String::new();
+                if let Some(e) = self.child.stderr.as_mut() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                assert!(st.success(), "peer {:?} failed ({st}): {err}", self.args);
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("peer {:?} did not finish in 20 s", self.args);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A running tcptrace.
+pub struct Tracer {
+    child: Child,
+    stdout: JoinHandle<String>,
+    stderr: JoinHandle<String>,
+}
+
+/// What a tcptrace run printed.
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+    pub status: ExitStatus,
+}
+
+impl Tracer {
+    /// Starts tcptrace with `args` and waits until it says it is tracing.
+    pub fn start(args: &[&str]) -> Tracer {
+        let mut child = Command::new(tcptrace_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tcptrace");
+        let out = child.stdout.take().expect("piped");
+        let stdout = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = BufReader::new(out).read_to_string(&mut s);
+            s
+        });
+        let err = child.stderr.take().expect("piped");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stderr = thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.starts_with("tcptrace: tracing ") {
+                    let _ = ready_tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        match ready_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(()) => Tracer {
+                child,
+                stdout,
+                stderr,
+            },
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "tcptrace {args:?} did not start: {}",
+                    stderr.join().unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    /// Lets in-flight softirq transitions land, then stops tcptrace with
+    /// SIGINT, as a user's Ctrl-C would.
+    pub fn stop(self) -> Output {
+        thread::sleep(Duration::from_millis(300));
+        self.signal(libc::SIGINT)
+    }
+
+    pub fn signal(self, sig: i32) -> Output {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        self.wait()
+    }
+
+    /// Waits for tcptrace to exit by itself (`--count`, `--duration`).
+    pub fn wait(mut self) -> Output {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait tcptrace") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("tcptrace did not exit within 30 s");
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        Output {
+            stdout: self.stdout.join().expect("stdout reader"),
+            stderr: self.stderr.join().expect("stderr reader"),
+            status,
+        }
+    }
+}
+
+impl Output {
+    /// The JSON rows (`--format json`).
+    pub fn rows(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// The rows grouped by socket, in order of first appearance.
+    pub fn lives(&self) -> Vec<Life> {
+        let mut by_sock: BTreeMap<u64, Life> = BTreeMap::new();
+        let mut order = Vec::new();
+        for row in self.rows() {
+            let sock = row["sock"].as_u64().expect("sock is a number");
+            by_sock
+                .entry(sock)
+                .or_insert_with(|| {
+                    order.push(sock);
+                    Life {
+                        sock,
+                        rows: Vec::new(),
+                    }
+                })
+                .rows
+                .push(row);
+        }
+        order
+            .into_iter()
+            .map(|s| by_sock.remove(&s).expect("present"))
+            .collect()
+    }
+
+    /// The final statistics line's numbers: (shown, filtered, lost).
+    pub fn stats(&self) -> (u64, u64, u64) {
+        let line = self
+            .stderr
+            .lines()
+            .find(|l| l.contains(" transitions shown, "))
+            .unwrap_or_else(|| panic!("no stats line in {:?}", self.stderr));
+        let nums: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().expect("number"))
+            .collect();
+        (nums[0], nums[1], nums[2])
+    }
+}
+
+/// Every row tcptrace showed for one socket.
+#[derive(Debug)]
+pub struct Life {
+    pub sock: u64,
+    pub rows: Vec<Value>,
+}
+
+impl Life {
+    /// The states the socket went through: `CLOSE>SYN_SENT>ESTABLISHED...`.
+    pub fn path(&self) -> String {
+        let mut s = self.rows[0]["old"].as_str().unwrap_or("?").to_string();
+        for r in &self.rows {
+            s.push('>');
+            s.push_str(r["new"].as_str().unwrap_or("?"));
+        }
+        s
+    }
+
+    /// Milliseconds spent in `state`, from the row that left it.
+    pub fn ms_in(&self, state: &str) -> Option<f64> {
+        self.rows
+            .iter()
+            .find(|r| r["old"] == state)
+            .and_then(|r| r["ms"].as_f64())
+    }
+
+    /// The local port once known (a connect reports port 0 first).
+    pub fn lport(&self) -> u64 {
+        self.rows
+            .iter()
+            .filter_map(|r| r["lport"].as_u64())
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn rport(&self) -> u64 {
+        self.rows
+            .iter()
+            .filter_map(|r| r["rport"].as_u64())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Asserts every row names this owner.
+    pub fn assert_owner(&self, pid: u32, comm: &str) {
+        for r in &self.rows {
+            assert_eq!(
+                (r["pid"].as_u64(), r["comm"].as_str()),
+                (Some(u64::from(pid)), Some(comm)),
+                "owner of {} in socket {}: {r}",
+                self.path(),
+                self.sock
+            );
+        }
+    }
+}
+
+/// Finds the one socket that went through exactly `path`.
+pub fn life<'a>(lives: &'a [Life], path: &str) -> &'a Life {
+    let found: Vec<&Life> = lives.iter().filter(|l| l.path() == path).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one socket going {path}; saw {:?}",
+        lives.iter().map(Life::path).collect::<Vec<_>>()
+    );
+    found[0]
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

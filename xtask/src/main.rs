@@ -1,0 +1,311 @@
+//! `cargo xtask`: set up, build, run and test tcptrace from a fresh machine.
+//!
+//! Everything a fresh machine lacks is installed here, not by hand: the
+//! nightly toolchain's `rust-src` (the eBPF crate builds `core` itself) and a
+//! bpf-linker matching that nightly's LLVM.
+
+use std::env;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker 0.11 and later default to LLVM 23, which this nightly is not.
+const BPF_LINKER_VERSION: &str = "0.10.1";
+const NIGHTLY: &str = "nightly";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing, build in release mode and run tcptrace with
+    /// the privileges it needs. Arguments after `--` go to tcptrace.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Install what is missing, then check formatting, run clippy, the unit
+    /// tests and the real-kernel integration tests (needs root).
+    Test {
+        /// Extra arguments for the test binaries (a test name filter, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Build in release mode and install the binary where `sudo tcptrace`
+    /// finds it.
+    Install {
+        /// Installation prefix; the binary goes to PREFIX/bin.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+    },
+    /// Only install the build prerequisites.
+    Setup,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match cli.command {
+        Cmd::Setup => setup().map(|()| ExitCode::SUCCESS),
+        Cmd::Run { args } => {
+            setup()?;
+            cargo(&["build", "--release", "--package", "tcptrace"])?;
+            let bin = root.join("target/release/tcptrace");
+            Ok(exec_privileged(&bin, &args)?)
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            test(&root, &args).map(|()| ExitCode::SUCCESS)
+        }
+        Cmd::Install { prefix } => {
+            setup()?;
+            cargo(&["build", "--release", "--package", "tcptrace"])?;
+            let dir = prefix.join("bin");
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let dest = dir.join("tcptrace");
+            std::fs::copy(root.join("target/release/tcptrace"), &dest)
+                .with_context(|| format!("cannot install {}", dest.display()))?;
+            eprintln!("xtask: installed {}", dest.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Installs the nightly `rust-src` and bpf-linker if they are missing.
+fn setup() -> Result<()> {
+    let toolchains = output("rustup", &["toolchain", "list"])?;
+    if !toolchains.lines().any(|l| l.starts_with(NIGHTLY)) {
+        eprintln!("xtask: installing the nightly toolchain (for the eBPF build)");
+        status(
+            "rustup",
+            &[
+                "toolchain",
+                "install",
+                NIGHTLY,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ],
+        )?;
+    }
+    let components = output(
+        "rustup",
+        &["component", "list", "--toolchain", NIGHTLY, "--installed"],
+    )?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: installing rust-src for the nightly toolchain");
+        status(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", NIGHTLY],
+        )?;
+    }
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    let have = linker
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if !have.contains(BPF_LINKER_VERSION) {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (about 2 minutes)");
+        status(
+            "cargo",
+            &[
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--force",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn test(root: &Path, extra: &[OsString]) -> Result<()> {
+    cargo(&["fmt", "--all", "--", "--check"])
+        .context("formatting differs: run `cargo fmt --all`")?;
+    cargo(&[
+        "clippy",
+        "--package",
+        "tcptrace",
+        "--package",
+        "xtask",
+        "--package",
+        "tcptrace-tests",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    // The integration tests run the real binary against the real kernel.
+    cargo(&["build", "--package", "tcptrace"])?;
+    let mut cmd = Command::new(cargo_bin());
+    // The eBPF crate only builds for the BPF target.
+    cmd.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "tcptrace-ebpf",
+        "--no-fail-fast",
+        "--",
+    ]);
+    cmd.args(extra);
+    cmd.env("TCPTRACE_BIN", root.join("target/debug/tcptrace"));
+    if !is_root() {
+        if which("sudo") {
+            eprintln!(
+                "xtask: the integration tests need root; running the test binaries with sudo"
+            );
+            cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+        } else {
+            bail!(
+                "the integration tests load eBPF programs and create network namespaces: run `cargo xtask test` as root"
+            );
+        }
+    }
+    tally(cmd)
+}
+
+/// Runs the tests, passing their output through, and ends with one line
+/// adding up every test binary's result.
+fn tally(mut cmd: Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            // "ok. 3 passed; 0 failed; 1 ignored; ..."
+            let words: Vec<&str> = rest
+                .split([' ', ';', '.'])
+                .filter(|w| !w.is_empty())
+                .collect();
+            for pair in words.windows(2) {
+                let n = pair[0].parse::<u64>().unwrap_or(0);
+                match pair[1] {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let st = child.wait()?;
+    println!("xtask: {passed} passed, {failed} failed, {ignored} skipped");
+    if !st.success() || failed > 0 {
+        bail!("tests failed ({st})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Runs tcptrace as root: directly when we are, through sudo otherwise.
+fn exec_privileged(bin: &Path, args: &[OsString]) -> Result<ExitCode> {
+    let mut cmd = if is_root() {
+        Command::new(bin)
+    } else if which("sudo") {
+        let mut c = Command::new("sudo");
+        c.arg(bin);
+        c
+    } else {
+        bail!(
+            "tcptrace needs root (CAP_BPF and CAP_PERFMON) and there is no sudo here: \
+             run `cargo xtask run` as root, or {} as root",
+            bin.display()
+        );
+    };
+    let status = cmd
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+}
+
+fn which(program: &str) -> bool {
+    env::var_os("PATH")
+        .is_some_and(|path| env::split_paths(&path).any(|d| d.join(program).is_file()))
+}
+
+fn cargo_bin() -> OsString {
+    env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new(cargo_bin());
+    cmd.args(args);
+    check(cmd)
+}
+
+fn status(program: &str, args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    check(cmd)
+}
+
+fn check(mut cmd: Command) -> Result<()> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn output(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
