@@ -3,7 +3,8 @@
 //!
 //! tt-peer server ADDR:PORT --mode MODE [--hold-ms N] [--conns N]
 //! tt-peer client ADDR:PORT --mode MODE [--hold-ms N] [--bind IP]
-//! (either takes --name NAME to choose its process name)
+//! (either takes --name NAME to choose its process name; a client takes
+//! --repeat N to make N connections one after the other)
 //!
 //! A server prints "ready" once listening. Each exits 0 when the scenario went
 //! as planned, and 1 with a message when it did not.
@@ -33,6 +34,7 @@ fn main() {
     let mode = opt("--mode").unwrap_or_default();
     let hold = Duration::from_millis(opt("--hold-ms").map_or(0, |v| v.parse().unwrap_or(0)));
     let conns: usize = opt("--conns").map_or(1, |v| v.parse().unwrap_or(1));
+    let repeat: usize = opt("--repeat").map_or(1, |v| v.parse().unwrap_or(1));
     let bind = opt("--bind").map(|v| v.parse::<IpAddr>().unwrap_or_else(|e| fail(&e)));
     let default_name = if role == "server" {
         "tt-server"
@@ -42,7 +44,7 @@ fn main() {
     set_comm(&opt("--name").unwrap_or_else(|| default_name.into()));
     match role {
         "server" => server(addr, &mode, hold, conns),
-        "client" => client(addr, &mode, hold, bind),
+        "client" => (0..repeat).for_each(|_| client(addr, &mode, hold, bind)),
         _ => fail(&format!("unknown role {role}")),
     }
 }

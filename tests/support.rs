@@ -155,6 +155,12 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// Ends a peer still holding its sockets (a server that never closes).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for the peer; it must have done what it was asked.
     pub fn finish(mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -173,6 +179,42 @@ impl Peer {
             }
             thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// Runs tcptrace to completion (read, report, bad input).
+pub fn tcptrace(args: &[&str]) -> Output {
+    let out = Command::new(tcptrace_bin())
+        .args(args)
+        .output()
+        .expect("run tcptrace");
+    Output {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        status: out.status,
+    }
+}
+
+/// A scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tcptrace-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -2,9 +2,10 @@
 //! parsers below turn bad input into one sentence naming the problem.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Args, Parser};
+use clap::{ArgAction, Args, Parser, Subcommand};
 
 use crate::decode::Family;
 use crate::filter::{Spec, Tuple};
@@ -27,13 +28,41 @@ Examples:
 /// that owns the socket, its addresses, the state it left and the one it
 /// entered, and how long it stayed in the state it left.
 #[derive(Parser, Debug)]
-#[command(name = "tcptrace", version, after_help = EXAMPLES)]
+#[command(name = "tcptrace", version, after_help = EXAMPLES, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub live: LiveArgs,
+
+    /// Show tcptrace's own diagnostics, and those of its eBPF program, on
+    /// stderr (RUST_LOG=debug does the same).
+    #[arg(long, global = true)]
+    pub debug: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print a recording made with --write, exactly as the live run would
+    /// have printed it, with the same filters and formats.
+    Read(ReadArgs),
+    /// Analyse a recording: connections, close reasons, time in each state,
+    /// sockets left stuck, busiest processes and ports.
+    Report(ReportArgs),
+}
+
+/// Tracing live (no subcommand).
+#[derive(Args, Debug)]
+pub struct LiveArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
 
     #[command(flatten)]
     pub output: OutputArgs,
+
+    #[command(flatten)]
+    pub record: RecordArgs,
 
     /// Stop after this long (for example 30s, 5m, 1h30m; a bare number is seconds).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -42,11 +71,76 @@ pub struct Cli {
     /// Stop after this many transitions have been shown.
     #[arg(short = 'c', long, value_name = "N", value_parser = parse_count)]
     pub count: Option<u64>,
+}
 
-    /// Show tcptrace's own diagnostics, and those of its eBPF program, on
-    /// stderr (RUST_LOG=debug does the same).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Recording")]
+pub struct RecordArgs {
+    /// Also record every transition shown to FILE, as JSON Lines (a header
+    /// object, one object per transition, a stats object at a clean exit).
+    #[arg(short = 'w', long = "write", value_name = "FILE", value_parser = parse_output_path)]
+    pub write: Option<PathBuf>,
+
+    /// Print nothing on stdout (with --write: only record).
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+
+    /// Start a new file when the current one reaches SIZE (like tcpdump -C):
+    /// FILE is always the newest, older ones become FILE.1, FILE.2, ...
+    /// SIZE takes K, M or G suffixes (powers of 1024).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "write")]
+    pub rotate_size: Option<u64>,
+
+    /// Keep at most N files of a rotation, deleting the oldest (like tcpdump -W).
+    #[arg(long, value_name = "N", value_parser = parse_keep, requires = "rotate_size")]
+    pub rotate_keep: Option<u32>,
+
+    /// Overwrite FILE if it exists (a symlink is refused all the same).
+    #[arg(long, requires = "write")]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReadArgs {
+    /// Recordings to read (`-` for stdin); the files of a rotation read as
+    /// one stream, in time order.
+    #[arg(value_name = "FILE", required = true, value_parser = parse_input_path)]
+    pub files: Vec<PathBuf>,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+
+    /// Skip lines that are not valid records, with a warning, instead of
+    /// stopping at the first.
     #[arg(long)]
-    pub debug: bool,
+    pub lenient: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// Recordings to analyse (`-` for stdin).
+    #[arg(value_name = "FILE", required = true, value_parser = parse_input_path)]
+    pub files: Vec<PathBuf>,
+
+    /// Report format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+
+    /// Instead of the summary, the full timeline of one connection, both
+    /// sides, with the time spent in each state.
+    #[arg(long, value_name = "LADDR:LPORT,RADDR:RPORT", value_parser = parse_tuple)]
+    pub follow: Option<Tuple>,
+
+    /// Rows in each "top" table.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
+
+    /// Skip lines that are not valid records, with a warning.
+    #[arg(long)]
+    pub lenient: bool,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -133,42 +227,6 @@ impl FilterArgs {
             follow: self.follow,
         }
     }
-
-    /// The filters in words, for the line that says what is traced.
-    pub fn describe(&self) -> String {
-        let list = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-        let mut parts = Vec::new();
-        if !self.ports.is_empty() {
-            parts.push(format!("port {}", list(&self.ports)));
-        }
-        if !self.lports.is_empty() {
-            parts.push(format!("local port {}", list(&self.lports)));
-        }
-        if !self.rports.is_empty() {
-            parts.push(format!("remote port {}", list(&self.rports)));
-        }
-        if self.ipv4 {
-            parts.push("IPv4 only".into());
-        }
-        if self.ipv6 {
-            parts.push("IPv6 only".into());
-        }
-        if !self.pids.is_empty() {
-            let pids: Vec<String> = self.pids.iter().map(u32::to_string).collect();
-            parts.push(format!("pid {}", pids.join(",")));
-        }
-        if !self.comms.is_empty() {
-            parts.push(format!("process {}", self.comms.join(",")));
-        }
-        if let Some(t) = self.follow {
-            parts.push(format!("connection {},{}", t.a, t.b));
-        }
-        if parts.is_empty() {
-            "all TCP sockets".into()
-        } else {
-            parts.join(", ")
-        }
-    }
 }
 
 impl OutputArgs {
@@ -231,6 +289,73 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// SIZE in bytes: a number with an optional K, M or G (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; write it like 500K, 100M or 2G"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large a size"))?;
+    if bytes < 4096 {
+        return Err(format!(
+            "a rotation size of {bytes} bytes is too small; give at least 4K"
+        ));
+    }
+    Ok(bytes)
+}
+
+fn parse_keep(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("keeping 0 files would keep nothing; give 1 or more".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a number of files")),
+    }
+}
+
+/// A recording's path: checked here for what can be known before tracing
+/// (the rest, such as an existing file, when it is created).
+fn parse_output_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the file name is empty".into());
+    }
+    let p = PathBuf::from(s);
+    if p.is_dir() {
+        return Err(format!("{s} is a directory; give a file name"));
+    }
+    Ok(p)
+}
+
+fn parse_input_path(s: &str) -> Result<PathBuf, String> {
+    if s == "-" {
+        return Ok(PathBuf::from(s));
+    }
+    let p = PathBuf::from(s);
+    match std::fs::metadata(&p) {
+        Ok(m) if m.is_dir() => Err(format!("{s} is a directory, not a recording")),
+        Ok(_) => std::fs::File::open(&p)
+            .map(|_| p)
+            .map_err(|e| format!("cannot open {s}: {}", io_reason(&e))),
+        Err(e) => Err(format!("cannot open {s}: {}", io_reason(&e))),
+    }
+}
+
+/// The OS's reason without Rust's "(os error N)" suffix.
+pub fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
 fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
     let s = s.trim();
     match s.parse::<SocketAddr>() {
@@ -266,8 +391,8 @@ mod tests {
     #[test]
     fn ports_accept_lists_and_repeats() {
         let cli = Cli::try_parse_from(["tcptrace", "-p", "80,443", "--port", "6389"]).unwrap();
-        assert_eq!(cli.filter.ports, [80, 443, 6389]);
-        assert_eq!(cli.filter.describe(), "port 80,443,6389");
+        assert_eq!(cli.live.filter.ports, [80, 443, 6389]);
+        assert_eq!(cli.live.filter.spec().describe(), "port 80,443,6389");
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl Family {
 }
 
 /// A process: thread group id and the `comm` of the thread seen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Task {
     pub pid: u32,
     pub comm: Comm,

@@ -8,22 +8,115 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use serde::{Deserialize, Serialize};
+
 use tcptrace_ebpf::{FAMILY_V4, FAMILY_V6, PORT_ANY, PORT_LOCAL, PORT_REMOTE};
 
 use crate::attribute::Row;
 use crate::decode::Family;
 use crate::state::State;
 
-/// What the user asked to see. Empty lists mean "any".
-#[derive(Clone, Debug, Default)]
+/// What the user asked to see. Empty lists mean "any". Recordings keep it
+/// in their header.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Spec {
     pub ports: Vec<u16>,
     pub lports: Vec<u16>,
     pub rports: Vec<u16>,
+    #[serde(with = "family_name")]
     pub family: Option<Family>,
     pub pids: Vec<u32>,
     pub comms: Vec<String>,
+    #[serde(with = "tuple_text")]
     pub follow: Option<Tuple>,
+}
+
+impl Spec {
+    /// The filters in words, for the line that says what is traced and for
+    /// reports.
+    pub fn describe(&self) -> String {
+        let list = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+        let mut parts = Vec::new();
+        if !self.ports.is_empty() {
+            parts.push(format!("port {}", list(&self.ports)));
+        }
+        if !self.lports.is_empty() {
+            parts.push(format!("local port {}", list(&self.lports)));
+        }
+        if !self.rports.is_empty() {
+            parts.push(format!("remote port {}", list(&self.rports)));
+        }
+        match self.family {
+            Some(Family::V4) => parts.push("IPv4 only".into()),
+            Some(Family::V6) => parts.push("IPv6 only".into()),
+            None => {}
+        }
+        if !self.pids.is_empty() {
+            let pids: Vec<String> = self.pids.iter().map(u32::to_string).collect();
+            parts.push(format!("pid {}", pids.join(",")));
+        }
+        if !self.comms.is_empty() {
+            parts.push(format!("process {}", self.comms.join(",")));
+        }
+        if let Some(t) = self.follow {
+            parts.push(format!("connection {},{}", t.a, t.b));
+        }
+        if parts.is_empty() {
+            "all TCP sockets".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+mod family_name {
+    use super::Family;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(f: &Option<Family>, s: S) -> Result<S::Ok, S::Error> {
+        match f {
+            Some(f) => s.serialize_str(f.name()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Family>, D::Error> {
+        match Option::<String>::deserialize(d)?.as_deref() {
+            None => Ok(None),
+            Some("ipv4") => Ok(Some(Family::V4)),
+            Some("ipv6") => Ok(Some(Family::V6)),
+            Some(other) => Err(serde::de::Error::custom(format!(
+                "unknown family {other:?}"
+            ))),
+        }
+    }
+}
+
+mod tuple_text {
+    use super::Tuple;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Option<Tuple>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.collect_str(&format_args!("{},{}", t.a, t.b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Tuple>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let (a, b) = text
+            .split_once(',')
+            .ok_or_else(|| serde::de::Error::custom("a tuple is LADDR:LPORT,RADDR:RPORT"))?;
+        let parse = |x: &str| x.parse().map_err(serde::de::Error::custom);
+        Ok(Some(Tuple {
+            a: parse(a)?,
+            b: parse(b)?,
+        }))
+    }
 }
 
 /// One connection, as `LADDR:LPORT,RADDR:RPORT`. Matches both of its
@@ -82,6 +175,7 @@ pub struct Filter {
     bits: PortBits,
     /// Which of PORT_ANY / PORT_LOCAL / PORT_REMOTE the user gave.
     wanted: u8,
+    /// Connects kept back by `--follow`, by socket id.
     held: HashMap<u64, Row>,
 }
 
@@ -164,14 +258,14 @@ impl Filter {
                 Admit::Hidden
             };
         };
-        let held = self.held.remove(&t.skaddr);
+        let held = self.held.remove(&row.sock);
         if !stateless {
             return Admit::Hidden;
         }
         if follow.matches(t.local, t.remote) {
             Admit::Show(held)
         } else if follow.may_start(&row) {
-            self.held.insert(t.skaddr, row);
+            self.held.insert(row.sock, row);
             Admit::Held
         } else {
             Admit::Hidden
@@ -219,7 +313,7 @@ mod tests {
 
     fn shown(a: Admit) -> Option<Option<u64>> {
         match a {
-            Admit::Show(held) => Some(held.map(|h| h.t.skaddr)),
+            Admit::Show(held) => Some(held.map(|h| h.sock)),
             _ => None,
         }
     }

@@ -107,6 +107,14 @@ impl Printer {
         }
     }
 
+    /// Another recording's clock (reading several runs at once).
+    pub fn set_clock(&mut self, clock: Clock) {
+        if clock != self.clock {
+            self.clock = clock;
+            self.cached_sec = i64::MIN;
+        }
+    }
+
     pub fn header(&self, out: &mut impl Write) -> io::Result<()> {
         if self.style.format == OutputFormat::Json {
             return Ok(());

@@ -1,5 +1,6 @@
 //! tcptrace: every TCP state transition the kernel makes, as it happens.
 
+mod analyse;
 mod attribute;
 mod capture;
 mod cli;
@@ -8,7 +9,10 @@ mod filter;
 mod format;
 mod layout;
 mod live;
+mod offline;
 mod privileges;
+mod record;
+mod replay;
 mod state;
 mod tracefs;
 
@@ -17,10 +21,24 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 
-use crate::cli::Cli;
-use crate::live::Failure;
+use crate::cli::{Cli, Command};
 
-/// Bad command line.
+/// Why tcptrace stopped without doing its job; each kind has its status.
+pub enum Failure {
+    /// Bad input (a file that exists, a corrupt recording): status 2.
+    BadInput(anyhow::Error),
+    /// Missing privileges: the message says which.
+    Privileges(String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+/// Bad command line or bad input.
 const EXIT_USAGE: u8 = 2;
 /// Could not trace (privileges, kernel, I/O).
 const EXIT_FAILURE: u8 = 1;
@@ -41,8 +59,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match runtime.block_on(live::run(cli)) {
+    let result = match cli.command {
+        None => runtime.block_on(live::run(cli.live)),
+        Some(Command::Read(args)) => offline::read(args),
+        Some(Command::Report(args)) => offline::report(args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::BadInput(e)) => {
+            eprintln!("tcptrace: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
         Err(Failure::Privileges(msg)) => {
             eprintln!("tcptrace: {msg}");
             ExitCode::from(EXIT_FAILURE)

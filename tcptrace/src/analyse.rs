@@ -1,0 +1,557 @@
+//! Analyse: turn a recording into an incident report.
+//!
+//! One pass, streaming: per-socket state lives only while the socket is
+//! open, and time-in-state distributions are histograms, so memory follows
+//! the number of sockets open at once, not the length of the recording.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::attribute::Row;
+use crate::decode::Task;
+use crate::filter::Spec;
+use crate::record::{Header, Stats};
+use crate::replay::Item;
+use crate::state::State;
+
+/// How a connection's socket ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// Through the FIN handshake (LAST_ACK, FIN_WAIT2, CLOSING -> CLOSE).
+    Orderly,
+    /// Aborted while open (ESTABLISHED, CLOSE_WAIT, SYN_RECV, FIN_WAIT1 ->
+    /// CLOSE): a reset, sent or received. The tracepoint does not say which.
+    Reset,
+    /// A connect that got no connection (SYN_SENT -> CLOSE).
+    Refused,
+}
+
+/// How a `-> CLOSE` transition ended the connection, if it was one.
+pub fn ending(old: State, new: State) -> Option<Ending> {
+    if new != State::CLOSE {
+        return None;
+    }
+    match old {
+        State::LAST_ACK | State::FIN_WAIT2 | State::CLOSING | State::TIME_WAIT => {
+            Some(Ending::Orderly)
+        }
+        State::ESTABLISHED | State::CLOSE_WAIT | State::SYN_RECV | State::FIN_WAIT1 => {
+            Some(Ending::Reset)
+        }
+        State::SYN_SENT => Some(Ending::Refused),
+        _ => None,
+    }
+}
+
+/// The kernel hands a connection to its time-wait table (and reports the
+/// socket as closed) from these states.
+fn enters_time_wait(old: State, new: State) -> bool {
+    new == State::CLOSE && matches!(old, State::FIN_WAIT2 | State::CLOSING)
+}
+
+/// What a socket still in `state` at the end of a recording means.
+pub fn meaning(state: State) -> &'static str {
+    match state {
+        State::CLOSE_WAIT => {
+            "the peer closed; the owning process has not called close(): a leak suspect"
+        }
+        State::FIN_WAIT2 => "half-closed: we closed, the peer has not",
+        State::FIN_WAIT1 => "we closed; our FIN is not acknowledged yet",
+        State::SYN_SENT => "connecting: no answer to the SYN yet",
+        State::SYN_RECV => "handshake not completed by the peer",
+        State::LAST_ACK => "both closed; the final ACK has not arrived",
+        State::CLOSING => "both closed at once; waiting for the ACK of our FIN",
+        State::ESTABLISHED => "open",
+        State::LISTEN => "listening",
+        _ => "",
+    }
+}
+
+/// How worrying a state left at the end is: the report lists worst first.
+fn concern(state: State) -> u8 {
+    match state {
+        State::CLOSE_WAIT => 0,
+        State::LAST_ACK | State::FIN_WAIT2 | State::SYN_SENT | State::SYN_RECV => 1,
+        State::FIN_WAIT1 | State::CLOSING => 2,
+        State::ESTABLISHED => 3,
+        _ => 4,
+    }
+}
+
+#[derive(Debug)]
+struct Open {
+    state: State,
+    since_ns: u64,
+    owner: Option<Task>,
+    local: SocketAddr,
+    remote: SocketAddr,
+    /// Key of the endpoint table this socket counts in.
+    endpoint: Option<String>,
+}
+
+#[derive(Default, Debug, Clone, Serialize)]
+pub struct Counts {
+    pub opened: u64,
+    pub orderly: u64,
+    pub reset: u64,
+    pub refused: u64,
+}
+
+impl Counts {
+    fn end(&mut self, e: Ending) {
+        match e {
+            Ending::Orderly => self.orderly += 1,
+            Ending::Reset => self.reset += 1,
+            Ending::Refused => self.refused += 1,
+        }
+    }
+}
+
+#[derive(Default)]
+struct ProcessTally {
+    comm: String,
+    transitions: u64,
+    connections: u64,
+}
+
+/// Everything the report needs, gathered in one pass.
+pub struct Analysis {
+    headers: Vec<Header>,
+    stats: Vec<Stats>,
+    events: u64,
+    first_ns: Option<u64>,
+    last_ns: u64,
+    active: Counts,
+    passive: Counts,
+    /// "local port 6389" / "remote 10.0.0.5:5432" -> counts.
+    endpoints: BTreeMap<String, Counts>,
+    dwell: BTreeMap<State, Histogram<u64>>,
+    open: HashMap<u64, Open>,
+    processes: HashMap<u32, ProcessTally>,
+    time_wait: BTreeMap<String, u64>,
+}
+
+impl Default for Analysis {
+    fn default() -> Self {
+        Analysis::new()
+    }
+}
+
+impl Analysis {
+    pub fn new() -> Analysis {
+        Analysis {
+            headers: Vec::new(),
+            stats: Vec::new(),
+            events: 0,
+            first_ns: None,
+            last_ns: 0,
+            active: Counts::default(),
+            passive: Counts::default(),
+            endpoints: BTreeMap::new(),
+            dwell: BTreeMap::new(),
+            open: HashMap::new(),
+            processes: HashMap::new(),
+            time_wait: BTreeMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, item: Item) {
+        match item {
+            Item::Header(h) => self.headers.push(h),
+            Item::Stats(s) => self.stats.push(s),
+            Item::Row(r) => self.row(&r),
+        }
+    }
+
+    fn row(&mut self, r: &Row) {
+        let t = &r.t;
+        self.events += 1;
+        self.first_ns.get_or_insert(t.ts_ns);
+        self.last_ns = self.last_ns.max(t.ts_ns);
+        if let (Some(ns), true) = (r.dwell_ns, t.old != State::CLOSE) {
+            let h = self.dwell.entry(t.old).or_insert_with(|| {
+                Histogram::new_with_bounds(1, 24 * 3600 * 1_000_000, 3).expect("valid bounds")
+            });
+            h.saturating_record((ns / 1000).max(1));
+        }
+        if let Some(o) = &r.owner {
+            let p = self.processes.entry(o.pid).or_default();
+            p.transitions += 1;
+            if p.comm.is_empty() {
+                p.comm = o.comm.as_str().into_owned();
+            }
+        }
+
+        let opened = match (t.old, t.new) {
+            (State::CLOSE, State::SYN_SENT) => Some(false),
+            (State::LISTEN, State::SYN_RECV) => Some(true),
+            _ => None,
+        };
+        if let Some(passive) = opened {
+            let endpoint = if passive {
+                format!("local port {}", t.local.port())
+            } else {
+                format!("remote {}", t.remote)
+            };
+            let counts = if passive {
+                &mut self.passive
+            } else {
+                &mut self.active
+            };
+            counts.opened += 1;
+            self.endpoints.entry(endpoint.clone()).or_default().opened += 1;
+            if let Some(o) = &r.owner {
+                self.processes.entry(o.pid).or_default().connections += 1;
+            }
+            self.open.insert(
+                r.sock,
+                Open {
+                    state: t.new,
+                    since_ns: t.ts_ns,
+                    owner: r.owner,
+                    local: t.local,
+                    remote: t.remote,
+                    endpoint: Some(endpoint),
+                },
+            );
+            return;
+        }
+
+        if enters_time_wait(t.old, t.new) {
+            *self.time_wait.entry(t.remote.to_string()).or_default() += 1;
+        }
+        if t.new == State::CLOSE {
+            let was = self.open.remove(&r.sock);
+            if let Some(e) = ending(t.old, t.new) {
+                // The side is known from how the socket was opened; a socket
+                // opened before the recording counts by its ports.
+                let passive = match &was {
+                    Some(o) => o
+                        .endpoint
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("local")),
+                    None => t.local.port() < t.remote.port(),
+                };
+                let counts = if passive {
+                    &mut self.passive
+                } else {
+                    &mut self.active
+                };
+                counts.end(e);
+                if let Some(ep) = was.and_then(|o| o.endpoint) {
+                    self.endpoints.entry(ep).or_default().end(e);
+                }
+            }
+            return;
+        }
+        let entry = self.open.entry(r.sock).or_insert_with(|| Open {
+            state: t.new,
+            since_ns: t.ts_ns,
+            owner: r.owner,
+            local: t.local,
+            remote: t.remote,
+            endpoint: None,
+        });
+        entry.state = t.new;
+        entry.since_ns = t.ts_ns;
+        entry.owner = r.owner.or(entry.owner);
+        entry.local = t.local;
+        entry.remote = t.remote;
+    }
+
+    /// The report as a serializable value.
+    pub fn report(&self, top: usize) -> Report {
+        let wall = |ns: u64| {
+            self.headers.first().map(|h| {
+                let w = h.clock().wall_ns(ns);
+                chrono::DateTime::<chrono::Utc>::from_timestamp_nanos(w)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            })
+        };
+        let span_s = self
+            .first_ns
+            .map_or(0.0, |f| (self.last_ns - f) as f64 / 1e9);
+        let clean = !self.stats.is_empty();
+        let mut open: Vec<&Open> = self.open.values().collect();
+        open.sort_by_key(|o| (concern(o.state), o.since_ns));
+        let mut processes: Vec<(&u32, &ProcessTally)> = self.processes.iter().collect();
+        processes.sort_by_key(|(pid, p)| (std::cmp::Reverse(p.transitions), **pid));
+        let mut ports: Vec<(&String, &Counts)> = self.endpoints.iter().collect();
+        ports.sort_by_key(|(k, c)| (std::cmp::Reverse(c.opened), (*k).clone()));
+        let mut tw: Vec<(&String, &u64)> = self.time_wait.iter().collect();
+        tw.sort_by_key(|(k, n)| (std::cmp::Reverse(**n), (*k).clone()));
+        Report {
+            host: self.headers.first().map(|h| h.host.clone()),
+            kernel: self.headers.first().map(|h| h.kernel.clone()),
+            files: self.headers.len(),
+            filters: self.headers.first().map(|h| h.filters.clone()),
+            first: self.first_ns.and_then(wall),
+            last: self.first_ns.and_then(|_| wall(self.last_ns)),
+            span_s,
+            events: self.events,
+            ended_cleanly: clean,
+            lost_ring: clean.then(|| self.stats.iter().map(|s| s.lost_ring).sum()),
+            lost_output: clean.then(|| self.stats.iter().map(|s| s.lost_output).sum()),
+            active: self.active.clone(),
+            passive: self.passive.clone(),
+            endpoints: ports
+                .into_iter()
+                .take(top)
+                .map(|(k, c)| EndpointRow {
+                    endpoint: k.clone(),
+                    counts: c.clone(),
+                })
+                .collect(),
+            dwell: self
+                .dwell
+                .iter()
+                .map(|(s, h)| DwellRow {
+                    state: *s,
+                    count: h.len(),
+                    p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
+                    p90_ms: h.value_at_quantile(0.9) as f64 / 1000.0,
+                    p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+                    max_ms: h.max() as f64 / 1000.0,
+                })
+                .collect(),
+            still_open: open
+                .into_iter()
+                .filter(|o| o.state != State::LISTEN)
+                .map(|o| OpenRow {
+                    state: o.state,
+                    age_s: (self.last_ns.saturating_sub(o.since_ns)) as f64 / 1e9,
+                    pid: o.owner.map(|t| t.pid),
+                    comm: o.owner.map(|t| t.comm.as_str().into_owned()),
+                    local: o.local.to_string(),
+                    remote: o.remote.to_string(),
+                    meaning: meaning(o.state),
+                })
+                .collect(),
+            processes: processes
+                .into_iter()
+                .take(top)
+                .map(|(pid, p)| ProcessRow {
+                    pid: *pid,
+                    comm: p.comm.clone(),
+                    transitions: p.transitions,
+                    connections: p.connections,
+                })
+                .collect(),
+            time_wait: tw
+                .into_iter()
+                .take(top)
+                .map(|(k, n)| TimeWaitRow {
+                    remote: k.clone(),
+                    count: *n,
+                    per_s: if span_s > 0.0 {
+                        *n as f64 / span_s
+                    } else {
+                        0.0
+                    },
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Serialize, Debug)]
+pub struct Report {
+    pub host: Option<String>,
+    pub kernel: Option<String>,
+    pub files: usize,
+    pub filters: Option<Spec>,
+    pub first: Option<String>,
+    pub last: Option<String>,
+    pub span_s: f64,
+    pub events: u64,
+    pub ended_cleanly: bool,
+    /// Null when no stats object was found (the recording did not end cleanly).
+    pub lost_ring: Option<u64>,
+    pub lost_output: Option<u64>,
+    pub active: Counts,
+    pub passive: Counts,
+    pub endpoints: Vec<EndpointRow>,
+    pub dwell: Vec<DwellRow>,
+    pub still_open: Vec<OpenRow>,
+    pub processes: Vec<ProcessRow>,
+    pub time_wait: Vec<TimeWaitRow>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct EndpointRow {
+    pub endpoint: String,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+#[derive(Serialize, Debug)]
+pub struct DwellRow {
+    pub state: State,
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct OpenRow {
+    pub state: State,
+    pub age_s: f64,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub local: String,
+    pub remote: String,
+    pub meaning: &'static str,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ProcessRow {
+    pub pid: u32,
+    pub comm: String,
+    pub transitions: u64,
+    pub connections: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct TimeWaitRow {
+    pub remote: String,
+    pub count: u64,
+    pub per_s: f64,
+}
+
+impl Report {
+    pub fn text(&self) -> String {
+        let mut o = String::new();
+        let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        let _ = writeln!(o, "Recording");
+        let _ = writeln!(
+            o,
+            "  host            {} (kernel {})",
+            dash(&self.host),
+            dash(&self.kernel)
+        );
+        let _ = writeln!(
+            o,
+            "  span            {} .. {} ({:.3} s, {} file{})",
+            dash(&self.first),
+            dash(&self.last),
+            self.span_s,
+            self.files,
+            if self.files == 1 { "" } else { "s" }
+        );
+        let _ = writeln!(o, "  transitions     {}", self.events);
+        match (self.lost_ring, self.lost_output) {
+            (Some(r), Some(w)) => {
+                let _ = writeln!(o, "  lost            {r} in the ring buffer, {w} at output");
+            }
+            _ => {
+                let _ = writeln!(
+                    o,
+                    "  lost            unknown: the recording did not end cleanly (no stats object)"
+                );
+            }
+        }
+        if let Some(f) = &self.filters {
+            let _ = writeln!(o, "  filters         {}", f.describe());
+        }
+
+        let _ = writeln!(
+            o,
+            "\nConnections          opened  orderly    reset  refused"
+        );
+        for (name, c) in [
+            ("active (connect)", &self.active),
+            ("passive (accept)", &self.passive),
+        ] {
+            let _ = writeln!(
+                o,
+                "  {name:<18} {:>7}  {:>7}  {:>7}  {:>7}",
+                c.opened, c.orderly, c.reset, c.refused
+            );
+        }
+        if !self.endpoints.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nBy endpoint                                 opened  orderly    reset  refused"
+            );
+            for e in &self.endpoints {
+                let c = &e.counts;
+                let _ = writeln!(
+                    o,
+                    "  {:<42} {:>7}  {:>7}  {:>7}  {:>7}",
+                    e.endpoint, c.opened, c.orderly, c.reset, c.refused
+                );
+            }
+        }
+
+        let _ = writeln!(
+            o,
+            "\nTime in state (ms)      count        p50        p90        p99        max"
+        );
+        for d in &self.dwell {
+            let _ = writeln!(
+                o,
+                "  {:<16} {:>10} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+                d.state.to_string(),
+                d.count,
+                d.p50_ms,
+                d.p90_ms,
+                d.p99_ms,
+                d.max_ms
+            );
+        }
+
+        let _ = writeln!(o, "\nStill open at the end (worst first)");
+        if self.still_open.is_empty() {
+            let _ = writeln!(o, "  none");
+        }
+        for s in &self.still_open {
+            let owner = match (&s.pid, &s.comm) {
+                (Some(p), Some(c)) => {
+                    let mut esc = String::new();
+                    crate::format::escape_comm(c, &mut esc);
+                    format!("{p} {esc}")
+                }
+                _ => "- (owner unknown)".into(),
+            };
+            let _ = writeln!(
+                o,
+                "  {:<11} {:>9.3} s  {:<24} {} -> {}  {}",
+                s.state.to_string(),
+                s.age_s,
+                owner,
+                s.local,
+                s.remote,
+                s.meaning
+            );
+        }
+
+        let _ = writeln!(o, "\nBusiest processes      transitions  connections");
+        for p in &self.processes {
+            let mut esc = String::new();
+            crate::format::escape_comm(&p.comm, &mut esc);
+            let _ = writeln!(
+                o,
+                "  {:>7} {:<15} {:>10}  {:>11}",
+                p.pid, esc, p.transitions, p.connections
+            );
+        }
+        let _ = writeln!(
+            o,
+            "\nEntering time-wait, by remote endpoint     count      per s"
+        );
+        if self.time_wait.is_empty() {
+            let _ = writeln!(o, "  none");
+        }
+        for t in &self.time_wait {
+            let _ = writeln!(o, "  {:<42} {:>5} {:>10.3}", t.remote, t.count, t.per_s);
+        }
+        o
+    }
+}

@@ -1,0 +1,405 @@
+//! Record: write transitions to a file as JSON Lines that survive their
+//! writer.
+//!
+//! A recording is a header object, one object per transition (exactly what
+//! `--format json --time utc` prints), and, on a clean exit, a stats object.
+//! Lines reach the file whole: rows are collected in a buffer and written
+//! at least every 200 ms; if a write fails, the file is cut back to its last
+//! whole line, so everything in it stays readable.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::attribute::Row;
+use crate::cli::io_reason;
+use crate::filter::Spec;
+use crate::format::{Clock, OutputFormat, Printer, Style, TimeFormat};
+
+/// Version of the recording format, in every header.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// How often buffered rows reach the file, at the latest.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+const BUFFER_LIMIT: usize = 1 << 16;
+
+/// The first line of every file of a recording.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    /// Always "header".
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub format: u32,
+    /// Version of the tcptrace that wrote it.
+    pub tcptrace: String,
+    pub host: String,
+    pub kernel: String,
+    /// Wall-clock start of the run, RFC 3339 UTC.
+    pub start: String,
+    /// CLOCK_MONOTONIC at the start (the zero of `--time relative`).
+    pub start_ns: u64,
+    /// CLOCK_REALTIME - CLOCK_MONOTONIC: wall time of an event is
+    /// `ts_ns + clock_offset_ns`.
+    pub clock_offset_ns: i64,
+    /// Number of this file in a rotation, from 0.
+    pub part: u32,
+    pub filters: Spec,
+}
+
+impl Header {
+    pub fn new(clock: Clock, filters: Spec) -> Header {
+        let start = DateTime::<Utc>::from_timestamp_nanos(clock.wall_ns(clock.start_ns));
+        Header {
+            kind: "header".into(),
+            format: FORMAT_VERSION,
+            tcptrace: env!("CARGO_PKG_VERSION").into(),
+            host: read_trimmed("/proc/sys/kernel/hostname"),
+            kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+            start: start.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            start_ns: clock.start_ns,
+            clock_offset_ns: clock.offset_ns,
+            part: 0,
+            filters,
+        }
+    }
+
+    pub fn clock(&self) -> Clock {
+        Clock {
+            offset_ns: self.clock_offset_ns,
+            start_ns: self.start_ns,
+        }
+    }
+}
+
+fn read_trimmed(path: &str) -> String {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The last line of a recording that ended cleanly.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Always "stats".
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Transitions recorded, in all files of the run.
+    pub events: u64,
+    /// Transitions the kernel could not queue (ring buffer full).
+    pub lost_ring: u64,
+    /// Transitions that could not be written.
+    pub lost_output: u64,
+    pub duration_s: f64,
+}
+
+/// Where and how to record.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub path: PathBuf,
+    pub force: bool,
+    pub rotate_size: Option<u64>,
+    pub rotate_keep: Option<u32>,
+}
+
+pub struct Recorder {
+    opts: Options,
+    header: Header,
+    printer: Printer,
+    file: File,
+    /// Whole lines not yet written.
+    buf: Vec<u8>,
+    buffered_rows: u64,
+    /// The buffer starts with a file header (not a row).
+    header_buffered: bool,
+    /// Bytes of the current file known to be whole lines on disk.
+    committed: u64,
+    last_flush: Instant,
+    pub events: u64,
+}
+
+/// A write failed: the message says what happened and what was kept.
+#[derive(Debug)]
+pub struct WriteFailure {
+    pub message: String,
+    /// Rows that never reached the file.
+    pub lost: u64,
+}
+
+impl Recorder {
+    pub fn create(opts: Options, header: Header) -> Result<Recorder> {
+        let file = create_file(&opts.path, opts.force)?;
+        let printer = Printer::new(
+            Style {
+                format: OutputFormat::Json,
+                time: TimeFormat::Utc,
+                show_skaddr: false,
+            },
+            header.clock(),
+        );
+        let mut r = Recorder {
+            opts,
+            header,
+            printer,
+            file,
+            buf: Vec::with_capacity(BUFFER_LIMIT * 2),
+            buffered_rows: 0,
+            header_buffered: false,
+            committed: 0,
+            last_flush: Instant::now(),
+            events: 0,
+        };
+        r.write_header()?;
+        Ok(r)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.opts.path
+    }
+
+    fn write_header(&mut self) -> Result<()> {
+        serde_json::to_writer(&mut self.buf, &self.header)?;
+        self.buf.push(b'\n');
+        self.flush().map_err(|f| anyhow!(f.message))
+    }
+
+    pub fn row(&mut self, row: &Row) -> Result<(), WriteFailure> {
+        let before = self.buf.len();
+        self.printer
+            .row(&mut self.buf, row)
+            .expect("writing to a Vec cannot fail");
+        self.buffered_rows += 1;
+        self.events += 1;
+        if let Some(limit) = self.opts.rotate_size
+            && self.committed + self.buf.len() as u64 > limit
+            && self.committed + before as u64 > 0
+        {
+            self.rotate(before)?;
+        }
+        if self.buf.len() >= BUFFER_LIMIT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is buffered if the last write is older than [`FLUSH_EVERY`].
+    pub fn tick(&mut self) -> Result<(), WriteFailure> {
+        if self.last_flush.elapsed() >= FLUSH_EVERY {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the stats object and everything before it.
+    pub fn finish(mut self, stats: Stats) -> Result<(), WriteFailure> {
+        let _ = serde_json::to_writer(&mut self.buf, &stats);
+        self.buf.push(b'\n');
+        self.flush()?;
+        self.file.sync_data().map_err(|e| self.failure(&e, 0))
+    }
+
+    fn flush(&mut self) -> Result<(), WriteFailure> {
+        self.last_flush = Instant::now();
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let mut written = 0;
+        while written < self.buf.len() {
+            match self.file.write(&self.buf[written..]) {
+                Ok(0) => return Err(self.cut_back(written, &io::ErrorKind::WriteZero.into())),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.cut_back(written, &e)),
+            }
+        }
+        self.committed += self.buf.len() as u64;
+        self.buf.clear();
+        self.buffered_rows = 0;
+        self.header_buffered = false;
+        Ok(())
+    }
+
+    /// After a failed write of `written` bytes of the buffer: keeps the
+    /// whole lines that reached the file and cuts off the rest, so the file
+    /// stays readable to its last line.
+    fn cut_back(&mut self, written: usize, e: &io::Error) -> WriteFailure {
+        let whole = self.buf[..written]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let lines = self.buf[..whole].iter().filter(|&&b| b == b'\n').count() as u64;
+        let rows = lines.saturating_sub(u64::from(self.header_buffered && whole > 0));
+        let _ = self.file.set_len(self.committed + whole as u64);
+        let lost = self.buffered_rows.saturating_sub(rows);
+        self.failure(e, lost)
+    }
+
+    fn failure(&self, e: &io::Error, lost: u64) -> WriteFailure {
+        WriteFailure {
+            message: format!(
+                "cannot write the recording {}: {}; {} transitions could not be recorded, \
+                 the {} recorded before are in the file",
+                self.opts.path.display(),
+                io_reason(e),
+                lost,
+                self.events - lost,
+            ),
+            lost,
+        }
+    }
+
+    /// Moves to a new file; the row starting at `split` goes into it.
+    fn rotate(&mut self, split: usize) -> Result<(), WriteFailure> {
+        let tail = self.buf.split_off(split);
+        let moved_rows = 1;
+        self.buffered_rows -= moved_rows;
+        self.flush()?;
+        let path = self.opts.path.clone();
+        let numbered = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
+        let io_fail = |r: &Recorder, e: io::Error| r.failure(&e, moved_rows);
+        // FILE -> FILE.1 -> FILE.2 ...; past --rotate-keep, the oldest goes.
+        let keep = self.opts.rotate_keep;
+        let mut last = 1;
+        while numbered(last).exists() {
+            last += 1;
+        }
+        for n in (1..last).rev() {
+            if keep.is_some_and(|k| n + 1 >= k) {
+                let _ = fs::remove_file(numbered(n));
+            } else if let Err(e) = fs::rename(numbered(n), numbered(n + 1)) {
+                return Err(io_fail(self, e));
+            }
+        }
+        if keep == Some(1) {
+            let _ = fs::remove_file(&path);
+        } else if let Err(e) = fs::rename(&path, numbered(1)) {
+            return Err(io_fail(self, e));
+        }
+        self.file = create_file(&path, false).map_err(|e| WriteFailure {
+            message: format!("{e:#}"),
+            lost: moved_rows,
+        })?;
+        self.committed = 0;
+        self.header.part += 1;
+        let header = serde_json::to_vec(&self.header).expect("header serializes");
+        self.buf.extend_from_slice(&header);
+        self.buf.push(b'\n');
+        self.header_buffered = true;
+        self.buf.extend_from_slice(&tail);
+        self.buffered_rows = moved_rows;
+        Ok(())
+    }
+}
+
+/// Creates a recording file: mode 0600, never through a symlink, and never
+/// over an existing file unless `force`.
+fn create_file(path: &Path, force: bool) -> Result<File> {
+    let shown = path.display();
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if meta.file_type().is_symlink() {
+            bail!("{shown} is a symlink; tcptrace does not write through symlinks");
+        }
+        if meta.is_dir() {
+            bail!("{shown} is a directory; give a file name");
+        }
+        if !force {
+            bail!("{shown} exists; use --force to overwrite it");
+        }
+    }
+    let mut o = OpenOptions::new();
+    o.write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    if force {
+        o.create(true).truncate(true);
+    } else {
+        o.create_new(true);
+    }
+    o.open(path)
+        .map_err(|e| anyhow!("cannot create the recording {shown}: {}", io_reason(&e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("tcptrace-record-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir.join("rec.jsonl")
+    }
+
+    fn opts(path: &Path) -> Options {
+        Options {
+            path: path.to_path_buf(),
+            force: false,
+            rotate_size: None,
+            rotate_keep: None,
+        }
+    }
+
+    #[test]
+    fn creates_0600_refuses_existing_and_symlinks() {
+        let p = tmp("create");
+        let clock = Clock {
+            offset_ns: 0,
+            start_ns: 0,
+        };
+        let r = Recorder::create(opts(&p), Header::new(clock, Spec::default())).unwrap();
+        r.finish(Stats::default()).unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let again = Recorder::create(opts(&p), Header::new(clock, Spec::default()));
+        assert!(
+            again
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("exists; use --force")
+        );
+        let link = p.with_extension("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let mut o = opts(&link);
+        o.force = true;
+        let through = Recorder::create(o, Header::new(clock, Spec::default()));
+        assert!(through.err().unwrap().to_string().contains("is a symlink"));
+        let mut o = opts(&p);
+        o.force = true;
+        assert!(Recorder::create(o, Header::new(clock, Spec::default())).is_ok());
+    }
+
+    #[test]
+    fn header_round_trips_with_filters() {
+        let spec = Spec {
+            ports: vec![6389],
+            follow: Some(crate::filter::Tuple {
+                a: "[::1]:1".parse().unwrap(),
+                b: "[::1]:2".parse().unwrap(),
+            }),
+            family: Some(crate::decode::Family::V6),
+            ..Spec::default()
+        };
+        let h = Header::new(
+            Clock {
+                offset_ns: 5,
+                start_ns: 7,
+            },
+            spec,
+        );
+        let text = serde_json::to_string(&h).unwrap();
+        assert!(text.starts_with("{\"type\":\"header\""), "{text}");
+        assert!(text.contains("\"follow\":\"[::1]:1,[::1]:2\""), "{text}");
+        let back: Header = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, h);
+    }
+}

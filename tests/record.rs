@@ -1,0 +1,465 @@
+//! Recording and investigating: `--write`, `tcptrace read`, `tcptrace
+//! report`, against recordings of real scenarios in a network namespace.
+
+use std::fs;
+
+use serde_json::Value;
+use tcptrace_tests::{Netns, TempDir, Tracer, tcptrace, unique_port};
+
+/// Client closes first, a reset and a refused connect, recorded while the
+/// live output is shown with `live_args`. Returns the live stdout.
+fn record_scenarios(file: &str, live_args: &[&str]) -> String {
+    let ns = Netns::new();
+    let (p1, p2) = (unique_port(), unique_port());
+    let ports = format!("{p1},{p2}");
+    let mut args = vec!["--port", &ports, "-w", file];
+    args.extend_from_slice(live_args);
+    let tracer = Tracer::start(&args);
+    let a1 = format!("127.0.0.1:{p1}");
+    let server = ns.peer(&[
+        "server",
+        &a1,
+        "--mode",
+        "wait-peer-close",
+        "--hold-ms",
+        "30",
+        "--conns",
+        "2",
+    ]);
+    ns.peer(&["client", &a1, "--mode", "close", "--hold-ms", "20"])
+        .finish();
+    ns.peer(&["client", &a1, "--mode", "close", "--hold-ms", "5"])
+        .finish();
+    server.finish();
+    ns.peer(&["client", &format!("127.0.0.1:{p2}"), "--mode", "refused"])
+        .finish();
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    out.stdout
+}
+
+#[test]
+fn read_reproduces_the_live_text_output_byte_for_byte() {
+    let dir = TempDir::new("read");
+    let file = dir.path("rec.jsonl");
+    let live = record_scenarios(&file, &[]);
+    assert_eq!(live.lines().count(), 1 + 2 + 20 + 2, "{live}");
+    let replay = tcptrace(&["read", &file]);
+    assert!(replay.status.success(), "{}", replay.stderr);
+    assert_eq!(replay.stdout, live);
+}
+
+#[test]
+fn read_reproduces_relative_times_json_and_filters() {
+    let dir = TempDir::new("read-json");
+    let file = dir.path("rec.jsonl");
+    let live = record_scenarios(&file, &["--time", "relative", "--format", "json"]);
+    let replay = tcptrace(&["read", &file, "--time", "relative", "--format", "json"]);
+    assert_eq!(replay.stdout, live);
+    // The recording's own rows are the `--format json --time utc` objects.
+    let recorded: Vec<Value> = fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recorded[0]["type"], "header");
+    assert_eq!(recorded[0]["filters"]["ports"].as_array().unwrap().len(), 2);
+    assert!(recorded[0]["clock_offset_ns"].is_i64() && recorded[0]["kernel"].is_string());
+    let stats = recorded.last().unwrap();
+    assert_eq!(
+        (&stats["type"], &stats["events"], &stats["lost_ring"]),
+        (&"stats".into(), &24.into(), &0.into())
+    );
+    assert_eq!(recorded.len(), 26);
+    let utc = tcptrace(&["read", &file, "--format", "json", "--time", "utc"]);
+    let rows: Vec<Value> = utc
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows, recorded[1..25]);
+    // The same filters as live: only the refused connect's port.
+    let refused = recorded.iter().find(|r| {
+        r["new"] == "SYN_SENT" && r["ms"].is_null() && {
+            let p = r["rport"].as_u64().unwrap();
+            !recorded
+                .iter()
+                .any(|l| l["new"] == "LISTEN" && l["lport"] == p)
+        }
+    });
+    let port = refused.unwrap()["rport"].to_string();
+    let only = tcptrace(&["read", &file, "--rport", &port, "--format", "json"]);
+    assert_eq!(only.stdout.lines().count(), 2, "{}", only.stdout);
+}
+
+#[test]
+fn report_names_the_close_wait_leak_with_its_owner() {
+    let ns = Netns::new();
+    let dir = TempDir::new("report");
+    let file = dir.path("incident.jsonl");
+    let (ok, leak, reset, refused) = (unique_port(), unique_port(), unique_port(), unique_port());
+    let ports = format!("{ok},{leak},{reset},{refused}");
+    let tracer = Tracer::start(&["--port", &ports, "-w", &file, "-q"]);
+    let addr = |p: u16| format!("127.0.0.1:{p}");
+    // Orderly: the server keeps CLOSE_WAIT 200 ms before closing.
+    let s_ok = ns.peer(&[
+        "server",
+        &addr(ok),
+        "--mode",
+        "wait-peer-close",
+        "--hold-ms",
+        "200",
+    ]);
+    // The leak: this server never closes its side.
+    let s_leak = ns.peer(&[
+        "server",
+        &addr(leak),
+        "--mode",
+        "wait-peer-close",
+        "--hold-ms",
+        "60000",
+    ]);
+    let s_reset = ns.peer(&["server", &addr(reset), "--mode", "expect-reset"]);
+    let leak_pid = s_leak.pid;
+    ns.peer(&["client", &addr(ok), "--mode", "close"]).finish();
+    ns.peer(&["client", &addr(leak), "--mode", "close"])
+        .finish();
+    ns.peer(&["client", &addr(reset), "--mode", "reset"])
+        .finish();
+    ns.peer(&["client", &addr(refused), "--mode", "refused"])
+        .finish();
+    s_ok.finish();
+    s_reset.finish();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "-q prints nothing");
+    s_leak.kill();
+
+    let report = tcptrace(&["report", &file, "--format", "json"]);
+    assert!(report.status.success(), "{}", report.stderr);
+    let r: Value = serde_json::from_str(&report.stdout).unwrap();
+    assert_eq!(r["ended_cleanly"], true);
+    assert_eq!((&r["lost_ring"], &r["lost_output"]), (&0.into(), &0.into()));
+    // Three listeners, 4 connects (one refused), 3 accepted sockets.
+    let counts = |side: &str| {
+        let c = &r[side];
+        ["opened", "orderly", "reset", "refused"].map(|k| c[k].as_u64().unwrap())
+    };
+    assert_eq!(counts("active"), [4, 2, 1, 1], "{}", r["active"]);
+    assert_eq!(counts("passive"), [3, 1, 1, 0], "{}", r["passive"]);
+    // The stuck socket, named with its owner.
+    let open = r["still_open"].as_array().unwrap();
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0]["state"], "CLOSE_WAIT");
+    assert_eq!(open[0]["pid"], leak_pid);
+    assert_eq!(open[0]["comm"], "tt-server");
+    assert_eq!(open[0]["local"], addr(leak));
+    assert!(
+        open[0]["meaning"]
+            .as_str()
+            .unwrap()
+            .contains("leak suspect")
+    );
+    // Time in CLOSE_WAIT: the orderly server's 200 ms sleep.
+    let dwell = r["dwell"].as_array().unwrap();
+    let cw = dwell.iter().find(|d| d["state"] == "CLOSE_WAIT").unwrap();
+    assert_eq!(cw["count"], 1);
+    let max = cw["max_ms"].as_f64().unwrap();
+    assert!((200.0..2000.0).contains(&max), "{cw}");
+    // Both client-closed connections went to time-wait.
+    let tw: u64 = r["time_wait"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(tw, 2);
+    // Listeners 2 + 1 (the leaking one never closed) + 2, the orderly
+    // connection 10, the leak 5 + 3 (its server side stopped in CLOSE_WAIT),
+    // the reset 6, the refused connect 2.
+    assert_eq!(r["events"], 5 + 10 + 8 + 6 + 2);
+
+    // The text report says the same in words.
+    let text = tcptrace(&["report", &file]);
+    assert!(
+        text.stdout.contains("CLOSE_WAIT")
+            && text.stdout.contains(&format!("{leak_pid} tt-server"))
+    );
+    assert!(text.stdout.contains("leak suspect"), "{}", text.stdout);
+}
+
+#[test]
+fn report_follow_shows_one_connections_timeline() {
+    let dir = TempDir::new("follow");
+    let file = dir.path("rec.jsonl");
+    record_scenarios(&file, &["-q"]);
+    let rows: Vec<Value> = fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let est = rows
+        .iter()
+        .find(|r| r["old"] == "SYN_SENT" && r["new"] == "ESTABLISHED")
+        .unwrap();
+    let tuple = format!("127.0.0.1:{},127.0.0.1:{}", est["lport"], est["rport"]);
+    let out = tcptrace(&["report", &file, "--follow", &tuple, "--format", "json"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let timeline: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        timeline.len(),
+        10,
+        "both sides, from the connect on: {}",
+        out.stdout
+    );
+    assert_eq!(timeline[0]["new"], "SYN_SENT");
+}
+
+#[test]
+fn a_rotation_set_reads_as_one_stream() {
+    let ns = Netns::new();
+    let dir = TempDir::new("rotate");
+    let file = dir.path("rot.jsonl");
+    let port = unique_port();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "-w",
+        &file,
+        "--rotate-size",
+        "4K",
+        "--time",
+        "relative",
+    ]);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close", "--conns", "8"]);
+    ns.peer(&["client", &addr, "--mode", "close", "--repeat", "8"])
+        .finish();
+    server.finish();
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    let mut files: Vec<String> = fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().path().to_string_lossy().into_owned())
+        .collect();
+    assert!(files.len() >= 3, "{files:?}");
+    for f in &files {
+        let text = fs::read_to_string(f).unwrap();
+        assert!(
+            text.starts_with("{\"type\":\"header\""),
+            "{f} starts with its own header"
+        );
+        assert!(text.len() <= 4096 + 400, "{f} is {} bytes", text.len());
+    }
+    // Given in any order, the set reads as the live run printed it.
+    files.sort();
+    files.reverse();
+    let mut args = vec!["read", "--time", "relative"];
+    args.extend(files.iter().map(String::as_str));
+    let replay = tcptrace(&args);
+    assert!(replay.status.success(), "{}", replay.stderr);
+    assert_eq!(replay.stdout, out.stdout);
+    assert_eq!(replay.stdout.lines().count(), 1 + 2 + 80);
+}
+
+#[test]
+fn rotate_keep_deletes_the_oldest() {
+    let ns = Netns::new();
+    let dir = TempDir::new("keep");
+    let file = dir.path("rot.jsonl");
+    let port = unique_port();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "-w",
+        &file,
+        "-q",
+        "--rotate-size",
+        "4K",
+        "--rotate-keep",
+        "2",
+    ]);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close", "--conns", "8"]);
+    ns.peer(&["client", &addr, "--mode", "close", "--repeat", "8"])
+        .finish();
+    server.finish();
+    assert!(tracer.stop().status.success());
+    let mut names: Vec<String> = fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["rot.jsonl", "rot.jsonl.1"]);
+}
+
+fn sample_recording(dir: &TempDir) -> String {
+    let file = dir.path("rec.jsonl");
+    record_scenarios(&file, &["-q"]);
+    file
+}
+
+#[test]
+fn a_truncated_last_line_gets_a_warning_not_a_failure() {
+    let dir = TempDir::new("trunc");
+    let file = sample_recording(&dir);
+    let text = fs::read_to_string(&file).unwrap();
+    // As if killed mid-write: drop the stats line and half of the last row.
+    let lines: Vec<&str> = text.lines().collect();
+    let keep = lines[..lines.len() - 2].join("\n");
+    let cut = format!("{keep}\n{}", &lines[lines.len() - 2][..40]);
+    fs::write(&file, cut).unwrap();
+    let out = tcptrace(&["read", &file, "--format", "json"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.stdout.lines().count(), lines.len() - 3);
+    assert!(
+        out.stderr.contains(":25: the last line is cut off"),
+        "{}",
+        out.stderr
+    );
+    let report = tcptrace(&["report", &file]);
+    assert!(
+        report.stdout.contains("did not end cleanly"),
+        "{}",
+        report.stdout
+    );
+}
+
+#[test]
+fn a_corrupt_line_is_an_error_naming_file_and_line() {
+    let dir = TempDir::new("corrupt");
+    let file = sample_recording(&dir);
+    let mut lines: Vec<String> = fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    lines.insert(5, "{\"ts_ns\": \"yesterday\"}".into());
+    fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let out = tcptrace(&["read", &file]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .starts_with(&format!("tcptrace: {file}:6: not a tcptrace record")),
+        "{}",
+        out.stderr
+    );
+    let lenient = tcptrace(&["read", &file, "--lenient", "--format", "json"]);
+    assert!(lenient.status.success());
+    assert_eq!(lenient.stdout.lines().count(), 24);
+    assert!(lenient.stderr.contains(":6: skipped"), "{}", lenient.stderr);
+}
+
+#[test]
+fn an_existing_file_or_a_symlink_is_refused() {
+    let dir = TempDir::new("exists");
+    let file = dir.path("taken.jsonl");
+    fs::write(&file, "precious\n").unwrap();
+    let out = tcptrace(&["--port", "9", "-w", &file]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        out.stderr.contains("exists; use --force to overwrite it"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(fs::read_to_string(&file).unwrap(), "precious\n");
+    let link = dir.path("link.jsonl");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let out = tcptrace(&["--port", "9", "-w", &link, "--force"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stderr.contains("is a symlink"), "{}", out.stderr);
+    assert_eq!(fs::read_to_string(&file).unwrap(), "precious\n");
+}
+
+#[test]
+fn a_full_disk_stops_the_run_and_keeps_every_whole_line() {
+    let ns = Netns::new();
+    let dir = TempDir::new("full");
+    let mnt = dir.path("small");
+    fs::create_dir_all(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16k", "tmpfs", &mnt])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let file = format!("{mnt}/rec.jsonl");
+    let port = unique_port();
+    let tracer = Tracer::start(&["--port", &port.to_string(), "-w", &file, "-q"]);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&[
+        "server",
+        &addr,
+        "--mode",
+        "wait-peer-close",
+        "--conns",
+        "30",
+    ]);
+    ns.peer(&["client", &addr, "--mode", "close", "--repeat", "30"])
+        .finish();
+    server.finish();
+    let out = tracer.wait();
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("No space left on device"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("transitions could not be recorded"),
+        "{}",
+        out.stderr
+    );
+    let text = fs::read_to_string(&file).unwrap();
+    assert!(text.ends_with('\n'), "only whole lines");
+    for l in text.lines() {
+        serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("invalid line {l:?}: {e}"));
+    }
+    let n = text.lines().count();
+    assert!(n > 10, "{n} lines kept");
+    let read = tcptrace(&["read", &file]);
+    assert!(
+        read.status.success() && read.stderr.is_empty(),
+        "{}",
+        read.stderr
+    );
+}
+
+#[test]
+fn a_recording_survives_kill_9_of_its_writer() {
+    let ns = Netns::new();
+    let dir = TempDir::new("kill9");
+    let file = dir.path("rec.jsonl");
+    let port = unique_port();
+    let tracer = Tracer::start(&["--port", &port.to_string(), "-w", &file, "-q"]);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close", "--conns", "5"]);
+    ns.peer(&["client", &addr, "--mode", "close", "--repeat", "5"])
+        .finish();
+    server.finish();
+    // Written within 200 ms, whatever happens to the writer after that.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let out = tracer.signal(libc::SIGKILL);
+    assert!(!out.status.success());
+    let text = fs::read_to_string(&file).unwrap();
+    assert!(text.ends_with('\n'));
+    assert_eq!(
+        text.lines().count(),
+        1 + 2 + 50,
+        "header and every row, no stats"
+    );
+    let read = tcptrace(&["read", &file, "--format", "json"]);
+    assert!(read.status.success(), "{}", read.stderr);
+    assert_eq!(read.stdout.lines().count(), 52);
+}
