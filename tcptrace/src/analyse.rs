@@ -277,6 +277,12 @@ impl Analysis {
             .first_ns
             .map_or(0.0, |f| (self.last_ns - f) as f64 / 1e9);
         let clean = !self.stats.is_empty();
+        // Ages count to the end of the recording: its stop when it says,
+        // else its last transition.
+        let end_ns = match (self.headers.first(), self.stats.last()) {
+            (Some(h), Some(s)) => self.last_ns.max(h.start_ns + (s.duration_s * 1e9) as u64),
+            _ => self.last_ns,
+        };
         let mut open: Vec<&Open> = self.open.values().collect();
         open.sort_by_key(|o| (concern(o.state), o.since_ns));
         let mut processes: Vec<(&u32, &ProcessTally)> = self.processes.iter().collect();
@@ -324,7 +330,7 @@ impl Analysis {
                 .filter(|o| o.state != State::LISTEN)
                 .map(|o| OpenRow {
                     state: o.state,
-                    age_s: (self.last_ns.saturating_sub(o.since_ns)) as f64 / 1e9,
+                    age_s: end_ns.saturating_sub(o.since_ns) as f64 / 1e9,
                     pid: o.owner.map(|t| t.pid),
                     comm: o.owner.map(|t| t.comm.as_str().into_owned()),
                     local: o.local.to_string(),
@@ -478,7 +484,7 @@ impl Report {
         if !self.endpoints.is_empty() {
             let _ = writeln!(
                 o,
-                "\nBy endpoint                                 opened  orderly    reset  refused"
+                "\nBy endpoint                                  opened  orderly    reset  refused"
             );
             for e in &self.endpoints {
                 let c = &e.counts;
@@ -544,7 +550,7 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "\nEntering time-wait, by remote endpoint     count      per s"
+            "\nEntering time-wait, by remote endpoint       count      per s"
         );
         if self.time_wait.is_empty() {
             let _ = writeln!(o, "  none");
