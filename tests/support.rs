@@ -235,8 +235,15 @@ pub struct Output {
 impl Tracer {
     /// Starts tcptrace with `args` and waits until it says it is tracing.
     pub fn start(args: &[&str]) -> Tracer {
-        let mut child = Command::new(tcptrace_bin())
-            .args(args)
+        let mut cmd = Command::new(tcptrace_bin());
+        cmd.args(args);
+        Tracer::start_cmd(cmd)
+    }
+
+    /// Starts a prepared command (tcptrace behind setpriv, say).
+    pub fn start_cmd(mut cmd: Command) -> Tracer {
+        let args = format!("{cmd:?}");
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -270,18 +277,28 @@ impl Tracer {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "tcptrace {args:?} did not start: {}",
+                    "{args} did not start: {}",
                     stderr.join().unwrap_or_default()
                 );
             }
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Lets in-flight softirq transitions land, then stops tcptrace with
     /// SIGINT, as a user's Ctrl-C would.
     pub fn stop(self) -> Output {
         thread::sleep(Duration::from_millis(300));
-        self.signal(libc::SIGINT)
+        let out = self.signal(libc::SIGINT);
+        if out.stderr.contains("skipped the tracer") {
+            // Other BPF programs on the machine made the kernel skip ours:
+            // counts can be short. Say so next to any failure.
+            eprintln!("note: {}", out.stderr);
+        }
+        out
     }
 
     pub fn signal(self, sig: i32) -> Output {
@@ -427,6 +444,49 @@ pub fn life<'a>(lives: &'a [Life], path: &str) -> &'a Life {
         lives.iter().map(Life::path).collect::<Vec<_>>()
     );
     found[0]
+}
+
+/// Names of the BPF programs loaded in the kernel, read with the bpf()
+/// system call (BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID,
+/// BPF_OBJ_GET_INFO_BY_FD), so no bpftool is needed.
+pub fn loaded_bpf_programs() -> Vec<String> {
+    const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // Offset of `name` in struct bpf_prog_info.
+    const NAME_OFFSET: usize = 64;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| {
+        // SAFETY: bpf() with a zero-padded attribute block of 128 bytes.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128) }
+    };
+    let mut names = Vec::new();
+    let mut id: u32 = 0;
+    loop {
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(id);
+        if bpf(BPF_PROG_GET_NEXT_ID, &mut attr) != 0 {
+            break;
+        }
+        id = (attr[0] >> 32) as u32;
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(id);
+        let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr);
+        if fd < 0 {
+            continue;
+        }
+        let mut info = [0u8; 256];
+        let mut attr = [0u64; 16];
+        attr[0] = fd as u64 | ((info.len() as u64) << 32);
+        attr[1] = info.as_mut_ptr() as u64;
+        if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) == 0 {
+            let raw = &info[NAME_OFFSET..NAME_OFFSET + 16];
+            let end = raw.iter().position(|&b| b == 0).unwrap_or(16);
+            names.push(String::from_utf8_lossy(&raw[..end]).into_owned());
+        }
+        // SAFETY: closing the descriptor the kernel just gave us.
+        unsafe { libc::close(fd as i32) };
+    }
+    names
 }
 
 fn run_ok(cmd: &mut Command) {

@@ -303,6 +303,7 @@ impl Analysis {
             ended_cleanly: clean,
             lost_ring: clean.then(|| self.stats.iter().map(|s| s.lost_ring).sum()),
             lost_output: clean.then(|| self.stats.iter().map(|s| s.lost_output).sum()),
+            missed_kernel: clean.then(|| self.stats.iter().map(|s| s.missed_kernel).sum()),
             active: self.active.clone(),
             passive: self.passive.clone(),
             endpoints: ports
@@ -379,6 +380,7 @@ pub struct Report {
     /// Null when no stats object was found (the recording did not end cleanly).
     pub lost_ring: Option<u64>,
     pub lost_output: Option<u64>,
+    pub missed_kernel: Option<u64>,
     pub active: Counts,
     pub passive: Counts,
     pub endpoints: Vec<EndpointRow>,
@@ -452,9 +454,12 @@ impl Report {
             if self.files == 1 { "" } else { "s" }
         );
         let _ = writeln!(o, "  transitions     {}", self.events);
-        match (self.lost_ring, self.lost_output) {
-            (Some(r), Some(w)) => {
-                let _ = writeln!(o, "  lost            {r} in the ring buffer, {w} at output");
+        match (self.lost_ring, self.lost_output, self.missed_kernel) {
+            (Some(r), Some(w), Some(m)) => {
+                let _ = writeln!(
+                    o,
+                    "  lost            {r} in the ring buffer, {w} at output, {m} skipped by the kernel"
+                );
             }
             _ => {
                 let _ = writeln!(

@@ -26,6 +26,9 @@ pub struct Counters {
     pub lost: u64,
     /// Events the program dropped by protocol, family or port.
     pub filtered: u64,
+    /// Times the kernel skipped the program because another BPF program was
+    /// running on that CPU (`recursion_misses`): transitions never seen.
+    pub missed: u64,
 }
 
 /// An attached tracer. Dropping it detaches the program.
@@ -33,6 +36,8 @@ pub struct Capture {
     ring: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// The program's descriptor, for its statistics in /proc/self/fdinfo.
+    program_fd: i32,
     /// Owns the program and its link.
     _ebpf: Ebpf,
 }
@@ -109,6 +114,10 @@ impl Capture {
         program
             .load()
             .map_err(|e| load_error(anyhow!(e).context("the kernel refused the eBPF program")))?;
+        let program_fd = {
+            use std::os::fd::{AsFd, AsRawFd};
+            program.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd()
+        };
         program
             .attach(layout::CATEGORY, layout::NAME)
             .map_err(|e| {
@@ -133,6 +142,7 @@ impl Capture {
             ring,
             counters,
             logger,
+            program_fd,
             _ebpf: ebpf,
         })
     }
@@ -154,7 +164,20 @@ impl Capture {
         Ok(Counters {
             lost: sum(COUNTER_LOST)?,
             filtered: sum(COUNTER_FILTERED)?,
+            missed: self.recursion_misses(),
         })
+    }
+
+    /// The kernel's count of runs it skipped (fdinfo of the program).
+    fn recursion_misses(&self) -> u64 {
+        fs::read_to_string(format!("/proc/self/fdinfo/{}", self.program_fd))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("recursion_misses:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
     }
 
     /// Writes pending eBPF-side log records to the `log` logger.

@@ -21,6 +21,7 @@ use crate::cli::LiveArgs;
 use crate::decode::decode;
 use crate::filter::{Admit, Filter};
 use crate::format::{Clock, OutputFormat, Printer};
+use crate::privileges;
 use crate::record::{self, Header, Recorder, Stats};
 
 const POLL_BUSY: Duration = Duration::from_millis(1);
@@ -129,6 +130,10 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         StartError::Privileges(m) => Failure::Privileges(m),
         StartError::Other(e) => Failure::Other(e),
     })?;
+    // Attached, files open: nothing ahead needs a capability.
+    if let Err(e) = privileges::drop_all() {
+        log::warn!("cannot drop capabilities: {e}");
+    }
     let printer = Printer::new(args.output.style(), clock);
     let mut stdout = (!args.record.quiet).then(|| Vec::with_capacity(STDOUT_BUFFER * 2));
     if let Some(buf) = &mut stdout
@@ -162,7 +167,7 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     let started = Instant::now();
 
     let deadline = args.duration.map(|d| Instant::now() + d);
-    let mut reported_lost = 0u64;
+    let mut reported_lost = Counters::default();
     let mut next_loss_check = Instant::now() + LOSS_CHECK;
     let mut idle = POLL_BUSY;
     let stop = loop {
@@ -197,6 +202,9 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             _ = sleep_until(deadline.unwrap_or(far)) => true,
         };
         if signalled {
+            // A second Ctrl-C during the final drain ends the process at once.
+            // SAFETY: restoring the default disposition of a signal.
+            unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
             // What is already in the ring happened before the stop: show it.
             let last = drain(
                 &mut capture,
@@ -236,6 +244,7 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             kind: "stats".into(),
             events: r.events,
             lost_ring: counters.lost,
+            missed_kernel: counters.missed,
             lost_output: outputs.lost_output,
             duration_s: started.elapsed().as_secs_f64(),
         };
@@ -244,10 +253,11 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         }
     }
     eprintln!(
-        "tcptrace: {} transitions shown, {} filtered, {} lost",
+        "tcptrace: {} transitions shown, {} filtered, {} lost, {} missed by the kernel",
         tally.shown,
         tally.hidden + counters.filtered,
-        counters.lost
+        counters.lost,
+        counters.missed
     );
     match failure {
         Some(message) => Err(Failure::Other(anyhow!(message))),
@@ -299,14 +309,28 @@ fn drain(
     Ok(())
 }
 
-/// Warns about events lost since the last warning; returns the new total.
-fn warn_lost(capture: &Capture, reported: u64) -> u64 {
-    let Counters { lost, .. } = capture.counters().unwrap_or_default();
-    if lost > reported {
+/// Warns about transitions lost (ring full) or missed (the kernel skipped
+/// the program) since the last warning; returns the new totals.
+fn warn_lost(capture: &Capture, reported: Counters) -> Counters {
+    let now = capture.counters().unwrap_or_default();
+    if now.lost > reported.lost {
         eprintln!(
-            "tcptrace: warning: {} transitions lost: the ring buffer was full ({lost} lost in all)",
-            lost - reported
+            "tcptrace: warning: {} transitions lost: the ring buffer was full ({} lost in all)",
+            now.lost - reported.lost,
+            now.lost
         );
     }
-    lost.max(reported)
+    if now.missed > reported.missed {
+        eprintln!(
+            "tcptrace: warning: the kernel skipped the tracer {} times: another BPF program \
+             was running on that CPU ({} in all)",
+            now.missed - reported.missed,
+            now.missed
+        );
+    }
+    Counters {
+        lost: now.lost.max(reported.lost),
+        missed: now.missed.max(reported.missed),
+        filtered: now.filtered,
+    }
 }

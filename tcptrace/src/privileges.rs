@@ -34,6 +34,52 @@ pub fn missing_for_tracing(eff: u64) -> Vec<&'static str> {
         .collect()
 }
 
+/// Gives up every capability for good (effective, permitted, inheritable,
+/// ambient). Called once the program is attached and the files are open:
+/// from then on the process only reads what it already holds, so a bug in
+/// the rest of the run cannot be used to do more.
+pub fn drop_all() -> std::io::Result<()> {
+    // SAFETY: prctl with constant arguments.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset with a version-3 header and its two data words.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 pub fn can_mount(eff: u64) -> bool {
     eff & (1 << CAP_SYS_ADMIN) != 0
 }

@@ -93,6 +93,10 @@ pub struct Stats {
     pub events: u64,
     /// Transitions the kernel could not queue (ring buffer full).
     pub lost_ring: u64,
+    /// Times the kernel skipped the program (another BPF program was running
+    /// on that CPU): transitions never seen.
+    #[serde(default)]
+    pub missed_kernel: u64,
     /// Transitions that could not be written.
     pub lost_output: u64,
     pub duration_s: f64,

@@ -1,0 +1,298 @@
+//! Reliability and least privilege: what tcptrace does under signals, a
+//! closed pipe, kill -9, a second tracer, minimal capabilities, and hostile
+//! process names.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tcptrace_tests::{Netns, Tracer, life, loaded_bpf_programs, tcptrace_bin, unique_port};
+
+/// The kernel keeps the first 15 bytes of a program's name.
+const PROGRAM: &str = "inet_sock_set_s";
+
+fn ours() -> usize {
+    loaded_bpf_programs()
+        .iter()
+        .filter(|n| *n == PROGRAM)
+        .count()
+}
+
+#[test]
+fn every_capability_is_dropped_once_tracing() {
+    let tracer = Tracer::start(&["--port", &unique_port().to_string()]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", tracer.pid())).unwrap();
+    for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        let line = status.lines().find(|l| l.starts_with(set)).unwrap();
+        assert!(line.ends_with("0000000000000000"), "{line}");
+    }
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("0 lost"),
+        "counters still readable: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn cap_bpf_and_cap_perfmon_are_enough() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+        "--bounding-set=-all,+bpf,+perfmon",
+        "--",
+    ])
+    .arg(tcptrace_bin())
+    .args(["--port", &port.to_string(), "--format", "json"]);
+    let tracer = Tracer::start_cmd(cmd);
+    let server = ns.peer(&[
+        "server",
+        &format!("0.0.0.0:{port}"),
+        "--mode",
+        "listen-only",
+    ]);
+    let pid = server.pid;
+    server.finish();
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    life(&out.lives(), "CLOSE>LISTEN>CLOSE").assert_owner(pid, "tt-server");
+}
+
+#[test]
+fn a_closed_pipe_ends_the_run_quietly() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let mut child = Command::new(tcptrace_bin())
+        .args(["--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut header = String::new();
+    stdout.read_line(&mut header).unwrap();
+    assert!(header.starts_with("TIME"), "{header}");
+    drop(stdout); // like `| head -1`
+    for _ in 0..3 {
+        ns.peer(&[
+            "server",
+            &format!("0.0.0.0:{port}"),
+            "--mode",
+            "listen-only",
+        ])
+        .finish();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tcptrace kept running with nobody reading"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(!err.contains("error") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn kill_9_leaves_no_program_attached() {
+    // Other tests load the same program concurrently: wait for a moment
+    // when the count is stable, then check ours comes and goes.
+    let tracer = Tracer::start(&["--port", &unique_port().to_string()]);
+    let pid = tracer.pid();
+    let fdinfo: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+        .filter(|s| s.contains("prog_id:"))
+        .collect();
+    let prog_id: u32 = fdinfo[0]
+        .lines()
+        .find_map(|l| l.strip_prefix("prog_id:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(ours() >= 1);
+    let out = tracer.signal(libc::SIGKILL);
+    assert!(!out.status.success());
+    // The program is freed once its last reference (our link) is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while prog_exists(prog_id) {
+        assert!(
+            Instant::now() < deadline,
+            "program {prog_id} still loaded after kill -9"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn prog_exists(id: u32) -> bool {
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(id);
+    // SAFETY: BPF_PROG_GET_FD_BY_ID (13) with a zeroed attribute block.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 13, attr.as_mut_ptr(), 128) };
+    if fd >= 0 {
+        // SAFETY: closing the descriptor we were given.
+        unsafe { libc::close(fd as i32) };
+    }
+    fd >= 0
+}
+
+#[test]
+fn two_tracers_each_see_every_transition() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let args = ["--port", &port.to_string(), "--format", "json"];
+    let (a, b) = (Tracer::start(&args), Tracer::start(&args));
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
+    ns.peer(&["client", &addr, "--mode", "close"]).finish();
+    server.finish();
+    let (a, b) = (a.stop(), b.stop());
+    assert_eq!(a.rows().len(), 12);
+    assert_eq!(b.rows().len(), 12);
+}
+
+#[test]
+fn hostile_process_names_are_escaped() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let evil = "ev\x1b[2J\x07il\\";
+    let text = Tracer::start(&["--port", &port.to_string()]);
+    let json = Tracer::start(&["--port", &port.to_string(), "--format", "json"]);
+    ns.peer(&[
+        "server",
+        &format!("0.0.0.0:{port}"),
+        "--mode",
+        "listen-only",
+        "--name",
+        evil,
+    ])
+    .finish();
+    let (text, json) = (text.stop(), json.stop());
+    assert!(
+        !text.stdout.contains('\x1b') && !text.stdout.contains('\x07'),
+        "{:?}",
+        text.stdout
+    );
+    assert!(
+        text.stdout.contains("ev\\x1b[2J\\x07il\\\\"),
+        "{}",
+        text.stdout
+    );
+    assert!(!json.stdout.contains('\x1b'));
+    let rows = json.rows();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        rows[0]["comm"],
+        Value::from(evil),
+        "the JSON string is the name itself"
+    );
+}
+
+#[test]
+fn no_kernel_address_is_shown_unless_asked() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let plain = Tracer::start(&["--port", &port.to_string()]);
+    let json = Tracer::start(&["--port", &port.to_string(), "--format", "json"]);
+    let asked = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "--format",
+        "json",
+        "--show-skaddr",
+    ]);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
+    ns.peer(&["client", &addr, "--mode", "close"]).finish();
+    server.finish();
+    let looks_like_pointer = |s: &str| s.to_lowercase().contains("0xffff") || s.contains("ffff8");
+    for out in [plain.stop(), json.stop()] {
+        assert!(
+            !looks_like_pointer(&out.stdout) && !looks_like_pointer(&out.stderr),
+            "{}",
+            out.stdout
+        );
+        assert!(!out.stdout.contains("skaddr"));
+    }
+    let asked = asked.stop();
+    for r in asked.rows() {
+        assert!(r["skaddr"].as_str().unwrap().starts_with("0xffff"), "{r}");
+    }
+}
+
+#[test]
+fn read_and_report_refuse_bad_files_with_status_2() {
+    let dir = tcptrace_tests::TempDir::new("badfiles");
+    let secret = dir.path("secret.jsonl");
+    std::fs::write(&secret, "{}\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["read", "/nonexistent/rec.jsonl"],
+            "cannot open /nonexistent/rec.jsonl: No such file or directory",
+        ),
+        (&["report", "/nonexistent"], "No such file or directory"),
+        (&["read", "/tmp"], "/tmp is a directory, not a recording"),
+        (&["report", "/"], "is a directory"),
+        (&["read"], "required arguments were not provided"),
+        (&["-w", "/tmp"], "/tmp is a directory; give a file name"),
+        (&["-w", ""], "the file name is empty"),
+        (&["--rotate-size", "1M"], "--write"),
+        (&["-w", "x", "--rotate-size", "lots"], "is not a size"),
+        (&["-w", "x", "--rotate-size", "100"], "too small"),
+        (
+            &["-w", "x", "--rotate-size", "1M", "--rotate-keep", "0"],
+            "keeping 0 files",
+        ),
+        (
+            &["report", "/dev/null", "--follow", "[::1]:1"],
+            "is not a connection",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(tcptrace_bin()).args(*args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: want {want:?} in {err:?}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+    // Unreadable: a root-only file, read as nobody.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
+        .arg(copy_for_nobody(&dir))
+        .args(["read", &secret])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+}
+
+/// tcptrace copied where an unprivileged user can run it.
+fn copy_for_nobody(dir: &tcptrace_tests::TempDir) -> String {
+    let bin = dir.path("tcptrace");
+    std::fs::copy(tcptrace_bin(), &bin).unwrap();
+    for p in [&dir.0.to_string_lossy().into_owned(), &bin] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    bin
+}
