@@ -136,9 +136,56 @@ fn client_resets_with_so_linger_zero() {
         8,
         "6 for the reset connection, 2 for the listener"
     );
-    life(&lives, "CLOSE>SYN_SENT>ESTABLISHED>CLOSE").assert_owner(run.client, "tt-client");
+    let client = life(&lives, "CLOSE>SYN_SENT>ESTABLISHED>CLOSE");
+    client.assert_owner(run.client, "tt-client");
     // The server's socket dies from the reset, in softirq: still its owner.
-    life(&lives, "LISTEN>SYN_RECV>ESTABLISHED>CLOSE").assert_owner(run.server, "tt-server");
+    let server = life(&lives, "LISTEN>SYN_RECV>ESTABLISHED>CLOSE");
+    server.assert_owner(run.server, "tt-server");
+    // Who reset whom, from the kernel's reset tracepoints.
+    let client_close = client.rows.last().unwrap();
+    assert_eq!(client_close["close"], "reset sent", "{client_close}");
+    assert!(
+        client_close["reset_reason"].is_string(),
+        "the kernel's reason: {client_close}"
+    );
+    let server_close = server.rows.last().unwrap();
+    assert_eq!(server_close["close"], "reset received", "{server_close}");
+    assert!(server_close["reset_reason"].is_null());
+    // Only the closing rows carry a close reason.
+    let annotated = run
+        .out
+        .rows()
+        .iter()
+        .filter(|r| !r["close"].is_null())
+        .count();
+    assert_eq!(annotated, 2);
+}
+
+#[test]
+fn server_resets_and_the_text_says_who_reset_whom() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let tracer = Tracer::start(&["--port", &port.to_string()]);
+    let addr = format!("127.0.0.1:{port}");
+    // Roles swapped: the client waits for EOF, the server aborts.
+    let server = ns.peer(&["server", &addr, "--mode", "reset-first"]);
+    ns.peer(&["client", &addr, "--mode", "expect-reset"])
+        .finish();
+    server.finish();
+    let out = tracer.stop();
+    let closes: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("ESTABLISHED -> CLOSE "))
+        .collect();
+    assert_eq!(closes.len(), 2, "{}", out.stdout);
+    let server_line = closes.iter().find(|l| l.contains("tt-server")).unwrap();
+    let client_line = closes.iter().find(|l| l.contains("tt-client")).unwrap();
+    assert!(server_line.contains("  reset sent ("), "{server_line}");
+    assert!(
+        client_line.trim_end().ends_with("  reset received"),
+        "{client_line}"
+    );
 }
 
 #[test]
@@ -154,6 +201,7 @@ fn connection_refused() {
     assert_eq!(out.rows().len(), 2);
     let refused = life(&lives, "CLOSE>SYN_SENT>CLOSE");
     refused.assert_owner(pid, "tt-client");
+    assert_eq!(refused.rows[1]["close"], "refused");
     assert_eq!(refused.rport(), u64::from(port));
 }
 
@@ -286,8 +334,21 @@ fn json_rows_carry_every_field_typed() {
     let (run, port) = scenario("127.0.0.1", "wait-peer-close", "close", 10);
     let rows = run.out.rows();
     let keys = [
-        "time", "ts_ns", "sock", "pid", "comm", "family", "laddr", "lport", "raddr", "rport",
-        "old", "new", "ms",
+        "time",
+        "ts_ns",
+        "sock",
+        "pid",
+        "comm",
+        "family",
+        "laddr",
+        "lport",
+        "raddr",
+        "rport",
+        "old",
+        "new",
+        "ms",
+        "close",
+        "reset_reason",
     ];
     let mut last_ts = 0;
     for r in &rows {

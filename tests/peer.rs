@@ -67,6 +67,11 @@ fn server(addr: SocketAddr, mode: &str, hold: Duration, conns: usize) {
             }
             // We close first, after a moment in ESTABLISHED.
             "close-first" => sleep(hold),
+            // We abort: SO_LINGER 0, close() sends a reset.
+            "reset-first" => {
+                sleep(hold);
+                linger_zero(&s);
+            }
             // The client half-closes; we answer after EOF, then close.
             "reply-after-eof" => {
                 read_to_eof(&mut s);
@@ -104,23 +109,14 @@ fn client(addr: SocketAddr, mode: &str, hold: Duration, bind: Option<IpAddr>) {
         }
         "reset" => {
             sleep(hold);
-            // SO_LINGER with a zero timeout: close() sends RST.
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // SAFETY: valid socket and option struct.
-            let rc = unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    size_of::<libc::linger>() as u32,
-                )
-            };
-            if rc != 0 {
-                fail(&std::io::Error::last_os_error());
+            linger_zero(&s);
+        }
+        // The server aborts: reading ends in ECONNRESET.
+        "expect-reset" => {
+            let mut buf = [0u8; 64];
+            match s.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                other => fail(&format!("expected ECONNRESET, got {other:?}")),
             }
         }
         "half-close" => {
@@ -180,6 +176,27 @@ fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream>
             return Err(std::io::Error::last_os_error());
         }
         Ok(stream)
+    }
+}
+
+/// SO_LINGER with a zero timeout: close() sends a reset.
+fn linger_zero(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket and option struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    if rc != 0 {
+        fail(&std::io::Error::last_os_error());
     }
 }
 

@@ -144,10 +144,18 @@ fn report_names_the_close_wait_leak_with_its_owner() {
     // Three listeners, 4 connects (one refused), 3 accepted sockets.
     let counts = |side: &str| {
         let c = &r[side];
-        ["opened", "orderly", "reset", "refused"].map(|k| c[k].as_u64().unwrap())
+        [
+            "opened",
+            "orderly",
+            "reset_sent",
+            "reset_received",
+            "refused",
+            "aborted",
+        ]
+        .map(|k| c[k].as_u64().unwrap())
     };
-    assert_eq!(counts("active"), [4, 2, 1, 1], "{}", r["active"]);
-    assert_eq!(counts("passive"), [3, 1, 1, 0], "{}", r["passive"]);
+    assert_eq!(counts("active"), [4, 2, 1, 0, 1, 0], "{}", r["active"]);
+    assert_eq!(counts("passive"), [3, 1, 0, 1, 0, 0], "{}", r["passive"]);
     // The stuck socket, named with its owner.
     let open = r["still_open"].as_array().unwrap();
     assert_eq!(open.len(), 1, "{open:?}");

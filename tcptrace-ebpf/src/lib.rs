@@ -6,7 +6,8 @@
 //! `user` feature, which only adds the `aya::Pod` impls.
 #![no_std]
 
-/// One `inet_sock_set_state` transition of a TCP socket.
+/// One `inet_sock_set_state` transition of a TCP socket, or (by `kind`) a
+/// reset sent or received on a socket.
 ///
 /// Addresses are in network byte order; an IPv4 address is in the first four
 /// bytes. Ports are in host byte order (the tracepoint already converts them).
@@ -31,9 +32,31 @@ pub struct Event {
     pub daddr: [u8; 16],
     /// `comm` of the task the kernel ran in, NUL padded.
     pub comm: [u8; 16],
+    /// [`KIND_STATE`], [`KIND_RESET_SENT`] or [`KIND_RESET_RECEIVED`]. A
+    /// reset event carries only `ts_ns`, `skaddr` and `reset_reason`.
+    pub kind: u8,
+    /// `enum sk_rst_reason` of a reset sent (names in the format file).
+    pub reset_reason: u8,
     /// Explicit, so that the whole struct is written and no kernel stack
     /// bytes travel through the ring as padding.
-    pub _pad: u32,
+    pub _pad: u16,
+}
+
+pub const KIND_STATE: u8 = 0;
+pub const KIND_RESET_SENT: u8 = 1;
+pub const KIND_RESET_RECEIVED: u8 = 2;
+
+/// Where the reset tracepoints (`tcp:tcp_send_reset`,
+/// `tcp:tcp_receive_reset`) keep the fields we read. `record_len` 0 means
+/// the tracepoint is absent and the program does nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetLayout {
+    pub record_len: u32,
+    pub skaddr: u32,
+    pub reason: u32,
+    /// 0 when the tracepoint has no reason (before 6.10, and for receive).
+    pub reason_size: u32,
 }
 
 /// Where each field sits in the tracepoint's record, as its format file says.
@@ -71,6 +94,8 @@ pub struct Config {
     /// Bit set of the port filters in force: [`PORT_ANY`], [`PORT_LOCAL`],
     /// [`PORT_REMOTE`]. The same bits mark each port in the [`PORTS_MAP`].
     pub port_filters: u32,
+    pub reset_sent: ResetLayout,
+    pub reset_received: ResetLayout,
 }
 
 /// The largest record the program copies; the tracepoint's is 72 bytes today.
@@ -103,8 +128,10 @@ pub const COUNTER_LOST: u32 = 0;
 /// Events the program filtered out (other protocol, family or port).
 pub const COUNTER_FILTERED: u32 = 1;
 pub const COUNTERS_LEN: u32 = 2;
-/// Name of the program in the object file.
+/// Names of the programs in the object file.
 pub const PROGRAM: &str = "inet_sock_set_state";
+pub const PROGRAM_RESET_SENT: &str = "tcp_send_reset";
+pub const PROGRAM_RESET_RECEIVED: &str = "tcp_receive_reset";
 
 /// Ring size: half a second of 500k events/s at 96 bytes (event and ring
 /// header) is 24 MB; the kernel wants a power of two.

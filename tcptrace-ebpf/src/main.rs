@@ -18,7 +18,8 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use tcptrace_ebpf::{
     AF_INET, AF_INET6, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_LEN, Config, Event, FAMILY_V4,
-    FAMILY_V6, IPPROTO_TCP, Layout, PORT_ANY, PORT_LOCAL, PORT_REMOTE, RECORD_MAX, RING_BYTES,
+    FAMILY_V6, IPPROTO_TCP, KIND_RESET_RECEIVED, KIND_RESET_SENT, KIND_STATE, Layout, PORT_ANY,
+    PORT_LOCAL, PORT_REMOTE, RECORD_MAX, RING_BYTES, ResetLayout,
 };
 
 #[unsafe(no_mangle)]
@@ -40,7 +41,16 @@ static CONFIG: Global<Config> = Global::new(Config {
     },
     families: 0,
     port_filters: 0,
+    reset_sent: NO_RESETS,
+    reset_received: NO_RESETS,
 });
+
+const NO_RESETS: ResetLayout = ResetLayout {
+    record_len: 0,
+    skaddr: 0,
+    reason: 0,
+    reason_size: 0,
+};
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
@@ -113,12 +123,70 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         saddr,
         daddr,
         comm: bpf_get_current_comm().unwrap_or_default(),
+        kind: KIND_STATE,
+        reset_reason: 0,
         _pad: 0,
     };
+    emit(event);
+    Ok(())
+}
 
-    // Everything is read before reserving: a reserved entry must be submitted
-    // or discarded on every path. No wake-up: the reader polls the ring, which
-    // keeps the cost of waking it out of every event.
+/// Resets tell userspace how a socket closed: received ones fire before the
+/// socket's `-> CLOSE`, sent ones (an abort) just after it.
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    let _ = try_reset(&ctx, &CONFIG.load().reset_sent, KIND_RESET_SENT);
+    0
+}
+
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    let _ = try_reset(&ctx, &CONFIG.load().reset_received, KIND_RESET_RECEIVED);
+    0
+}
+
+fn try_reset(ctx: &TracePointContext, l: &ResetLayout, kind: u8) -> Result<(), i64> {
+    let len = l.record_len as usize;
+    if len == 0 || len > RECORD_MAX {
+        return Ok(());
+    }
+    let mut rec = [0u8; RECORD_MAX];
+    unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut rec[..len]) }
+        .map_err(i64::from)?;
+    let skaddr = field::<u64>(&rec, l.skaddr);
+    if skaddr == 0 {
+        // A reset answering a segment no socket owns: no transition to explain.
+        return Ok(());
+    }
+    let reason = if l.reason_size == 4 {
+        field::<u32>(&rec, l.reason).min(255) as u8
+    } else {
+        0
+    };
+    emit(Event {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr,
+        pid: 0,
+        oldstate: 0,
+        newstate: 0,
+        family: 0,
+        sport: 0,
+        dport: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        comm: [0; 16],
+        kind,
+        reset_reason: reason,
+        _pad: 0,
+    });
+    Ok(())
+}
+
+/// Everything is read before reserving: a reserved entry must be submitted or
+/// discarded on every path. No wake-up: the reader polls the ring, which keeps
+/// the cost of waking it out of every event.
+#[inline(always)]
+fn emit(event: Event) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
             entry.write(event);
@@ -126,7 +194,6 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         }
         None => count(COUNTER_LOST),
     }
-    Ok(())
 }
 
 /// A field of the record at `offset`. Userspace has checked that every

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::attribute::Row;
+use crate::attribute::{Close, Row};
 use crate::decode::Task;
 use crate::filter::Spec;
 use crate::record::{Header, Stats};
@@ -24,26 +24,35 @@ use crate::state::State;
 pub enum Ending {
     /// Through the FIN handshake (LAST_ACK, FIN_WAIT2, CLOSING -> CLOSE).
     Orderly,
-    /// Aborted while open (ESTABLISHED, CLOSE_WAIT, SYN_RECV, FIN_WAIT1 ->
-    /// CLOSE): a reset, sent or received. The tracepoint does not say which.
-    Reset,
-    /// A connect that got no connection (SYN_SENT -> CLOSE).
+    ResetSent,
+    ResetReceived,
+    /// A connect answered by a reset.
     Refused,
+    /// Closed while open with no reset seen: a timeout (or a kernel without
+    /// the reset tracepoints).
+    Aborted,
 }
 
-/// How a `-> CLOSE` transition ended the connection, if it was one.
-pub fn ending(old: State, new: State) -> Option<Ending> {
-    if new != State::CLOSE {
+/// How a `-> CLOSE` ended its connection, if it was one.
+pub fn ending(r: &Row) -> Option<Ending> {
+    if r.t.new != State::CLOSE {
         return None;
     }
-    match old {
+    match r.close {
+        Some(Close::ResetSent(_)) => return Some(Ending::ResetSent),
+        Some(Close::ResetReceived) => return Some(Ending::ResetReceived),
+        Some(Close::Refused) => return Some(Ending::Refused),
+        None => {}
+    }
+    match r.t.old {
         State::LAST_ACK | State::FIN_WAIT2 | State::CLOSING | State::TIME_WAIT => {
             Some(Ending::Orderly)
         }
-        State::ESTABLISHED | State::CLOSE_WAIT | State::SYN_RECV | State::FIN_WAIT1 => {
-            Some(Ending::Reset)
-        }
-        State::SYN_SENT => Some(Ending::Refused),
+        State::ESTABLISHED
+        | State::CLOSE_WAIT
+        | State::SYN_RECV
+        | State::FIN_WAIT1
+        | State::SYN_SENT => Some(Ending::Aborted),
         _ => None,
     }
 }
@@ -98,18 +107,45 @@ struct Open {
 pub struct Counts {
     pub opened: u64,
     pub orderly: u64,
-    pub reset: u64,
+    pub reset_sent: u64,
+    pub reset_received: u64,
     pub refused: u64,
+    pub aborted: u64,
 }
 
 impl Counts {
     fn end(&mut self, e: Ending) {
-        match e {
-            Ending::Orderly => self.orderly += 1,
-            Ending::Reset => self.reset += 1,
-            Ending::Refused => self.refused += 1,
-        }
+        *match e {
+            Ending::Orderly => &mut self.orderly,
+            Ending::ResetSent => &mut self.reset_sent,
+            Ending::ResetReceived => &mut self.reset_received,
+            Ending::Refused => &mut self.refused,
+            Ending::Aborted => &mut self.aborted,
+        } += 1;
     }
+
+    fn columns(&self) -> [u64; 6] {
+        [
+            self.opened,
+            self.orderly,
+            self.reset_sent,
+            self.reset_received,
+            self.refused,
+            self.aborted,
+        ]
+    }
+}
+
+const COUNT_HEADS: [&str; 6] = [
+    "opened", "orderly", "rst sent", "rst rcvd", "refused", "aborted",
+];
+
+fn count_line(o: &mut String, label: &str, width: usize, values: [String; 6]) {
+    let _ = write!(o, "  {label:<width$}");
+    for v in values {
+        let _ = write!(o, " {v:>8}");
+    }
+    o.push('\n');
 }
 
 #[derive(Default)]
@@ -227,7 +263,7 @@ impl Analysis {
         }
         if t.new == State::CLOSE {
             let was = self.open.remove(&r.sock);
-            if let Some(e) = ending(t.old, t.new) {
+            if let Some(e) = ending(r) {
                 // The side is known from how the socket was opened; a socket
                 // opened before the recording counts by its ports.
                 let passive = match &was {
@@ -472,31 +508,24 @@ impl Report {
             let _ = writeln!(o, "  filters         {}", f.describe());
         }
 
-        let _ = writeln!(
-            o,
-            "\nConnections          opened  orderly    reset  refused"
-        );
+        let heads = || COUNT_HEADS.map(String::from);
+        o.push('\n');
+        count_line(&mut o, "Connections", 18, heads());
         for (name, c) in [
             ("active (connect)", &self.active),
             ("passive (accept)", &self.passive),
         ] {
-            let _ = writeln!(
-                o,
-                "  {name:<18} {:>7}  {:>7}  {:>7}  {:>7}",
-                c.opened, c.orderly, c.reset, c.refused
-            );
+            count_line(&mut o, name, 18, c.columns().map(|v| v.to_string()));
         }
         if !self.endpoints.is_empty() {
-            let _ = writeln!(
-                o,
-                "\nBy endpoint                                  opened  orderly    reset  refused"
-            );
+            o.push('\n');
+            count_line(&mut o, "By endpoint", 30, heads());
             for e in &self.endpoints {
-                let c = &e.counts;
-                let _ = writeln!(
-                    o,
-                    "  {:<42} {:>7}  {:>7}  {:>7}  {:>7}",
-                    e.endpoint, c.opened, c.orderly, c.reset, c.refused
+                count_line(
+                    &mut o,
+                    &e.endpoint,
+                    30,
+                    e.counts.columns().map(|v| v.to_string()),
                 );
             }
         }

@@ -10,7 +10,7 @@
 //! listener's owner. Where no owner is known the answer is "unknown", never
 //! the interrupted task.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use crate::decode::{Task, Transition};
@@ -25,6 +25,75 @@ pub struct Row {
     pub owner: Option<Task>,
     /// Time spent in `t.old`, when the socket was seen entering it.
     pub dwell_ns: Option<u64>,
+    /// How a `-> CLOSE` came about, when a reset says so.
+    pub close: Option<Close>,
+}
+
+/// Why a socket closed, as the reset tracepoints tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Close {
+    /// We sent a reset (an abort), with the kernel's reason when it gives one.
+    ResetSent(Option<&'static str>),
+    /// The peer reset an open connection.
+    ResetReceived,
+    /// The peer answered our SYN with a reset.
+    Refused,
+}
+
+impl Close {
+    pub fn name(self) -> &'static str {
+        match self {
+            Close::ResetSent(_) => "reset sent",
+            Close::ResetReceived => "reset received",
+            Close::Refused => "refused",
+        }
+    }
+
+    pub fn reset_reason(self) -> Option<&'static str> {
+        match self {
+            Close::ResetSent(r) => r,
+            _ => None,
+        }
+    }
+
+    pub fn from_name(name: &str, reason: Option<&str>) -> Option<Close> {
+        match name {
+            "reset sent" => Some(Close::ResetSent(reason.map(intern))),
+            "reset received" => Some(Close::ResetReceived),
+            "refused" => Some(Close::Refused),
+            _ => None,
+        }
+    }
+}
+
+/// Reset reason names live as long as the process: there are a few dozen.
+pub fn intern(name: &str) -> &'static str {
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<Vec<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = names.iter().find(|n| **n == name) {
+        return n;
+    }
+    if names.len() >= 1024 {
+        return "OTHER";
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.push(leaked);
+    leaked
+}
+
+/// A `-> CLOSE` from these states may be an abort, whose reset the kernel
+/// reports just after the transition: such rows wait for it briefly.
+pub fn may_await_sent_reset(row: &Row) -> bool {
+    row.t.new == State::CLOSE
+        && row.close.is_none()
+        && matches!(
+            row.t.old,
+            State::ESTABLISHED | State::CLOSE_WAIT | State::SYN_RECV | State::FIN_WAIT1
+        )
 }
 
 #[derive(Debug)]
@@ -48,6 +117,8 @@ struct Listener {
 pub struct Attributor {
     socks: HashMap<u64, Sock>,
     listeners: HashMap<u16, Vec<Listener>>,
+    /// Sockets a reset was received on, until their `-> CLOSE`.
+    reset_received: HashSet<u64>,
     next_id: u64,
 }
 
@@ -80,11 +151,22 @@ impl Attributor {
         Attributor::default()
     }
 
+    /// A reset arrived on the socket at `skaddr`: its coming `-> CLOSE` is
+    /// its consequence.
+    /// Resets are not filtered in the kernel: only the sockets we follow
+    /// count, and only until they close.
+    pub fn reset_received(&mut self, skaddr: u64) {
+        if self.socks.contains_key(&skaddr) {
+            self.reset_received.insert(skaddr);
+        }
+    }
+
     pub fn observe(&mut self, t: &Transition) -> Row {
         // A socket address can be reused once the socket is freed; a start
         // of life on a known address (after a lost CLOSE) is a new socket.
         if starts_life(t.old, t.new) {
             self.socks.remove(&t.skaddr);
+            self.reset_received.remove(&t.skaddr);
         }
         let sock = match self.socks.entry(t.skaddr) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -105,12 +187,21 @@ impl Attributor {
         if in_owner_context(t.old, t.new) {
             sock.owner = Some(t.task);
         }
-        let row = Row {
+        let mut row = Row {
             t: *t,
             sock: sock.id,
             owner: sock.owner,
             dwell_ns: sock.since_ns.map(|s| t.ts_ns.saturating_sub(s)),
+            close: None,
         };
+        if t.new == State::CLOSE && self.reset_received.remove(&t.skaddr) && t.old != State::LISTEN
+        {
+            row.close = Some(if t.old == State::SYN_SENT {
+                Close::Refused
+            } else {
+                Close::ResetReceived
+            });
+        }
         sock.since_ns = Some(t.ts_ns);
 
         if t.new == State::LISTEN {
@@ -438,6 +529,93 @@ mod tests {
             "127.0.0.1:10",
         ));
         assert_eq!(r.owner.map(|o| o.pid), Some(1));
+    }
+
+    #[test]
+    fn a_received_reset_explains_the_close_that_follows_it() {
+        let mut a = Attributor::new();
+        let me = task(7, "x");
+        // Resets on sockets we do not follow are ignored.
+        a.reset_received(1);
+        let r = a.observe(&tr(
+            0,
+            1,
+            me,
+            State::CLOSE,
+            State::SYN_SENT,
+            "1.1.1.1:0",
+            "2.2.2.2:80",
+        ));
+        assert_eq!(r.close, None);
+        a.reset_received(1);
+        let r = a.observe(&tr(
+            1,
+            1,
+            me,
+            State::SYN_SENT,
+            State::CLOSE,
+            "1.1.1.1:4",
+            "2.2.2.2:80",
+        ));
+        assert_eq!(r.close, Some(Close::Refused));
+        a.observe(&tr(
+            2,
+            2,
+            me,
+            State::CLOSE,
+            State::SYN_SENT,
+            "1.1.1.1:0",
+            "2.2.2.2:80",
+        ));
+        a.observe(&tr(
+            3,
+            2,
+            me,
+            State::SYN_SENT,
+            State::ESTABLISHED,
+            "1.1.1.1:5",
+            "2.2.2.2:80",
+        ));
+        a.reset_received(2);
+        let r = a.observe(&tr(
+            4,
+            2,
+            me,
+            State::ESTABLISHED,
+            State::CLOSE,
+            "1.1.1.1:5",
+            "2.2.2.2:80",
+        ));
+        assert_eq!(r.close, Some(Close::ResetReceived));
+        // An abort of ours waits for the reset the kernel sends after it.
+        a.observe(&tr(
+            5,
+            3,
+            me,
+            State::CLOSE,
+            State::SYN_SENT,
+            "1.1.1.1:0",
+            "2.2.2.2:80",
+        ));
+        a.observe(&tr(
+            6,
+            3,
+            me,
+            State::SYN_SENT,
+            State::ESTABLISHED,
+            "1.1.1.1:6",
+            "2.2.2.2:80",
+        ));
+        let r = a.observe(&tr(
+            7,
+            3,
+            me,
+            State::ESTABLISHED,
+            State::CLOSE,
+            "1.1.1.1:6",
+            "2.2.2.2:80",
+        ));
+        assert!(may_await_sent_reset(&r));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tcptrace_ebpf::{
 
 use crate::filter::Filter;
 use crate::{layout, privileges, tracefs};
+use tcptrace_ebpf::{PROGRAM_RESET_RECEIVED, PROGRAM_RESET_SENT, ResetLayout};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
 
@@ -38,6 +39,7 @@ pub struct Capture {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// The program's descriptor, for its statistics in /proc/self/fdinfo.
     program_fd: i32,
+    reset_reasons: Vec<(u8, String)>,
     /// Owns the program and its link.
     _ebpf: Ebpf,
 }
@@ -75,10 +77,14 @@ impl Capture {
             .with_context(|| format!("cannot read {}", format_path.display()))?;
         let layout = layout::parse(&format)?;
         let (ports, port_filters) = filter.kernel_ports();
+        let (reset_sent, reasons) = reset_layout(&dir, layout::RESET_SENT);
+        let (reset_received, _) = reset_layout(&dir, layout::RESET_RECEIVED);
         let config = Config {
             layout,
             families: filter.kernel_families(),
             port_filters: u32::from(port_filters),
+            reset_sent,
+            reset_received,
         };
         log::debug!("program configuration: {config:?}");
 
@@ -128,6 +134,28 @@ impl Capture {
                 )))
             })?;
 
+        // Resets only annotate closes: without them tcptrace still traces.
+        for (name, l) in [
+            (PROGRAM_RESET_SENT, reset_sent),
+            (PROGRAM_RESET_RECEIVED, reset_received),
+        ] {
+            if l.record_len == 0 {
+                continue;
+            }
+            let attached = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))
+                .and_then(|p| <&mut TracePoint>::try_from(p).map_err(|e| anyhow!("{e}")))
+                .and_then(|p| {
+                    p.load().map_err(|e| anyhow!(e))?;
+                    p.attach(layout::RESET_CATEGORY, name)
+                        .map_err(|e| anyhow!(e))
+                });
+            if let Err(e) = attached {
+                log::warn!("resets will not be annotated: cannot attach to tcp:{name}: {e:#}");
+            }
+        }
+
         let ring = RingBuf::try_from(
             ebpf.take_map(EVENTS_MAP)
                 .ok_or_else(|| anyhow!("no {EVENTS_MAP} map"))?,
@@ -143,8 +171,14 @@ impl Capture {
             counters,
             logger,
             program_fd,
+            reset_reasons: reasons,
             _ebpf: ebpf,
         })
+    }
+
+    /// Names of the kernel's reset reasons, by number.
+    pub fn reset_reasons(&self) -> &[(u8, String)] {
+        &self.reset_reasons
     }
 
     /// The next event in the ring, if any. Never blocks.
@@ -184,6 +218,22 @@ impl Capture {
     pub fn flush_logs(&mut self) {
         if let Some(l) = &mut self.logger {
             l.flush();
+        }
+    }
+}
+
+/// A reset tracepoint's layout; absent or unreadable means no annotation.
+fn reset_layout(set_state_dir: &std::path::Path, name: &str) -> (ResetLayout, Vec<(u8, String)>) {
+    let events = set_state_dir.parent().and_then(|p| p.parent());
+    let path = events.map(|e| e.join(layout::RESET_CATEGORY).join(name).join("format"));
+    match path.map(fs::read_to_string) {
+        Some(Ok(format)) => layout::parse_reset(&format).unwrap_or_else(|e| {
+            log::warn!("resets will not be annotated: tcp:{name}: {e:#}");
+            Default::default()
+        }),
+        _ => {
+            log::info!("this kernel has no tcp:{name} tracepoint: resets will not be annotated");
+            Default::default()
         }
     }
 }

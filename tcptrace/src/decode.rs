@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tcptrace_ebpf::{AF_INET, Event};
+use tcptrace_ebpf::{AF_INET, Event, KIND_RESET_RECEIVED, KIND_RESET_SENT};
 
 use crate::state::State;
 
@@ -95,14 +95,35 @@ impl fmt::Display for ShortEntry {
     }
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Transition, ShortEntry> {
+/// What a ring entry says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    State(Transition),
+    /// A reset on a socket: received ones come before the socket's `->
+    /// CLOSE`, sent ones (aborts) just after it.
+    Reset {
+        skaddr: u64,
+        received: bool,
+        /// The kernel's `sk_rst_reason` number (sent resets only).
+        reason: u8,
+    },
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Decoded, ShortEntry> {
     if bytes.len() < size_of::<Event>() {
         return Err(ShortEntry(bytes.len()));
     }
     // SAFETY: length checked above; Event is plain old data, and the ring
     // gives no alignment guarantee, hence read_unaligned.
     let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    Ok(from_event(&e))
+    Ok(match e.kind {
+        KIND_RESET_SENT | KIND_RESET_RECEIVED => Decoded::Reset {
+            skaddr: e.skaddr,
+            received: e.kind == KIND_RESET_RECEIVED,
+            reason: e.reset_reason,
+        },
+        _ => Decoded::State(from_event(&e)),
+    })
 }
 
 pub fn from_event(e: &Event) -> Transition {
@@ -153,6 +174,8 @@ pub(crate) mod tests {
             saddr: [0; 16],
             daddr: [0; 16],
             comm: *b"redis-cli\0\0\0\0\0\0\0",
+            kind: 0,
+            reset_reason: 0,
             _pad: 0,
         };
         e.saddr[..saddr.len()].copy_from_slice(saddr);
@@ -169,7 +192,9 @@ pub(crate) mod tests {
     #[test]
     fn ipv4_event_decodes_to_addresses_ports_and_states() {
         let e = raw_event(AF_INET, &[127, 0, 0, 1], &[10, 1, 2, 3]);
-        let t = decode(&bytes(&e)).unwrap();
+        let Decoded::State(t) = decode(&bytes(&e)).unwrap() else {
+            panic!("a state event")
+        };
         assert_eq!(t.family, Family::V4);
         assert_eq!(t.local, "127.0.0.1:0".parse().unwrap());
         assert_eq!(t.remote, "10.1.2.3:6389".parse().unwrap());
@@ -182,10 +207,25 @@ pub(crate) mod tests {
     fn ipv4_mapped_ipv6_is_shown_as_ipv4() {
         let mapped: Ipv6Addr = "::ffff:192.0.2.7".parse().unwrap();
         let e = raw_event(10, &mapped.octets(), &Ipv6Addr::LOCALHOST.octets());
-        let t = decode(&bytes(&e)).unwrap();
+        let Decoded::State(t) = decode(&bytes(&e)).unwrap() else {
+            panic!("a state event")
+        };
         assert_eq!(t.family, Family::V6);
         assert_eq!(t.local.ip(), "192.0.2.7".parse::<IpAddr>().unwrap());
         assert_eq!(t.remote.ip(), "::1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn reset_events_decode_by_kind() {
+        let mut e = raw_event(AF_INET, &[0; 4], &[0; 4]);
+        e.kind = KIND_RESET_SENT;
+        e.reset_reason = 12;
+        let want = Decoded::Reset {
+            skaddr: e.skaddr,
+            received: false,
+            reason: 12,
+        };
+        assert_eq!(decode(&bytes(&e)), Ok(want));
     }
 
     #[test]

@@ -308,6 +308,7 @@ mod tests {
             sock: sk,
             owner: owner.map(task),
             dwell_ns: None,
+            close: None,
         }
     }
 

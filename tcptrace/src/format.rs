@@ -179,6 +179,12 @@ impl Printer {
         if self.style.show_skaddr {
             write!(out, "  {:#x}", t.skaddr)?;
         }
+        if let Some(c) = row.close {
+            match c.reset_reason() {
+                Some(reason) => write!(out, "  {} ({reason})", c.name())?,
+                None => write!(out, "  {}", c.name())?,
+            }
+        }
         out.write_all(b"\n")
     }
 
@@ -207,6 +213,8 @@ impl Printer {
             old: t.old,
             new: t.new,
             ms: row.dwell_ns.map(|ns| (ns / 1000) as f64 / 1000.0),
+            close: row.close.map(|c| Cow::Borrowed(c.name())),
+            reset_reason: row.close.and_then(|c| c.reset_reason()).map(Cow::Borrowed),
             skaddr: self.style.show_skaddr.then_some(Hex(t.skaddr)),
         };
         serde_json::to_writer(&mut *out, &j)?;
@@ -314,6 +322,12 @@ pub struct JsonRow<'a> {
     pub old: State,
     pub new: State,
     pub ms: Option<f64>,
+    /// "reset sent", "reset received", "refused", or null.
+    #[serde(default, borrow)]
+    pub close: Option<Cow<'a, str>>,
+    /// The kernel's reason for a reset it sent (`TCP_ABORT_ON_LINGER`, ...).
+    #[serde(default, borrow)]
+    pub reset_reason: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub skaddr: Option<Hex>,
 }
@@ -393,6 +407,7 @@ mod tests {
                 comm: Comm::from_bytes(b"evil\x1b[2Jname"),
             }),
             dwell_ns: Some(12_345_678),
+            close: None,
         }
     }
 
@@ -472,6 +487,8 @@ mod tests {
                 "old": "ESTABLISHED",
                 "new": "CLOSE_WAIT",
                 "ms": 12.345,
+                "close": null,
+                "reset_reason": null,
                 "skaddr": "0xffff8880deadbeef",
             })
         );

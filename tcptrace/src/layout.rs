@@ -5,10 +5,13 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result, bail};
-use tcptrace_ebpf::{Layout, RECORD_MAX};
+use tcptrace_ebpf::{Layout, RECORD_MAX, ResetLayout};
 
 pub const CATEGORY: &str = "sock";
 pub const NAME: &str = "inet_sock_set_state";
+pub const RESET_CATEGORY: &str = "tcp";
+pub const RESET_SENT: &str = "tcp_send_reset";
+pub const RESET_RECEIVED: &str = "tcp_receive_reset";
 
 /// Field name, and the sizes tcptrace can read for it.
 const FIELDS: [(&str, &[u32]); 11] = [
@@ -25,9 +28,8 @@ const FIELDS: [(&str, &[u32]); 11] = [
     ("daddr_v6", &[16]),
 ];
 
-/// Parses a format file and checks every field tcptrace reads is there, has
-/// a size it can read, and lies within the bytes the program copies.
-pub fn parse(format: &str) -> Result<Layout> {
+/// The `field:` lines of a format file: name -> (offset, size).
+fn fields(format: &str) -> Result<HashMap<&str, (u32, u32)>> {
     let mut fields: HashMap<&str, (u32, u32)> = HashMap::new();
     for line in format.lines() {
         let Some(decl) = line.trim().strip_prefix("field:") else {
@@ -47,6 +49,13 @@ pub fn parse(format: &str) -> Result<Layout> {
         };
         fields.insert(name, (number(offset, "offset:")?, number(size, "size:")?));
     }
+    Ok(fields)
+}
+
+/// Parses a format file and checks every field tcptrace reads is there, has
+/// a size it can read, and lies within the bytes the program copies.
+pub fn parse(format: &str) -> Result<Layout> {
+    let fields = fields(format)?;
 
     let get = |name: &str| -> Result<(u32, u32)> {
         let Some((_, sizes)) = FIELDS.iter().find(|(n, _)| *n == name) else {
@@ -101,6 +110,47 @@ pub fn parse(format: &str) -> Result<Layout> {
         saddr_v6,
         daddr_v6,
     })
+}
+
+/// The layout of a reset tracepoint: its socket address and, where present,
+/// its reason, with the reason's names from the print format
+/// (`__print_symbolic(REC->reason, { 0, "NOT_SPECIFIED" }, ...)`).
+pub fn parse_reset(format: &str) -> Result<(ResetLayout, Vec<(u8, String)>)> {
+    let fields = fields(format)?;
+    let Some(&(skaddr, 8)) = fields.get("skaddr") else {
+        bail!("no 8-byte skaddr field");
+    };
+    let (reason, reason_size) = match fields.get("reason") {
+        Some(&(o, 4)) => (o, 4),
+        _ => (0, 0),
+    };
+    let record_len = (skaddr + 8).max(reason + reason_size);
+    if record_len as usize > RECORD_MAX {
+        bail!("fields end past the {RECORD_MAX} bytes tcptrace copies");
+    }
+    let mut names = Vec::new();
+    if let Some(table) = format.split("REC->reason,").nth(1) {
+        let table = table.split(')').next().unwrap_or("");
+        for entry in table.split('{').skip(1) {
+            let mut parts = entry.split(',');
+            let (Some(n), Some(name)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let name = name.trim().trim_end_matches('}').trim().trim_matches('"');
+            if let Ok(n) = n.trim().parse::<u8>() {
+                names.push((n, name.to_string()));
+            }
+        }
+    }
+    Ok((
+        ResetLayout {
+            record_len,
+            skaddr,
+            reason,
+            reason_size,
+        },
+        names,
+    ))
 }
 
 #[cfg(test)]
@@ -158,6 +208,28 @@ mod tests {
             ),
             (30, 1, 31, 55, 71)
         );
+    }
+
+    #[test]
+    fn reset_tracepoints_give_the_socket_and_the_reasons_names() {
+        let (sent, names) =
+            parse_reset(include_str!("testdata/tcp_send_reset-6.18.format")).unwrap();
+        assert_eq!(
+            (sent.skaddr, sent.reason, sent.reason_size, sent.record_len),
+            (16, 28, 4, 32)
+        );
+        assert_eq!(names[0], (0, "NOT_SPECIFIED".to_string()));
+        assert!(
+            names.contains(&(12, "TCP_ABORT_ON_LINGER".to_string())),
+            "{names:?}"
+        );
+        let (received, names) =
+            parse_reset(include_str!("testdata/tcp_receive_reset-6.18.format")).unwrap();
+        assert_eq!(
+            (received.skaddr, received.reason_size, received.record_len),
+            (8, 0, 16)
+        );
+        assert!(names.is_empty());
     }
 
     #[test]

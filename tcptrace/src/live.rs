@@ -6,6 +6,7 @@
 //! longer while nothing happens. The ring holds over half a second of the
 //! fastest churn this kind of machine reaches, so a sleep never loses events.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::Duration;
@@ -15,10 +16,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, sleep, sleep_until};
 
 use crate::Failure;
-use crate::attribute::{Attributor, Row};
+use crate::attribute::{Attributor, Close, Row, intern, may_await_sent_reset};
 use crate::capture::{Capture, Counters, StartError};
 use crate::cli::LiveArgs;
-use crate::decode::decode;
+use crate::decode::{Decoded, decode};
 use crate::filter::{Admit, Filter};
 use crate::format::{Clock, OutputFormat, Printer};
 use crate::privileges;
@@ -33,6 +34,8 @@ const STDOUT_BUFFER: usize = 1 << 16;
 /// Counts for the closing line.
 #[derive(Default)]
 struct Tally {
+    /// Ring entries read.
+    seen: u64,
     shown: u64,
     hidden: u64,
     undecodable: u64,
@@ -106,7 +109,7 @@ fn write_stdout(buf: &[u8]) -> io::Result<()> {
 
 pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     let spec = args.filter.spec();
-    let mut filter = Filter::new(spec.clone());
+    let filter = Filter::new(spec.clone());
     // One clock for the terminal and the recording, so that a replay's
     // relative times match the live ones. The recording is created before
     // tracing starts: a bad path costs nothing.
@@ -142,19 +145,28 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     {
         printer.header(buf).expect("writing to a Vec cannot fail");
     }
-    let mut outputs = Outputs {
+    let outputs = Outputs {
         printer,
         stdout,
         recorder,
         lost_output: 0,
     };
-    let mut attributor = Attributor::new();
-    let mut tally = Tally::default();
+    let mut pipe = Pipeline {
+        attributor: Attributor::new(),
+        filter,
+        outputs,
+        tally: Tally::default(),
+        count: args.count,
+        pending: VecDeque::new(),
+        cycle: 0,
+        reset_reasons: reason_names(capture.reset_reasons()),
+    };
 
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let recording = outputs
+    let recording = pipe
+        .outputs
         .recorder
         .as_ref()
         .map(|r| format!(", recording to {}", r.path().display()))
@@ -171,24 +183,17 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     let mut next_loss_check = Instant::now() + LOSS_CHECK;
     let mut idle = POLL_BUSY;
     let stop = loop {
-        let before = tally.shown + tally.hidden;
-        let drained = drain(
-            &mut capture,
-            &mut attributor,
-            &mut filter,
-            &mut outputs,
-            &mut tally,
-            args.count,
-        );
+        let before = pipe.tally.seen;
+        let drained = pipe.drain(&mut capture, false);
         capture.flush_logs();
-        if let Err(stop) = drained.and_then(|()| outputs.flush()) {
+        if let Err(stop) = drained.and_then(|()| pipe.outputs.flush()) {
             break stop;
         }
         if Instant::now() >= next_loss_check {
             next_loss_check = Instant::now() + LOSS_CHECK;
             reported_lost = warn_lost(&capture, reported_lost);
         }
-        idle = if tally.shown + tally.hidden == before {
+        idle = if pipe.tally.seen == before {
             (idle * 2).min(POLL_IDLE_MAX)
         } else {
             POLL_BUSY
@@ -206,21 +211,17 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             // SAFETY: restoring the default disposition of a signal.
             unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
             // What is already in the ring happened before the stop: show it.
-            let last = drain(
-                &mut capture,
-                &mut attributor,
-                &mut filter,
-                &mut outputs,
-                &mut tally,
-                args.count,
-            );
+            let last = pipe.drain(&mut capture, true);
             break last
-                .and_then(|()| outputs.flush())
+                .and_then(|()| pipe.outputs.flush())
                 .err()
                 .unwrap_or(Stop::Done);
         }
     };
 
+    let Pipeline {
+        mut outputs, tally, ..
+    } = pipe;
     // Rows of the last batch (a --count reached mid-batch, a failed
     // recording) still go to the terminal.
     if !matches!(stop, Stop::PipeClosed) {
@@ -265,48 +266,117 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     }
 }
 
-/// Processes everything in the ring now.
-fn drain(
-    capture: &mut Capture,
-    attributor: &mut Attributor,
-    filter: &mut Filter,
-    outputs: &mut Outputs,
-    tally: &mut Tally,
+/// Everything between the ring and the outputs.
+struct Pipeline {
+    attributor: Attributor,
+    filter: Filter,
+    outputs: Outputs,
+    tally: Tally,
     count: Option<u64>,
-) -> Result<(), Stop> {
-    while let Some(item) = capture.next() {
-        let t = match decode(&item) {
-            Ok(t) => t,
-            Err(e) => {
-                log::warn!("{e}");
-                tally.undecodable += 1;
-                continue;
+    /// Rows in ring order, not yet released. A possible abort waits here one
+    /// poll cycle for the reset the kernel reports just after it; rows behind
+    /// it wait too, so output stays in order.
+    pending: VecDeque<Pending>,
+    cycle: u64,
+    /// Names of the kernel's reset reasons, by number.
+    reset_reasons: Vec<Option<&'static str>>,
+}
+
+struct Pending {
+    row: Row,
+    /// The cycle it arrived in, while it waits for a sent reset.
+    waits_since: Option<u64>,
+}
+
+impl Pipeline {
+    /// Processes everything in the ring now; `last` releases every row.
+    fn drain(&mut self, capture: &mut Capture, last: bool) -> Result<(), Stop> {
+        while let Some(item) = capture.next() {
+            let decoded = decode(&item);
+            drop(item);
+            self.tally.seen += 1;
+            match decoded {
+                Ok(Decoded::State(t)) => {
+                    let row = self.attributor.observe(&t);
+                    let waits_since = may_await_sent_reset(&row).then_some(self.cycle);
+                    self.pending.push_back(Pending { row, waits_since });
+                }
+                Ok(Decoded::Reset {
+                    skaddr,
+                    received: true,
+                    ..
+                }) => self.attributor.reset_received(skaddr),
+                Ok(Decoded::Reset { skaddr, reason, .. }) => {
+                    let name = self
+                        .reset_reasons
+                        .get(usize::from(reason))
+                        .copied()
+                        .flatten();
+                    if let Some(p) = self
+                        .pending
+                        .iter_mut()
+                        .rev()
+                        .find(|p| p.waits_since.is_some() && p.row.t.skaddr == skaddr)
+                    {
+                        p.row.close = Some(Close::ResetSent(name));
+                        p.waits_since = None;
+                    }
+                }
+                Err(e) => {
+                    log::warn!("{e}");
+                    self.tally.undecodable += 1;
+                }
             }
-        };
-        drop(item);
-        let row = attributor.observe(&t);
-        match filter.admit(row) {
-            Admit::Hidden => tally.hidden += 1,
-            Admit::Held => {}
-            Admit::Show(held) => {
-                for r in held.iter().chain(std::iter::once(&row)) {
-                    outputs.emit(r)?;
-                    tally.shown += 1;
-                    if count.is_some_and(|n| tally.shown >= n) {
-                        return Err(Stop::Done);
+            if self.pending.len() >= 4096 {
+                self.release(last)?;
+            }
+        }
+        self.release(last)?;
+        self.cycle += 1;
+        Ok(())
+    }
+
+    /// Filters and emits rows from the front of the queue, up to one still
+    /// waiting for its reset (arrived in this cycle).
+    fn release(&mut self, all: bool) -> Result<(), Stop> {
+        while let Some(front) = self.pending.front() {
+            if !all && front.waits_since == Some(self.cycle) {
+                break;
+            }
+            let row = self.pending.pop_front().expect("front exists").row;
+            match self.filter.admit(row) {
+                Admit::Hidden => self.tally.hidden += 1,
+                Admit::Held => {}
+                Admit::Show(held) => {
+                    for r in held.iter().chain(std::iter::once(&row)) {
+                        self.outputs.emit(r)?;
+                        self.tally.shown += 1;
+                        if self.count.is_some_and(|n| self.tally.shown >= n) {
+                            return Err(Stop::Done);
+                        }
                     }
                 }
             }
+            if self
+                .outputs
+                .stdout
+                .as_ref()
+                .is_some_and(|b| b.len() >= STDOUT_BUFFER)
+            {
+                self.outputs.flush()?;
+            }
         }
-        if outputs
-            .stdout
-            .as_ref()
-            .is_some_and(|b| b.len() >= STDOUT_BUFFER)
-        {
-            outputs.flush()?;
-        }
+        Ok(())
     }
-    Ok(())
+}
+
+/// The reset reason table, by number, for rows to point into.
+fn reason_names(table: &[(u8, String)]) -> Vec<Option<&'static str>> {
+    let mut names = vec![None; 256];
+    for (n, name) in table {
+        names[usize::from(*n)] = Some(intern(name));
+    }
+    names
 }
 
 /// Warns about transitions lost (ring full) or missed (the kernel skipped

@@ -8,7 +8,7 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use crate::attribute::Row;
+use crate::attribute::{Close, Row};
 use crate::cli::io_reason;
 use crate::decode::{Comm, Family, Task, Transition};
 use crate::format::JsonRow;
@@ -191,6 +191,13 @@ fn row_of(j: &JsonRow) -> Result<Row, String> {
         sock: j.sock,
         owner,
         dwell_ns,
+        close: match &j.close {
+            Some(name) => Some(
+                Close::from_name(name, j.reset_reason.as_deref())
+                    .ok_or_else(|| format!("unknown close {name:?}"))?,
+            ),
+            None => None,
+        },
     })
 }
 
