@@ -52,8 +52,18 @@ fn bad_arguments_exit_2_with_one_sentence() {
         (&["--format", "xml"], "invalid value 'xml'"),
         (&["--time", "yesterday"], "invalid value 'yesterday'"),
         (&["--no-such-flag"], "unexpected argument '--no-such-flag'"),
+        (&["--netns", "0"], "0 is not a namespace inode"),
+        (
+            &["--netns", "/no/such/ns"],
+            "neither a namespace inode number nor a readable path",
+        ),
+        (&["--netns-of", "999999999"], "larger than any Linux pid"),
+        (&["--netns-of", "4194303"], "no process 4194303"),
     ];
-    for (args, want) in cases {
+    let me = std::process::id().to_string();
+    let both: &[&str] = &["--netns", "1", "--netns-of", &me];
+    let cases = [cases, &[(both, "cannot be used with")]].concat();
+    for (args, want) in &cases {
         let (code, stdout, stderr) = run(args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
         assert!(stdout.is_empty(), "{args:?}");
@@ -91,6 +101,14 @@ fn help_lists_every_flag_and_exits_0() {
         "--duration",
         "--count",
         "--debug",
+        "--netns",
+        "--netns-of",
+        "--wide",
+        "--write",
+        "--quiet",
+        "--rotate-size",
+        "--rotate-keep",
+        "--force",
         "Examples:",
     ] {
         assert!(stdout.contains(flag), "--help lacks {flag}");

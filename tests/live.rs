@@ -11,6 +11,7 @@ const LISTENER: &str = "CLOSE>LISTEN>CLOSE";
 
 struct Run {
     out: Output,
+    netns: u64,
     server: u32,
     client: u32,
 }
@@ -25,9 +26,13 @@ fn scenario(ip: &str, server_mode: &str, client_mode: &str, hold_ms: u32) -> (Ru
         format!("{ip}:{port}")
     };
     let hold = hold_ms.to_string();
+    // Only this test's namespace: nothing else on the host can show up.
+    let netns = ns.path();
     let tracer = Tracer::start(&[
         "--port",
         &port.to_string(),
+        "--netns",
+        &netns,
         "--format",
         "json",
         "--time",
@@ -43,6 +48,7 @@ fn scenario(ip: &str, server_mode: &str, client_mode: &str, hold_ms: u32) -> (Ru
     (
         Run {
             out,
+            netns: ns.inode(),
             server: server_pid,
             client: client_pid,
         },
@@ -349,6 +355,7 @@ fn json_rows_carry_every_field_typed() {
         "ms",
         "close",
         "reset_reason",
+        "netns",
     ];
     let mut last_ts = 0;
     for r in &rows {
@@ -372,6 +379,7 @@ fn json_rows_carry_every_field_typed() {
                 || r["pid"].as_u64() == Some(run.client.into())
         );
         assert!(["tt-server", "tt-client"].contains(&r["comm"].as_str().unwrap()));
+        assert_eq!(r["netns"], run.netns, "the test's own namespace");
         assert_eq!(r["family"], "ipv4");
         assert!(r["lport"].is_u64() && r["rport"].is_u64());
         assert!(r["ms"].is_null() || r["ms"].as_f64().unwrap() >= 0.0);
@@ -485,4 +493,71 @@ fn sigterm_drains_and_exits_zero() {
         2,
         "the listener's two transitions were drained"
     );
+}
+
+#[test]
+fn the_same_tuple_in_two_namespaces_is_two_connections() {
+    // Two namespaces, each with one ephemeral port and the same addresses:
+    // both connections are 127.0.0.2:40000 -> 127.0.0.1:PORT.
+    let (a, b) = (Netns::new(), Netns::new());
+    for ns in [&a, &b] {
+        ns.sysctl("net.ipv4.ip_local_port_range", "40000 40000");
+    }
+    let port = unique_port();
+    let p = port.to_string();
+    let tuple = format!("127.0.0.2:40000,127.0.0.1:{port}");
+    let all = Tracer::start(&["--port", &p, "--format", "json"]);
+    let only_a = Tracer::start(&["--port", &p, "--netns", &a.path(), "--format", "json"]);
+    let follow_b = Tracer::start(&[
+        "--follow",
+        &tuple,
+        "--netns",
+        &b.inode().to_string(),
+        "--format",
+        "json",
+    ]);
+    let addr = format!("127.0.0.1:{port}");
+    let mut pids = Vec::new();
+    for ns in [&a, &b] {
+        let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
+        let client = ns.peer(&["client", &addr, "--mode", "close", "--bind", "127.0.0.2"]);
+        pids.push((ns.inode(), server.pid, client.pid));
+        client.finish();
+        server.finish();
+    }
+    let (all, only_a, follow_b) = (all.stop(), only_a.stop(), follow_b.stop());
+
+    // Every socket, with its namespace and the owner from that namespace.
+    let lives = all.lives();
+    assert_eq!(all.rows().len(), 24, "{}", all.stdout);
+    assert_eq!(lives.len(), 6);
+    for (inode, server, client) in &pids {
+        let mine: Vec<_> = lives
+            .iter()
+            .filter(|l| l.rows[0]["netns"] == *inode)
+            .collect();
+        assert_eq!(mine.len(), 3, "three sockets in namespace {inode}");
+        for l in mine {
+            let owner = if l.path().starts_with("CLOSE>SYN_SENT") {
+                client
+            } else {
+                server
+            };
+            let comm = if owner == client {
+                "tt-client"
+            } else {
+                "tt-server"
+            };
+            l.assert_owner(*owner, comm);
+            assert!(l.rows.iter().all(|r| r["netns"] == *inode));
+        }
+    }
+    // --netns selects one namespace.
+    let rows = only_a.rows();
+    assert_eq!(rows.len(), 12);
+    assert!(rows.iter().all(|r| r["netns"] == a.inode()));
+    // --follow with --netns: one connection of the two identical ones.
+    let rows = follow_b.rows();
+    assert_eq!(rows.len(), 10, "{}", follow_b.stdout);
+    assert!(rows.iter().all(|r| r["netns"] == b.inode()));
 }

@@ -73,6 +73,18 @@ impl Netns {
         ns
     }
 
+    /// The namespace's inode, as tcptrace reports it.
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(self.path())
+            .expect("namespace exists")
+            .ino()
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
     /// Sets a sysctl inside the namespace (net.* sysctls are per namespace).
     pub fn sysctl(&self, key: &str, value: &str) {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));

@@ -22,6 +22,9 @@ pub struct Event {
     /// Thread group id of the task the kernel ran in. Only meaningful for
     /// transitions made in process context (see `attribute` in userspace).
     pub pid: u32,
+    /// Inode of the socket's network namespace (as `ls -l /proc/PID/ns/net`
+    /// shows it); 0 when the kernel's BTF did not say where to find it.
+    pub netns: u32,
     pub oldstate: u8,
     pub newstate: u8,
     /// `AF_INET` or `AF_INET6`.
@@ -39,7 +42,7 @@ pub struct Event {
     pub reset_reason: u8,
     /// Explicit, so that the whole struct is written and no kernel stack
     /// bytes travel through the ring as padding.
-    pub _pad: u16,
+    pub _pad: [u8; 6],
 }
 
 pub const KIND_STATE: u8 = 0;
@@ -96,6 +99,21 @@ pub struct Config {
     pub port_filters: u32,
     pub reset_sent: ResetLayout,
     pub reset_received: ResetLayout,
+    pub netns: NetnsLayout,
+}
+
+/// How to read a socket's network namespace inode: `*(u64 *)(sk + sk_net)`
+/// is its `struct net *`, and `*(u32 *)(net + inum)` the inode. Offsets come
+/// from the kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsLayout {
+    /// 0: not known, do not read.
+    pub enabled: u32,
+    pub sk_net: u32,
+    pub inum: u32,
+    /// Keep only this namespace (0: all).
+    pub only: u32,
 }
 
 /// The largest record the program copies; the tracepoint's is 72 bytes today.

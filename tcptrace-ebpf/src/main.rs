@@ -9,7 +9,8 @@ use aya_ebpf::{
     EbpfContext, Global,
     bindings::BPF_RB_NO_WAKEUP,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf,
     },
     macros::{map, tracepoint},
     maps::{Array, PerCpuArray, RingBuf},
@@ -18,8 +19,8 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use tcptrace_ebpf::{
     AF_INET, AF_INET6, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_LEN, Config, Event, FAMILY_V4,
-    FAMILY_V6, IPPROTO_TCP, KIND_RESET_RECEIVED, KIND_RESET_SENT, KIND_STATE, Layout, PORT_ANY,
-    PORT_LOCAL, PORT_REMOTE, RECORD_MAX, RING_BYTES, ResetLayout,
+    FAMILY_V6, IPPROTO_TCP, KIND_RESET_RECEIVED, KIND_RESET_SENT, KIND_STATE, Layout, NetnsLayout,
+    PORT_ANY, PORT_LOCAL, PORT_REMOTE, RECORD_MAX, RING_BYTES, ResetLayout,
 };
 
 #[unsafe(no_mangle)]
@@ -43,6 +44,12 @@ static CONFIG: Global<Config> = Global::new(Config {
     port_filters: 0,
     reset_sent: NO_RESETS,
     reset_received: NO_RESETS,
+    netns: NetnsLayout {
+        enabled: 0,
+        sk_net: 0,
+        inum: 0,
+        only: 0,
+    },
 });
 
 const NO_RESETS: ResetLayout = ResetLayout {
@@ -101,6 +108,12 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         count(COUNTER_FILTERED);
         return Ok(());
     }
+    let skaddr = field::<u64>(&rec, l.skaddr);
+    let netns = netns_of(&cfg.netns, skaddr);
+    if cfg.netns.only != 0 && netns != cfg.netns.only {
+        count(COUNTER_FILTERED);
+        return Ok(());
+    }
 
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
@@ -113,8 +126,9 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let event = Event {
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr: field::<u64>(&rec, l.skaddr),
+        skaddr,
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        netns,
         oldstate: field::<u32>(&rec, l.oldstate) as u8,
         newstate: field::<u32>(&rec, l.newstate) as u8,
         family,
@@ -125,7 +139,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         comm: bpf_get_current_comm().unwrap_or_default(),
         kind: KIND_STATE,
         reset_reason: 0,
-        _pad: 0,
+        _pad: [0; 6],
     };
     emit(event);
     Ok(())
@@ -167,6 +181,7 @@ fn try_reset(ctx: &TracePointContext, l: &ResetLayout, kind: u8) -> Result<(), i
         ts_ns: unsafe { bpf_ktime_get_ns() },
         skaddr,
         pid: 0,
+        netns: 0,
         oldstate: 0,
         newstate: 0,
         family: 0,
@@ -177,7 +192,7 @@ fn try_reset(ctx: &TracePointContext, l: &ResetLayout, kind: u8) -> Result<(), i
         comm: [0; 16],
         kind,
         reset_reason: reason,
-        _pad: 0,
+        _pad: [0; 6],
     });
     Ok(())
 }
@@ -194,6 +209,20 @@ fn emit(event: Event) {
         }
         None => count(COUNTER_LOST),
     }
+}
+
+/// The inode of the socket's network namespace, 0 if it cannot be read.
+#[inline(always)]
+fn netns_of(l: &NetnsLayout, skaddr: u64) -> u32 {
+    if l.enabled == 0 {
+        return 0;
+    }
+    let net: u64 =
+        unsafe { bpf_probe_read_kernel((skaddr + u64::from(l.sk_net)) as *const u64) }.unwrap_or(0);
+    if net == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_kernel((net + u64::from(l.inum)) as *const u32) }.unwrap_or(0)
 }
 
 /// A field of the record at `offset`. Userspace has checked that every

@@ -116,7 +116,8 @@ struct Listener {
 #[derive(Debug, Default)]
 pub struct Attributor {
     socks: HashMap<u64, Sock>,
-    listeners: HashMap<u16, Vec<Listener>>,
+    /// Listening sockets by (network namespace, port).
+    listeners: HashMap<(u32, u16), Vec<Listener>>,
     /// Sockets a reset was received on, until their `-> CLOSE`.
     reset_received: HashSet<u64>,
     next_id: u64,
@@ -206,7 +207,7 @@ impl Attributor {
 
         if t.new == State::LISTEN {
             self.listeners
-                .entry(t.local.port())
+                .entry((t.netns, t.local.port()))
                 .or_default()
                 .push(Listener {
                     skaddr: t.skaddr,
@@ -223,10 +224,11 @@ impl Attributor {
     }
 
     fn forget_listener(&mut self, t: &Transition) {
-        if let Some(list) = self.listeners.get_mut(&t.local.port()) {
+        let key = (t.netns, t.local.port());
+        if let Some(list) = self.listeners.get_mut(&key) {
             list.retain(|l| l.skaddr != t.skaddr);
             if list.is_empty() {
-                self.listeners.remove(&t.local.port());
+                self.listeners.remove(&key);
             }
         }
     }
@@ -239,12 +241,13 @@ impl Attributor {
 }
 
 /// The owner of the listener a child socket was cloned from: one listening on
-/// the child's port, on its address or on the wildcard. Several listeners
-/// with different owners (SO_REUSEPORT, or the same port in two network
-/// namespaces) make it unknowable from here, so unknown.
-fn listener_owner(listeners: &HashMap<u16, Vec<Listener>>, t: &Transition) -> Option<Task> {
+/// the child's port in its network namespace, on its address or on the
+/// wildcard. Several listeners with different owners (SO_REUSEPORT, or the
+/// same port in namespaces the kernel's BTF did not let us tell apart) make
+/// it unknowable from here, so unknown.
+fn listener_owner(listeners: &HashMap<(u32, u16), Vec<Listener>>, t: &Transition) -> Option<Task> {
     let mut owners = listeners
-        .get(&t.local.port())?
+        .get(&(t.netns, t.local.port()))?
         .iter()
         .filter(|l| l.addr == t.local.ip() || l.addr.is_unspecified())
         .map(|l| l.owner);
@@ -276,6 +279,7 @@ mod tests {
             family: Family::V4,
             local: l.parse().unwrap(),
             remote: r.parse().unwrap(),
+            netns: 1,
         }
     }
 
@@ -616,6 +620,38 @@ mod tests {
             "2.2.2.2:80",
         ));
         assert!(may_await_sent_reset(&r));
+    }
+
+    #[test]
+    fn same_port_in_two_namespaces_has_two_owners() {
+        let mut a = Attributor::new();
+        let mut in_ns = |ns: u32, t: Transition| a.observe(&Transition { netns: ns, ..t });
+        let listen = |sk, pid| {
+            tr(
+                0,
+                sk,
+                task(pid, "srv"),
+                State::CLOSE,
+                State::LISTEN,
+                "0.0.0.0:80",
+                "0.0.0.0:0",
+            )
+        };
+        in_ns(10, listen(1, 100));
+        in_ns(20, listen(2, 200));
+        let child = |sk| {
+            tr(
+                1,
+                sk,
+                task(9, "x"),
+                State::LISTEN,
+                State::SYN_RECV,
+                "127.0.0.1:80",
+                "127.0.0.1:9",
+            )
+        };
+        assert_eq!(in_ns(10, child(3)).owner.map(|o| o.pid), Some(100));
+        assert_eq!(in_ns(20, child(4)).owner.map(|o| o.pid), Some(200));
     }
 
     #[test]

@@ -14,9 +14,10 @@ use tcptrace_ebpf::{
     PROGRAM,
 };
 
+use crate::btf::Btf;
 use crate::filter::Filter;
 use crate::{layout, privileges, tracefs};
-use tcptrace_ebpf::{PROGRAM_RESET_RECEIVED, PROGRAM_RESET_SENT, ResetLayout};
+use tcptrace_ebpf::{NetnsLayout, PROGRAM_RESET_RECEIVED, PROGRAM_RESET_SENT, ResetLayout};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
 
@@ -85,6 +86,7 @@ impl Capture {
             port_filters: u32::from(port_filters),
             reset_sent,
             reset_received,
+            netns: netns_layout(filter.spec().netns)?,
         };
         log::debug!("program configuration: {config:?}");
 
@@ -218,6 +220,38 @@ impl Capture {
     pub fn flush_logs(&mut self) {
         if let Some(l) = &mut self.logger {
             l.flush();
+        }
+    }
+}
+
+/// Where this kernel keeps a socket's network namespace inode, from its BTF.
+/// Without BTF every namespace reads as 0, which `--netns` cannot filter on.
+fn netns_layout(only: Option<u32>) -> Result<NetnsLayout> {
+    let found = fs::read("/sys/kernel/btf/vmlinux")
+        .map_err(anyhow::Error::from)
+        .and_then(|data| Btf::parse(&data))
+        .and_then(|btf| {
+            let sk_common = btf.member_offset("sock", "__sk_common");
+            let sk_net = btf.path_offset("sock_common", &["skc_net", "net"]);
+            let inum = btf.path_offset("net", &["ns", "inum"]);
+            match (sk_common, sk_net, inum) {
+                (Some(base), Some(sk_net), Some(inum)) => Ok((base + sk_net, inum)),
+                _ => Err(anyhow!("the kernel's BTF has no sock->net->ns.inum path")),
+            }
+        });
+    match (found, only) {
+        (Ok((sk_net, inum)), _) => Ok(NetnsLayout {
+            enabled: 1,
+            sk_net,
+            inum,
+            only: only.unwrap_or(0),
+        }),
+        (Err(e), Some(_)) => {
+            Err(e.context("--netns needs the kernel's BTF (/sys/kernel/btf/vmlinux)"))
+        }
+        (Err(e), None) => {
+            log::warn!("network namespaces will show as unknown: {e:#}");
+            Ok(NetnsLayout::default())
         }
     }
 }

@@ -188,6 +188,16 @@ pub struct FilterArgs {
     /// before the local port is chosen.
     #[arg(long, value_name = "LADDR:LPORT,RADDR:RPORT", value_parser = parse_tuple)]
     pub follow: Option<Tuple>,
+
+    /// Only sockets in this network namespace: its inode number (as `ls -l
+    /// /proc/PID/ns/net` shows it) or a path to it (/proc/PID/ns/net,
+    /// /run/netns/NAME).
+    #[arg(long, value_name = "INODE|PATH", value_parser = parse_netns, conflicts_with = "netns_of")]
+    pub netns: Option<u32>,
+
+    /// Only sockets in the network namespace of this process.
+    #[arg(long, value_name = "PID", value_parser = parse_netns_of)]
+    pub netns_of: Option<u32>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -209,6 +219,10 @@ pub struct OutputArgs {
     /// Leave out the header line of the text format.
     #[arg(long)]
     pub no_header: bool,
+
+    /// Wide text: also show each socket's network namespace (NETNS).
+    #[arg(long)]
+    pub wide: bool,
 }
 
 impl FilterArgs {
@@ -225,6 +239,7 @@ impl FilterArgs {
             pids: self.pids.clone(),
             comms: self.comms.clone(),
             follow: self.follow,
+            netns: self.netns.or(self.netns_of),
         }
     }
 }
@@ -235,6 +250,7 @@ impl OutputArgs {
             format: self.format,
             time: self.time,
             show_skaddr: self.show_skaddr,
+            wide: self.wide,
         }
     }
 }
@@ -354,6 +370,32 @@ pub fn io_reason(e: &std::io::Error) -> String {
         Some(i) => s[..i].to_string(),
         None => s,
     }
+}
+
+/// A network namespace: an inode number, or a path whose inode it is.
+fn parse_netns(s: &str) -> Result<u32, String> {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(n) = s.trim().parse::<u32>() {
+        return if n == 0 {
+            Err("0 is not a namespace inode".into())
+        } else {
+            Ok(n)
+        };
+    }
+    let meta = std::fs::metadata(s).map_err(|e| {
+        format!(
+            "{s:?} is neither a namespace inode number nor a readable path ({})",
+            io_reason(&e)
+        )
+    })?;
+    u32::try_from(meta.ino())
+        .map_err(|_| format!("{s} has an inode number too large for a namespace"))
+}
+
+fn parse_netns_of(s: &str) -> Result<u32, String> {
+    let pid = parse_pid(s)?;
+    parse_netns(&format!("/proc/{pid}/ns/net"))
+        .map_err(|_| format!("no process {pid} (or its network namespace cannot be read)"))
 }
 
 fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {

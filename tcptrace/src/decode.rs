@@ -21,6 +21,8 @@ pub struct Transition {
     pub family: Family,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// Inode of the socket's network namespace; 0 when not known.
+    pub netns: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -144,6 +146,7 @@ pub fn from_event(e: &Event) -> Transition {
         family,
         local: SocketAddr::new(saddr, e.sport),
         remote: SocketAddr::new(daddr, e.dport),
+        netns: e.netns,
     }
 }
 
@@ -174,9 +177,10 @@ pub(crate) mod tests {
             saddr: [0; 16],
             daddr: [0; 16],
             comm: *b"redis-cli\0\0\0\0\0\0\0",
+            netns: 4026531840,
             kind: 0,
             reset_reason: 0,
-            _pad: 0,
+            _pad: [0; 6],
         };
         e.saddr[..saddr.len()].copy_from_slice(saddr);
         e.daddr[..daddr.len()].copy_from_slice(daddr);

@@ -30,6 +30,8 @@ pub struct Spec {
     pub comms: Vec<String>,
     #[serde(with = "tuple_text")]
     pub follow: Option<Tuple>,
+    /// Inode of the one network namespace to watch.
+    pub netns: Option<u32>,
 }
 
 impl Spec {
@@ -61,6 +63,9 @@ impl Spec {
         }
         if let Some(t) = self.follow {
             parts.push(format!("connection {},{}", t.a, t.b));
+        }
+        if let Some(n) = self.netns {
+            parts.push(format!("network namespace {n}"));
         }
         if parts.is_empty() {
             "all TCP sockets".into()
@@ -201,6 +206,10 @@ impl Filter {
         }
     }
 
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
     /// Families the kernel program keeps.
     pub fn kernel_families(&self) -> u32 {
         match self.spec.family {
@@ -249,6 +258,7 @@ impl Filter {
     pub fn admit(&mut self, row: Row) -> Admit {
         let t = &row.t;
         let stateless = self.spec.family.is_none_or(|f| f == t.family)
+            && self.spec.netns.is_none_or(|n| n == t.netns)
             && self.ports_pass(t.local.port(), t.remote.port())
             && self.owner_passes(&row);
         let Some(follow) = self.spec.follow else {
@@ -304,6 +314,7 @@ mod tests {
                 },
                 local,
                 remote: r.parse().unwrap(),
+                netns: 1,
             },
             sock: sk,
             owner: owner.map(task),

@@ -78,6 +78,8 @@ pub struct Style {
     pub format: OutputFormat,
     pub time: TimeFormat,
     pub show_skaddr: bool,
+    /// Text: a NETNS column.
+    pub wide: bool,
 }
 
 /// Width of an address column: fits `255.255.255.255:65535`.
@@ -133,6 +135,9 @@ impl Printer {
             "{:>7}  {:<COMM_WIDTH$}  {:<ADDR_WIDTH$}  {:<ADDR_WIDTH$}  {:>11}    {:<11}  {:>10}  SOCK",
             "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "OLD", "NEW", "MS"
         )?;
+        if self.style.wide {
+            out.write_all(b"       NETNS")?;
+        }
         if self.style.show_skaddr {
             out.write_all(b"  SKADDR")?;
         }
@@ -176,6 +181,12 @@ impl Printer {
             None => write!(out, "{:>10}", "-")?,
         }
         write!(out, "  {}", row.sock)?;
+        if self.style.wide {
+            match t.netns {
+                0 => write!(out, "  {:>10}", "-")?,
+                n => write!(out, "  {n:>10}")?,
+            }
+        }
         if self.style.show_skaddr {
             write!(out, "  {:#x}", t.skaddr)?;
         }
@@ -206,6 +217,7 @@ impl Printer {
             pid: row.owner.map(|o| o.pid),
             comm: comm.as_ref().map(|c| c.as_str()),
             family: Cow::Borrowed(t.family.name()),
+            netns: (t.netns != 0).then_some(t.netns),
             laddr: t.local.ip(),
             lport: t.local.port(),
             raddr: t.remote.ip(),
@@ -315,6 +327,9 @@ pub struct JsonRow<'a> {
     pub comm: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub family: Cow<'a, str>,
+    /// Inode of the socket's network namespace; null when not known.
+    #[serde(default)]
+    pub netns: Option<u32>,
     pub laddr: IpAddr,
     pub lport: u16,
     pub raddr: IpAddr,
@@ -400,6 +415,7 @@ mod tests {
                 family: Family::V6,
                 local: "[::1]:6389".parse().unwrap(),
                 remote: "[::1]:53525".parse().unwrap(),
+                netns: 4026531840,
             },
             sock: 3,
             owner: Some(Task {
@@ -424,6 +440,7 @@ mod tests {
             format: OutputFormat::Text,
             time,
             show_skaddr: false,
+            wide: false,
         }
     }
 
@@ -468,6 +485,7 @@ mod tests {
             format: OutputFormat::Json,
             time: TimeFormat::Utc,
             show_skaddr: true,
+            wide: false,
         };
         let s = render(style, &row());
         let v: serde_json::Value = serde_json::from_str(s.trim()).unwrap();
@@ -480,6 +498,7 @@ mod tests {
                 "pid": 4242,
                 "comm": "evil\u{1b}[2Jname",
                 "family": "ipv6",
+                "netns": 4026531840u32,
                 "laddr": "::1",
                 "lport": 6389,
                 "raddr": "::1",

@@ -2,6 +2,7 @@
 
 mod analyse;
 mod attribute;
+mod btf;
 mod capture;
 mod cli;
 mod decode;

@@ -88,6 +88,7 @@ pub fn report(args: ReportArgs) -> Result<(), Failure> {
             format: args.format,
             time: TimeFormat::Utc,
             show_skaddr: false,
+            wide: false,
         };
         return print_rows(
             &args.files,

@@ -143,6 +143,7 @@ impl Recorder {
                 format: OutputFormat::Json,
                 time: TimeFormat::Utc,
                 show_skaddr: false,
+                wide: false,
             },
             header.clock(),
         );

@@ -187,6 +187,7 @@ fn row_of(j: &JsonRow) -> Result<Row, String> {
             family,
             local: SocketAddr::new(j.laddr, j.lport),
             remote: SocketAddr::new(j.raddr, j.rport),
+            netns: j.netns.unwrap_or(0),
         },
         sock: j.sock,
         owner,
