@@ -561,3 +561,78 @@ fn the_same_tuple_in_two_namespaces_is_two_connections() {
     assert_eq!(rows.len(), 10, "{}", follow_b.stdout);
     assert!(rows.iter().all(|r| r["netns"] == b.inode()));
 }
+
+#[test]
+fn a_server_that_never_closes_is_reported_stuck_in_close_wait() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "--netns",
+        &ns.path(),
+        "--stuck",
+        "1s",
+        "--format",
+        "json",
+    ]);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&[
+        "server",
+        &addr,
+        "--mode",
+        "wait-peer-close",
+        "--hold-ms",
+        "60000",
+    ]);
+    let server_pid = server.pid;
+    ns.peer(&["client", &addr, "--mode", "close"]).finish();
+    let closed = std::time::Instant::now();
+    // Not before the threshold...
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert!(
+        !tracer.stderr_so_far().contains("stuck"),
+        "{}",
+        tracer.stderr_so_far()
+    );
+    // ...but soon after it.
+    while !tracer.stderr_so_far().contains("stuck:") {
+        assert!(
+            closed.elapsed().as_secs() < 10,
+            "no stuck warning: {}",
+            tracer.stderr_so_far()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(closed.elapsed().as_millis() >= 1000);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = tracer.stop();
+    server.kill();
+    let stuck: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("stuck: "))
+        .collect();
+    assert_eq!(
+        stuck.len(),
+        1,
+        "once, and only the server's socket: {}",
+        out.stderr
+    );
+    let line = stuck[0];
+    assert!(
+        line.contains(&format!("pid {server_pid} (tt-server)")),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("127.0.0.1:{port} -> 127.0.0.1:")),
+        "{line}"
+    );
+    assert!(line.contains(" in CLOSE_WAIT for 1."), "{line}");
+    assert!(
+        line.contains("has not called close(): often a descriptor leak"),
+        "{line}"
+    );
+    let summary = format!("1 socket stuck longer than 1s: 1 of pid {server_pid} (tt-server)");
+    assert!(out.stderr.contains(&summary), "{}", out.stderr);
+}

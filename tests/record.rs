@@ -167,7 +167,7 @@ fn report_names_the_close_wait_leak_with_its_owner() {
         open[0]["meaning"]
             .as_str()
             .unwrap()
-            .contains("leak suspect")
+            .contains("often a descriptor leak")
     );
     // Time in CLOSE_WAIT: the orderly server's 200 ms sleep.
     let dwell = r["dwell"].as_array().unwrap();
@@ -194,7 +194,11 @@ fn report_names_the_close_wait_leak_with_its_owner() {
         text.stdout.contains("CLOSE_WAIT")
             && text.stdout.contains(&format!("{leak_pid} tt-server"))
     );
-    assert!(text.stdout.contains("leak suspect"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("often a descriptor leak"),
+        "{}",
+        text.stdout
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -235,6 +235,7 @@ pub struct Tracer {
     child: Child,
     stdout: JoinHandle<String>,
     stderr: JoinHandle<String>,
+    so_far: Arc<Mutex<String>>,
 }
 
 /// What a tcptrace run printed.
@@ -268,22 +269,26 @@ impl Tracer {
         });
         let err = child.stderr.take().expect("piped");
         let (ready_tx, ready_rx) = mpsc::channel();
+        let so_far = Arc::new(Mutex::new(String::new()));
+        let lines = Arc::clone(&so_far);
         let stderr = thread::spawn(move || {
-            let mut all = String::new();
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 if line.starts_with("tcptrace: tracing ") {
                     let _ = ready_tx.send(());
                 }
+                let mut all = lines.lock().unwrap_or_else(|p| p.into_inner());
                 all.push_str(&line);
                 all.push('\n');
             }
-            all
+            let all = lines.lock().unwrap_or_else(|p| p.into_inner());
+            all.clone()
         });
         match ready_rx.recv_timeout(Duration::from_secs(60)) {
             Ok(()) => Tracer {
                 child,
                 stdout,
                 stderr,
+                so_far,
             },
             Err(_) => {
                 let _ = child.kill();
@@ -294,6 +299,14 @@ impl Tracer {
                 );
             }
         }
+    }
+
+    /// What tcptrace has said on stderr until now.
+    pub fn stderr_so_far(&self) -> String {
+        self.so_far
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn pid(&self) -> u32 {

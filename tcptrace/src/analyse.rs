@@ -63,24 +63,6 @@ fn enters_time_wait(old: State, new: State) -> bool {
     new == State::CLOSE && matches!(old, State::FIN_WAIT2 | State::CLOSING)
 }
 
-/// What a socket still in `state` at the end of a recording means.
-pub fn meaning(state: State) -> &'static str {
-    match state {
-        State::CLOSE_WAIT => {
-            "the peer closed; the owning process has not called close(): a leak suspect"
-        }
-        State::FIN_WAIT2 => "half-closed: we closed, the peer has not",
-        State::FIN_WAIT1 => "we closed; our FIN is not acknowledged yet",
-        State::SYN_SENT => "connecting: no answer to the SYN yet",
-        State::SYN_RECV => "handshake not completed by the peer",
-        State::LAST_ACK => "both closed; the final ACK has not arrived",
-        State::CLOSING => "both closed at once; waiting for the ACK of our FIN",
-        State::ESTABLISHED => "open",
-        State::LISTEN => "listening",
-        _ => "",
-    }
-}
-
 /// How worrying a state left at the end is: the report lists worst first.
 fn concern(state: State) -> u8 {
     match state {
@@ -372,7 +354,7 @@ impl Analysis {
                     comm: o.owner.map(|t| t.comm.as_str().into_owned()),
                     local: o.local.to_string(),
                     remote: o.remote.to_string(),
-                    meaning: meaning(o.state),
+                    meaning: o.state.meaning(),
                 })
                 .collect(),
             processes: processes

@@ -102,6 +102,10 @@ struct Sock {
     owner: Option<Task>,
     /// When the socket entered its current state, if we saw that happen.
     since_ns: Option<u64>,
+    /// Its latest transition (current state, addresses).
+    last: Transition,
+    /// `--stuck` already warned about it in its current state.
+    warned: bool,
 }
 
 #[derive(Debug)]
@@ -182,6 +186,8 @@ impl Attributor {
                     id: self.next_id,
                     owner,
                     since_ns: None,
+                    last: *t,
+                    warned: false,
                 })
             }
         };
@@ -204,6 +210,8 @@ impl Attributor {
             });
         }
         sock.since_ns = Some(t.ts_ns);
+        sock.last = *t;
+        sock.warned = false;
 
         if t.new == State::LISTEN {
             self.listeners
@@ -231,6 +239,30 @@ impl Attributor {
                 self.listeners.remove(&key);
             }
         }
+    }
+
+    /// Sockets that have been in a state they should not linger in for at
+    /// least `threshold_ns` at `now_ns`, each reported once per state: as
+    /// their last row, with `dwell_ns` the time so far.
+    pub fn newly_stuck(&mut self, now_ns: u64, threshold_ns: u64) -> Vec<Row> {
+        let mut stuck = Vec::new();
+        for s in self.socks.values_mut() {
+            let Some(since) = s.since_ns else { continue };
+            let age = now_ns.saturating_sub(since);
+            if s.warned || !s.last.new.can_be_stuck() || age < threshold_ns {
+                continue;
+            }
+            s.warned = true;
+            stuck.push(Row {
+                t: s.last,
+                sock: s.id,
+                owner: s.owner,
+                dwell_ns: Some(age),
+                close: None,
+            });
+        }
+        stuck.sort_by_key(|r| r.sock);
+        stuck
     }
 
     /// Sockets currently tracked.
@@ -652,6 +684,75 @@ mod tests {
         };
         assert_eq!(in_ns(10, child(3)).owner.map(|o| o.pid), Some(100));
         assert_eq!(in_ns(20, child(4)).owner.map(|o| o.pid), Some(200));
+    }
+
+    #[test]
+    fn a_socket_is_stuck_once_past_the_threshold_and_said_once() {
+        let mut a = Attributor::new();
+        let me = task(7, "app");
+        let est = State::ESTABLISHED;
+        a.observe(&tr(
+            0,
+            1,
+            me,
+            State::CLOSE,
+            State::SYN_SENT,
+            "1.1.1.1:0",
+            "2.2.2.2:80",
+        ));
+        a.observe(&tr(
+            10,
+            1,
+            me,
+            State::SYN_SENT,
+            est,
+            "1.1.1.1:5",
+            "2.2.2.2:80",
+        ));
+        a.observe(&tr(
+            20,
+            1,
+            task(0, "swapper/0"),
+            est,
+            State::CLOSE_WAIT,
+            "1.1.1.1:5",
+            "2.2.2.2:80",
+        ));
+        assert!(
+            a.newly_stuck(100, 100).is_empty(),
+            "80 ns in CLOSE_WAIT is not 100"
+        );
+        let stuck = a.newly_stuck(120, 100);
+        assert_eq!(stuck.len(), 1);
+        assert_eq!(
+            (
+                stuck[0].t.new,
+                stuck[0].owner.unwrap().pid,
+                stuck[0].dwell_ns
+            ),
+            (State::CLOSE_WAIT, 7, Some(100))
+        );
+        assert!(a.newly_stuck(500, 100).is_empty(), "said once");
+        // ESTABLISHED for ever is not stuck.
+        a.observe(&tr(
+            0,
+            2,
+            me,
+            State::CLOSE,
+            State::SYN_SENT,
+            "1.1.1.1:0",
+            "2.2.2.2:80",
+        ));
+        a.observe(&tr(
+            10,
+            2,
+            me,
+            State::SYN_SENT,
+            est,
+            "1.1.1.1:6",
+            "2.2.2.2:80",
+        ));
+        assert!(a.newly_stuck(1_000_000, 100).is_empty());
     }
 
     #[test]

@@ -71,6 +71,12 @@ pub struct LiveArgs {
     /// Stop after this many transitions have been shown.
     #[arg(short = 'c', long, value_name = "N", value_parser = parse_count)]
     pub count: Option<u64>,
+
+    /// Warn (once per socket, on stderr) when a socket stays longer than
+    /// DURATION in CLOSE_WAIT, FIN_WAIT2, LAST_ACK, SYN_SENT or SYN_RECV,
+    /// naming its owner and what the state means.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub stuck: Option<Duration>,
 }
 
 #[derive(Args, Debug, Clone)]

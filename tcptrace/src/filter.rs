@@ -255,6 +255,20 @@ impl Filter {
                     .any(|c| comm_matches(c, owner.comm.as_bytes())))
     }
 
+    /// Whether the filters (follow included, held connects aside) let a
+    /// socket's row through: for reports about a socket, such as `--stuck`.
+    pub fn passes(&self, row: &Row) -> bool {
+        let t = &row.t;
+        self.spec.family.is_none_or(|f| f == t.family)
+            && self.spec.netns.is_none_or(|n| n == t.netns)
+            && self.ports_pass(t.local.port(), t.remote.port())
+            && self.owner_passes(row)
+            && self
+                .spec
+                .follow
+                .is_none_or(|f| f.matches(t.local, t.remote))
+    }
+
     pub fn admit(&mut self, row: Row) -> Admit {
         let t = &row.t;
         let stateless = self.spec.family.is_none_or(|f| f == t.family)

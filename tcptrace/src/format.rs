@@ -62,6 +62,11 @@ impl Clock {
     }
 }
 
+/// CLOCK_MONOTONIC now, the clock of the kernel's timestamps.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC) as u64
+}
+
 fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
         tv_sec: 0,

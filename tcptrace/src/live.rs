@@ -6,7 +6,7 @@
 //! longer while nothing happens. The ring holds over half a second of the
 //! fastest churn this kind of machine reaches, so a sleep never loses events.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::Duration;
@@ -21,7 +21,7 @@ use crate::capture::{Capture, Counters, StartError};
 use crate::cli::LiveArgs;
 use crate::decode::{Decoded, decode};
 use crate::filter::{Admit, Filter};
-use crate::format::{Clock, OutputFormat, Printer};
+use crate::format::{self, Clock, OutputFormat, Printer};
 use crate::privileges;
 use crate::record::{self, Header, Recorder, Stats};
 
@@ -179,6 +179,12 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     let started = Instant::now();
 
     let deadline = args.duration.map(|d| Instant::now() + d);
+    let mut stuck = args.stuck.map(|threshold| StuckWatch {
+        threshold,
+        every: (threshold / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
+        next: Instant::now(),
+        by_owner: BTreeMap::new(),
+    });
     let mut reported_lost = Counters::default();
     let mut next_loss_check = Instant::now() + LOSS_CHECK;
     let mut idle = POLL_BUSY;
@@ -188,6 +194,12 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         capture.flush_logs();
         if let Err(stop) = drained.and_then(|()| pipe.outputs.flush()) {
             break stop;
+        }
+        if let Some(w) = &mut stuck
+            && Instant::now() >= w.next
+        {
+            w.next = Instant::now() + w.every;
+            w.check(&mut pipe);
         }
         if Instant::now() >= next_loss_check {
             next_loss_check = Instant::now() + LOSS_CHECK;
@@ -219,6 +231,9 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         }
     };
 
+    if let Some(w) = &stuck {
+        w.summary();
+    }
     let Pipeline {
         mut outputs, tally, ..
     } = pipe;
@@ -367,6 +382,70 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+}
+
+/// `--stuck`: warns once per socket that stays too long where it should not.
+struct StuckWatch {
+    threshold: Duration,
+    every: Duration,
+    next: Instant,
+    /// Stuck sockets per owner, for the closing summary.
+    by_owner: BTreeMap<Option<(u32, String)>, u64>,
+}
+
+impl StuckWatch {
+    fn check(&mut self, pipe: &mut Pipeline) {
+        let now = format::monotonic_ns();
+        for row in pipe
+            .attributor
+            .newly_stuck(now, self.threshold.as_nanos() as u64)
+        {
+            if !pipe.filter.passes(&row) {
+                continue;
+            }
+            let owner = row.owner.map(|o| {
+                let mut comm = String::new();
+                format::escape_comm(&o.comm.as_str(), &mut comm);
+                (o.pid, comm)
+            });
+            let who = match &owner {
+                Some((pid, comm)) => format!("pid {pid} ({comm})"),
+                None => "owner unknown".to_string(),
+            };
+            let t = &row.t;
+            eprintln!(
+                "tcptrace: stuck: {who}, {} -> {} in {} for {:.1} s: {} (sock {})",
+                t.local,
+                t.remote,
+                t.new,
+                row.dwell_ns.unwrap_or(0) as f64 / 1e9,
+                t.new.meaning(),
+                row.sock
+            );
+            *self.by_owner.entry(owner).or_default() += 1;
+        }
+    }
+
+    fn summary(&self) {
+        if self.by_owner.is_empty() {
+            return;
+        }
+        let total: u64 = self.by_owner.values().sum();
+        let parts: Vec<String> = self
+            .by_owner
+            .iter()
+            .map(|(owner, n)| match owner {
+                Some((pid, comm)) => format!("{n} of pid {pid} ({comm})"),
+                None => format!("{n} of unknown owners"),
+            })
+            .collect();
+        eprintln!(
+            "tcptrace: {total} socket{} stuck longer than {}: {}",
+            if total == 1 { "" } else { "s" },
+            humantime::format_duration(self.threshold),
+            parts.join(", ")
+        );
     }
 }
 

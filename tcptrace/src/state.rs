@@ -58,6 +58,37 @@ impl State {
         name.strip_prefix("STATE_")?.parse().ok().map(State)
     }
 
+    /// What a socket lingering in this state means, for people.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            State::CLOSE_WAIT => {
+                "the peer closed and the owning process has not called close(): \
+                 often a descriptor leak"
+            }
+            State::FIN_WAIT2 => "half-closed: we closed, the peer has not",
+            State::FIN_WAIT1 => "we closed; our FIN is not acknowledged yet",
+            State::SYN_SENT => "connecting: no answer to the SYN yet",
+            State::SYN_RECV => "the peer has not completed the handshake",
+            State::LAST_ACK => "both closed; the peer has not acknowledged our FIN",
+            State::CLOSING => "both closed at once; waiting for the ACK of our FIN",
+            State::ESTABLISHED => "open",
+            State::LISTEN => "listening",
+            _ => "",
+        }
+    }
+
+    /// States a socket should not stay in for long (`--stuck`).
+    pub fn can_be_stuck(self) -> bool {
+        matches!(
+            self,
+            State::CLOSE_WAIT
+                | State::FIN_WAIT2
+                | State::LAST_ACK
+                | State::SYN_SENT
+                | State::SYN_RECV
+        )
+    }
+
     #[cfg(test)]
     pub fn all() -> impl Iterator<Item = State> {
         (1..NAMES.len() as u8).map(State)
