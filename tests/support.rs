@@ -255,16 +255,20 @@ impl Tracer {
 
     /// Starts a prepared command (tcptrace behind setpriv, say).
     pub fn start_cmd(mut cmd: Command) -> Tracer {
+        cmd.stdout(Stdio::piped());
+        Tracer::start_keeping_stdout(cmd)
+    }
+
+    /// Starts a command whose stdout the caller has set (a terminal, say).
+    pub fn start_keeping_stdout(mut cmd: Command) -> Tracer {
         let args = format!("{cmd:?}");
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start tcptrace");
-        let out = child.stdout.take().expect("piped");
+        let mut child = cmd.stderr(Stdio::piped()).spawn().expect("start tcptrace");
+        let out = child.stdout.take();
         let stdout = thread::spawn(move || {
             let mut s = String::new();
-            let _ = BufReader::new(out).read_to_string(&mut s);
+            if let Some(out) = out {
+                let _ = BufReader::new(out).read_to_string(&mut s);
+            }
             s
         });
         let err = child.stderr.take().expect("piped");

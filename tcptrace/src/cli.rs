@@ -9,7 +9,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 
 use crate::decode::Family;
 use crate::filter::{Spec, Tuple};
-use crate::format::{OutputFormat, Style, TimeFormat};
+use crate::format::{ColorChoice, OutputFormat, Style, TimeFormat};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -229,6 +229,11 @@ pub struct OutputArgs {
     /// Wide text: also show each socket's network namespace (NETNS).
     #[arg(long)]
     pub wide: bool,
+
+    /// Colour states by meaning (opening, established, closing, closed,
+    /// reset). `auto` colours only a terminal, and respects NO_COLOR.
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
+    pub color: ColorChoice,
 }
 
 impl FilterArgs {
@@ -257,6 +262,7 @@ impl OutputArgs {
             time: self.time,
             show_skaddr: self.show_skaddr,
             wide: self.wide,
+            color: self.color.enabled(1),
         }
     }
 }

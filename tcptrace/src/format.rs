@@ -13,7 +13,7 @@ use chrono::{DateTime, Local, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::attribute::Row;
-use crate::state::State;
+use crate::state::{Phase, State};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TimeFormat {
@@ -85,7 +85,49 @@ pub struct Style {
     pub show_skaddr: bool,
     /// Text: a NETNS column.
     pub wide: bool,
+    /// Text: states coloured by meaning (a terminal only).
+    pub color: bool,
 }
+
+/// `--color`: when to colour text output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorChoice {
+    /// On a terminal, unless NO_COLOR is set or TERM is dumb.
+    Auto,
+    Always,
+    Never,
+}
+
+impl ColorChoice {
+    /// Colour for output on `fd`: never into files or pipes under `auto`.
+    pub fn enabled(self, fd: i32) -> bool {
+        match self {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => {
+                // SAFETY: isatty only inspects the descriptor.
+                let tty = unsafe { libc::isatty(fd) } == 1;
+                tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                    && std::env::var_os("TERM").is_none_or(|t| t != "dumb")
+            }
+        }
+    }
+}
+
+/// SGR colours by phase: opening cyan, listening blue, established green,
+/// closing yellow, closed dim; resets red.
+fn sgr(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Opening => "\x1b[36m",
+        Phase::Listening => "\x1b[34m",
+        Phase::Established => "\x1b[32m",
+        Phase::Closing => "\x1b[33m",
+        Phase::Closed => "\x1b[2m",
+        Phase::Unknown => "",
+    }
+}
+const SGR_RESET: &str = "\x1b[0m";
+const SGR_ALERT: &str = "\x1b[1;31m";
 
 /// Width of an address column: fits `255.255.255.255:65535`.
 const ADDR_WIDTH: usize = 21;
@@ -171,11 +213,22 @@ impl Printer {
             }
             None => write!(out, "{:>7}  {:<COMM_WIDTH$}  ", "-", "-")?,
         }
-        write!(
-            out,
-            "{:<ADDR_WIDTH$}  {:<ADDR_WIDTH$}  {:>11} -> {:<11}  ",
-            t.local, t.remote, t.old, t.new
-        )?;
+        write!(out, "{:<ADDR_WIDTH$}  {:<ADDR_WIDTH$}  ", t.local, t.remote)?;
+        if self.style.color {
+            // Padding outside the colour codes, so columns stay aligned.
+            let (old, new) = (t.old.to_string(), t.new.to_string());
+            let pad = |s: &str, w: usize| " ".repeat(w.saturating_sub(s.len()));
+            write!(
+                out,
+                "{}{}{old}{SGR_RESET} -> {}{new}{SGR_RESET}{}  ",
+                pad(&old, 11),
+                sgr(t.old.phase()),
+                sgr(t.new.phase()),
+                pad(&new, 11)
+            )?;
+        } else {
+            write!(out, "{:>11} -> {:<11}  ", t.old, t.new)?;
+        }
         match row.dwell_ns {
             Some(ns) => {
                 let us = ns / 1000;
@@ -196,9 +249,14 @@ impl Printer {
             write!(out, "  {:#x}", t.skaddr)?;
         }
         if let Some(c) = row.close {
+            let (on, off) = if self.style.color {
+                (SGR_ALERT, SGR_RESET)
+            } else {
+                ("", "")
+            };
             match c.reset_reason() {
-                Some(reason) => write!(out, "  {} ({reason})", c.name())?,
-                None => write!(out, "  {}", c.name())?,
+                Some(reason) => write!(out, "  {on}{} ({reason}){off}", c.name())?,
+                None => write!(out, "  {on}{}{off}", c.name())?,
             }
         }
         out.write_all(b"\n")
@@ -446,6 +504,7 @@ mod tests {
             time,
             show_skaddr: false,
             wide: false,
+            color: false,
         }
     }
 
@@ -479,6 +538,29 @@ mod tests {
     }
 
     #[test]
+    fn colour_wraps_states_without_moving_columns() {
+        let mut style = text(TimeFormat::None);
+        let plain = render(style, &row());
+        style.color = true;
+        let coloured = render(style, &row());
+        assert!(coloured.contains("\x1b[32mESTABLISHED\x1b[0m -> \x1b[33mCLOSE_WAIT\x1b[0m"));
+        let strip = |s: &str| {
+            let mut out = String::new();
+            let mut in_sgr = false;
+            for c in s.chars() {
+                match (in_sgr, c) {
+                    (false, '\x1b') => in_sgr = true,
+                    (true, 'm') => in_sgr = false,
+                    (false, c) => out.push(c),
+                    _ => {}
+                }
+            }
+            out
+        };
+        assert_eq!(strip(&coloured), plain);
+    }
+
+    #[test]
     fn relative_time_counts_from_the_start() {
         let s = render(text(TimeFormat::Relative), &row());
         assert!(s.lines().nth(1).unwrap().starts_with("  1.234567  "));
@@ -491,6 +573,7 @@ mod tests {
             time: TimeFormat::Utc,
             show_skaddr: true,
             wide: false,
+            color: false,
         };
         let s = render(style, &row());
         let v: serde_json::Value = serde_json::from_str(s.trim()).unwrap();

@@ -89,6 +89,7 @@ pub fn report(args: ReportArgs) -> Result<(), Failure> {
             time: TimeFormat::Utc,
             show_skaddr: false,
             wide: false,
+            color: false,
         };
         return print_rows(
             &args.files,

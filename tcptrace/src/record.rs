@@ -144,6 +144,7 @@ impl Recorder {
                 time: TimeFormat::Utc,
                 show_skaddr: false,
                 wide: false,
+                color: false,
             },
             header.clock(),
         );

@@ -24,6 +24,16 @@ const NAMES: [&str; 13] = [
     "NEW_SYN_RECV",
 ];
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Opening,
+    Listening,
+    Established,
+    Closing,
+    Closed,
+    Unknown,
+}
+
 // The whole set, named once; code names only the states it reasons about.
 #[allow(dead_code)]
 impl State {
@@ -74,6 +84,18 @@ impl State {
             State::ESTABLISHED => "open",
             State::LISTEN => "listening",
             _ => "",
+        }
+    }
+
+    /// What the state means for the connection, for colouring by meaning.
+    pub fn phase(self) -> Phase {
+        match self {
+            State::SYN_SENT | State::SYN_RECV | State(12) => Phase::Opening,
+            State::LISTEN => Phase::Listening,
+            State::ESTABLISHED => Phase::Established,
+            State::CLOSE => Phase::Closed,
+            State(0) | State(13..) => Phase::Unknown,
+            _ => Phase::Closing,
         }
     }
 
