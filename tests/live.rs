@@ -641,37 +641,14 @@ fn a_server_that_never_closes_is_reported_stuck_in_close_wait() {
 fn colour_on_a_terminal_and_never_in_a_pipe() {
     let ns = Netns::new();
     let port = unique_port();
-    // A pseudo-terminal for tcptrace's stdout.
-    // SAFETY: plain pty calls; the descriptors are ours.
-    let (master, slave) = unsafe {
-        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
-        assert!(master >= 0 && libc::grantpt(master) == 0 && libc::unlockpt(master) == 0);
-        let name = std::ffi::CStr::from_ptr(libc::ptsname(master)).to_owned();
-        let slave = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
-        assert!(slave >= 0);
-        (master, slave)
-    };
-    let read_master = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            // SAFETY: reading into our buffer from our descriptor.
-            let n = unsafe { libc::read(master, buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                break; // EIO: the terminal's last user is gone
-            }
-            all.extend_from_slice(&buf[..n as usize]);
-        }
-        String::from_utf8_lossy(&all).into_owned()
-    });
+    let pty = tcptrace_tests::Pty::new();
     let p = port.to_string();
     let mut on_tty = std::process::Command::new(tcptrace_tests::tcptrace_bin());
     on_tty
         .args(["--port", &p])
         .env_remove("NO_COLOR")
         .env("TERM", "xterm");
-    // SAFETY: the slave descriptor stays open until the child has it.
-    on_tty.stdout(unsafe { <std::process::Stdio as std::os::fd::FromRawFd>::from_raw_fd(slave) });
+    on_tty.stdout(pty.terminal());
     let tty = Tracer::start_keeping_stdout(on_tty);
     let piped = Tracer::start(&["--port", &p]);
     let no_color = {
@@ -688,7 +665,7 @@ fn colour_on_a_terminal_and_never_in_a_pipe() {
     ])
     .finish();
     let _ = tty.stop();
-    let screen = read_master.join().unwrap();
+    let screen = pty.screen();
     assert!(screen.contains("\x1b[34mLISTEN\x1b[0m"), "{screen:?}");
     for out in [piped.stop(), no_color.stop()] {
         assert!(out.stdout.contains("CLOSE -> LISTEN"), "{}", out.stdout);

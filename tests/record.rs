@@ -475,3 +475,47 @@ fn a_recording_survives_kill_9_of_its_writer() {
     assert!(read.status.success(), "{}", read.stderr);
     assert_eq!(read.stdout.lines().count(), 52);
 }
+
+#[test]
+fn report_and_read_show_progress_on_a_terminal_only() {
+    let dir = TempDir::new("progress");
+    let file = sample_recording(&dir);
+    // A recording big enough to take a moment: the rows many times over.
+    let text = fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut big = String::from(lines[0]);
+    big.push('\n');
+    for _ in 0..6_000 {
+        for l in &lines[1..lines.len() - 1] {
+            big.push_str(l);
+            big.push('\n');
+        }
+    }
+    let big_file = dir.path("big.jsonl");
+    fs::write(&big_file, big).unwrap();
+
+    let pty = tcptrace_tests::Pty::new();
+    let status = std::process::Command::new(tcptrace_tests::tcptrace_bin())
+        .args(["report", &big_file])
+        .stdout(std::process::Stdio::null())
+        .stderr(pty.terminal())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let screen = pty.screen();
+    assert!(
+        screen.contains("reading") && screen.contains("MiB"),
+        "{screen:?}"
+    );
+
+    // In a pipe: no bar.
+    let out = tcptrace(&["report", &big_file]);
+    assert!(out.status.success());
+    assert!(out.stderr.is_empty(), "{:?}", out.stderr);
+    let out = tcptrace(&["read", &big_file]);
+    assert!(
+        out.stderr.is_empty(),
+        "{:?}",
+        &out.stderr[..out.stderr.len().min(200)]
+    );
+}

@@ -475,6 +475,67 @@ pub fn life<'a>(lives: &'a [Life], path: &str) -> &'a Life {
     found[0]
 }
 
+/// A pseudo-terminal: hand its terminal side to a process, read what it
+/// showed once that process is gone.
+pub struct Pty {
+    slave: Option<std::os::fd::OwnedFd>,
+    reader: JoinHandle<String>,
+}
+
+impl Pty {
+    pub fn new() -> Pty {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain pty calls; the descriptors become ours.
+        let (master, slave) = unsafe {
+            let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+            assert!(master >= 0 && libc::grantpt(master) == 0 && libc::unlockpt(master) == 0);
+            let name = std::ffi::CStr::from_ptr(libc::ptsname(master)).to_owned();
+            let slave = libc::open(
+                name.as_ptr(),
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            );
+            assert!(slave >= 0);
+            (
+                std::fs::File::from_raw_fd(master),
+                std::os::fd::OwnedFd::from_raw_fd(slave),
+            )
+        };
+        let reader = thread::spawn(move || {
+            let mut all = Vec::new();
+            // Ends with EIO once no process has the terminal open.
+            let _ = BufReader::new(master).read_to_end(&mut all);
+            String::from_utf8_lossy(&all).into_owned()
+        });
+        Pty {
+            slave: Some(slave),
+            reader,
+        }
+    }
+
+    /// The terminal side, for a child's stdout or stderr (once).
+    pub fn terminal(&self) -> Stdio {
+        let fd = self
+            .slave
+            .as_ref()
+            .expect("terminal still open")
+            .try_clone()
+            .expect("dup");
+        Stdio::from(fd)
+    }
+
+    /// Everything shown on the terminal, after its users have exited.
+    pub fn screen(mut self) -> String {
+        drop(self.slave.take());
+        self.reader.join().expect("pty reader")
+    }
+}
+
+impl Default for Pty {
+    fn default() -> Self {
+        Pty::new()
+    }
+}
+
 /// Names of the BPF programs loaded in the kernel, read with the bpf()
 /// system call (BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID,
 /// BPF_OBJ_GET_INFO_BY_FD), so no bpftool is needed.

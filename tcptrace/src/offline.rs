@@ -32,7 +32,8 @@ fn print_rows(
     let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut printer: Option<Printer> = None;
     let mut warned_no_header = false;
-    let result = replay::read(files, lenient, |item| -> io::Result<()> {
+    let bar = progress_bar(files, ProgressFor::Read);
+    let result = replay::read(files, lenient, bar.as_ref(), |item| -> io::Result<()> {
         match item {
             Item::Header(h) => match &mut printer {
                 Some(p) => p.set_clock(h.clock()),
@@ -66,6 +67,9 @@ fn print_rows(
         }
         Ok(())
     });
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
     let written = match result {
         Err(bad) => return Err(Failure::BadInput(anyhow!(bad.0))),
         Ok(r) => r.and_then(|()| out.flush()),
@@ -75,6 +79,41 @@ fn print_rows(
         Err(e) => Err(Failure::Other(anyhow!("cannot write to stdout: {e}"))),
         Ok(()) => Ok(()),
     }
+}
+
+#[derive(PartialEq)]
+enum ProgressFor {
+    Read,
+    Report,
+}
+
+/// A progress bar on stderr, only for a person watching a terminal: never
+/// when stderr is not a terminal, and for `read` not when the rows
+/// themselves go to the terminal or into a pipe.
+fn progress_bar(files: &[std::path::PathBuf], what: ProgressFor) -> Option<indicatif::ProgressBar> {
+    use std::os::unix::fs::FileTypeExt;
+    // SAFETY: isatty only inspects the descriptors.
+    let (err_tty, out_tty) = unsafe { (libc::isatty(2) == 1, libc::isatty(1) == 1) };
+    let out_pipe = std::fs::metadata("/proc/self/fd/1").is_ok_and(|m| m.file_type().is_fifo());
+    if !err_tty || (what == ProgressFor::Read && (out_tty || out_pipe)) {
+        return None;
+    }
+    let total: u64 = files
+        .iter()
+        .filter(|f| f.as_os_str() != "-")
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} reading {bytes}/{total_bytes} [{wide_bar}] {bytes_per_sec}, {eta} left",
+    ) {
+        bar.set_style(style);
+    }
+    Some(bar)
 }
 
 pub fn report(args: ReportArgs) -> Result<(), Failure> {
@@ -100,12 +139,20 @@ pub fn report(args: ReportArgs) -> Result<(), Failure> {
         );
     }
     let mut analysis = Analysis::new();
-    replay::read(&args.files, args.lenient, |item| -> Result<(), ()> {
-        analysis.add(item);
-        Ok(())
-    })
-    .map_err(|bad| Failure::BadInput(anyhow!(bad.0)))?
-    .ok();
+    let bar = progress_bar(&args.files, ProgressFor::Report);
+    let read = replay::read(
+        &args.files,
+        args.lenient,
+        bar.as_ref(),
+        |item| -> Result<(), ()> {
+            analysis.add(item);
+            Ok(())
+        },
+    );
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    read.map_err(|bad| Failure::BadInput(anyhow!(bad.0)))?.ok();
     let report = analysis.report(args.top);
     let text = match args.format {
         OutputFormat::Text => report.text(),

@@ -8,6 +8,8 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use indicatif::ProgressBar;
+
 use crate::attribute::{Close, Row};
 use crate::cli::io_reason;
 use crate::decode::{Comm, Family, Task, Transition};
@@ -36,10 +38,11 @@ impl std::fmt::Display for BadInput {
 pub fn read<E>(
     files: &[PathBuf],
     lenient: bool,
+    progress: Option<&ProgressBar>,
     mut sink: impl FnMut(Item) -> Result<(), E>,
 ) -> Result<Result<(), E>, BadInput> {
     for (name, reader) in ordered(files)? {
-        if let Err(e) = read_one(&name, reader, lenient, &mut sink)? {
+        if let Err(e) = read_one(&name, reader, lenient, progress, &mut sink)? {
             return Ok(Err(e));
         }
     }
@@ -86,11 +89,21 @@ fn read_one<E>(
     name: &str,
     mut reader: Box<dyn BufRead>,
     lenient: bool,
+    progress: Option<&ProgressBar>,
     sink: &mut impl FnMut(Item) -> Result<(), E>,
 ) -> Result<Result<(), E>, BadInput> {
     let mut line = Vec::with_capacity(512);
     let mut number = 0u64;
+    // Progress moves in steps, not per line: it is read a million times a
+    // second.
+    let mut unreported = 0u64;
     loop {
+        if unreported >= 1 << 16
+            && let Some(p) = progress
+        {
+            p.inc(unreported);
+            unreported = 0;
+        }
         line.clear();
         let n = reader
             .by_ref()
@@ -98,8 +111,12 @@ fn read_one<E>(
             .read_until(b'\n', &mut line)
             .map_err(|e| BadInput(format!("cannot read {name}: {}", io_reason(&e))))?;
         if n == 0 {
+            if let Some(p) = progress {
+                p.inc(unreported);
+            }
             return Ok(Ok(()));
         }
+        unreported += n as u64;
         number += 1;
         let complete = line.last() == Some(&b'\n');
         let text = trim_newline(&line);
