@@ -14,6 +14,7 @@ mod offline;
 mod privileges;
 mod record;
 mod replay;
+mod sockdiag;
 mod state;
 mod tracefs;
 
