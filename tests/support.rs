@@ -359,7 +359,17 @@ impl Tracer {
 
 impl Output {
     /// The JSON rows (`--format json`).
+    /// The JSON rows (`--format json`) of transitions the tracepoint
+    /// reported: what most scenarios check, exactly.
     pub fn rows(&self) -> Vec<Value> {
+        self.all_rows()
+            .into_iter()
+            .filter(|r| r["origin"] == "tracepoint")
+            .collect()
+    }
+
+    /// Every JSON row, snapshot and time-wait table ones included.
+    pub fn all_rows(&self) -> Vec<Value> {
         self.stdout
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
@@ -395,14 +405,19 @@ impl Output {
         let line = self
             .stderr
             .lines()
-            .find(|l| l.contains(" transitions shown, "))
+            .find(|l| l.contains(" transitions shown"))
             .unwrap_or_else(|| panic!("no stats line in {:?}", self.stderr));
-        let nums: Vec<u64> = line
-            .split(|c: char| !c.is_ascii_digit())
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().expect("number"))
-            .collect();
-        (nums[0], nums[1], nums[2])
+        let count = |label: &str| -> u64 {
+            line.trim_start_matches("tcptrace: ")
+                .split(", ")
+                .find_map(|part| part.strip_suffix(label)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {label:?} in {line:?}"))
+        };
+        (
+            count(" transitions shown"),
+            count(" filtered"),
+            count(" lost"),
+        )
     }
 }
 

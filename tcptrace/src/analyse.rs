@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::attribute::{Close, Row};
+use crate::attribute::{Close, Origin, Row};
 use crate::decode::Task;
 use crate::filter::Spec;
 use crate::record::{Header, Stats};
@@ -188,14 +188,21 @@ impl Analysis {
 
     fn row(&mut self, r: &Row) {
         let t = &r.t;
-        self.events += 1;
         self.first_ns.get_or_insert(t.ts_ns);
         self.last_ns = self.last_ns.max(t.ts_ns);
+        if r.origin == Origin::TimeWait {
+            // After the socket's CLOSE: only the time spent in TIME_WAIT is
+            // new (FIN_WAIT2 was counted from the tracepoint).
+            if let (Some(ns), State::TIME_WAIT) = (r.dwell_ns, t.old) {
+                self.record_dwell(t.old, ns);
+            }
+            return;
+        }
+        if r.origin == Origin::Tracepoint {
+            self.events += 1;
+        }
         if let (Some(ns), true) = (r.dwell_ns, t.old != State::CLOSE) {
-            let h = self.dwell.entry(t.old).or_insert_with(|| {
-                Histogram::new_with_bounds(1, 24 * 3600 * 1_000_000, 3).expect("valid bounds")
-            });
-            h.saturating_record((ns / 1000).max(1));
+            self.record_dwell(t.old, ns);
         }
         if let Some(o) = &r.owner {
             let p = self.processes.entry(o.pid).or_default();
@@ -280,6 +287,13 @@ impl Analysis {
         entry.owner = r.owner.or(entry.owner);
         entry.local = t.local;
         entry.remote = t.remote;
+    }
+
+    fn record_dwell(&mut self, state: State, ns: u64) {
+        let h = self.dwell.entry(state).or_insert_with(|| {
+            Histogram::new_with_bounds(1, 24 * 3600 * 1_000_000, 3).expect("valid bounds")
+        });
+        h.saturating_record((ns / 1000).max(1));
     }
 
     /// The report as a serializable value.

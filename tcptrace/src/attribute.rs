@@ -11,7 +11,7 @@
 //! the interrupted task.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::decode::{Task, Transition};
 use crate::state::State;
@@ -27,6 +27,34 @@ pub struct Row {
     pub dwell_ns: Option<u64>,
     /// How a `-> CLOSE` came about, when a reset says so.
     pub close: Option<Close>,
+    pub origin: Origin,
+}
+
+/// Where a row comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A transition the kernel reported as it happened.
+    Tracepoint,
+    /// A socket that existed when tcptrace started, in its state then.
+    Snapshot,
+    /// A change seen in the kernel's time-wait table (polled).
+    TimeWait,
+}
+
+impl Origin {
+    pub fn name(self) -> &'static str {
+        match self {
+            Origin::Tracepoint => "tracepoint",
+            Origin::Snapshot => "snapshot",
+            Origin::TimeWait => "timewait",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Origin> {
+        [Origin::Tracepoint, Origin::Snapshot, Origin::TimeWait]
+            .into_iter()
+            .find(|o| o.name() == name)
+    }
 }
 
 /// Why a socket closed, as the reset tracepoints tell.
@@ -124,6 +152,9 @@ pub struct Attributor {
     listeners: HashMap<(u32, u16), Vec<Listener>>,
     /// Sockets a reset was received on, until their `-> CLOSE`.
     reset_received: HashSet<u64>,
+    /// Sockets from the start-up snapshot, by (netns, local, remote), until
+    /// their first transition tells their kernel address.
+    existing: HashMap<(u32, SocketAddr, SocketAddr), (u64, Option<Task>)>,
     next_id: u64,
 }
 
@@ -156,6 +187,34 @@ impl Attributor {
         Attributor::default()
     }
 
+    /// A socket that existed when tracing started (`t` holds its state in
+    /// `new`): gets an id now, and its owner is known to its children and
+    /// its first transition.
+    pub fn existing(&mut self, t: &Transition, owner: Option<Task>) -> Row {
+        self.next_id += 1;
+        let id = self.next_id;
+        if t.new == State::LISTEN {
+            self.listeners
+                .entry((t.netns, t.local.port()))
+                .or_default()
+                .push(Listener {
+                    skaddr: 0,
+                    addr: t.local.ip(),
+                    owner,
+                });
+        }
+        self.existing
+            .insert((t.netns, t.local, t.remote), (id, owner));
+        Row {
+            t: *t,
+            sock: id,
+            owner,
+            dwell_ns: None,
+            close: None,
+            origin: Origin::Snapshot,
+        }
+    }
+
     /// A reset arrived on the socket at `skaddr`: its coming `-> CLOSE` is
     /// its consequence.
     /// Resets are not filtered in the kernel: only the sockets we follow
@@ -176,14 +235,40 @@ impl Attributor {
         let sock = match self.socks.entry(t.skaddr) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
-                self.next_id += 1;
-                let owner = if t.old == State::LISTEN && t.new == State::SYN_RECV {
-                    listener_owner(&self.listeners, t)
-                } else {
+                // A socket from the snapshot keeps its id and owner; the time
+                // it entered its state stays unknown.
+                let known = if starts_life(t.old, t.new) {
                     None
+                } else {
+                    self.existing.remove(&(t.netns, t.local, t.remote))
                 };
+                let (id, owner) = match known {
+                    Some(k) => k,
+                    None => {
+                        self.next_id += 1;
+                        let owner = if t.old == State::LISTEN && t.new == State::SYN_RECV {
+                            listener_owner(&self.listeners, t)
+                        } else {
+                            None
+                        };
+                        (self.next_id, owner)
+                    }
+                };
+                if known.is_some() && t.old == State::LISTEN {
+                    // The snapshot's listener now has an address to close by.
+                    for l in self
+                        .listeners
+                        .get_mut(&(t.netns, t.local.port()))
+                        .into_iter()
+                        .flatten()
+                    {
+                        if l.skaddr == 0 && l.addr == t.local.ip() {
+                            l.skaddr = t.skaddr;
+                        }
+                    }
+                }
                 v.insert(Sock {
-                    id: self.next_id,
+                    id,
                     owner,
                     since_ns: None,
                     last: *t,
@@ -200,6 +285,7 @@ impl Attributor {
             owner: sock.owner,
             dwell_ns: sock.since_ns.map(|s| t.ts_ns.saturating_sub(s)),
             close: None,
+            origin: Origin::Tracepoint,
         };
         if t.new == State::CLOSE && self.reset_received.remove(&t.skaddr) && t.old != State::LISTEN
         {
@@ -259,6 +345,7 @@ impl Attributor {
                 owner: s.owner,
                 dwell_ns: Some(age),
                 close: None,
+                origin: Origin::Tracepoint,
             });
         }
         stuck.sort_by_key(|r| r.sock);
@@ -753,6 +840,56 @@ mod tests {
             "2.2.2.2:80",
         ));
         assert!(a.newly_stuck(1_000_000, 100).is_empty());
+    }
+
+    #[test]
+    fn an_existing_listener_gives_its_owner_to_children_and_keeps_its_id() {
+        let mut a = Attributor::new();
+        let nginx = task(80, "nginx");
+        let mut snap = tr(
+            0,
+            0,
+            Task::default(),
+            State(0),
+            State::LISTEN,
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+        );
+        snap.skaddr = 0;
+        let l = a.existing(&snap, Some(nginx));
+        assert_eq!(l.origin, Origin::Snapshot);
+        let child = a.observe(&tr(
+            5,
+            9,
+            task(1, "x"),
+            State::LISTEN,
+            State::SYN_RECV,
+            "10.0.0.1:80",
+            "10.0.0.2:5",
+        ));
+        assert_eq!(child.owner, Some(nginx));
+        // Its first transition: same id, time in state unknown.
+        let close = a.observe(&tr(
+            9,
+            7,
+            nginx,
+            State::LISTEN,
+            State::CLOSE,
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+        ));
+        assert_eq!((close.sock, close.dwell_ns), (l.sock, None));
+        // Closed: children no longer inherit it.
+        let orphan = a.observe(&tr(
+            10,
+            11,
+            task(1, "x"),
+            State::LISTEN,
+            State::SYN_RECV,
+            "10.0.0.1:80",
+            "10.0.0.2:6",
+        ));
+        assert_eq!(orphan.owner, None);
     }
 
     #[test]

@@ -77,6 +77,16 @@ pub struct LiveArgs {
     /// naming its owner and what the state means.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub stuck: Option<Duration>,
+
+    /// Do not start with the sockets that already exist (the snapshot, like
+    /// `netstat -an`).
+    #[arg(long)]
+    pub no_snapshot: bool,
+
+    /// Do not follow closed connections in the kernel's time-wait table
+    /// (FIN_WAIT2 -> TIME_WAIT -> gone).
+    #[arg(long)]
+    pub no_timewait: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -306,6 +306,7 @@ fn comm_matches(wanted: &str, comm: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attribute::Origin;
     use crate::decode::{Comm, Task, Transition};
 
     fn row(sk: u64, old: State, new: State, l: &str, r: &str, owner: Option<u32>) -> Row {
@@ -334,6 +335,7 @@ mod tests {
             owner: owner.map(task),
             dwell_ns: None,
             close: None,
+            origin: Origin::Tracepoint,
         }
     }
 

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use chrono::{DateTime, Local, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::attribute::Row;
+use crate::attribute::{Origin, Row};
 use crate::state::{Phase, State};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -214,7 +214,21 @@ impl Printer {
             None => write!(out, "{:>7}  {:<COMM_WIDTH$}  ", "-", "-")?,
         }
         write!(out, "{:<ADDR_WIDTH$}  {:<ADDR_WIDTH$}  ", t.local, t.remote)?;
-        if self.style.color {
+        if row.origin == Origin::Snapshot {
+            // Existing socket: no transition, just its state.
+            if self.style.color {
+                let new = t.new.to_string();
+                let pad = " ".repeat(11usize.saturating_sub(new.len()));
+                write!(
+                    out,
+                    "{:>11} -> {}{new}{SGR_RESET}{pad}  ",
+                    "-",
+                    sgr(t.new.phase())
+                )?;
+            } else {
+                write!(out, "{:>11} -> {:<11}  ", "-", t.new)?;
+            }
+        } else if self.style.color {
             // Padding outside the colour codes, so columns stay aligned.
             let (old, new) = (t.old.to_string(), t.new.to_string());
             let pad = |s: &str, w: usize| " ".repeat(w.saturating_sub(s.len()));
@@ -247,6 +261,11 @@ impl Printer {
         }
         if self.style.show_skaddr {
             write!(out, "  {:#x}", t.skaddr)?;
+        }
+        match row.origin {
+            Origin::Tracepoint => {}
+            Origin::Snapshot => out.write_all(b"  snapshot")?,
+            Origin::TimeWait => out.write_all(b"  time-wait table")?,
         }
         if let Some(c) = row.close {
             let (on, off) = if self.style.color {
@@ -285,11 +304,12 @@ impl Printer {
             lport: t.local.port(),
             raddr: t.remote.ip(),
             rport: t.remote.port(),
-            old: t.old,
+            old: (row.origin != Origin::Snapshot).then_some(t.old),
             new: t.new,
             ms: row.dwell_ns.map(|ns| (ns / 1000) as f64 / 1000.0),
             close: row.close.map(|c| Cow::Borrowed(c.name())),
             reset_reason: row.close.and_then(|c| c.reset_reason()).map(Cow::Borrowed),
+            origin: Cow::Borrowed(row.origin.name()),
             skaddr: self.style.show_skaddr.then_some(Hex(t.skaddr)),
         };
         serde_json::to_writer(&mut *out, &j)?;
@@ -397,7 +417,9 @@ pub struct JsonRow<'a> {
     pub lport: u16,
     pub raddr: IpAddr,
     pub rport: u16,
-    pub old: State,
+    /// Null for a snapshot row: the socket existed, its last transition was
+    /// not seen.
+    pub old: Option<State>,
     pub new: State,
     pub ms: Option<f64>,
     /// "reset sent", "reset received", "refused", or null.
@@ -406,8 +428,15 @@ pub struct JsonRow<'a> {
     /// The kernel's reason for a reset it sent (`TCP_ABORT_ON_LINGER`, ...).
     #[serde(default, borrow)]
     pub reset_reason: Option<Cow<'a, str>>,
+    /// "tracepoint", "snapshot" or "timewait".
+    #[serde(default = "tracepoint", borrow)]
+    pub origin: Cow<'a, str>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub skaddr: Option<Hex>,
+}
+
+fn tracepoint() -> Cow<'static, str> {
+    Cow::Borrowed("tracepoint")
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -487,6 +516,7 @@ mod tests {
             }),
             dwell_ns: Some(12_345_678),
             close: None,
+            origin: Origin::Tracepoint,
         }
     }
 
@@ -596,13 +626,14 @@ mod tests {
                 "ms": 12.345,
                 "close": null,
                 "reset_reason": null,
+                "origin": "tracepoint",
                 "skaddr": "0xffff8880deadbeef",
             })
         );
         // The raw escape byte never reaches the output.
         assert!(!s.contains('\u{1b}'));
         let back: JsonRow = serde_json::from_str(s.trim()).unwrap();
-        assert_eq!(back.old, State::ESTABLISHED);
+        assert_eq!(back.old, Some(State::ESTABLISHED));
     }
 
     #[test]

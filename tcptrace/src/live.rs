@@ -16,7 +16,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, sleep, sleep_until};
 
 use crate::Failure;
-use crate::attribute::{Attributor, Close, Row, intern, may_await_sent_reset};
+use crate::attribute::{Attributor, Close, Origin, Row, intern, may_await_sent_reset};
 use crate::capture::{Capture, Counters, StartError};
 use crate::cli::LiveArgs;
 use crate::decode::{Decoded, decode};
@@ -24,6 +24,8 @@ use crate::filter::{Admit, Filter};
 use crate::format::{self, Clock, OutputFormat, Printer};
 use crate::privileges;
 use crate::record::{self, Header, Recorder, Stats};
+use crate::snapshot;
+use crate::timewait::TimeWait;
 
 const POLL_BUSY: Duration = Duration::from_millis(1);
 const POLL_IDLE_MAX: Duration = Duration::from_millis(16);
@@ -36,7 +38,12 @@ const STDOUT_BUFFER: usize = 1 << 16;
 struct Tally {
     /// Ring entries read.
     seen: u64,
+    /// Transitions shown (the tracepoint's).
     shown: u64,
+    /// Rows of existing sockets shown.
+    snapshot: u64,
+    /// Changes found in the time-wait table and shown.
+    timewait: u64,
     hidden: u64,
     undecodable: u64,
 }
@@ -133,6 +140,38 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         StartError::Privileges(m) => Failure::Privileges(m),
         StartError::Other(e) => Failure::Other(e),
     })?;
+    // Sockets that exist already, and netlink sockets in each namespace for
+    // following time-wait: both need privileges we are about to drop.
+    let mut attributor = Attributor::new();
+    let mut namespaces = if args.no_snapshot && args.no_timewait {
+        Vec::new()
+    } else {
+        snapshot::namespaces(spec.netns)
+    };
+    let existing = if args.no_snapshot {
+        None
+    } else {
+        match snapshot::take(&mut namespaces, &filter, &mut attributor) {
+            Ok(found) => Some(found),
+            Err(e) => {
+                eprintln!("tcptrace: warning: no snapshot of the existing sockets: {e:#}");
+                None
+            }
+        }
+    };
+    let mut timewait = TimeWait::new(
+        if args.no_timewait {
+            Vec::new()
+        } else {
+            namespaces
+        },
+        snapshot::kernel_ports(&filter),
+    );
+    if let Some(found) = &existing {
+        for row in &found.timewait {
+            timewait.watch_existing(row);
+        }
+    }
     // Attached, files open: nothing ahead needs a capability.
     if let Err(e) = privileges::drop_all() {
         log::warn!("cannot drop capabilities: {e}");
@@ -152,7 +191,9 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         lost_output: 0,
     };
     let mut pipe = Pipeline {
-        attributor: Attributor::new(),
+        attributor,
+        timewait,
+        following_timewait: !args.no_timewait,
         filter,
         outputs,
         tally: Tally::default(),
@@ -161,6 +202,16 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         cycle: 0,
         reset_reasons: reason_names(capture.reset_reasons()),
     };
+    if let Some(found) = existing {
+        for row in found.rows {
+            pipe.pending.push_back(Pending {
+                row,
+                waits_since: None,
+            });
+        }
+        pipe.release(true).ok();
+        pipe.outputs.flush_stdout().ok();
+    }
 
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -268,8 +319,18 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             failure = Some(f.message);
         }
     }
+    let mut extra = String::new();
+    if tally.snapshot > 0 {
+        extra.push_str(&format!(", {} existing sockets", tally.snapshot));
+    }
+    if tally.timewait > 0 {
+        extra.push_str(&format!(
+            ", {} changes from the time-wait table",
+            tally.timewait
+        ));
+    }
     eprintln!(
-        "tcptrace: {} transitions shown, {} filtered, {} lost, {} missed by the kernel",
+        "tcptrace: {} transitions shown{extra}, {} filtered, {} lost, {} missed by the kernel",
         tally.shown,
         tally.hidden + counters.filtered,
         counters.lost,
@@ -284,6 +345,8 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
 /// Everything between the ring and the outputs.
 struct Pipeline {
     attributor: Attributor,
+    timewait: TimeWait,
+    following_timewait: bool,
     filter: Filter,
     outputs: Outputs,
     tally: Tally,
@@ -304,8 +367,17 @@ struct Pending {
 }
 
 impl Pipeline {
-    /// Processes everything in the ring now; `last` releases every row.
+    /// Processes everything in the ring now, and what the time-wait table
+    /// says when it is due; `last` releases every row.
     fn drain(&mut self, capture: &mut Capture, last: bool) -> Result<(), Stop> {
+        if self.timewait.due() {
+            for row in self.timewait.poll() {
+                self.pending.push_back(Pending {
+                    row,
+                    waits_since: None,
+                });
+            }
+        }
         while let Some(item) = capture.next() {
             let decoded = decode(&item);
             drop(item);
@@ -351,6 +423,29 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Filters one row and emits what passes (with a held connect first).
+    fn show(&mut self, row: Row) -> Result<(), Stop> {
+        match self.filter.admit(row) {
+            Admit::Hidden => self.tally.hidden += 1,
+            Admit::Held => {}
+            Admit::Show(held) => {
+                for r in held.iter().chain(std::iter::once(&row)) {
+                    self.outputs.emit(r)?;
+                    match r.origin {
+                        Origin::Tracepoint => self.tally.shown += 1,
+                        Origin::Snapshot => self.tally.snapshot += 1,
+                        Origin::TimeWait => self.tally.timewait += 1,
+                    }
+                    let transitions = self.tally.shown + self.tally.timewait;
+                    if self.count.is_some_and(|n| transitions >= n) {
+                        return Err(Stop::Done);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Filters and emits rows from the front of the queue, up to one still
     /// waiting for its reset (arrived in this cycle).
     fn release(&mut self, all: bool) -> Result<(), Stop> {
@@ -359,19 +454,16 @@ impl Pipeline {
                 break;
             }
             let row = self.pending.pop_front().expect("front exists").row;
-            match self.filter.admit(row) {
-                Admit::Hidden => self.tally.hidden += 1,
-                Admit::Held => {}
-                Admit::Show(held) => {
-                    for r in held.iter().chain(std::iter::once(&row)) {
-                        self.outputs.emit(r)?;
-                        self.tally.shown += 1;
-                        if self.count.is_some_and(|n| self.tally.shown >= n) {
-                            return Err(Stop::Done);
-                        }
-                    }
+            // Final now (a sent reset has had its chance): an orderly close
+            // is followed into the time-wait table, and a connection taking
+            // over a time-wait socket ends the connection that left it.
+            if self.following_timewait {
+                if let Some(end) = self.timewait.reused(&row) {
+                    self.show(end)?;
                 }
+                self.timewait.watch(&row);
             }
+            self.show(row)?;
             if self
                 .outputs
                 .stdout

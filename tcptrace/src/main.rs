@@ -14,8 +14,10 @@ mod offline;
 mod privileges;
 mod record;
 mod replay;
+mod snapshot;
 mod sockdiag;
 mod state;
+mod timewait;
 mod tracefs;
 
 use std::process::ExitCode;

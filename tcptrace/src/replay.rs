@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
 
-use crate::attribute::{Close, Row};
+use crate::attribute::{Close, Origin, Row};
 use crate::cli::io_reason;
 use crate::decode::{Comm, Family, Task, Transition};
 use crate::format::JsonRow;
 use crate::record::{Header, Stats};
+use crate::state::State;
 
 /// One line of a recording.
 pub enum Item {
@@ -199,7 +200,7 @@ fn row_of(j: &JsonRow) -> Result<Row, String> {
             ts_ns: j.ts_ns,
             skaddr: j.skaddr.map_or(0, |h| h.0),
             task: owner.unwrap_or_default(),
-            old: j.old,
+            old: j.old.unwrap_or(State(0)),
             new: j.new,
             family,
             local: SocketAddr::new(j.laddr, j.lport),
@@ -209,6 +210,8 @@ fn row_of(j: &JsonRow) -> Result<Row, String> {
         sock: j.sock,
         owner,
         dwell_ns,
+        origin: Origin::from_name(&j.origin)
+            .ok_or_else(|| format!("unknown origin {:?}", j.origin))?,
         close: match &j.close {
             Some(name) => Some(
                 Close::from_name(name, j.reset_reason.as_deref())

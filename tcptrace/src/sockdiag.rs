@@ -123,20 +123,52 @@ pub const MAX_PORTS: usize = 2_700;
 /// a port filter vs ~30 ms without (which returns all 100k). All of it is
 /// system time on the calling thread.
 pub fn dump(q: &Query) -> Result<Vec<DiagSocket>> {
-    let mut out = Vec::new();
-    if q.states == 0 {
-        return Ok(out);
+    Dumper::here()?.dump(q)
+}
+
+/// A sock_diag socket bound for life to the network namespace it was opened
+/// in: opened while tcptrace still has its privileges, it keeps dumping that
+/// namespace after they are dropped (setns would need CAP_SYS_ADMIN again).
+pub struct Dumper {
+    sock: NetlinkSocket,
+    seq: u32,
+}
+
+impl Dumper {
+    /// In the calling thread's network namespace.
+    pub fn here() -> Result<Dumper> {
+        Ok(Dumper {
+            sock: NetlinkSocket::open()?,
+            seq: 0,
+        })
     }
-    let bytecode = port_filter(&q.ports)?;
-    let sock = NetlinkSocket::open()?;
-    for (seq, family) in [(1, libc::AF_INET), (2, libc::AF_INET6)] {
-        let req = request(family as u8, q.states, bytecode.as_deref(), seq);
-        sock.send(&req)
-            .context("sock_diag: sending the dump request")?;
-        sock.receive_dump(seq, &mut out)
-            .with_context(|| format!("sock_diag: dumping {} TCP sockets", family_name(family)))?;
+
+    /// In the network namespace at `netns_path` (needs CAP_SYS_ADMIN now,
+    /// nothing later).
+    pub fn in_netns(netns_path: &Path) -> Result<Dumper> {
+        in_netns(netns_path, Dumper::here)?
     }
-    Ok(out)
+
+    pub fn dump(&mut self, q: &Query) -> Result<Vec<DiagSocket>> {
+        let mut out = Vec::new();
+        if q.states == 0 {
+            return Ok(out);
+        }
+        let bytecode = port_filter(&q.ports)?;
+        for family in [libc::AF_INET, libc::AF_INET6] {
+            self.seq = self.seq.wrapping_add(1).max(1);
+            let req = request(family as u8, q.states, bytecode.as_deref(), self.seq);
+            self.sock
+                .send(&req)
+                .context("sock_diag: sending the dump request")?;
+            self.sock
+                .receive_dump(self.seq, &mut out)
+                .with_context(|| {
+                    format!("sock_diag: dumping {} TCP sockets", family_name(family))
+                })?;
+        }
+        Ok(out)
+    }
 }
 
 /// Same as [`dump`], inside the network namespace at `netns_path` (e.g.

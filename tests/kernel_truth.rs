@@ -1,0 +1,234 @@
+//! What the tracepoint alone does not tell, against the real kernel: the
+//! sockets that exist before tcptrace starts, and the life of a connection
+//! in the kernel's time-wait table after its socket "closed".
+
+use std::thread::sleep;
+use std::time::Duration;
+
+use serde_json::Value;
+use tcptrace_tests::{Netns, TempDir, Tracer, tcptrace, unique_port};
+
+fn of_sock(rows: &[Value], sock: &Value) -> Vec<Value> {
+    rows.iter()
+        .filter(|r| r["sock"] == *sock)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn sockets_that_exist_before_tcptrace_starts_appear_as_snapshot_lines() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&[
+        "server",
+        &addr,
+        "--mode",
+        "wait-peer-close",
+        "--hold-ms",
+        "100",
+    ]);
+    let client = ns.peer(&["client", &addr, "--mode", "close", "--hold-ms", "2500"]);
+    let (spid, cpid) = (server.pid, client.pid);
+    sleep(Duration::from_millis(300));
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "--netns",
+        &ns.path(),
+        "--format",
+        "json",
+        "--no-timewait",
+    ]);
+    client.finish();
+    server.finish();
+    let out = tracer.stop();
+    let rows = out.all_rows();
+    let snapshot: Vec<&Value> = rows.iter().filter(|r| r["origin"] == "snapshot").collect();
+    assert_eq!(
+        snapshot.len(),
+        3,
+        "listener, and both ends of the connection: {}",
+        out.stdout
+    );
+    // Listeners first, like netstat.
+    assert_eq!(snapshot[0]["new"], "LISTEN");
+    let mine = |r: &&Value, pid: u32, comm: &str| r["pid"] == pid && r["comm"] == comm;
+    assert!(mine(&snapshot[0], spid, "tt-server"), "{}", snapshot[0]);
+    let client_row = snapshot
+        .iter()
+        .find(|r| r["rport"] == port)
+        .expect("client end");
+    let server_row = snapshot
+        .iter()
+        .find(|r| r["lport"] == port && r["new"] == "ESTABLISHED")
+        .unwrap();
+    assert!(mine(client_row, cpid, "tt-client"), "{client_row}");
+    assert!(mine(server_row, spid, "tt-server"), "{server_row}");
+    for r in &snapshot {
+        assert!(
+            r["old"].is_null() && r["ms"].is_null(),
+            "no transition seen: {r}"
+        );
+        assert_eq!(r["netns"], ns.inode());
+    }
+    assert_eq!(client_row["new"], "ESTABLISHED");
+    // Their first transitions: the same socket ids, time in state unknown.
+    let client_life = of_sock(&rows, &client_row["sock"]);
+    assert_eq!(client_life[1]["old"], "ESTABLISHED");
+    assert_eq!(client_life[1]["new"], "FIN_WAIT1");
+    assert!(client_life[1]["ms"].is_null(), "{}", client_life[1]);
+    assert_eq!(client_life[1]["pid"], cpid);
+    let server_life = of_sock(&rows, &server_row["sock"]);
+    assert_eq!(server_life[1]["new"], "CLOSE_WAIT");
+    assert!(server_life[1]["ms"].is_null());
+    assert_eq!(server_life.last().unwrap()["new"], "CLOSE");
+    assert!(server_life.iter().all(|r| r["pid"] == spid));
+    // --no-snapshot leaves them out.
+    let quiet = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "--no-snapshot",
+        "--format",
+        "json",
+    ]);
+    assert!(quiet.stop().all_rows().is_empty());
+}
+
+#[test]
+fn an_active_close_goes_through_time_wait_to_its_end() {
+    let ns = Netns::new();
+    // One local port, and time-wait reuse after 1 ms: a second connection
+    // from the same port takes over the first one's time-wait socket.
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40000");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "1");
+    ns.sysctl("net.ipv4.tcp_tw_reuse_delay", "1");
+    let dir = TempDir::new("timewait");
+    let file = dir.path("tw.jsonl");
+    let port = unique_port();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "--netns",
+        &ns.path(),
+        "--format",
+        "json",
+        "-w",
+        &file,
+    ]);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close", "--conns", "2"]);
+    let first = ns.peer(&["client", &addr, "--mode", "close"]);
+    let first_pid = first.pid;
+    first.finish();
+    sleep(Duration::from_millis(1500));
+    ns.peer(&["client", &addr, "--mode", "close"]).finish();
+    server.finish();
+    sleep(Duration::from_millis(700));
+    let out = tracer.stop();
+    let rows = out.all_rows();
+    let connect = rows
+        .iter()
+        .find(|r| r["new"] == "SYN_SENT" && r["pid"] == first_pid)
+        .expect("first connect");
+    let life = of_sock(&rows, &connect["sock"]);
+    let path: Vec<String> = life
+        .iter()
+        .map(|r| {
+            format!(
+                "{}>{} {}",
+                r["old"].as_str().unwrap(),
+                r["new"].as_str().unwrap(),
+                r["origin"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        path[3..],
+        [
+            "FIN_WAIT1>FIN_WAIT2 tracepoint",
+            "FIN_WAIT2>CLOSE tracepoint",
+            "FIN_WAIT2>TIME_WAIT timewait",
+            "TIME_WAIT>CLOSE timewait",
+        ],
+        "{}",
+        out.stdout
+    );
+    for r in &life[5..] {
+        assert_eq!(
+            (&r["pid"], &r["comm"]),
+            (&first_pid.into(), &"tt-client".into()),
+            "{r}"
+        );
+        assert_eq!(r["lport"], 40000);
+    }
+    let in_time_wait = life[6]["ms"].as_f64().unwrap();
+    assert!(
+        (1000.0..5000.0).contains(&in_time_wait),
+        "TIME_WAIT for {in_time_wait} ms until reused"
+    );
+    // Text says where such lines come from; a replay shows them the same.
+    let text = tcptrace(&["read", &file]);
+    assert_eq!(
+        text.stdout.matches("time-wait table").count(),
+        rows.iter().filter(|r| r["origin"] == "timewait").count()
+    );
+    let replay = tcptrace(&["read", &file, "--format", "json"]);
+    let recorded: Vec<Value> = replay
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        v.as_object_mut().unwrap().remove("time");
+        v
+    };
+    assert_eq!(
+        recorded.iter().map(strip).collect::<Vec<_>>(),
+        rows.iter().map(strip).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_peer_that_never_closes_ends_the_fin_wait2_timeout() {
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_fin_timeout", "1");
+    let port = unique_port();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "--netns",
+        &ns.path(),
+        "--format",
+        "json",
+    ]);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&[
+        "server",
+        &addr,
+        "--mode",
+        "wait-peer-close",
+        "--hold-ms",
+        "60000",
+    ]);
+    let client = ns.peer(&["client", &addr, "--mode", "close"]);
+    let cpid = client.pid;
+    client.finish();
+    sleep(Duration::from_millis(2500));
+    let out = tracer.stop();
+    server.kill();
+    let rows = out.all_rows();
+    let tw: Vec<&Value> = rows.iter().filter(|r| r["origin"] == "timewait").collect();
+    assert_eq!(tw.len(), 1, "{}", out.stdout);
+    assert_eq!(
+        (&tw[0]["old"], &tw[0]["new"]),
+        (&"FIN_WAIT2".into(), &"CLOSE".into())
+    );
+    assert_eq!(tw[0]["pid"], cpid);
+    let waited = tw[0]["ms"].as_f64().unwrap();
+    assert!(
+        (1000.0..2500.0).contains(&waited),
+        "FIN_WAIT2 for {waited} ms with tcp_fin_timeout 1"
+    );
+}
