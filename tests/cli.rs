@@ -150,3 +150,29 @@ fn unprivileged_user_is_told_which_capabilities_are_missing() {
     assert!(stderr.contains("run tcptrace as root"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+#[test]
+fn man_page_and_completions_name_every_flag() {
+    let (_, help, _) = run(&["--help"]);
+    let mut flags: Vec<&str> = help
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+        .collect();
+    flags.sort_unstable();
+    flags.dedup();
+    assert!(flags.len() >= 25, "{flags:?}");
+    for what in ["man", "bash", "zsh", "fish"] {
+        let (code, out, err) = run(&["generate", what]);
+        assert_eq!(code, 0, "{what}: {err}");
+        assert!(out.len() > 1000, "{what} is {} bytes", out.len());
+        // roff escapes dashes.
+        let text = out.replace("\\-", "-");
+        for flag in &flags {
+            let bare = flag.trim_start_matches("--");
+            assert!(text.contains(bare), "{what} lacks {flag}");
+        }
+    }
+    let (_, man, _) = run(&["generate", "man"]);
+    assert!(man.contains(".TH tcptrace 1"), "a section 1 man page");
+}

@@ -184,7 +184,7 @@ impl Capture {
     }
 
     /// The next event in the ring, if any. Never blocks.
-    pub fn next(&mut self) -> Option<RingBufItem<'_>> {
+    pub fn next_event(&mut self) -> Option<RingBufItem<'_>> {
         self.ring.next()
     }
 

@@ -19,6 +19,13 @@ Examples:
     sudo tcptrace --follow 127.0.0.1:53525,127.0.0.1:6389
   Only the sockets a process owns, as JSON for jq:
     sudo tcptrace --pid 4242 --format json | jq .
+  Record a restart, rotating files at 100 MiB, keeping ten:
+    sudo tcptrace --port 6389 -w restart.jsonl --rotate-size 100M --rotate-keep 10
+  Investigate it afterwards:
+    tcptrace report restart.jsonl
+    tcptrace read restart.jsonl --pid 4242
+  Warn about sockets stuck in CLOSE_WAIT and friends for over 30 s:
+    sudo tcptrace --stuck 30s -q
   Stop by itself after ten seconds:
     sudo tcptrace --port 443 --duration 10s";
 
@@ -50,6 +57,36 @@ pub enum Command {
     /// Analyse a recording: connections, close reasons, time in each state,
     /// sockets left stuck, busiest processes and ports.
     Report(ReportArgs),
+    /// Write the man page or shell completions to stdout (used by `cargo
+    /// xtask install`).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: Generated,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Generated {
+    Man,
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The man page or a completion script, generated from these definitions so
+/// they can never disagree with `--help`.
+pub fn generate(what: Generated, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let shell = match what {
+        Generated::Man => return clap_mangen::Man::new(cmd).render(out),
+        Generated::Bash => clap_complete::Shell::Bash,
+        Generated::Zsh => clap_complete::Shell::Zsh,
+        Generated::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut cmd, "tcptrace", out);
+    Ok(())
 }
 
 /// Tracing live (no subcommand).

@@ -378,7 +378,7 @@ impl Pipeline {
                 });
             }
         }
-        while let Some(item) = capture.next() {
+        while let Some(item) = capture.next_event() {
             let decoded = decode(&item);
             drop(item);
             self.tally.seen += 1;

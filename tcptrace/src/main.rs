@@ -1,46 +1,12 @@
 //! tcptrace: every TCP state transition the kernel makes, as it happens.
 
-mod analyse;
-mod attribute;
-mod btf;
-mod capture;
-mod cli;
-mod decode;
-mod filter;
-mod format;
-mod layout;
-mod live;
-mod offline;
-mod privileges;
-mod record;
-mod replay;
-mod snapshot;
-mod sockdiag;
-mod state;
-mod timewait;
-mod tracefs;
-
 use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
 
-use crate::cli::{Cli, Command};
-
-/// Why tcptrace stopped without doing its job; each kind has its status.
-pub enum Failure {
-    /// Bad input (a file that exists, a corrupt recording): status 2.
-    BadInput(anyhow::Error),
-    /// Missing privileges: the message says which.
-    Privileges(String),
-    Other(anyhow::Error),
-}
-
-impl From<anyhow::Error> for Failure {
-    fn from(e: anyhow::Error) -> Self {
-        Failure::Other(e)
-    }
-}
+use tcptrace::cli::{Cli, Command};
+use tcptrace::{Failure, live, offline};
 
 /// Bad command line or bad input.
 const EXIT_USAGE: u8 = 2;
@@ -67,6 +33,8 @@ fn main() -> ExitCode {
         None => runtime.block_on(live::run(cli.live)),
         Some(Command::Read(args)) => offline::read(args),
         Some(Command::Report(args)) => offline::report(args),
+        Some(Command::Generate { what }) => tcptrace::cli::generate(what, &mut std::io::stdout())
+            .map_err(|e| Failure::Other(anyhow::anyhow!("cannot write to stdout: {e}"))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

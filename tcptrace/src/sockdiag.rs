@@ -34,10 +34,6 @@
 //!   substate (`FIN_WAIT2` or `TIME_WAIT`), uid and inode 0, and
 //!   `idiag_expires` = the time-wait timer's remaining milliseconds.
 
-// Not called from the main code yet: wired in next (start-up snapshot and
-// time-wait following).
-#![allow(dead_code)]
-
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
