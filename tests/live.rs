@@ -682,3 +682,69 @@ fn colour_on_a_terminal_and_never_in_a_pipe() {
         );
     }
 }
+
+/// GET /metrics, the way a Prometheus server would.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    reply
+}
+
+#[test]
+fn metrics_scraped_during_a_scenario_show_the_right_counters() {
+    let ns = Netns::new();
+    let (port, metrics_port) = (unique_port(), unique_port());
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "--netns",
+        &ns.path(),
+        "--metrics",
+        &format!("127.0.0.1:{metrics_port}"),
+        "-q",
+    ]);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&[
+        "server",
+        &addr,
+        "--mode",
+        "wait-peer-close",
+        "--hold-ms",
+        "800",
+    ]);
+    ns.peer(&["client", &addr, "--mode", "close"]).finish();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // During: the server holds its listener and a socket in CLOSE_WAIT.
+    let during = scrape(metrics_port);
+    assert!(
+        during.contains("tcptrace_sockets{state=\"LISTEN\"} 1"),
+        "{during}"
+    );
+    assert!(
+        during.contains("tcptrace_sockets{state=\"CLOSE_WAIT\"} 1"),
+        "{during}"
+    );
+    server.finish();
+    ns.peer(&["client", &addr, "--mode", "refused"]).finish();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let after = scrape(metrics_port);
+    for line in [
+        "tcptrace_transitions_total{old=\"CLOSE\",new=\"SYN_SENT\"} 2",
+        "tcptrace_transitions_total{old=\"LISTEN\",new=\"SYN_RECV\"} 1",
+        "tcptrace_transitions_total{old=\"CLOSE_WAIT\",new=\"LAST_ACK\"} 1",
+        "tcptrace_transitions_total{old=\"SYN_SENT\",new=\"CLOSE\"} 1",
+        "tcptrace_resets_total{kind=\"refused\"} 1",
+        "tcptrace_resets_total{kind=\"sent\"} 0",
+        "tcptrace_lost_events_total{kind=\"ring_full\"} 0",
+        "# EOF",
+    ] {
+        assert!(after.contains(line), "want {line:?} in {after}");
+    }
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+}

@@ -352,6 +352,15 @@ impl Attributor {
         stuck
     }
 
+    /// The sockets followed now, by their current state.
+    pub fn sockets_by_state(&self) -> Vec<(State, u64)> {
+        let mut counts: std::collections::BTreeMap<State, u64> = Default::default();
+        for s in self.socks.values() {
+            *counts.entry(s.last.new).or_default() += 1;
+        }
+        counts.into_iter().collect()
+    }
+
     /// Sockets currently tracked.
     #[cfg(test)]
     pub fn tracked(&self) -> usize {

@@ -115,6 +115,12 @@ pub struct LiveArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub stuck: Option<Duration>,
 
+    /// Serve Prometheus/OpenMetrics counters at http://ADDR/metrics
+    /// (HOST:PORT, or :PORT for every interface): transitions by state,
+    /// resets, lost events, sockets per state.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub metrics: Option<SocketAddr>,
+
     /// Do not start with the sockets that already exist (the snapshot, like
     /// `netstat -an`).
     #[arg(long)]
@@ -455,6 +461,17 @@ fn parse_netns_of(s: &str) -> Result<u32, String> {
     let pid = parse_pid(s)?;
     parse_netns(&format!("/proc/{pid}/ns/net"))
         .map_err(|_| format!("no process {pid} (or its network namespace cannot be read)"))
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_string()
+    };
+    full.parse::<SocketAddr>().map_err(|_| {
+        format!("{s:?} is not an address to listen on; write it as HOST:PORT or :PORT")
+    })
 }
 
 fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {

@@ -13,6 +13,7 @@ pub mod filter;
 pub mod format;
 pub mod layout;
 pub mod live;
+pub mod metrics;
 pub mod offline;
 pub mod privileges;
 pub mod record;

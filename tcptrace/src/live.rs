@@ -22,6 +22,7 @@ use crate::cli::LiveArgs;
 use crate::decode::{Decoded, decode};
 use crate::filter::{Admit, Filter};
 use crate::format::{self, Clock, OutputFormat, Printer};
+use crate::metrics::{self, Metrics};
 use crate::privileges;
 use crate::record::{self, Header, Recorder, Stats};
 use crate::snapshot;
@@ -172,6 +173,16 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             timewait.watch_existing(row);
         }
     }
+    // Bound now: a port below 1024 needs a capability we are about to drop.
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|e| Failure::BadInput(anyhow!("cannot serve metrics on {addr}: {e}")))?,
+        ),
+        None => None,
+    };
     // Attached, files open: nothing ahead needs a capability.
     if let Err(e) = privileges::drop_all() {
         log::warn!("cannot drop capabilities: {e}");
@@ -201,6 +212,7 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         pending: VecDeque::new(),
         cycle: 0,
         reset_reasons: reason_names(capture.reset_reasons()),
+        metrics: metrics_listener.as_ref().map(|_| Metrics::new()),
     };
     if let Some(found) = existing {
         for row in found.rows {
@@ -268,6 +280,14 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             _ = sigterm.recv() => true,
             _ = sighup.recv() => true,
             _ = sleep_until(deadline.unwrap_or(far)) => true,
+            Some(stream) = scrape(metrics_listener.as_ref()) => {
+                if let Some(m) = &pipe.metrics {
+                    let counters = capture.counters().unwrap_or_default();
+                    let body = m.render(&counters, &pipe.attributor.sockets_by_state());
+                    tokio::spawn(metrics::answer(stream, body));
+                }
+                false
+            }
         };
         if signalled {
             // A second Ctrl-C during the final drain ends the process at once.
@@ -358,6 +378,7 @@ struct Pipeline {
     cycle: u64,
     /// Names of the kernel's reset reasons, by number.
     reset_reasons: Vec<Option<&'static str>>,
+    metrics: Option<Metrics>,
 }
 
 struct Pending {
@@ -431,6 +452,9 @@ impl Pipeline {
             Admit::Show(held) => {
                 for r in held.iter().chain(std::iter::once(&row)) {
                     self.outputs.emit(r)?;
+                    if let Some(m) = &mut self.metrics {
+                        m.count(r);
+                    }
                     match r.origin {
                         Origin::Tracepoint => self.tally.shown += 1,
                         Origin::Snapshot => self.tally.snapshot += 1,
@@ -474,6 +498,14 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+}
+
+/// The next scrape connection, or never when metrics are off.
+async fn scrape(listener: Option<&tokio::net::TcpListener>) -> Option<tokio::net::TcpStream> {
+    match listener {
+        Some(l) => l.accept().await.ok().map(|(stream, _)| stream),
+        None => std::future::pending().await,
     }
 }
 

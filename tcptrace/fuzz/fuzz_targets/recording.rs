@@ -1,0 +1,25 @@
+//! Recordings come from files anyone may have edited: every line, and the
+//! streaming reader around it, must give a row, a header, a stats object or
+//! an error, never a panic. The analysis takes whatever parses.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tcptrace::analyse::Analysis;
+use tcptrace::replay;
+
+fuzz_target!(|data: &[u8]| {
+    let mut analysis = Analysis::new();
+    for line in data.split(|&b| b == b'\n') {
+        if let Ok(item) = replay::parse_line(line) {
+            analysis.add(item);
+        }
+    }
+    let report = analysis.report(5);
+    let _ = report.text();
+    // The kernel-facing parsers read files too (tracefs format, BTF).
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = tcptrace::layout::parse(text);
+        let _ = tcptrace::layout::parse_reset(text);
+    }
+    let _ = tcptrace::btf::Btf::parse(data).map(|b| b.path_offset("net", &["ns", "inum"]));
+});
