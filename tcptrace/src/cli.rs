@@ -552,6 +552,23 @@ mod tests {
         assert_eq!(t.b.port(), 6389);
     }
 
+    /// Argument lists kept from fuzzing: parsed or refused, never a panic.
+    #[test]
+    fn fuzz_regressions_parse_or_fail_cleanly() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/regressions/arguments");
+        let mut files = 0;
+        for entry in std::fs::read_dir(dir).expect("regressions are kept") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            let args = data.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned());
+            let parsed = Cli::try_parse_from(std::iter::once("tcptrace".to_string()).chain(args));
+            if let Err(e) = parsed {
+                assert_eq!(e.exit_code(), 2, "{e}");
+            }
+            files += 1;
+        }
+        assert!(files >= 4, "{files} regression inputs");
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
