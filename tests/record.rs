@@ -528,3 +528,70 @@ fn report_and_read_show_progress_on_a_terminal_only() {
         &out.stderr[..out.stderr.len().min(200)]
     );
 }
+
+#[test]
+fn the_html_report_renders_in_headless_chromium_with_its_three_charts() {
+    let dir = TempDir::new("html");
+    let file = sample_recording(&dir);
+    let html = dir.path("report.html");
+    let out = tcptrace(&["report", &file, "--html", &html]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let page = fs::read_to_string(&html).unwrap();
+    // Self-contained: nothing to fetch.
+    for fetch in ["<script", "src=", "href=", "@import", "url("] {
+        assert!(
+            !page.contains(fetch),
+            "the page would fetch something: {fetch}"
+        );
+    }
+    let chromium = |extra: &[&str]| {
+        std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                &format!("--user-data-dir={}", dir.path("chromium")),
+                "--window-size=1000,1400",
+            ])
+            .args(extra)
+            .arg(format!("file://{html}"))
+            .output()
+            .expect("chromium (Debian's chromium package; cargo xtask test installs it)")
+    };
+    let dom = String::from_utf8_lossy(&chromium(&["--dump-dom"]).stdout).into_owned();
+    let chart = |id: &str| {
+        let start = dom
+            .find(&format!("<svg id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no chart {id}"));
+        let end = start + dom[start..].find("</svg>").expect("closed svg");
+        dom[start..end].to_string()
+    };
+    let series = chart("sockets-over-time");
+    assert!(
+        series.matches("<polyline").count() >= 5,
+        "one line per state seen"
+    );
+    assert!(series.contains("data-state=\"CLOSE_WAIT\""));
+    let lifelines = chart("lifelines");
+    // Two connections, a refused connect and a listener: 6 sockets.
+    let socks: std::collections::BTreeSet<&str> = lifelines
+        .match_indices("data-sock=\"")
+        .map(|(i, m)| &lifelines[i + m.len()..i + m.len() + 2])
+        .collect();
+    assert_eq!(socks.len(), 6, "{socks:?}");
+    let dwell = chart("dwell-histograms");
+    assert!(dwell.matches("class=\"histogram\"").count() >= 6, "{dwell}");
+    assert!(
+        dom.contains("Connections") && dom.contains("Time in state"),
+        "the tables too"
+    );
+    let png = dir.path("report.png");
+    let shot = chromium(&[&format!("--screenshot={png}")]);
+    assert!(shot.status.success());
+    assert!(fs::metadata(&png).unwrap().len() > 20_000, "a real picture");
+}

@@ -193,6 +193,12 @@ pub struct ReportArgs {
     #[arg(long, value_name = "LADDR:LPORT,RADDR:RPORT", value_parser = parse_tuple)]
     pub follow: Option<Tuple>,
 
+    /// Also write the report as a self-contained HTML page with pictures:
+    /// sockets per state over time, connection lifelines, time-in-state
+    /// histograms.
+    #[arg(long, value_name = "FILE.html", value_parser = parse_output_path)]
+    pub html: Option<PathBuf>,
+
     /// Rows in each "top" table.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,
@@ -559,7 +565,9 @@ mod tests {
         let mut files = 0;
         for entry in std::fs::read_dir(dir).expect("regressions are kept") {
             let data = std::fs::read(entry.unwrap().path()).unwrap();
-            let args = data.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned());
+            let args = data
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned());
             let parsed = Cli::try_parse_from(std::iter::once("tcptrace".to_string()).chain(args));
             if let Err(e) = parsed {
                 assert_eq!(e.exit_code(), 2, "{e}");

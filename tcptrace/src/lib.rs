@@ -11,6 +11,7 @@ pub mod cli;
 pub mod decode;
 pub mod filter;
 pub mod format;
+pub mod html;
 pub mod layout;
 pub mod live;
 pub mod metrics;

@@ -10,6 +10,7 @@ use crate::analyse::Analysis;
 use crate::cli::{ReadArgs, ReportArgs};
 use crate::filter::{Admit, Filter, Spec};
 use crate::format::{Clock, OutputFormat, Printer, Style, TimeFormat};
+use crate::html::Pictures;
 use crate::replay::{self, Item};
 
 /// Prints recorded rows as the live run printed them.
@@ -139,12 +140,16 @@ pub fn report(args: ReportArgs) -> Result<(), Failure> {
         );
     }
     let mut analysis = Analysis::new();
+    let mut pictures = args.html.as_ref().map(|_| Pictures::new());
     let bar = progress_bar(&args.files, ProgressFor::Report);
     let read = replay::read(
         &args.files,
         args.lenient,
         bar.as_ref(),
         |item| -> Result<(), ()> {
+            if let (Some(p), Item::Row(row)) = (&mut pictures, &item) {
+                p.add(row);
+            }
             analysis.add(item);
             Ok(())
         },
@@ -154,6 +159,18 @@ pub fn report(args: ReportArgs) -> Result<(), Failure> {
     }
     read.map_err(|bad| Failure::BadInput(anyhow!(bad.0)))?.ok();
     let report = analysis.report(args.top);
+    if let (Some(path), Some(p)) = (&args.html, &pictures) {
+        let title = format!(
+            "tcptrace report: {}",
+            args.files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        std::fs::write(path, p.page(&title, &report.text()))
+            .map_err(|e| Failure::Other(anyhow!("cannot write {}: {e}", path.display())))?;
+    }
     let text = match args.format {
         OutputFormat::Text => report.text(),
         OutputFormat::Json => {
