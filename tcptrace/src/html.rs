@@ -25,7 +25,9 @@ const BUCKET_LABELS: [&str; 8] = [
 
 struct Lifeline {
     sock: u64,
-    label: String,
+    owner: String,
+    /// Latest local address (a connect's first one has port 0).
+    local: std::net::SocketAddr,
     /// (start, state) of each state it went through; the last lasts to `end`.
     segments: Vec<(u64, State)>,
     end: Option<u64>,
@@ -88,7 +90,8 @@ impl Pictures {
                     .unwrap_or_else(|| "-".into());
                 self.lifelines.push(Lifeline {
                     sock: r.sock,
-                    label: format!("{} {} {}", r.sock, owner, t.local),
+                    owner,
+                    local: t.local,
                     segments: Vec::new(),
                     end: None,
                 });
@@ -99,6 +102,7 @@ impl Pictures {
         };
         if let Some(i) = line {
             let l = &mut self.lifelines[i];
+            l.local = t.local;
             if t.new == State::CLOSE {
                 l.end = Some(t.ts_ns);
             } else {
@@ -237,7 +241,7 @@ impl Pictures {
                 s,
                 "<text x=\"4\" y=\"{}\" font-size=\"10\">{}</text>",
                 y + row - 4.0,
-                escape(&l.label)
+                escape(&format!("{} {} {}", l.sock, l.owner, l.local))
             );
             for (j, (start, state)) in l.segments.iter().enumerate() {
                 let end = l
