@@ -155,9 +155,7 @@ fn two_tracers_each_see_every_transition() {
     let args = ["--port", &port.to_string(), "--format", "json"];
     let (a, b) = (Tracer::start(&args), Tracer::start(&args));
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
-    ns.peer(&["client", &addr, "--mode", "close"]).finish();
-    server.finish();
+    ns.connections(&addr, 1);
     let (a, b) = (a.stop(), b.stop());
     assert_eq!(a.rows().len(), 12);
     assert_eq!(b.rows().len(), 12);
@@ -214,9 +212,7 @@ fn no_kernel_address_is_shown_unless_asked() {
         "--show-skaddr",
     ]);
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
-    ns.peer(&["client", &addr, "--mode", "close"]).finish();
-    server.finish();
+    ns.connections(&addr, 1);
     let looks_like_pointer = |s: &str| s.to_lowercase().contains("0xffff") || s.contains("ffff8");
     for out in [plain.stop(), json.stop()] {
         assert!(

@@ -251,10 +251,7 @@ fn a_rotation_set_reads_as_one_stream() {
         "relative",
     ]);
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close", "--conns", "8"]);
-    ns.peer(&["client", &addr, "--mode", "close", "--repeat", "8"])
-        .finish();
-    server.finish();
+    ns.connections(&addr, 8);
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
     let mut files: Vec<String> = fs::read_dir(&dir.0)
@@ -299,10 +296,7 @@ fn rotate_keep_deletes_the_oldest() {
         "2",
     ]);
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close", "--conns", "8"]);
-    ns.peer(&["client", &addr, "--mode", "close", "--repeat", "8"])
-        .finish();
-    server.finish();
+    ns.connections(&addr, 8);
     assert!(tracer.stop().status.success());
     let mut names: Vec<String> = fs::read_dir(&dir.0)
         .unwrap()
@@ -465,10 +459,7 @@ fn a_recording_survives_kill_9_of_its_writer() {
         "--no-timewait",
     ]);
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close", "--conns", "5"]);
-    ns.peer(&["client", &addr, "--mode", "close", "--repeat", "5"])
-        .finish();
-    server.finish();
+    ns.connections(&addr, 5);
     // Written within 200 ms, whatever happens to the writer after that.
     std::thread::sleep(std::time::Duration::from_millis(600));
     let out = tracer.signal(libc::SIGKILL);

@@ -117,6 +117,16 @@ impl Netns {
         child
     }
 
+    /// `n` orderly connections to `addr`, one after the other, the client
+    /// closing first; returns when both peers are done.
+    pub fn connections(&self, addr: &str, n: usize) {
+        let n = n.to_string();
+        let server = self.peer(&["server", addr, "--mode", "wait-peer-close", "--conns", &n]);
+        self.peer(&["client", addr, "--mode", "close", "--repeat", &n])
+            .finish();
+        server.finish();
+    }
+
     /// Starts a scenario peer in the namespace.
     pub fn peer(&self, args: &[&str]) -> Peer {
         let mut cmd = Command::new(peer_bin());
