@@ -292,3 +292,78 @@ fn copy_for_nobody(dir: &tcptrace_tests::TempDir) -> String {
     }
     bin
 }
+
+#[test]
+fn a_stalled_reader_loses_events_says_so_and_carries_on() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "--netns",
+        &ns.path(),
+        "-q",
+        "--no-timewait",
+    ]);
+    let churn_bin = tcptrace_tests::peer_bin().with_file_name("tt-churn");
+    let mut churn = std::process::Command::new(churn_bin);
+    churn
+        .args([
+            "--seconds",
+            "5",
+            "--port",
+            &port.to_string(),
+            "--mode",
+            "reset",
+        ])
+        .stdout(Stdio::piped());
+    let churn = ns.spawn(&mut churn);
+    // Stop the reader while the churn fills its 32 MiB ring.
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(4));
+    // SAFETY: as above.
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGCONT) };
+    let done = churn.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stdout)
+    );
+    // Capture goes on after the overflow.
+    ns.peer(&[
+        "server",
+        &format!("0.0.0.0:{port}"),
+        "--mode",
+        "listen-only",
+    ])
+    .finish();
+    std::thread::sleep(Duration::from_millis(500));
+    let warned = tracer.stderr_so_far();
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        warned.contains("transitions lost: the ring buffer was full"),
+        "{warned}"
+    );
+    let (shown, _, lost) = out.stats();
+    assert!(lost > 0, "{}", out.stderr);
+    assert!(shown > 0);
+    // The churn's own count says how many there were: shown + lost covers it.
+    let expected = String::from_utf8_lossy(&done.stdout)
+        .split("\"expected_transitions\":")
+        .nth(1)
+        .and_then(|s| {
+            s.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .expect("tt-churn reports its expected transitions");
+    let missed = out.missed();
+    assert!(
+        shown + lost + missed >= expected,
+        "shown {shown} + lost {lost} + missed {missed} < expected {expected}"
+    );
+}

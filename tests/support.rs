@@ -410,6 +410,18 @@ impl Output {
             .collect()
     }
 
+    /// Transitions the kernel skipped ("missed by the kernel").
+    pub fn missed(&self) -> u64 {
+        self.stderr
+            .lines()
+            .find(|l| l.contains(" transitions shown"))
+            .and_then(|l| {
+                l.split(", ")
+                    .find_map(|p| p.strip_suffix(" missed by the kernel")?.parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no missed count in {:?}", self.stderr))
+    }
+
     /// The final statistics line's numbers: (shown, filtered, lost).
     pub fn stats(&self) -> (u64, u64, u64) {
         let line = self

@@ -1,0 +1,226 @@
+//! `cargo xtask soak --minutes N`: connection churn while tcptrace records,
+//! for N minutes, then checks what a long unattended run must keep true:
+//! every transition accounted for, memory flat, the recording readable.
+//!
+//! The recording rotates (256 MiB files, 4 kept): minutes of the machine's
+//! fastest churn would otherwise fill the disk.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+const PORT: u16 = 24690;
+const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+/// RSS may grow this much from the first half of the run to the second.
+const RSS_SLACK_KB: u64 = 4 * 1024;
+/// Transitions neither shown nor counted as skipped by the kernel may be at
+/// most this share of those expected. At full churn a few in 100,000 are
+/// (seen: 348 of 12.1M, 3,094 of 29.9M); where they go is not established
+/// (see the README), so the soak shows them rather than hide them.
+const UNACCOUNTED_MAX: f64 = 1e-4;
+
+/// A network namespace for the churn, removed on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+pub fn run(root: &Path, minutes: f64) -> Result<()> {
+    let release = root.join("target/release");
+    let ns = Netns(format!("tcptrace-soak-{}", std::process::id()));
+    crate::status("ip", &["netns", "add", &ns.0])?;
+    crate::status("ip", &["-n", &ns.0, "link", "set", "lo", "up"])?;
+    let dir = std::env::temp_dir().join(format!("tcptrace-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("soak.jsonl");
+
+    let mut tracer = Command::new(release.join("tcptrace"))
+        .args([
+            "--port",
+            &PORT.to_string(),
+            "--netns",
+            &format!("/run/netns/{}", ns.0),
+        ])
+        .args([
+            "-q",
+            "--no-snapshot",
+            "--no-timewait",
+            "--rotate-size",
+            "256M",
+            "--rotate-keep",
+            "4",
+        ])
+        .arg("-w")
+        .arg(&file)
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start tcptrace")?;
+    let (tx, rx) = mpsc::channel();
+    let err = tracer.stderr.take().expect("piped");
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if line.starts_with("tcptrace: tracing") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .context("tcptrace did not start")?;
+    let pid = tracer.id();
+
+    let seconds = minutes * 60.0;
+    eprintln!("xtask: soaking for {minutes} minutes");
+    let churn = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(release.join("tt-churn"))
+        .args([
+            "--seconds",
+            &seconds.to_string(),
+            "--port",
+            &PORT.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start tt-churn")?;
+    let started = Instant::now();
+    let mut rss = Vec::new();
+    let churn_out = std::thread::spawn(move || churn.wait_with_output());
+    while !churn_out.is_finished() {
+        std::thread::sleep(SAMPLE_EVERY.min(Duration::from_secs(1)));
+        if rss.len() as u64 <= started.elapsed().as_secs() / SAMPLE_EVERY.as_secs() {
+            rss.push(rss_kb(pid).unwrap_or(0));
+        }
+    }
+    let churn = churn_out.join().expect("churn thread")?;
+    let churn_json = String::from_utf8_lossy(&churn.stdout).into_owned();
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: signalling our own child.
+    unsafe { libc_kill(pid as i32, 2) };
+    let status = tracer.wait()?;
+    let stderr = stderr.join().expect("stderr thread");
+
+    let number = |text: &str, key: &str| -> Option<u64> {
+        text.split(&format!("\"{key}\":"))
+            .nth(1)?
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    let expected = number(&churn_json, "expected_transitions").context("tt-churn said no count")?;
+    let stat = |label: &str| -> u64 {
+        stderr
+            .lines()
+            .find(|l| l.contains(" transitions shown"))
+            .and_then(|l| {
+                l.trim_start_matches("tcptrace: ")
+                    .split(", ")
+                    .find_map(|p| p.strip_suffix(label)?.parse().ok())
+            })
+            .unwrap_or(u64::MAX)
+    };
+    let (shown, lost, missed) = (
+        stat(" transitions shown"),
+        stat(" lost"),
+        stat(" missed by the kernel"),
+    );
+    let half = rss.len() / 2;
+    let first = rss[..half.max(1)].iter().copied().max().unwrap_or(0);
+    let second = rss[half..].iter().copied().max().unwrap_or(0);
+    let read = Command::new(release.join("tcptrace"))
+        .arg("read")
+        .arg(&file)
+        .args(["--format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()?;
+    let recorded = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|t| t.lines().last().and_then(|l| number(l, "events")));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!(
+        "soak: {minutes} minutes, {} connections",
+        number(&churn_json, "connections").unwrap_or(0)
+    );
+    println!("  expected transitions   {expected}");
+    if let Some(line) = stderr.lines().find(|l| l.contains(" transitions shown")) {
+        println!("  tcptrace said          {line}");
+    }
+    println!("  shown                  {shown}");
+    println!("  lost (ring full)       {lost}");
+    println!("  missed (kernel skip)   {missed}");
+    let unaccounted = expected.saturating_sub(shown.saturating_add(missed));
+    println!(
+        "  unaccounted            {unaccounted} ({:.4}%)",
+        unaccounted as f64 * 100.0 / expected.max(1) as f64
+    );
+    println!(
+        "  recorded (stats)       {}",
+        recorded.map_or("-".into(), |n| n.to_string())
+    );
+    println!("  RSS max, first half    {} KiB", first);
+    println!("  RSS max, second half   {} KiB", second);
+    println!("  RSS samples (KiB)      {rss:?}");
+    let mut failures = Vec::new();
+    if !status.success() {
+        failures.push(format!("tcptrace exited {status}: {stderr}"));
+    }
+    if lost != 0 {
+        failures.push(format!("{lost} transitions lost: the ring buffer was full"));
+    }
+    if shown.saturating_add(missed) > expected
+        || unaccounted as f64 > expected as f64 * UNACCOUNTED_MAX
+    {
+        failures.push(format!(
+            "shown {shown} + missed {missed} vs expected {expected}"
+        ));
+    }
+    if second > first + RSS_SLACK_KB {
+        failures.push(format!("RSS grew from {first} KiB to {second} KiB"));
+    }
+    if !read.status.success() || !read.stderr.is_empty() {
+        failures.push(format!(
+            "the recording did not read back cleanly: {}",
+            String::from_utf8_lossy(&read.stderr)
+        ));
+    }
+    if recorded != Some(shown) {
+        failures.push(format!(
+            "the stats object says {recorded:?} recorded, {shown} were shown"
+        ));
+    }
+    if failures.is_empty() {
+        println!("soak: PASS");
+        Ok(())
+    } else {
+        bail!("soak failed:\n  {}", failures.join("\n  "))
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
