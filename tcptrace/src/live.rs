@@ -306,8 +306,18 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         w.summary();
     }
     let Pipeline {
-        mut outputs, tally, ..
+        mut outputs,
+        tally,
+        timewait,
+        ..
     } = pipe;
+    if timewait.missed > 0 {
+        eprintln!(
+            "tcptrace: warning: {} closed connections were not followed into the time-wait \
+             table (more than 65536 at once, or in a namespace tcptrace could not open)",
+            timewait.missed
+        );
+    }
     // Rows of the last batch (a --count reached mid-batch, a failed
     // recording) still go to the terminal.
     if !matches!(stop, Stop::PipeClosed) {
