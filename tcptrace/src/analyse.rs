@@ -4,7 +4,7 @@
 //! open, and time-in-state distributions are histograms, so memory follows
 //! the number of sockets open at once, not the length of the recording.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::attribute::{Close, Origin, Row};
 use crate::decode::Task;
+use crate::fasthash::FastMap;
 use crate::filter::Spec;
 use crate::record::{Header, Stats};
 use crate::replay::Item;
@@ -149,8 +150,8 @@ pub struct Analysis {
     /// "local port 6389" / "remote 10.0.0.5:5432" -> counts.
     endpoints: BTreeMap<String, Counts>,
     dwell: BTreeMap<State, Histogram<u64>>,
-    open: HashMap<u64, Open>,
-    processes: HashMap<u32, ProcessTally>,
+    open: FastMap<u64, Open>,
+    processes: FastMap<u32, ProcessTally>,
     time_wait: BTreeMap<String, u64>,
 }
 
@@ -172,8 +173,8 @@ impl Analysis {
             passive: Counts::default(),
             endpoints: BTreeMap::new(),
             dwell: BTreeMap::new(),
-            open: HashMap::new(),
-            processes: HashMap::new(),
+            open: FastMap::default(),
+            processes: FastMap::default(),
             time_wait: BTreeMap::new(),
         }
     }

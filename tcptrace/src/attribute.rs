@@ -10,7 +10,9 @@
 //! listener's owner. Where no owner is known the answer is "unknown", never
 //! the interrupted task.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::hash_map::Entry;
+
+use crate::fasthash::{FastMap, FastSet};
 use std::net::{IpAddr, SocketAddr};
 
 use crate::decode::{Task, Transition};
@@ -147,14 +149,14 @@ struct Listener {
 /// at once: a socket is forgotten when it reaches CLOSE.
 #[derive(Debug, Default)]
 pub struct Attributor {
-    socks: HashMap<u64, Sock>,
+    socks: FastMap<u64, Sock>,
     /// Listening sockets by (network namespace, port).
-    listeners: HashMap<(u32, u16), Vec<Listener>>,
+    listeners: FastMap<(u32, u16), Vec<Listener>>,
     /// Sockets a reset was received on, until their `-> CLOSE`.
-    reset_received: HashSet<u64>,
+    reset_received: FastSet<u64>,
     /// Sockets from the start-up snapshot, by (netns, local, remote), until
     /// their first transition tells their kernel address.
-    existing: HashMap<(u32, SocketAddr, SocketAddr), (u64, Option<Task>)>,
+    existing: FastMap<(u32, SocketAddr, SocketAddr), (u64, Option<Task>)>,
     next_id: u64,
 }
 
@@ -233,8 +235,8 @@ impl Attributor {
             self.reset_received.remove(&t.skaddr);
         }
         let sock = match self.socks.entry(t.skaddr) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
                 // A socket from the snapshot keeps its id and owner; the time
                 // it entered its state stays unknown.
                 let known = if starts_life(t.old, t.new) {
@@ -373,7 +375,7 @@ impl Attributor {
 /// wildcard. Several listeners with different owners (SO_REUSEPORT, or the
 /// same port in namespaces the kernel's BTF did not let us tell apart) make
 /// it unknowable from here, so unknown.
-fn listener_owner(listeners: &HashMap<(u32, u16), Vec<Listener>>, t: &Transition) -> Option<Task> {
+fn listener_owner(listeners: &FastMap<(u32, u16), Vec<Listener>>, t: &Transition) -> Option<Task> {
     let mut owners = listeners
         .get(&(t.netns, t.local.port()))?
         .iter()

@@ -5,7 +5,6 @@
 //! are checked again here so that replaying a recording filters the same way.
 //! Process filters need the owner, which only userspace knows.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -14,6 +13,7 @@ use tcptrace_ebpf::{FAMILY_V4, FAMILY_V6, PORT_ANY, PORT_LOCAL, PORT_REMOTE};
 
 use crate::attribute::Row;
 use crate::decode::Family;
+use crate::fasthash::FastMap;
 use crate::state::State;
 
 /// What the user asked to see. Empty lists mean "any". Recordings keep it
@@ -181,7 +181,7 @@ pub struct Filter {
     /// Which of PORT_ANY / PORT_LOCAL / PORT_REMOTE the user gave.
     wanted: u8,
     /// Connects kept back by `--follow`, by socket id.
-    held: HashMap<u64, Row>,
+    held: FastMap<u64, Row>,
 }
 
 impl Filter {
@@ -202,7 +202,7 @@ impl Filter {
             spec,
             bits: PortBits(bits),
             wanted,
-            held: HashMap::new(),
+            held: FastMap::default(),
         }
     }
 

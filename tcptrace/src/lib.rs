@@ -9,6 +9,7 @@ pub mod btf;
 pub mod capture;
 pub mod cli;
 pub mod decode;
+pub mod fasthash;
 pub mod filter;
 pub mod format;
 pub mod html;
