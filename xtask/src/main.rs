@@ -12,6 +12,10 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod fuzz;
+mod soak;
+
 /// bpf-linker 0.11 and later default to LLVM 23, which this nightly is not.
 const BPF_LINKER_VERSION: &str = "0.10.1";
 const NIGHTLY: &str = "nightly";
@@ -47,6 +51,60 @@ enum Cmd {
     },
     /// Only install the build prerequisites.
     Setup,
+    /// Run the cargo-fuzz targets (recording reader, argument parsers) for
+    /// SECONDS each; installs cargo-fuzz if missing.
+    Fuzz {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
+    /// Churn plus recording for MINUTES, then check: every transition
+    /// accounted for, RSS flat, the recording readable (needs root).
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Churn client threads (1 is about 30k connections/s here).
+        #[arg(long, default_value_t = 1)]
+        clients: u32,
+    },
+    /// Measure tracing at the machine's fastest connection churn: untraced,
+    /// tcptrace (text, recording) and libbpf-tools tcpstates, interleaved;
+    /// then `tcptrace read` and `report` throughput (needs root).
+    Bench {
+        /// Seconds of churn per configuration and round.
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        /// Rounds; each runs every configuration once.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Churn mode: client-closes-first, server-closes-first or reset.
+        #[arg(long, default_value = "client-closes-first")]
+        mode: String,
+        /// Where to write all figures as JSON.
+        #[arg(long, value_name = "FILE", default_value = "target/bench.json")]
+        json: PathBuf,
+        /// The churn's server port (the tracers filter on it).
+        #[arg(long, default_value_t = 24680)]
+        port: u16,
+        /// Churn client threads.
+        #[arg(long, default_value_t = 2)]
+        clients: u32,
+        /// Churn acceptor threads (one listener each).
+        #[arg(long, default_value_t = 1)]
+        acceptors: u32,
+        /// Configurations to run (untraced, text, record, tcpstates).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "untraced,text,record,tcpstates"
+        )]
+        configs: Vec<String>,
+        /// Times a run disturbed by other work (another tracer, a busy
+        /// machine) is repeated.
+        #[arg(long, default_value_t = 2)]
+        retries: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,19 +132,111 @@ fn run(cli: Cli) -> Result<ExitCode> {
             setup()?;
             test(&root, &args).map(|()| ExitCode::SUCCESS)
         }
+        Cmd::Bench {
+            seconds,
+            rounds,
+            mode,
+            json,
+            port,
+            clients,
+            acceptors,
+            configs,
+            retries,
+        } => {
+            setup()?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "tcptrace",
+                "--package",
+                "tcptrace-tests",
+            ])?;
+            let opts = bench::Options {
+                seconds,
+                rounds,
+                mode,
+                json: root.join(json),
+                port,
+                clients,
+                acceptors,
+                configs,
+                retries,
+            };
+            bench::run(&root, &opts).map(|()| ExitCode::SUCCESS)
+        }
         Cmd::Install { prefix } => {
             setup()?;
             cargo(&["build", "--release", "--package", "tcptrace"])?;
-            let dir = prefix.join("bin");
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            let dest = dir.join("tcptrace");
-            std::fs::copy(root.join("target/release/tcptrace"), &dest)
-                .with_context(|| format!("cannot install {}", dest.display()))?;
-            eprintln!("xtask: installed {}", dest.display());
+            install(&root.join("target/release/tcptrace"), &prefix)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Fuzz { seconds, targets } => {
+            setup()?;
+            fuzz::run(&root, seconds, &targets).map(|()| ExitCode::SUCCESS)
+        }
+        Cmd::Soak { minutes, clients } => {
+            setup()?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "tcptrace",
+                "--package",
+                "tcptrace-tests",
+            ])?;
+            soak::run(&root, minutes, clients).map(|()| ExitCode::SUCCESS)
+        }
     }
+}
+
+/// The binary in PREFIX/bin, its man page in PREFIX/share/man/man1, and
+/// completions where bash, zsh and fish look for them under PREFIX.
+fn install(bin: &Path, prefix: &Path) -> Result<()> {
+    let put = |dir: PathBuf, name: &str, content: Option<&[u8]>| -> Result<PathBuf> {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let dest = dir.join(name);
+        match content {
+            Some(bytes) => std::fs::write(&dest, bytes),
+            None => std::fs::copy(bin, &dest).map(|_| ()),
+        }
+        .with_context(|| format!("cannot install {}", dest.display()))?;
+        eprintln!("xtask: installed {}", dest.display());
+        Ok(dest)
+    };
+    put(prefix.join("bin"), "tcptrace", None)?;
+    let generated = |what: &str| -> Result<Vec<u8>> {
+        let out = Command::new(bin).args(["generate", what]).output()?;
+        if !out.status.success() || out.stdout.is_empty() {
+            bail!(
+                "tcptrace generate {what} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(out.stdout)
+    };
+    put(
+        prefix.join("share/man/man1"),
+        "tcptrace.1",
+        Some(&generated("man")?),
+    )?;
+    put(
+        prefix.join("share/bash-completion/completions"),
+        "tcptrace",
+        Some(&generated("bash")?),
+    )?;
+    put(
+        prefix.join("share/zsh/site-functions"),
+        "_tcptrace",
+        Some(&generated("zsh")?),
+    )?;
+    put(
+        prefix.join("share/fish/vendor_completions.d"),
+        "tcptrace.fish",
+        Some(&generated("fish")?),
+    )?;
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {
@@ -146,7 +296,23 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
+/// Debian's chromium renders the HTML report in the tests.
+fn ensure_chromium() -> Result<()> {
+    if which("chromium") {
+        return Ok(());
+    }
+    if !which("apt-get") || !is_root() {
+        bail!(
+            "the tests need Debian's chromium (apt-get install chromium) to render the HTML report"
+        );
+    }
+    eprintln!("xtask: installing chromium (for the HTML report test)");
+    let _ = status("apt-get", &["update", "-qq"]);
+    status("apt-get", &["install", "-y", "-qq", "chromium"])
+}
+
 fn test(root: &Path, extra: &[OsString]) -> Result<()> {
+    ensure_chromium()?;
     cargo(&["fmt", "--all", "--", "--check"])
         .context("formatting differs: run `cargo fmt --all`")?;
     cargo(&[
@@ -279,7 +445,7 @@ fn cargo(args: &[&str]) -> Result<()> {
     check(cmd)
 }
 
-fn status(program: &str, args: &[&str]) -> Result<()> {
+pub(crate) fn status(program: &str, args: &[&str]) -> Result<()> {
     let mut cmd = Command::new(program);
     cmd.args(args);
     check(cmd)

@@ -43,7 +43,7 @@ fn rss_kb(pid: u32) -> Option<u64> {
         .ok()
 }
 
-pub fn run(root: &Path, minutes: f64) -> Result<()> {
+pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
     let release = root.join("target/release");
     let ns = Netns(format!("tcptrace-soak-{}", std::process::id()));
     crate::status("ip", &["netns", "add", &ns.0])?;
@@ -101,6 +101,7 @@ pub fn run(root: &Path, minutes: f64) -> Result<()> {
             "--port",
             &PORT.to_string(),
         ])
+        .args(["--clients", &clients.to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot start tt-churn")?;
