@@ -452,7 +452,11 @@ fn client(id: u32, mode: Mode, port: u16, addrs: u32, shared: &Shared) {
     while !shared.stop.load(Ordering::Relaxed) {
         // Flow control: never run more than WINDOW connections ahead of
         // the acceptors.
-        while shared.connected.load(Ordering::Relaxed) - shared.served.load(Ordering::Relaxed)
+        // An acceptor can count a connection before connect() returns here.
+        while shared
+            .connected
+            .load(Ordering::Relaxed)
+            .saturating_sub(shared.served.load(Ordering::Relaxed))
             > WINDOW
         {
             thread::yield_now();
