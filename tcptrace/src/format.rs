@@ -142,6 +142,8 @@ pub struct Printer {
     /// `Z`, or the local offset (`+01:00`) of that second.
     cached_zone: String,
     scratch: String,
+    /// A JSON row being built.
+    line: Vec<u8>,
 }
 
 impl Printer {
@@ -152,6 +154,7 @@ impl Printer {
             cached_sec: i64::MIN,
             cached_prefix: String::new(),
             cached_zone: String::new(),
+            line: Vec::with_capacity(512),
             scratch: String::with_capacity(64),
         }
     }
@@ -198,74 +201,97 @@ impl Printer {
         }
     }
 
+    /// Columns padded by hand: `Formatter::pad` costs more than the rest of
+    /// the row, and this runs for every row shown or replayed.
     fn text(&mut self, out: &mut impl Write, row: &Row) -> io::Result<()> {
         let t = &row.t;
+        let mut b = std::mem::take(&mut self.line);
+        b.clear();
         if self.style.time != TimeFormat::None {
             self.time_text(t.ts_ns);
-            out.write_all(self.scratch.as_bytes())?;
-            out.write_all(b"  ")?;
+            b.extend_from_slice(self.scratch.as_bytes());
+            b.extend_from_slice(b"  ");
         }
         match &row.owner {
             Some(o) => {
+                pad_left(&mut b, Digits::new(u64::from(o.pid)).as_bytes(), 7);
+                b.extend_from_slice(b"  ");
                 self.scratch.clear();
                 escape_comm(&o.comm.as_str(), &mut self.scratch);
-                write!(out, "{:>7}  {:<COMM_WIDTH$}  ", o.pid, self.scratch)?
+                pad_right_chars(&mut b, &self.scratch, COMM_WIDTH);
             }
-            None => write!(out, "{:>7}  {:<COMM_WIDTH$}  ", "-", "-")?,
+            None => {
+                pad_left(&mut b, b"-", 7);
+                b.extend_from_slice(b"  ");
+                pad_right_chars(&mut b, "-", COMM_WIDTH);
+            }
         }
-        write!(out, "{:<ADDR_WIDTH$}  {:<ADDR_WIDTH$}  ", t.local, t.remote)?;
-        if row.origin == Origin::Snapshot {
-            // Existing socket: no transition, just its state.
-            if self.style.color {
-                let new = t.new.to_string();
-                let pad = " ".repeat(11usize.saturating_sub(new.len()));
-                write!(
-                    out,
-                    "{:>11} -> {}{new}{SGR_RESET}{pad}  ",
-                    "-",
-                    sgr(t.new.phase())
-                )?;
-            } else {
-                write!(out, "{:>11} -> {:<11}  ", "-", t.new)?;
-            }
-        } else if self.style.color {
-            // Padding outside the colour codes, so columns stay aligned.
-            let (old, new) = (t.old.to_string(), t.new.to_string());
-            let pad = |s: &str, w: usize| " ".repeat(w.saturating_sub(s.len()));
-            write!(
-                out,
-                "{}{}{old}{SGR_RESET} -> {}{new}{SGR_RESET}{}  ",
-                pad(&old, 11),
-                sgr(t.old.phase()),
-                sgr(t.new.phase()),
-                pad(&new, 11)
-            )?;
+        b.extend_from_slice(b"  ");
+        for addr in [t.local, t.remote] {
+            self.scratch.clear();
+            let _ = write!(self.scratch, "{addr}");
+            pad_right_chars(&mut b, &self.scratch, ADDR_WIDTH);
+            b.extend_from_slice(b"  ");
+        }
+        let old = if row.origin == Origin::Snapshot {
+            None
         } else {
-            write!(out, "{:>11} -> {:<11}  ", t.old, t.new)?;
+            Some(t.old)
+        };
+        let name = |s: State| -> Cow<'static, str> {
+            match s.name() {
+                "" => Cow::Owned(s.to_string()),
+                known => Cow::Borrowed(known),
+            }
+        };
+        let (old_name, new_name) = (old.map_or(Cow::Borrowed("-"), name), name(t.new));
+        if self.style.color {
+            // Padding outside the colour codes, so columns stay aligned.
+            pad_left(&mut b, b"", 11usize.saturating_sub(old_name.len()));
+            match old {
+                Some(o) => {
+                    let _ = write!(b, "{}{old_name}{SGR_RESET}", sgr(o.phase()));
+                }
+                None => b.extend_from_slice(old_name.as_bytes()),
+            }
+            let _ = write!(b, " -> {}{new_name}{SGR_RESET}", sgr(t.new.phase()));
+            pad_left(&mut b, b"", 11usize.saturating_sub(new_name.len()));
+        } else {
+            pad_left(&mut b, old_name.as_bytes(), 11);
+            b.extend_from_slice(b" -> ");
+            pad_right_chars(&mut b, &new_name, 11);
         }
+        b.extend_from_slice(b"  ");
         match row.dwell_ns {
             Some(ns) => {
                 let us = ns / 1000;
-                self.scratch.clear();
-                let _ = write!(self.scratch, "{}.{:03}", us / 1000, us % 1000);
-                write!(out, "{:>10}", self.scratch)?
+                let whole = Digits::new(us / 1000);
+                b.resize(
+                    b.len() + 6usize.saturating_sub(whole.as_bytes().len()),
+                    b' ',
+                );
+                b.extend_from_slice(whole.as_bytes());
+                b.push(b'.');
+                push_frac(&mut b, us % 1000, 3);
             }
-            None => write!(out, "{:>10}", "-")?,
+            None => pad_left(&mut b, b"-", 10),
         }
-        write!(out, "  {}", row.sock)?;
+        b.extend_from_slice(b"  ");
+        push_u64(&mut b, row.sock);
         if self.style.wide {
+            b.extend_from_slice(b"  ");
             match t.netns {
-                0 => write!(out, "  {:>10}", "-")?,
-                n => write!(out, "  {n:>10}")?,
+                0 => pad_left(&mut b, b"-", 10),
+                n => pad_left(&mut b, Digits::new(u64::from(n)).as_bytes(), 10),
             }
         }
         if self.style.show_skaddr {
-            write!(out, "  {:#x}", t.skaddr)?;
+            let _ = write!(b, "  {:#x}", t.skaddr);
         }
         match row.origin {
             Origin::Tracepoint => {}
-            Origin::Snapshot => out.write_all(b"  snapshot")?,
-            Origin::TimeWait => out.write_all(b"  time-wait table")?,
+            Origin::Snapshot => b.extend_from_slice(b"  snapshot"),
+            Origin::TimeWait => b.extend_from_slice(b"  time-wait table"),
         }
         if let Some(c) = row.close {
             let (on, off) = if self.style.color {
@@ -273,47 +299,103 @@ impl Printer {
             } else {
                 ("", "")
             };
-            match c.reset_reason() {
-                Some(reason) => write!(out, "  {on}{} ({reason}){off}", c.name())?,
-                None => write!(out, "  {on}{}{off}", c.name())?,
-            }
+            let _ = match c.reset_reason() {
+                Some(reason) => write!(b, "  {on}{} ({reason}){off}", c.name()),
+                None => write!(b, "  {on}{}{off}", c.name()),
+            };
         }
-        out.write_all(b"\n")
+        b.push(b'\n');
+        let written = out.write_all(&b);
+        self.line = b;
+        written
     }
 
+    /// Written by hand, not through serde: this runs for every row of a
+    /// recording, and the field names and most values are known ASCII.
     fn json(&mut self, out: &mut impl Write, row: &Row) -> io::Result<()> {
         let t = &row.t;
-        let time = match self.style.time {
+        let mut b = std::mem::take(&mut self.line);
+        b.clear();
+        b.push(b'{');
+        match self.style.time {
             TimeFormat::Local | TimeFormat::Utc => {
                 self.time_rfc3339(t.ts_ns);
-                Some(JsonTime::Wall(Cow::Borrowed(&self.scratch)))
+                b.extend_from_slice(b"\"time\":\"");
+                b.extend_from_slice(self.scratch.as_bytes());
+                b.extend_from_slice(b"\",");
             }
-            TimeFormat::Relative => Some(JsonTime::Seconds(self.relative_us(t.ts_ns) as f64 / 1e6)),
-            TimeFormat::None => None,
-        };
-        let comm = row.owner.map(|o| o.comm);
-        let j = JsonRow {
-            time,
-            ts_ns: t.ts_ns,
-            sock: row.sock,
-            pid: row.owner.map(|o| o.pid),
-            comm: comm.as_ref().map(|c| c.as_str()),
-            family: Cow::Borrowed(t.family.name()),
-            netns: (t.netns != 0).then_some(t.netns),
-            laddr: t.local.ip(),
-            lport: t.local.port(),
-            raddr: t.remote.ip(),
-            rport: t.remote.port(),
-            old: (row.origin != Origin::Snapshot).then_some(t.old),
-            new: t.new,
-            ms: row.dwell_ns.map(|ns| (ns / 1000) as f64 / 1000.0),
-            close: row.close.map(|c| Cow::Borrowed(c.name())),
-            reset_reason: row.close.and_then(|c| c.reset_reason()).map(Cow::Borrowed),
-            origin: Cow::Borrowed(row.origin.name()),
-            skaddr: self.style.show_skaddr.then_some(Hex(t.skaddr)),
-        };
-        serde_json::to_writer(&mut *out, &j)?;
-        out.write_all(b"\n")
+            TimeFormat::Relative => {
+                let us = self.relative_us(t.ts_ns);
+                b.extend_from_slice(b"\"time\":");
+                if us < 0 {
+                    b.push(b'-');
+                }
+                let us = us.unsigned_abs();
+                push_u64(&mut b, us / 1_000_000);
+                b.push(b'.');
+                push_frac(&mut b, us % 1_000_000, 6);
+                b.push(b',');
+            }
+            TimeFormat::None => {}
+        }
+        b.extend_from_slice(b"\"ts_ns\":");
+        push_u64(&mut b, t.ts_ns);
+        b.extend_from_slice(b",\"sock\":");
+        push_u64(&mut b, row.sock);
+        match &row.owner {
+            Some(o) => {
+                b.extend_from_slice(b",\"pid\":");
+                push_u64(&mut b, u64::from(o.pid));
+                b.extend_from_slice(b",\"comm\":");
+                push_json_string(&mut b, &o.comm.as_str());
+            }
+            None => b.extend_from_slice(b",\"pid\":null,\"comm\":null"),
+        }
+        push_field_str(&mut b, "family", t.family.name());
+        b.extend_from_slice(b",\"netns\":");
+        match t.netns {
+            0 => b.extend_from_slice(b"null"),
+            n => push_u64(&mut b, u64::from(n)),
+        }
+        let _ = write!(b, ",\"laddr\":\"{}\",\"lport\":", t.local.ip());
+        push_u64(&mut b, u64::from(t.local.port()));
+        let _ = write!(b, ",\"raddr\":\"{}\",\"rport\":", t.remote.ip());
+        push_u64(&mut b, u64::from(t.remote.port()));
+        if row.origin == Origin::Snapshot {
+            b.extend_from_slice(b",\"old\":null");
+        } else {
+            push_field_state(&mut b, "old", t.old);
+        }
+        push_field_state(&mut b, "new", t.new);
+        b.extend_from_slice(b",\"ms\":");
+        match row.dwell_ns {
+            Some(ns) => {
+                let us = ns / 1000;
+                push_u64(&mut b, us / 1000);
+                b.push(b'.');
+                push_frac(&mut b, us % 1000, 3);
+            }
+            None => b.extend_from_slice(b"null"),
+        }
+        match row.close {
+            Some(c) => push_field_str(&mut b, "close", c.name()),
+            None => b.extend_from_slice(b",\"close\":null"),
+        }
+        match row.close.and_then(|c| c.reset_reason()) {
+            Some(r) => {
+                b.extend_from_slice(b",\"reset_reason\":");
+                push_json_string(&mut b, r);
+            }
+            None => b.extend_from_slice(b",\"reset_reason\":null"),
+        }
+        push_field_str(&mut b, "origin", row.origin.name());
+        if self.style.show_skaddr {
+            let _ = write!(b, ",\"skaddr\":\"{:#x}\"", t.skaddr);
+        }
+        b.extend_from_slice(b"}\n");
+        let written = out.write_all(&b);
+        self.line = b;
+        written
     }
 
     fn relative_us(&self, ts_ns: u64) -> i64 {
@@ -382,6 +464,93 @@ impl Printer {
             }),
         };
     }
+}
+
+/// `bytes` right-aligned in `width` columns (ASCII).
+fn pad_left(b: &mut Vec<u8>, bytes: &[u8], width: usize) {
+    b.resize(b.len() + width.saturating_sub(bytes.len()), b' ');
+    b.extend_from_slice(bytes);
+}
+
+/// `s` left-aligned in `width` columns, counted in characters as `{:<w}`.
+fn pad_right_chars(b: &mut Vec<u8>, s: &str, width: usize) {
+    b.extend_from_slice(s.as_bytes());
+    let n = if s.is_ascii() {
+        s.len()
+    } else {
+        s.chars().count()
+    };
+    b.resize(b.len() + width.saturating_sub(n), b' ');
+}
+
+/// A number's decimal digits, on the stack.
+struct Digits([u8; 20], usize);
+
+impl Digits {
+    fn new(mut n: u64) -> Digits {
+        let mut d = Digits([0; 20], 20);
+        loop {
+            d.1 -= 1;
+            d.0[d.1] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                return d;
+            }
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.0[self.1..]
+    }
+}
+
+fn push_u64(b: &mut Vec<u8>, n: u64) {
+    b.extend_from_slice(Digits::new(n).as_bytes());
+}
+
+/// `n` as exactly `width` digits (the fraction after a decimal point).
+fn push_frac(b: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 9];
+    for d in digits[..width].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    b.extend_from_slice(&digits[..width]);
+}
+
+/// `,"name":"value"` for values known to need no escaping.
+fn push_field_str(b: &mut Vec<u8>, name: &str, value: &str) {
+    b.extend_from_slice(b",\"");
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(b"\":\"");
+    b.extend_from_slice(value.as_bytes());
+    b.push(b'"');
+}
+
+fn push_field_state(b: &mut Vec<u8>, name: &str, state: State) {
+    match state.name() {
+        "" => push_field_str(b, name, &state.to_string()),
+        known => push_field_str(b, name, known),
+    }
+}
+
+/// A JSON string: quotes, backslashes and every control character escaped.
+fn push_json_string(b: &mut Vec<u8>, s: &str) {
+    b.push(b'"');
+    for c in s.chars() {
+        match c {
+            '"' => b.extend_from_slice(b"\\\""),
+            '\\' => b.extend_from_slice(b"\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(b, "\\u{:04x}", c as u32);
+            }
+            c => {
+                let mut utf8 = [0u8; 4];
+                b.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+            }
+        }
+    }
+    b.push(b'"');
 }
 
 /// Process names are chosen by the process: control characters (an escape
