@@ -117,29 +117,8 @@ fn help_lists_every_flag_and_exits_0() {
 
 #[test]
 fn unprivileged_user_is_told_which_capabilities_are_missing() {
-    // The binary may sit under a directory "nobody" cannot enter: copy it.
-    let dir = std::env::temp_dir().join(format!("tcptrace-unpriv-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bin = dir.join("tcptrace");
-    std::fs::copy(tcptrace_bin(), &bin).unwrap();
-    Command::new("chmod")
-        .args(["755", dir.to_str().unwrap(), bin.to_str().unwrap()])
-        .status()
-        .unwrap();
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--",
-        ])
-        .arg(&bin)
-        .args(["--port", "6389"])
-        .output()
-        .expect("setpriv");
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = tcptrace_tests::TempDir::new("unpriv");
+    let out = tcptrace_tests::as_nobody(&dir, &["--port", "6389"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

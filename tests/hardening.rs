@@ -265,32 +265,10 @@ fn read_and_report_refuse_bad_files_with_status_2() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
     }
     // Unreadable: a root-only file, read as nobody.
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--",
-        ])
-        .arg(copy_for_nobody(&dir))
-        .args(["read", &secret])
-        .output()
-        .unwrap();
+    let out = tcptrace_tests::as_nobody(&dir, &["read", &secret]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("Permission denied"), "{err}");
-}
-
-/// tcptrace copied where an unprivileged user can run it.
-fn copy_for_nobody(dir: &tcptrace_tests::TempDir) -> String {
-    let bin = dir.path("tcptrace");
-    std::fs::copy(tcptrace_bin(), &bin).unwrap();
-    for p in [&dir.0.to_string_lossy().into_owned(), &bin] {
-        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    }
-    bin
 }
 
 #[test]

@@ -217,6 +217,24 @@ pub fn tcptrace(args: &[&str]) -> Output {
     }
 }
 
+/// tcptrace run as the unprivileged user "nobody" with no capabilities at
+/// all, from a copy in `dir` (the build may sit where nobody cannot enter).
+pub fn as_nobody(dir: &TempDir, args: &[&str]) -> std::process::Output {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.path("tcptrace");
+    std::fs::copy(tcptrace_bin(), &bin).expect("copy tcptrace");
+    for p in [&dir.0.to_string_lossy().into_owned(), &bin] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+        .arg(&bin)
+        .args(args)
+        .output()
+        .expect("setpriv")
+}
+
 /// A scratch directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 
