@@ -567,11 +567,11 @@ pub fn escape_comm(comm: &str, out: &mut String) {
     }
 }
 
-/// The JSON object of one transition; the README documents every field.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+/// One transition as a recording holds it, for reading back (rows are
+/// written by [`Printer`]); the README documents every field. `time` is not
+/// read: it is derived again from `ts_ns` and the header's clock.
+#[derive(Deserialize, Debug, Clone, PartialEq)]
 pub struct JsonRow<'a> {
-    #[serde(skip_serializing_if = "Option::is_none", default, borrow)]
-    pub time: Option<JsonTime<'a>>,
     pub ts_ns: u64,
     pub sock: u64,
     pub pid: Option<u32>,
@@ -600,7 +600,7 @@ pub struct JsonRow<'a> {
     /// "tracepoint", "snapshot" or "timewait".
     #[serde(default = "tracepoint", borrow)]
     pub origin: Cow<'a, str>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(default)]
     pub skaddr: Option<Hex>,
 }
 
@@ -608,22 +608,9 @@ fn tracepoint() -> Cow<'static, str> {
     Cow::Borrowed("tracepoint")
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-#[serde(untagged)]
-pub enum JsonTime<'a> {
-    Wall(#[serde(borrow)] Cow<'a, str>),
-    Seconds(f64),
-}
-
 /// A kernel address, shown only with `--show-skaddr`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Hex(pub u64);
-
-impl Serialize for Hex {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&format_args!("{:#x}", self.0))
-    }
-}
 
 impl<'de> Deserialize<'de> for Hex {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Hex, D::Error> {
