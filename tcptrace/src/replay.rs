@@ -3,9 +3,10 @@
 //! Streaming: one line at a time, whatever the file's size. The files of a
 //! rotation are put in order by their headers and read as one stream.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
@@ -13,7 +14,7 @@ use indicatif::ProgressBar;
 use crate::attribute::{Close, Origin, Row};
 use crate::cli::io_reason;
 use crate::decode::{Comm, Family, Task, Transition};
-use crate::format::JsonRow;
+use crate::format::{Hex, JsonRow};
 use crate::record::{Header, Stats};
 use crate::state::State;
 
@@ -172,8 +173,184 @@ pub fn parse_line(text: &[u8]) -> Result<Item, String> {
             .map(Item::Stats)
             .map_err(|e| e.to_string());
     }
-    let j: JsonRow = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    // Rows as tcptrace writes them take the fast path; anything unusual
+    // (escapes, nesting, duplicate keys) goes to serde, which also words
+    // the errors.
+    let j = match fast_row(text) {
+        Some(j) => j,
+        None => serde_json::from_slice(text).map_err(|e| e.to_string())?,
+    };
     Ok(Item::Row(row_of(&j)?))
+}
+
+/// A flat JSON object of strings without escapes, numbers and nulls, as
+/// tcptrace writes its rows, parsed without serde's generic machinery
+/// (replay reads a million of them a second). `None`: not that simple, or
+/// not a valid row; serde then decides.
+fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
+    let mut i = 0;
+    let ws = |i: &mut usize| {
+        while text.get(*i).is_some_and(|b| b.is_ascii_whitespace()) {
+            *i += 1;
+        }
+    };
+    let string = |i: &mut usize| -> Option<&str> {
+        // At the opening quote.
+        let start = *i + 1;
+        let len = text
+            .get(start..)?
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\')?;
+        if text[start + len] != b'"' {
+            return None;
+        }
+        *i = start + len + 1;
+        std::str::from_utf8(&text[start..start + len]).ok()
+    };
+    ws(&mut i);
+    if text.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut row = JsonRow {
+        ts_ns: 0,
+        sock: 0,
+        pid: None,
+        comm: None,
+        family: Cow::Borrowed(""),
+        netns: None,
+        laddr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        lport: 0,
+        raddr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        rport: 0,
+        old: None,
+        new: State(0),
+        ms: None,
+        close: None,
+        reset_reason: None,
+        origin: Cow::Borrowed("tracepoint"),
+        skaddr: None,
+    };
+    // Which of the required fields were given, and no key twice.
+    let mut seen = 0u32;
+    loop {
+        ws(&mut i);
+        if text.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key = string(&mut i)?;
+        ws(&mut i);
+        if text.get(i) != Some(&b':') {
+            return None;
+        }
+        i += 1;
+        ws(&mut i);
+        // The value: a string, null, or a number.
+        let (text_value, number): (Option<&str>, Option<&str>) = match text.get(i)? {
+            b'"' => (Some(string(&mut i)?), None),
+            b'n' if text.get(i..i + 4) == Some(b"null") => {
+                i += 4;
+                (None, None)
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while text
+                    .get(i)
+                    .is_some_and(|b| b.is_ascii_digit() || b"-+.eE".contains(b))
+                {
+                    i += 1;
+                }
+                (None, Some(std::str::from_utf8(&text[start..i]).ok()?))
+            }
+            _ => return None,
+        };
+        let bit = |n: u32| 1u32 << n;
+        let field = match key {
+            "time" => 0,
+            "ts_ns" => 1,
+            "sock" => 2,
+            "pid" => 3,
+            "comm" => 4,
+            "family" => 5,
+            "netns" => 6,
+            "laddr" => 7,
+            "lport" => 8,
+            "raddr" => 9,
+            "rport" => 10,
+            "old" => 11,
+            "new" => 12,
+            "ms" => 13,
+            "close" => 14,
+            "reset_reason" => 15,
+            "origin" => 16,
+            "skaddr" => 17,
+            _ => return None,
+        };
+        if seen & bit(field) != 0 {
+            return None;
+        }
+        seen |= bit(field);
+        let num = |n: Option<&str>| n.and_then(|n| n.parse::<u64>().ok());
+        match field {
+            0 => {}
+            1 => row.ts_ns = num(number)?,
+            2 => row.sock = num(number)?,
+            3 => row.pid = opt_num(number, text_value)?,
+            4 => row.comm = opt_str(number, text_value)?.map(Cow::Borrowed),
+            5 => row.family = Cow::Borrowed(text_value?),
+            6 => row.netns = opt_num(number, text_value)?,
+            7 => row.laddr = text_value?.parse().ok()?,
+            8 => row.lport = number?.parse().ok()?,
+            9 => row.raddr = text_value?.parse().ok()?,
+            10 => row.rport = number?.parse().ok()?,
+            11 => {
+                row.old = match opt_str(number, text_value)? {
+                    Some(name) => Some(State::from_name(name)?),
+                    None => None,
+                }
+            }
+            12 => row.new = State::from_name(text_value?)?,
+            13 => row.ms = opt_num::<f64>(number, text_value)?,
+            14 => row.close = opt_str(number, text_value)?.map(Cow::Borrowed),
+            15 => row.reset_reason = opt_str(number, text_value)?.map(Cow::Borrowed),
+            16 => row.origin = Cow::Borrowed(text_value?),
+            _ => {
+                let hex = text_value?.strip_prefix("0x")?;
+                row.skaddr = Some(Hex(u64::from_str_radix(hex, 16).ok()?));
+            }
+        }
+        ws(&mut i);
+        match text.get(i)? {
+            b',' => i += 1,
+            b'}' => {
+                i += 1;
+                break;
+            }
+            _ => return None,
+        }
+    }
+    ws(&mut i);
+    let required = [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13]
+        .iter()
+        .fold(0, |m, b| m | 1 << b);
+    (i == text.len() && seen & required == required).then_some(row)
+}
+
+/// A number or null (a string is a type error: serde's to report).
+fn opt_num<T: std::str::FromStr>(number: Option<&str>, text: Option<&str>) -> Option<Option<T>> {
+    match (number, text) {
+        (Some(n), None) => n.parse().ok().map(Some),
+        (None, None) => Some(None),
+        _ => None,
+    }
+}
+
+/// A string or null.
+fn opt_str<'a>(number: Option<&str>, text: Option<&'a str>) -> Option<Option<&'a str>> {
+    match (number, text) {
+        (None, t) => Some(t),
+        _ => None,
+    }
 }
 
 fn row_of(j: &JsonRow) -> Result<Row, String> {
@@ -264,6 +441,45 @@ mod tests {
         // Out-of-range state numbers are refused, not wrapped.
         let bad = std::fs::read(format!("{dir}/state-out-of-range")).unwrap();
         assert!(parse_line(bad.trim_ascii_end()).is_err());
+    }
+
+    /// The fast path reads exactly what serde reads, and leaves to serde
+    /// what it does not handle.
+    #[test]
+    fn fast_rows_agree_with_serde() {
+        let snapshot = ROW
+            .replace("\"old\":\"ESTABLISHED\"", "\"old\":null")
+            .replace("\"ms\":80.205", "\"ms\":null");
+        let reset = ROW.replace("\"new\":\"CLOSE_WAIT\"", "\"new\":\"CLOSE\",\"close\":\"reset sent\",\"reset_reason\":\"TCP_STATE\",\"netns\":4026531833,\"origin\":\"tracepoint\",\"skaddr\":\"0xffff888012345678\"");
+        let unknown_owner = ROW.replace(
+            "\"pid\":15682,\"comm\":\"redis-server\"",
+            "\"pid\":null,\"comm\":null",
+        );
+        let v6 = ROW
+            .replace("\"127.0.0.1\"", "\"::1\"")
+            .replace("ipv4", "ipv6");
+        for line in [ROW.to_string(), snapshot, reset, unknown_owner, v6] {
+            let fast = fast_row(line.as_bytes()).unwrap_or_else(|| panic!("fast path: {line}"));
+            let slow: JsonRow = serde_json::from_str(&line).unwrap();
+            assert_eq!(fast, slow, "{line}");
+        }
+        // Left to serde: escapes, nesting, duplicates, wrong types, missing fields.
+        for line in [
+            ROW.replace("redis-server", "redis\\u001b"),
+            ROW.replace("\"ms\":80.205", "\"ms\":{}"),
+            ROW.replace("\"sock\":3", "\"sock\":3,\"sock\":4"),
+            ROW.replace("\"lport\":6389", "\"lport\":\"6389\""),
+            ROW.replace("\"sock\":3,", ""),
+            ROW.replace("\"ts_ns\":724086982599", "\"ts_ns\":1e3"),
+        ] {
+            assert!(fast_row(line.as_bytes()).is_none(), "{line}");
+        }
+        // Escapes still parse, through serde.
+        let escaped = ROW.replace("redis-server", "redis\\u001b");
+        let Ok(Item::Row(r)) = parse_line(escaped.as_bytes()) else {
+            panic!("serde reads it");
+        };
+        assert_eq!(r.owner.unwrap().comm.as_str(), "redis\u{1b}");
     }
 
     #[test]
