@@ -228,9 +228,10 @@ impl Printer {
         }
         b.extend_from_slice(b"  ");
         for addr in [t.local, t.remote] {
-            self.scratch.clear();
-            let _ = write!(self.scratch, "{addr}");
-            pad_right_chars(&mut b, &self.scratch, ADDR_WIDTH);
+            let start = b.len();
+            push_addr(&mut b, &addr);
+            let used = b.len() - start;
+            b.resize(b.len() + ADDR_WIDTH.saturating_sub(used), b' ');
             b.extend_from_slice(b"  ");
         }
         let old = if row.origin == Origin::Snapshot {
@@ -357,9 +358,13 @@ impl Printer {
             0 => b.extend_from_slice(b"null"),
             n => push_u64(&mut b, u64::from(n)),
         }
-        let _ = write!(b, ",\"laddr\":\"{}\",\"lport\":", t.local.ip());
+        b.extend_from_slice(b",\"laddr\":\"");
+        push_ip(&mut b, &t.local.ip());
+        b.extend_from_slice(b"\",\"lport\":");
         push_u64(&mut b, u64::from(t.local.port()));
-        let _ = write!(b, ",\"raddr\":\"{}\",\"rport\":", t.remote.ip());
+        b.extend_from_slice(b",\"raddr\":\"");
+        push_ip(&mut b, &t.remote.ip());
+        b.extend_from_slice(b"\",\"rport\":");
         push_u64(&mut b, u64::from(t.remote.port()));
         if row.origin == Origin::Snapshot {
             b.extend_from_slice(b",\"old\":null");
@@ -421,7 +426,8 @@ impl Printer {
         }
         let (sec, us) = self.split_wall(ts_ns);
         self.refresh_prefix(sec, "%H:%M:%S");
-        let _ = write!(self.scratch, "{}.{us:06}", self.cached_prefix);
+        self.scratch.push_str(&self.cached_prefix);
+        push_micros(&mut self.scratch, us);
         if self.style.time == TimeFormat::Utc {
             self.scratch.push_str(&self.cached_zone);
         }
@@ -432,7 +438,8 @@ impl Printer {
         let (sec, us) = self.split_wall(ts_ns);
         self.refresh_prefix(sec, "%Y-%m-%dT%H:%M:%S");
         self.scratch.clear();
-        let _ = write!(self.scratch, "{}.{us:06}", self.cached_prefix);
+        self.scratch.push_str(&self.cached_prefix);
+        push_micros(&mut self.scratch, us);
         self.scratch.push_str(&self.cached_zone);
     }
 
@@ -502,6 +509,48 @@ impl Digits {
     fn as_bytes(&self) -> &[u8] {
         &self.0[self.1..]
     }
+}
+
+/// `.` and six digits of microseconds.
+fn push_micros(s: &mut String, us: u32) {
+    let mut digits = [b'.', b'0', b'0', b'0', b'0', b'0', b'0'];
+    let mut n = us;
+    for d in digits[1..].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    s.push_str(std::str::from_utf8(&digits).unwrap_or(".000000"));
+}
+
+/// An address as `Display` shows it; IPv4 without the formatting machinery.
+fn push_ip(b: &mut Vec<u8>, ip: &IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    b.push(b'.');
+                }
+                push_u64(b, u64::from(*octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(b, "{v6}");
+        }
+    }
+}
+
+/// `ADDR:PORT`, IPv6 in brackets, as `SocketAddr`'s `Display`.
+fn push_addr(b: &mut Vec<u8>, addr: &std::net::SocketAddr) {
+    let v6 = addr.is_ipv6();
+    if v6 {
+        b.push(b'[');
+    }
+    push_ip(b, &addr.ip());
+    if v6 {
+        b.push(b']');
+    }
+    b.push(b':');
+    push_u64(b, u64::from(addr.port()));
 }
 
 fn push_u64(b: &mut Vec<u8>, n: u64) {
