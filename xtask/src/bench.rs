@@ -75,7 +75,7 @@ extern "C" fn on_sigint(_: i32) {
 }
 
 unsafe extern "C" {
-    fn kill(pid: i32, sig: i32) -> i32;
+    pub(crate) fn kill(pid: i32, sig: i32) -> i32;
     fn signal(sig: i32, handler: usize) -> usize;
     fn sysconf(name: i32) -> i64;
     fn wait4(pid: i32, status: *mut i32, options: i32, rusage: *mut Rusage) -> i32;
@@ -477,10 +477,10 @@ impl Drop for BpfStats {
 }
 
 /// A network namespace with loopback up, deleted on drop.
-struct Netns(String);
+pub(crate) struct Netns(pub(crate) String);
 
 impl Netns {
-    fn new(name: String) -> Result<Netns> {
+    pub(crate) fn new(name: String) -> Result<Netns> {
         let _ = Command::new("ip")
             .args(["netns", "del", &name])
             .stderr(Stdio::null())
@@ -803,7 +803,7 @@ fn run_churn(env: &Env, opts: &Options, ns: &Netns, seconds: f64) -> Result<Chur
 }
 
 /// The number after `"name":` in a flat JSON object.
-fn json_number(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn json_number(text: &str, name: &str) -> Option<f64> {
     let key = format!("\"{name}\":");
     let at = text.find(&key)? + key.len();
     let rest = text[at..].trim_start();
@@ -815,7 +815,7 @@ fn json_number(text: &str, name: &str) -> Option<f64> {
 
 /// "tcptrace: N transitions shown, F filtered, L lost[, M missed by the
 /// kernel]"
-fn parse_stats_line(line: &str) -> Option<(u64, u64, u64, Option<u64>)> {
+pub(crate) fn parse_stats_line(line: &str) -> Option<(u64, u64, u64, Option<u64>)> {
     let rest = line.strip_prefix("tcptrace: ")?;
     let words: Vec<&str> = rest.split([' ', ',']).filter(|w| !w.is_empty()).collect();
     let mut shown = None;

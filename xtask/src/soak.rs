@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::bench::{Netns, json_number, kill, parse_stats_line};
+
 const PORT: u16 = 24690;
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// RSS may grow this much from the first half of the run to the second.
@@ -22,15 +24,6 @@ const RSS_SLACK_KB: u64 = 4 * 1024;
 /// (seen: 348 of 12.1M, 3,094 of 29.9M); where they go is not established
 /// (see the README), so the soak shows them rather than hide them.
 const UNACCOUNTED_MAX: f64 = 1e-4;
-
-/// A network namespace for the churn, removed on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 fn rss_kb(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -45,9 +38,7 @@ fn rss_kb(pid: u32) -> Option<u64> {
 
 pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
     let release = root.join("target/release");
-    let ns = Netns(format!("tcptrace-soak-{}", std::process::id()));
-    crate::status("ip", &["netns", "add", &ns.0])?;
-    crate::status("ip", &["-n", &ns.0, "link", "set", "lo", "up"])?;
+    let ns = Netns::new(format!("tcptrace-soak-{}", std::process::id()))?;
     let dir = std::env::temp_dir().join(format!("tcptrace-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("soak.jsonl");
@@ -118,35 +109,17 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
     let churn_json = String::from_utf8_lossy(&churn.stdout).into_owned();
     std::thread::sleep(Duration::from_secs(1));
     // SAFETY: signalling our own child.
-    unsafe { libc_kill(pid as i32, 2) };
+    unsafe { kill(pid as i32, 2) };
     let status = tracer.wait()?;
     let stderr = stderr.join().expect("stderr thread");
 
-    let number = |text: &str, key: &str| -> Option<u64> {
-        text.split(&format!("\"{key}\":"))
-            .nth(1)?
-            .split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
+    let number = |text: &str, key: &str| json_number(text, key).map(|n| n as u64);
     let expected = number(&churn_json, "expected_transitions").context("tt-churn said no count")?;
-    let stat = |label: &str| -> u64 {
-        stderr
-            .lines()
-            .find(|l| l.contains(" transitions shown"))
-            .and_then(|l| {
-                l.trim_start_matches("tcptrace: ")
-                    .split(", ")
-                    .find_map(|p| p.strip_suffix(label)?.parse().ok())
-            })
-            .unwrap_or(u64::MAX)
-    };
-    let (shown, lost, missed) = (
-        stat(" transitions shown"),
-        stat(" lost"),
-        stat(" missed by the kernel"),
-    );
+    let (shown, _, lost, missed) = stderr
+        .lines()
+        .find_map(parse_stats_line)
+        .context("tcptrace printed no stats line")?;
+    let missed = missed.unwrap_or(0);
     let half = rss.len() / 2;
     let first = rss[..half.max(1)].iter().copied().max().unwrap_or(0);
     let second = rss[half..].iter().copied().max().unwrap_or(0);
@@ -219,9 +192,4 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
     } else {
         bail!("soak failed:\n  {}", failures.join("\n  "))
     }
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
