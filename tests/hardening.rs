@@ -345,3 +345,23 @@ fn a_stalled_reader_loses_events_says_so_and_carries_on() {
         "shown {shown} + lost {lost} + missed {missed} < expected {expected}"
     );
 }
+
+#[test]
+fn a_failing_stdout_is_an_error_not_a_closed_pipe() {
+    // /dev/full: every write fails with ENOSPC, unlike a reader going away.
+    let out = Command::new(tcptrace_bin())
+        .args(["--port", &unique_port().to_string(), "--duration", "1"])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot write to stdout: No space left on device"),
+        "{err}"
+    );
+    assert!(
+        err.contains("transitions shown"),
+        "the stats line still comes: {err}"
+    );
+}

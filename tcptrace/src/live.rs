@@ -57,6 +57,8 @@ enum Stop {
     PipeClosed,
     /// The recording could not be written: finish, then fail.
     RecordFailed(record::WriteFailure),
+    /// stdout failed otherwise (a full disk under `> file`): finish, then fail.
+    OutputFailed(String),
 }
 
 /// Where shown rows go: the terminal (unless `-q`) and the recording.
@@ -96,10 +98,7 @@ impl Outputs {
             match write_stdout(buf) {
                 Ok(()) => buf.clear(),
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(Stop::PipeClosed),
-                Err(e) => {
-                    eprintln!("tcptrace: cannot write to stdout: {e}");
-                    return Err(Stop::PipeClosed);
-                }
+                Err(e) => return Err(Stop::OutputFailed(format!("cannot write to stdout: {e}"))),
             }
         }
         Ok(())
@@ -320,7 +319,7 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     }
     // Rows of the last batch (a --count reached mid-batch, a failed
     // recording) still go to the terminal.
-    if !matches!(stop, Stop::PipeClosed) {
+    if !matches!(stop, Stop::PipeClosed | Stop::OutputFailed(_)) {
         let _ = outputs.flush_stdout();
     }
     let counters = capture.counters().unwrap_or_default();
@@ -332,7 +331,10 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             tally.undecodable
         );
     }
-    let mut failure = None;
+    let mut failure = match &stop {
+        Stop::OutputFailed(message) => Some(message.clone()),
+        _ => None,
+    };
     if let Stop::RecordFailed(f) = stop {
         outputs.lost_output += f.lost;
         failure = Some(f.message);
