@@ -135,8 +135,13 @@ pub const IPPROTO_TCP: u16 = 6;
 
 /// Name of the global holding [`Config`].
 pub const CONFIG_GLOBAL: &str = "CONFIG";
-/// Ring buffer of [`Event`]s.
-pub const EVENTS_MAP: &str = "EVENTS";
+/// Ring buffers of [`Event`]s, one per CPU modulo [`RINGS`]: `EVENTS_0`,
+/// `EVENTS_1`, ... A single ring shared by all CPUs made every reserve
+/// contend for its lock and producer position.
+pub const EVENTS_MAPS: [&str; RINGS] = [
+    "EVENTS_0", "EVENTS_1", "EVENTS_2", "EVENTS_3", "EVENTS_4", "EVENTS_5", "EVENTS_6", "EVENTS_7",
+];
+pub const RINGS: usize = 8;
 /// Array of 65536 `u8`: the port filter bits of each port.
 pub const PORTS_MAP: &str = "PORTS";
 /// Per-CPU array of `u64` counters, indexed by the `COUNTER_*` constants.
@@ -151,9 +156,15 @@ pub const PROGRAM: &str = "inet_sock_set_state";
 pub const PROGRAM_RESET_SENT: &str = "tcp_send_reset";
 pub const PROGRAM_RESET_RECEIVED: &str = "tcp_receive_reset";
 
-/// Ring size: half a second of 500k events/s at 96 bytes (event and ring
-/// header) is 24 MB; the kernel wants a power of two.
+/// All rings together: half a second of 500k events/s at 96 bytes (event
+/// and ring header) is 24 MB. Userspace shares it out among the rings the
+/// machine's CPUs use (the kernel wants a power of two for each) and shrinks
+/// the others to [`RING_UNUSED_BYTES`].
 pub const RING_BYTES: u32 = 32 << 20;
+/// The smallest ring the kernel accepts (one page); the object declares
+/// every ring this small, so that a ring userspace does not size costs
+/// nothing.
+pub const RING_UNUSED_BYTES: u32 = 4096;
 
 #[cfg(feature = "user")]
 mod user {

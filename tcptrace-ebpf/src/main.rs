@@ -9,8 +9,8 @@ use aya_ebpf::{
     EbpfContext, Global,
     bindings::BPF_RB_NO_WAKEUP,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_buf,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
     },
     macros::{map, tracepoint},
     maps::{Array, PerCpuArray, RingBuf},
@@ -20,7 +20,7 @@ use aya_log_ebpf::error;
 use tcptrace_ebpf::{
     AF_INET, AF_INET6, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_LEN, Config, Event, FAMILY_V4,
     FAMILY_V6, IPPROTO_TCP, KIND_RESET_RECEIVED, KIND_RESET_SENT, KIND_STATE, Layout, NetnsLayout,
-    PORT_ANY, PORT_LOCAL, PORT_REMOTE, RECORD_MAX, RING_BYTES, ResetLayout,
+    PORT_ANY, PORT_LOCAL, PORT_REMOTE, RECORD_MAX, RING_UNUSED_BYTES, RINGS, ResetLayout,
 };
 
 #[unsafe(no_mangle)]
@@ -60,7 +60,21 @@ const NO_RESETS: ResetLayout = ResetLayout {
 };
 
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+static EVENTS_0: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
+#[map]
+static EVENTS_1: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
+#[map]
+static EVENTS_2: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
+#[map]
+static EVENTS_3: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
+#[map]
+static EVENTS_4: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
+#[map]
+static EVENTS_5: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
+#[map]
+static EVENTS_6: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
+#[map]
+static EVENTS_7: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
 
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
@@ -202,7 +216,21 @@ fn try_reset(ctx: &TracePointContext, l: &ResetLayout, kind: u8) -> Result<(), i
 /// the cost of waking it out of every event.
 #[inline(always)]
 fn emit(event: Event) {
-    match EVENTS.reserve::<Event>(0) {
+    // Each CPU writes its own ring (userspace merges them by time): no
+    // producer waits for another CPU's reserve. A map is chosen per branch
+    // because the verifier needs a constant map in each call.
+    let cpu = unsafe { bpf_get_smp_processor_id() } as usize % RINGS;
+    let entry = match cpu {
+        0 => EVENTS_0.reserve::<Event>(0),
+        1 => EVENTS_1.reserve::<Event>(0),
+        2 => EVENTS_2.reserve::<Event>(0),
+        3 => EVENTS_3.reserve::<Event>(0),
+        4 => EVENTS_4.reserve::<Event>(0),
+        5 => EVENTS_5.reserve::<Event>(0),
+        6 => EVENTS_6.reserve::<Event>(0),
+        _ => EVENTS_7.reserve::<Event>(0),
+    };
+    match entry {
         Some(mut entry) => {
             entry.write(event);
             entry.submit(BPF_RB_NO_WAKEUP as u64);

@@ -6,16 +6,18 @@ use std::fs;
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf, ring_buf::RingBufItem},
+    maps::{Array, Map, MapData, PerCpuArray},
     programs::TracePoint,
 };
 use tcptrace_ebpf::{
-    CONFIG_GLOBAL, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP, Config, EVENTS_MAP, PORTS_MAP,
-    PROGRAM,
+    CONFIG_GLOBAL, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP, Config, EVENTS_MAPS, Event,
+    PORTS_MAP, PROGRAM, RING_BYTES, RING_UNUSED_BYTES, RINGS,
 };
 
 use crate::btf::Btf;
+use crate::decode;
 use crate::filter::Filter;
+use crate::ring::Ring;
 use crate::{layout, privileges, tracefs};
 use tcptrace_ebpf::{NetnsLayout, PROGRAM_RESET_RECEIVED, PROGRAM_RESET_SENT, ResetLayout};
 
@@ -34,8 +36,22 @@ pub struct Counters {
 }
 
 /// An attached tracer. Dropping it detaches the program.
+/// Entries read from one ring in one call, at most: bounds the memory a
+/// large backlog takes on its way through.
+const BATCH: usize = 16384;
+/// How long after its timestamp an event may still be on its way into a
+/// ring (an interrupt or the hypervisor can stop a CPU between the
+/// program's clock read and its commit). Events younger than this wait for
+/// the next read, so that the merge of the rings stays in time order.
+const SETTLE_NS: u64 = 5_000_000;
+
 pub struct Capture {
-    ring: RingBuf<MapData>,
+    rings: Vec<Ring>,
+    /// Read from the rings, sorted by time, not yet handed out.
+    held: Vec<Event>,
+    /// Scratch space for the merge, kept to reuse its allocation.
+    fresh: Vec<Event>,
+    undecodable: u64,
     counters: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// The program's descriptor, for its statistics in /proc/self/fdinfo.
@@ -90,8 +106,16 @@ impl Capture {
         };
         log::debug!("program configuration: {config:?}");
 
-        let mut ebpf = EbpfLoader::new()
-            .override_global(CONFIG_GLOBAL, &config, true)
+        let ring_sizes = ring_sizes(
+            aya::util::nr_cpus()
+                .map_err(|(_, e)| anyhow!(e).context("cannot read the number of possible CPUs"))?,
+        );
+        let mut loader = EbpfLoader::new();
+        loader.override_global(CONFIG_GLOBAL, &config, true);
+        for (name, size) in EVENTS_MAPS.iter().zip(ring_sizes) {
+            loader.map_max_entries(name, size);
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| load_error(anyhow!(e).context("cannot load the eBPF maps")))?;
 
@@ -158,18 +182,29 @@ impl Capture {
             }
         }
 
-        let ring = RingBuf::try_from(
-            ebpf.take_map(EVENTS_MAP)
-                .ok_or_else(|| anyhow!("no {EVENTS_MAP} map"))?,
-        )
-        .map_err(|e| anyhow!(e))?;
+        let mut rings = Vec::new();
+        for (name, size) in EVENTS_MAPS.iter().zip(ring_sizes) {
+            if size == RING_UNUSED_BYTES {
+                continue;
+            }
+            let Some(Map::RingBuf(data)) = ebpf.take_map(name) else {
+                return Err(anyhow!("the eBPF object has no ring buffer {name}").into());
+            };
+            use std::os::fd::AsFd;
+            let ring = Ring::map(data.fd().as_fd(), size as usize)
+                .with_context(|| format!("cannot map the ring buffer {name}"))?;
+            rings.push(ring);
+        }
         let counters = PerCpuArray::try_from(
             ebpf.take_map(COUNTERS_MAP)
                 .ok_or_else(|| anyhow!("no {COUNTERS_MAP} map"))?,
         )
         .map_err(|e| anyhow!(e))?;
         Ok(Capture {
-            ring,
+            rings,
+            held: Vec::new(),
+            fresh: Vec::new(),
+            undecodable: 0,
             counters,
             logger,
             program_fd,
@@ -184,8 +219,45 @@ impl Capture {
     }
 
     /// The next event in the ring, if any. Never blocks.
-    pub fn next_event(&mut self) -> Option<RingBufItem<'_>> {
-        self.ring.next()
+    /// Appends the next events to `out`, in time order, and says whether
+    /// more may be waiting. Without `all`, the events of the last few
+    /// milliseconds stay back until an event of another CPU that happened
+    /// before them has surely arrived; `all` (at the end) hands out
+    /// everything.
+    pub fn read(&mut self, out: &mut Vec<Event>, all: bool) -> bool {
+        if self.rings.len() == 1 {
+            let (n, _) = drain_ring(&mut self.rings[0], out, &mut self.undecodable);
+            return n == BATCH;
+        }
+        let mut cutoff = if all {
+            u64::MAX
+        } else {
+            monotonic_ns().saturating_sub(SETTLE_NS)
+        };
+        let mut more = false;
+        // Runs in time order: what was held back, then each ring's new part.
+        self.fresh.clear();
+        let mut bounds = vec![(0, self.held.len())];
+        self.fresh.append(&mut self.held);
+        for ring in &mut self.rings {
+            let start = self.fresh.len();
+            let (n, last_ts) = drain_ring(ring, &mut self.fresh, &mut self.undecodable);
+            if n == BATCH {
+                more = true;
+                // The rest of this ring is newer than what was read of it.
+                if let Some(ts) = last_ts {
+                    cutoff = cutoff.min(ts);
+                }
+            }
+            bounds.push((start, self.fresh.len()));
+        }
+        merge(&self.fresh, &mut bounds, cutoff, out, &mut self.held);
+        more
+    }
+
+    /// Ring entries too short to be an event (a mismatched eBPF object).
+    pub fn undecodable(&self) -> u64 {
+        self.undecodable
     }
 
     pub fn counters(&self) -> Result<Counters> {
@@ -226,6 +298,78 @@ impl Capture {
 
 /// Where this kernel keeps a socket's network namespace inode, from its BTF.
 /// Without BTF every namespace reads as 0, which `--netns` cannot filter on.
+/// Appends up to [`BATCH`] events of `ring` to `out`; returns how many and
+/// the time of the last.
+fn drain_ring(
+    ring: &mut Ring,
+    out: &mut Vec<Event>,
+    undecodable: &mut u64,
+) -> (usize, Option<u64>) {
+    let mut last_ts = None;
+    let n = ring.drain(BATCH, |bytes| match decode::event(bytes) {
+        Ok(e) => {
+            last_ts = Some(e.ts_ns);
+            out.push(e);
+        }
+        Err(e) => {
+            log::warn!("{e}");
+            *undecodable += 1;
+        }
+    });
+    (n, last_ts)
+}
+
+/// Merges the sorted runs `events[start..end]` of `runs`: events older than
+/// `cutoff` go to `out`, the rest to `rest`, both in time order (ties keep
+/// run order). A CPU's ring is in time order; several CPUs sharing a ring
+/// (more CPUs than rings) can break that slightly, which only reorders
+/// events of different sockets.
+fn merge(
+    events: &[Event],
+    runs: &mut [(usize, usize)],
+    cutoff: u64,
+    out: &mut Vec<Event>,
+    rest: &mut Vec<Event>,
+) {
+    loop {
+        let mut best: Option<usize> = None;
+        for (i, &(start, end)) in runs.iter().enumerate() {
+            if start < end && best.is_none_or(|b| events[start].ts_ns < events[runs[b].0].ts_ns) {
+                best = Some(i);
+            }
+        }
+        let Some(b) = best else { return };
+        let e = events[runs[b].0];
+        runs[b].0 += 1;
+        if e.ts_ns < cutoff {
+            out.push(e);
+        } else {
+            rest.push(e);
+        }
+    }
+}
+
+/// The byte size of each ring: [`RING_BYTES`] shared among the rings that
+/// `cpus` possible CPUs write to (CPU `i` writes ring `i % RINGS`).
+fn ring_sizes(cpus: usize) -> [u32; RINGS] {
+    let used = cpus.clamp(1, RINGS);
+    let share = RING_BYTES / used as u32;
+    // The largest power of two within the share, and no less than 4 MiB.
+    let each = (1u32 << (31 - share.leading_zeros())).max(4 << 20);
+    std::array::from_fn(|i| if i < used { each } else { RING_UNUSED_BYTES })
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC is bpf_ktime_get_ns's
+    // clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn netns_layout(only: Option<u32>) -> Result<NetnsLayout> {
     let found = fs::read("/sys/kernel/btf/vmlinux")
         .map_err(anyhow::Error::from)
@@ -294,4 +438,55 @@ fn load_error(e: anyhow::Error) -> StartError {
         );
     }
     StartError::Other(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ts_ns: u64, skaddr: u64) -> Event {
+        // SAFETY: Event is plain old data; all zeroes is a valid value.
+        let mut e: Event = unsafe { std::mem::zeroed() };
+        e.ts_ns = ts_ns;
+        e.skaddr = skaddr;
+        e
+    }
+
+    fn times(v: &[Event]) -> Vec<(u64, u64)> {
+        v.iter().map(|e| (e.ts_ns, e.skaddr)).collect()
+    }
+
+    #[test]
+    fn two_cpus_rings_merge_in_time_order_and_young_events_wait() {
+        // Held from the last read (time 5), then CPU 0's ring, then CPU 1's.
+        let events = [
+            at(5, 9),
+            at(1, 1),
+            at(4, 1),
+            at(8, 1),
+            at(2, 2),
+            at(4, 2),
+            at(9, 2),
+        ];
+        let mut runs = [(0, 1), (1, 4), (4, 7)];
+        let (mut out, mut rest) = (Vec::new(), Vec::new());
+        merge(&events, &mut runs, 8, &mut out, &mut rest);
+        // Equal times keep ring order: CPU 0's event first.
+        assert_eq!(times(&out), [(1, 1), (2, 2), (4, 1), (4, 2), (5, 9)]);
+        assert_eq!(times(&rest), [(8, 1), (9, 2)]);
+    }
+
+    #[test]
+    fn rings_share_the_budget_among_the_cpus_that_write_them() {
+        let mib = 1 << 20;
+        assert_eq!(ring_sizes(1)[..2], [32 * mib, RING_UNUSED_BYTES]);
+        assert_eq!(ring_sizes(2)[..3], [16 * mib, 16 * mib, RING_UNUSED_BYTES]);
+        // Three CPUs get 8 MiB each: a power of two within the share.
+        assert_eq!(
+            ring_sizes(3)[..4],
+            [8 * mib, 8 * mib, 8 * mib, RING_UNUSED_BYTES]
+        );
+        // More CPUs than rings: every ring is used, none below 4 MiB.
+        assert_eq!(ring_sizes(64), [4 * mib; RINGS]);
+    }
 }

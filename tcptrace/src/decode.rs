@@ -112,20 +112,28 @@ pub enum Decoded {
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Decoded, ShortEntry> {
+    event(bytes).map(|e| classify(&e))
+}
+
+/// The event in a ring entry.
+pub fn event(bytes: &[u8]) -> Result<Event, ShortEntry> {
     if bytes.len() < size_of::<Event>() {
         return Err(ShortEntry(bytes.len()));
     }
     // SAFETY: length checked above; Event is plain old data, and the ring
     // gives no alignment guarantee, hence read_unaligned.
-    let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    Ok(match e.kind {
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+pub fn classify(e: &Event) -> Decoded {
+    match e.kind {
         KIND_RESET_SENT | KIND_RESET_RECEIVED => Decoded::Reset {
             skaddr: e.skaddr,
             received: e.kind == KIND_RESET_RECEIVED,
             reason: e.reset_reason,
         },
-        _ => Decoded::State(from_event(&e)),
-    })
+        _ => Decoded::State(from_event(e)),
+    }
 }
 
 pub fn from_event(e: &Event) -> Transition {

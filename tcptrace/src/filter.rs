@@ -269,12 +269,12 @@ impl Filter {
                 .is_none_or(|f| f.matches(t.local, t.remote))
     }
 
-    pub fn admit(&mut self, row: Row) -> Admit {
+    pub fn admit(&mut self, row: &Row) -> Admit {
         let t = &row.t;
         let stateless = self.spec.family.is_none_or(|f| f == t.family)
             && self.spec.netns.is_none_or(|n| n == t.netns)
             && self.ports_pass(t.local.port(), t.remote.port())
-            && self.owner_passes(&row);
+            && self.owner_passes(row);
         let Some(follow) = self.spec.follow else {
             return if stateless {
                 Admit::Show(None)
@@ -288,8 +288,8 @@ impl Filter {
         }
         if follow.matches(t.local, t.remote) {
             Admit::Show(held)
-        } else if follow.may_start(&row) {
-            self.held.insert(row.sock, row);
+        } else if follow.may_start(row) {
+            self.held.insert(row.sock, *row);
             Admit::Held
         } else {
             Admit::Hidden
@@ -375,7 +375,7 @@ mod tests {
             ..Spec::default()
         });
         let c = State::CLOSE;
-        let held = f.admit(row(
+        let held = f.admit(&row(
             1,
             c,
             State::SYN_SENT,
@@ -384,7 +384,7 @@ mod tests {
             Some(9),
         ));
         assert!(matches!(held, Admit::Held));
-        let other = f.admit(row(
+        let other = f.admit(&row(
             2,
             c,
             State::SYN_SENT,
@@ -395,7 +395,7 @@ mod tests {
         assert!(matches!(other, Admit::Held));
         // The other connect got another port: it and its held event go.
         let est = State::ESTABLISHED;
-        let r = f.admit(row(
+        let r = f.admit(&row(
             2,
             State::SYN_SENT,
             est,
@@ -404,7 +404,7 @@ mod tests {
             None,
         ));
         assert!(matches!(r, Admit::Hidden));
-        let r = f.admit(row(
+        let r = f.admit(&row(
             1,
             State::SYN_SENT,
             est,
@@ -414,7 +414,7 @@ mod tests {
         ));
         assert_eq!(shown(r), Some(Some(1)));
         // The server side of the same connection, reversed.
-        let r = f.admit(row(
+        let r = f.admit(&row(
             3,
             State::LISTEN,
             State::SYN_RECV,
@@ -447,9 +447,9 @@ mod tests {
                 o,
             )
         };
-        assert!(matches!(f.admit(r(Some(7))), Admit::Show(None)));
-        assert!(matches!(f.admit(r(Some(8))), Admit::Hidden));
-        assert!(matches!(f.admit(r(None)), Admit::Hidden));
+        assert!(matches!(f.admit(&r(Some(7))), Admit::Show(None)));
+        assert!(matches!(f.admit(&r(Some(8))), Admit::Hidden));
+        assert!(matches!(f.admit(&r(None)), Admit::Hidden));
     }
 
     #[test]
@@ -476,8 +476,8 @@ mod tests {
             "0.0.0.0:0",
             None,
         );
-        assert!(matches!(f.admit(v4), Admit::Hidden));
+        assert!(matches!(f.admit(&v4), Admit::Hidden));
         let v6 = row(1, State::CLOSE, State::LISTEN, "[::]:80", "[::]:0", None);
-        assert!(matches!(f.admit(v6), Admit::Show(None)));
+        assert!(matches!(f.admit(&v6), Admit::Show(None)));
     }
 }

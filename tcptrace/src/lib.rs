@@ -20,6 +20,7 @@ pub mod offline;
 pub mod privileges;
 pub mod record;
 pub mod replay;
+pub mod ring;
 pub mod snapshot;
 pub mod sockdiag;
 pub mod state;

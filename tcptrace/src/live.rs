@@ -19,7 +19,7 @@ use crate::Failure;
 use crate::attribute::{Attributor, Close, Origin, Row, intern, may_await_sent_reset};
 use crate::capture::{Capture, Counters, StartError};
 use crate::cli::LiveArgs;
-use crate::decode::{Decoded, decode};
+use crate::decode::{Decoded, classify};
 use crate::filter::{Admit, Filter};
 use crate::format::{self, Clock, OutputFormat, Printer};
 use crate::metrics::{self, Metrics};
@@ -27,6 +27,7 @@ use crate::privileges;
 use crate::record::{self, Header, Recorder, Stats};
 use crate::snapshot;
 use crate::timewait::TimeWait;
+use tcptrace_ebpf::Event;
 
 const POLL_BUSY: Duration = Duration::from_millis(1);
 const POLL_IDLE_MAX: Duration = Duration::from_millis(16);
@@ -212,6 +213,7 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         cycle: 0,
         reset_reasons: reason_names(capture.reset_reasons()),
         metrics: metrics_listener.as_ref().map(|_| Metrics::new()),
+        batch: Vec::new(),
     };
     if let Some(found) = existing {
         for row in found.rows {
@@ -391,6 +393,8 @@ struct Pipeline {
     /// Names of the kernel's reset reasons, by number.
     reset_reasons: Vec<Option<&'static str>>,
     metrics: Option<Metrics>,
+    /// Reused between reads of the rings.
+    batch: Vec<Event>,
 }
 
 struct Pending {
@@ -411,58 +415,72 @@ impl Pipeline {
                 });
             }
         }
-        while let Some(item) = capture.next_event() {
-            let decoded = decode(&item);
-            drop(item);
-            self.tally.seen += 1;
-            match decoded {
-                Ok(Decoded::State(t)) => {
-                    let row = self.attributor.observe(&t);
-                    let waits_since = may_await_sent_reset(&row).then_some(self.cycle);
-                    self.pending.push_back(Pending { row, waits_since });
-                }
-                Ok(Decoded::Reset {
-                    skaddr,
-                    received: true,
-                    ..
-                }) => self.attributor.reset_received(skaddr),
-                Ok(Decoded::Reset { skaddr, reason, .. }) => {
-                    let name = self
-                        .reset_reasons
-                        .get(usize::from(reason))
-                        .copied()
-                        .flatten();
-                    if let Some(p) = self
-                        .pending
-                        .iter_mut()
-                        .rev()
-                        .find(|p| p.waits_since.is_some() && p.row.t.skaddr == skaddr)
-                    {
-                        p.row.close = Some(Close::ResetSent(name));
-                        p.waits_since = None;
-                    }
-                }
-                Err(e) => {
-                    log::warn!("{e}");
-                    self.tally.undecodable += 1;
-                }
-            }
-            if self.pending.len() >= 4096 {
-                self.release(last)?;
-            }
-        }
+        let mut batch = std::mem::take(&mut self.batch);
+        let result = self.process(capture, &mut batch, last);
+        self.batch = batch;
+        result?;
         self.release(last)?;
         self.cycle += 1;
         Ok(())
     }
 
+    fn process(
+        &mut self,
+        capture: &mut Capture,
+        batch: &mut Vec<Event>,
+        last: bool,
+    ) -> Result<(), Stop> {
+        loop {
+            batch.clear();
+            let more = capture.read(batch, last);
+            self.tally.undecodable = capture.undecodable();
+            for e in batch.iter() {
+                self.tally.seen += 1;
+                match classify(e) {
+                    Decoded::State(t) => {
+                        let row = self.attributor.observe(&t);
+                        let waits_since = may_await_sent_reset(&row).then_some(self.cycle);
+                        self.pending.push_back(Pending { row, waits_since });
+                    }
+                    Decoded::Reset {
+                        skaddr,
+                        received: true,
+                        ..
+                    } => self.attributor.reset_received(skaddr),
+                    Decoded::Reset { skaddr, reason, .. } => {
+                        let name = self
+                            .reset_reasons
+                            .get(usize::from(reason))
+                            .copied()
+                            .flatten();
+                        if let Some(p) = self
+                            .pending
+                            .iter_mut()
+                            .rev()
+                            .find(|p| p.waits_since.is_some() && p.row.t.skaddr == skaddr)
+                        {
+                            p.row.close = Some(Close::ResetSent(name));
+                            p.waits_since = None;
+                        }
+                    }
+                }
+                if self.pending.len() >= 4096 {
+                    self.release(last)?;
+                }
+            }
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
     /// Filters one row and emits what passes (with a held connect first).
-    fn show(&mut self, row: Row) -> Result<(), Stop> {
+    fn show(&mut self, row: &Row) -> Result<(), Stop> {
         match self.filter.admit(row) {
             Admit::Hidden => self.tally.hidden += 1,
             Admit::Held => {}
             Admit::Show(held) => {
-                for r in held.iter().chain(std::iter::once(&row)) {
+                for r in held.iter().chain(std::iter::once(row)) {
                     self.outputs.emit(r)?;
                     if let Some(m) = &mut self.metrics {
                         m.count(r);
@@ -485,21 +503,31 @@ impl Pipeline {
     /// Filters and emits rows from the front of the queue, up to one still
     /// waiting for its reset (arrived in this cycle).
     fn release(&mut self, all: bool) -> Result<(), Stop> {
-        while let Some(front) = self.pending.front() {
+        // Rows are shown from where they wait, not moved out first.
+        let mut pending = std::mem::take(&mut self.pending);
+        let result = self.release_from(&mut pending, all);
+        self.pending = pending;
+        result
+    }
+
+    fn release_from(&mut self, pending: &mut VecDeque<Pending>, all: bool) -> Result<(), Stop> {
+        while let Some(front) = pending.front() {
             if !all && front.waits_since == Some(self.cycle) {
                 break;
             }
-            let row = self.pending.pop_front().expect("front exists").row;
+            let row = &front.row;
             // Final now (a sent reset has had its chance): an orderly close
             // is followed into the time-wait table, and a connection taking
             // over a time-wait socket ends the connection that left it.
             if self.following_timewait {
-                if let Some(end) = self.timewait.reused(&row) {
-                    self.show(end)?;
+                if let Some(end) = self.timewait.reused(row) {
+                    self.show(&end)?;
                 }
-                self.timewait.watch(&row);
+                self.timewait.watch(row);
             }
-            self.show(row)?;
+            let shown = self.show(row);
+            pending.pop_front();
+            shown?;
             if self
                 .outputs
                 .stdout

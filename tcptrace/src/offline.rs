@@ -59,7 +59,7 @@ fn print_rows(
                     }
                     Printer::new(style, Clock::now())
                 });
-                if let Admit::Show(held) = filter.admit(row) {
+                if let Admit::Show(held) = filter.admit(&row) {
                     for r in held.iter().chain(std::iter::once(&row)) {
                         p.row(&mut out, r)?;
                     }
