@@ -47,6 +47,8 @@ fn bad_arguments_exit_2_with_one_sentence() {
         (&["--comm", ""], "the process name is empty"),
         (&["--duration", "forever"], "is not a duration"),
         (&["--duration", "0"], "a duration of 0"),
+        (&["--nice", "-21"], "nice value -21 is out of range"),
+        (&["--nice", "fast"], "\"fast\" is not a nice value"),
         (&["--count", "0"], "a count of 0"),
         (&["--count", "-3"], "unexpected argument"),
         (&["--format", "xml"], "invalid value 'xml'"),

@@ -36,6 +36,30 @@ fn every_capability_is_dropped_once_tracing() {
     );
 }
 
+/// The nice value in /proc/PID/stat (field 19; the name in field 2 may hold
+/// spaces, so count from its closing parenthesis).
+fn nice_of(pid: u32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_reader_runs_ahead_of_the_workload_unless_told_not_to() {
+    let port = unique_port().to_string();
+    let boosted = Tracer::start(&["--port", &port]);
+    assert_eq!(nice_of(boosted.pid()), -5);
+    let chosen = Tracer::start(&["--port", &port, "--nice", "-2"]);
+    assert_eq!(nice_of(chosen.pid()), -2);
+    let kept = Tracer::start(&["--port", &port, "--nice", "0"]);
+    assert_eq!(nice_of(kept.pid()), 0);
+    for t in [boosted, chosen, kept] {
+        let out = t.stop();
+        assert!(out.status.success(), "{}", out.stderr);
+        assert!(!out.stderr.contains("priority"), "{}", out.stderr);
+    }
+}
+
 #[test]
 fn cap_bpf_and_cap_perfmon_are_enough() {
     let ns = Netns::new();
@@ -61,6 +85,14 @@ fn cap_bpf_and_cap_perfmon_are_enough() {
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
     life(&out.lives(), "CLOSE>LISTEN>CLOSE").assert_owner(pid, "tt-server");
+    // Without CAP_SYS_NICE the priority stays, and tcptrace says why.
+    assert!(
+        out.stderr
+            .contains("cannot raise the priority to nice -5 (Permission denied")
+            && out.stderr.contains("needs CAP_SYS_NICE"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

@@ -130,6 +130,16 @@ pub struct LiveArgs {
     /// (FIN_WAIT2 -> TIME_WAIT -> gone).
     #[arg(long)]
     pub no_timewait: bool,
+
+    /// Scheduling priority (nice value, -20 to 19) of the thread that reads
+    /// the ring. The default, -5, puts it ahead of the traced workload: under
+    /// a churn that keeps every CPU busy, an equal share of CPU was too little
+    /// to drain the ring while recording and events were lost. 0 keeps the
+    /// priority tcptrace was started with. Lowering it needs CAP_SYS_NICE
+    /// (root has it); without, tcptrace says so and runs as it was started.
+    #[arg(long, value_name = "N", default_value_t = -5, value_parser = parse_nice,
+          allow_negative_numbers = true)]
+    pub nice: i32,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -352,6 +362,14 @@ fn parse_comm(s: &str) -> Result<String, String> {
         return Err("a process name cannot contain a NUL byte".into());
     }
     Ok(s.to_string())
+}
+
+fn parse_nice(s: &str) -> Result<i32, String> {
+    match s.trim().parse::<i32>() {
+        Ok(n) if (-20..=19).contains(&n) => Ok(n),
+        Ok(n) => Err(format!("nice value {n} is out of range; it is -20 to 19")),
+        Err(_) => Err(format!("{s:?} is not a nice value (-20 to 19)")),
+    }
 }
 
 fn parse_count(s: &str) -> Result<u64, String> {

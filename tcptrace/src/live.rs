@@ -183,6 +183,14 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         ),
         None => None,
     };
+    // This thread drains the ring: it must not wait behind the workload.
+    if let Err(e) = privileges::prioritize(args.nice) {
+        eprintln!(
+            "tcptrace: warning: cannot raise the priority to nice {} ({e}); under full \
+             load events may be lost (needs CAP_SYS_NICE; --nice 0 silences this)",
+            args.nice
+        );
+    }
     // Attached, files open: nothing ahead needs a capability.
     if let Err(e) = privileges::drop_all() {
         log::warn!("cannot drop capabilities: {e}");

@@ -34,6 +34,28 @@ pub fn missing_for_tracing(eff: u64) -> Vec<&'static str> {
         .collect()
 }
 
+/// Sets the calling thread's nice value to `nice`, unless it already runs
+/// at that priority or higher. Must run before [`drop_all`]: going below the
+/// current value needs CAP_SYS_NICE.
+pub fn prioritize(nice: i32) -> std::io::Result<()> {
+    // SAFETY: getpriority/setpriority on the calling thread (who = 0); errno
+    // is reset first because -1 is also a valid priority.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if now == -1 && *libc::__errno_location() != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if nice >= now {
+            return Ok(());
+        }
+        if libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Gives up every capability for good (effective, permitted, inheritable,
 /// ambient). Called once the program is attached and the files are open:
 /// from then on the process only reads what it already holds, so a bug in
