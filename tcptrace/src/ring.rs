@@ -168,3 +168,101 @@ fn mmap(fd: BorrowedFd<'_>, len: usize, prot: i32, offset: usize) -> io::Result<
     }
     NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned a null mapping"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ring laid out as the kernel lays it out, in anonymous memory; the
+    /// test plays the producer.
+    struct FakeRing {
+        ring: Ring,
+        prod: u64,
+    }
+
+    impl FakeRing {
+        fn new(size: usize) -> FakeRing {
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+            let anon = |len: usize| {
+                // SAFETY: a fresh private anonymous mapping.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                assert_ne!(p, libc::MAP_FAILED);
+                NonNull::new(p.cast::<u8>()).unwrap()
+            };
+            FakeRing {
+                ring: Ring {
+                    consumer: anon(page),
+                    producer: anon(page + 2 * size),
+                    page,
+                    size,
+                },
+                prod: 0,
+            }
+        }
+
+        /// Writes an entry with the given header flags and publishes it.
+        fn push(&mut self, body: &[u8], flags: u32) {
+            let at = self.ring.page + (self.prod as usize & (self.ring.size - 1));
+            // SAFETY: inside the fake data area; entries stay 8-aligned.
+            unsafe {
+                let base = self.ring.producer.as_ptr().add(at);
+                base.cast::<u32>().write(body.len() as u32 | flags);
+                std::ptr::copy_nonoverlapping(body.as_ptr(), base.add(8), body.len());
+            }
+            self.prod += (body.len() as u64 + HEADER).next_multiple_of(8);
+            self.ring.producer_pos().store(self.prod, Ordering::Release);
+        }
+
+        fn read(&mut self, limit: usize) -> Vec<Vec<u8>> {
+            let mut got = Vec::new();
+            self.ring.drain(limit, |b| got.push(b.to_vec()));
+            got
+        }
+    }
+
+    #[test]
+    fn entries_come_out_in_order_and_discarded_ones_are_skipped() {
+        let mut r = FakeRing::new(1 << 16);
+        r.push(b"first", 0);
+        r.push(b"dropped by the program", DISCARD);
+        r.push(b"second entry", 0);
+        assert_eq!(r.read(10), [b"first".to_vec(), b"second entry".to_vec()]);
+        // The consumer position covers all three, 8-byte aligned.
+        assert_eq!(r.ring.consumer_pos().load(Ordering::Relaxed), r.prod);
+        assert_eq!(r.ring.backlog(), 0);
+    }
+
+    #[test]
+    fn an_entry_still_being_written_stops_the_read_until_it_is_committed() {
+        let mut r = FakeRing::new(1 << 16);
+        r.push(b"done", 0);
+        r.push(b"busy", BUSY);
+        r.push(b"after", 0);
+        assert_eq!(r.read(10), [b"done".to_vec()]);
+        assert_eq!(r.ring.backlog(), 2 * 16);
+        // The producer commits: clears the busy bit.
+        let at = r.ring.page + 16;
+        let word = unsafe { &*r.ring.producer.as_ptr().add(at).cast::<AtomicU32>() };
+        word.store(4, Ordering::Release);
+        assert_eq!(r.read(10), [b"busy".to_vec(), b"after".to_vec()]);
+    }
+
+    #[test]
+    fn a_limit_leaves_the_rest_for_the_next_read() {
+        let mut r = FakeRing::new(1 << 16);
+        for i in 0..5u8 {
+            r.push(&[i; 8], 0);
+        }
+        assert_eq!(r.read(2), [vec![0; 8], vec![1; 8]]);
+        assert_eq!(r.read(10).len(), 3);
+    }
+}
