@@ -1,10 +1,11 @@
-//! The live run: drain the ring, attribute, filter, print and record; until
-//! a signal, `--duration` or `--count` says stop.
+//! The live run: drain the rings, attribute, filter, print and record;
+//! until a signal, `--duration` or `--count` says stop.
 //!
 //! The eBPF program never wakes us (a wake-up per event costs more than the
 //! rest of the event). We poll: drain everything, then sleep a millisecond,
-//! longer while nothing happens. The ring holds over half a second of the
-//! fastest churn this kind of machine reaches, so a sleep never loses events.
+//! longer while nothing happens. The rings hold over half a second of the
+//! fastest churn this kind of machine reaches, so a sleep never loses events
+//! as long as this thread gets the CPU it needs, hence `--nice`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Write};
