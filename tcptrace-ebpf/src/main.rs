@@ -13,7 +13,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
     },
     macros::{map, tracepoint},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
     programs::TracePointContext,
 };
 use aya_log_ebpf::error;
@@ -59,22 +59,28 @@ const NO_RESETS: ResetLayout = ResetLayout {
     reason_size: 0,
 };
 
-#[map]
-static EVENTS_0: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
-#[map]
-static EVENTS_1: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
-#[map]
-static EVENTS_2: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
-#[map]
-static EVENTS_3: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
-#[map]
-static EVENTS_4: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
-#[map]
-static EVENTS_5: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
-#[map]
-static EVENTS_6: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
-#[map]
-static EVENTS_7: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
+/// Declares the rings (every one a page: userspace sizes the ones in use)
+/// and `reserve`, which picks the ring of a CPU. A map is named per arm
+/// because the verifier needs a constant map in each helper call.
+macro_rules! rings {
+    ($($cpu:literal => $name:ident),+) => {
+        $(
+            #[map]
+            static $name: RingBuf = RingBuf::with_byte_size(RING_UNUSED_BYTES, 0);
+        )+
+
+        #[inline(always)]
+        fn reserve(ring: usize) -> Option<RingBufEntry<Event>> {
+            match ring {
+                $($cpu => $name.reserve::<Event>(0),)+
+                _ => None,
+            }
+        }
+    };
+}
+
+rings!(0 => EVENTS_0, 1 => EVENTS_1, 2 => EVENTS_2, 3 => EVENTS_3,
+       4 => EVENTS_4, 5 => EVENTS_5, 6 => EVENTS_6, 7 => EVENTS_7);
 
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
@@ -217,19 +223,8 @@ fn try_reset(ctx: &TracePointContext, l: &ResetLayout, kind: u8) -> Result<(), i
 #[inline(always)]
 fn emit(event: Event) {
     // Each CPU writes its own ring (userspace merges them by time): no
-    // producer waits for another CPU's reserve. A map is chosen per branch
-    // because the verifier needs a constant map in each call.
-    let cpu = unsafe { bpf_get_smp_processor_id() } as usize % RINGS;
-    let entry = match cpu {
-        0 => EVENTS_0.reserve::<Event>(0),
-        1 => EVENTS_1.reserve::<Event>(0),
-        2 => EVENTS_2.reserve::<Event>(0),
-        3 => EVENTS_3.reserve::<Event>(0),
-        4 => EVENTS_4.reserve::<Event>(0),
-        5 => EVENTS_5.reserve::<Event>(0),
-        6 => EVENTS_6.reserve::<Event>(0),
-        _ => EVENTS_7.reserve::<Event>(0),
-    };
+    // producer waits for another CPU's reserve.
+    let entry = reserve(unsafe { bpf_get_smp_processor_id() } as usize % RINGS);
     match entry {
         Some(mut entry) => {
             entry.write(event);

@@ -35,7 +35,6 @@ pub struct Counters {
     pub missed: u64,
 }
 
-/// An attached tracer. Dropping it detaches the program.
 /// Entries read from one ring in one call, at most: bounds the memory a
 /// large backlog takes on its way through.
 const BATCH: usize = 16384;
@@ -45,6 +44,7 @@ const BATCH: usize = 16384;
 /// the next read, so that the merge of the rings stays in time order.
 const SETTLE_NS: u64 = 5_000_000;
 
+/// An attached tracer. Dropping it detaches the program.
 pub struct Capture {
     rings: Vec<Ring>,
     /// Read from the rings, sorted by time, not yet handed out.
@@ -218,7 +218,6 @@ impl Capture {
         &self.reset_reasons
     }
 
-    /// The next event in the ring, if any. Never blocks.
     /// Appends the next events to `out`, in time order, and says whether
     /// more may be waiting. Without `all`, the events of the last few
     /// milliseconds stay back until an event of another CPU that happened
@@ -237,9 +236,10 @@ impl Capture {
         let mut more = false;
         // Runs in time order: what was held back, then each ring's new part.
         self.fresh.clear();
-        let mut bounds = vec![(0, self.held.len())];
+        let mut bounds = [(0, 0); RINGS + 1];
+        bounds[0] = (0, self.held.len());
         self.fresh.append(&mut self.held);
-        for ring in &mut self.rings {
+        for (ring, run) in self.rings.iter_mut().zip(&mut bounds[1..]) {
             let start = self.fresh.len();
             let (n, last_ts) = drain_ring(ring, &mut self.fresh, &mut self.undecodable);
             if n == BATCH {
@@ -249,7 +249,7 @@ impl Capture {
                     cutoff = cutoff.min(ts);
                 }
             }
-            bounds.push((start, self.fresh.len()));
+            *run = (start, self.fresh.len());
         }
         merge(&self.fresh, &mut bounds, cutoff, out, &mut self.held);
         more
@@ -296,8 +296,6 @@ impl Capture {
     }
 }
 
-/// Where this kernel keeps a socket's network namespace inode, from its BTF.
-/// Without BTF every namespace reads as 0, which `--netns` cannot filter on.
 /// Appends up to [`BATCH`] events of `ring` to `out`; returns how many and
 /// the time of the last.
 fn drain_ring(
@@ -370,6 +368,8 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Where this kernel keeps a socket's network namespace inode, from its BTF.
+/// Without BTF every namespace reads as 0, which `--netns` cannot filter on.
 fn netns_layout(only: Option<u32>) -> Result<NetnsLayout> {
     let found = fs::read("/sys/kernel/btf/vmlinux")
         .map_err(anyhow::Error::from)
