@@ -62,28 +62,30 @@ pub struct ResetLayout {
     pub reason_size: u32,
 }
 
-/// Where each field sits in the tracepoint's record, as its format file says.
-///
-/// Offsets are in bytes from the start of the record. Userspace checks every
-/// offset against [`RECORD_MAX`] before loading, so the program can trust it.
+/// Where a TCP socket keeps the fields of a transition, in bytes from the
+/// start of its `struct tcp_sock`, from the kernel's BTF. The program reads
+/// them itself (the tracepoint's own record is not built for a tp_btf
+/// program), so this is the kernel's layout, not one compiled in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Layout {
-    /// Bytes to copy out of the record: the end of its last field we read.
-    pub record_len: u32,
-    pub skaddr: u32,
-    pub oldstate: u32,
-    pub newstate: u32,
-    pub sport: u32,
-    pub dport: u32,
+pub struct SockLayout {
+    /// `skc_family`: u16.
     pub family: u32,
-    pub protocol: u32,
-    /// 1 on kernels before 5.6, 2 since.
-    pub protocol_size: u32,
+    /// `inet_sport`: big-endian u16. Not `skc_num`, which is already 0 when
+    /// `-> CLOSE` fires; the tracepoint's own record uses this one too.
+    pub sport: u32,
+    /// `skc_dport`: big-endian u16.
+    pub dport: u32,
+    /// `inet_saddr`, `skc_daddr`: IPv4, 4 bytes.
     pub saddr: u32,
     pub daddr: u32,
+    /// `skc_v6_rcv_saddr`, `skc_v6_daddr`: IPv6, 16 bytes.
     pub saddr_v6: u32,
     pub daddr_v6: u32,
+    /// `skc_net.net`: the `struct net *`; `inum` is where that keeps the
+    /// namespace's inode (`ns.inum`).
+    pub net: u32,
+    pub inum: u32,
 }
 
 /// The program's load-time configuration (a read-only global, so the
@@ -91,32 +93,19 @@ pub struct Layout {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Config {
-    pub layout: Layout,
+    pub sock: SockLayout,
     /// Bit set of the families to keep: [`FAMILY_V4`], [`FAMILY_V6`].
     pub families: u32,
     /// Bit set of the port filters in force: [`PORT_ANY`], [`PORT_LOCAL`],
     /// [`PORT_REMOTE`]. The same bits mark each port in the [`PORTS_MAP`].
     pub port_filters: u32,
+    /// Keep only the network namespace with this inode (0: all).
+    pub netns_only: u32,
     pub reset_sent: ResetLayout,
     pub reset_received: ResetLayout,
-    pub netns: NetnsLayout,
 }
 
-/// How to read a socket's network namespace inode: `*(u64 *)(sk + sk_net)`
-/// is its `struct net *`, and `*(u32 *)(net + inum)` the inode. Offsets come
-/// from the kernel's BTF.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NetnsLayout {
-    /// 0: not known, do not read.
-    pub enabled: u32,
-    pub sk_net: u32,
-    pub inum: u32,
-    /// Keep only this namespace (0: all).
-    pub only: u32,
-}
-
-/// The largest record the program copies; the tracepoint's is 72 bytes today.
+/// The largest reset record the program copies.
 pub const RECORD_MAX: usize = 128;
 
 pub const FAMILY_V4: u32 = 1;
@@ -131,7 +120,6 @@ pub const PORT_REMOTE: u8 = 4;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
-pub const IPPROTO_TCP: u16 = 6;
 
 /// Name of the global holding [`Config`].
 pub const CONFIG_GLOBAL: &str = "CONFIG";
@@ -150,9 +138,15 @@ pub const COUNTERS_MAP: &str = "COUNTERS";
 pub const COUNTER_LOST: u32 = 0;
 /// Events the program filtered out (other protocol, family or port).
 pub const COUNTER_FILTERED: u32 = 1;
-pub const COUNTERS_LEN: u32 = 2;
+/// Transitions [`PROGRAM`] was skipped for and [`PROGRAM_CATCHER`] saw.
+pub const COUNTER_CAUGHT: u32 = 2;
+pub const COUNTERS_LEN: u32 = 3;
 /// Names of the programs in the object file.
 pub const PROGRAM: &str = "inet_sock_set_state";
+/// Attached after [`PROGRAM`], to the same tracepoint: emits the
+/// transitions made while [`PROGRAM`] ran on the same CPU, which the
+/// kernel does not run it for.
+pub const PROGRAM_CATCHER: &str = "catch_nested";
 pub const PROGRAM_RESET_SENT: &str = "tcp_send_reset";
 pub const PROGRAM_RESET_RECEIVED: &str = "tcp_receive_reset";
 

@@ -5,52 +5,52 @@
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    EbpfContext, Global,
+    EbpfContext,
     bindings::BPF_RB_NO_WAKEUP,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_probe_read_kernel_buf, generated::bpf_skc_to_tcp_sock,
     },
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::error;
 use tcptrace_ebpf::{
-    AF_INET, AF_INET6, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_LEN, Config, Event, FAMILY_V4,
-    FAMILY_V6, IPPROTO_TCP, KIND_RESET_RECEIVED, KIND_RESET_SENT, KIND_STATE, Layout, NetnsLayout,
-    PORT_ANY, PORT_LOCAL, PORT_REMOTE, RECORD_MAX, RING_UNUSED_BYTES, RINGS, ResetLayout,
+    AF_INET, AF_INET6, COUNTER_CAUGHT, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_LEN, Config, Event,
+    FAMILY_V4, FAMILY_V6, KIND_RESET_RECEIVED, KIND_RESET_SENT, KIND_STATE, PORT_ANY, PORT_LOCAL,
+    PORT_REMOTE, RECORD_MAX, RING_UNUSED_BYTES, RINGS, ResetLayout, SockLayout,
 };
 
 #[unsafe(no_mangle)]
-static CONFIG: Global<Config> = Global::new(Config {
-    layout: Layout {
-        record_len: 0,
-        skaddr: 0,
-        oldstate: 0,
-        newstate: 0,
+static CONFIG: Config = Config {
+    sock: SockLayout {
+        family: 0,
         sport: 0,
         dport: 0,
-        family: 0,
-        protocol: 0,
-        protocol_size: 0,
         saddr: 0,
         daddr: 0,
         saddr_v6: 0,
         daddr_v6: 0,
+        net: 0,
+        inum: 0,
     },
     families: 0,
     port_filters: 0,
+    netns_only: 0,
     reset_sent: NO_RESETS,
     reset_received: NO_RESETS,
-    netns: NetnsLayout {
-        enabled: 0,
-        sk_net: 0,
-        inum: 0,
-        only: 0,
-    },
-});
+};
+
+/// The configuration userspace wrote into the object before loading it.
+/// Volatile, or the compiler would fold in the zeros above.
+#[inline(always)]
+fn config() -> Config {
+    unsafe { core::ptr::read_volatile(&CONFIG) }
+}
 
 const NO_RESETS: ResetLayout = ResetLayout {
     record_len: 0,
@@ -85,97 +85,157 @@ rings!(0 => EVENTS_0, 1 => EVENTS_1, 2 => EVENTS_2, 3 => EVENTS_3,
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 
+/// The transition `inet_sock_set_state` last finished on this CPU.
+#[map]
+static CLAIM: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
-#[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    if let Err(err) = try_inet_sock_set_state(&ctx) {
-        // Cold: only a record the kernel would not let us read gets here.
-        error!(&ctx, "cannot read the inet_sock_set_state record: {}", err);
+/// The transition a run of the programs below was called for.
+struct Firing {
+    sk: *const c_void,
+    oldstate: u8,
+    newstate: u8,
+}
+
+impl Firing {
+    #[inline(always)]
+    fn of(ctx: &BtfTracePointContext) -> Firing {
+        Firing {
+            sk: ctx.arg(0),
+            oldstate: ctx.arg::<u32>(1) as u8,
+            newstate: ctx.arg::<u32>(2) as u8,
+        }
+    }
+
+    #[inline(always)]
+    fn claim(&self) -> [u64; 2] {
+        [
+            self.sk as u64,
+            u64::from(self.oldstate) << 8 | u64::from(self.newstate),
+        ]
+    }
+}
+
+/// The kernel runs a tp_btf program at most once per CPU at a time: a
+/// transition made by a softirq that interrupts this program (a timer, the
+/// loopback's receive path) skips it and counts a recursion miss.
+/// `catch_nested`, attached after it, emits exactly those.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    let firing = Firing::of(&ctx);
+    set_state(&firing);
+    // Last, so that a transition nested anywhere before this line finds
+    // another firing's claim and is emitted by the catcher.
+    if let Some(claim) = CLAIM.get_ptr_mut(0) {
+        unsafe { *claim = firing.claim() };
     }
     0
 }
 
-fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
-    let cfg = CONFIG.load();
-    let l = &cfg.layout;
-    let len = l.record_len as usize;
-    if len == 0 || len > RECORD_MAX {
-        return Err(-22);
-    }
-    // One read of the whole record: the offsets are load-time values, and the
-    // verifier only allows constant offsets into the context itself.
-    let mut rec = [0u8; RECORD_MAX];
-    unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut rec[..len]) }
-        .map_err(i64::from)?;
-
-    let protocol = if l.protocol_size == 1 {
-        u16::from(field::<u8>(&rec, l.protocol))
-    } else {
-        field::<u16>(&rec, l.protocol)
+/// Runs after `inet_sock_set_state` for every transition. If that program
+/// did not claim this very transition it was skipped, nested in its own
+/// run on this CPU, and this one emits the transition instead.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn catch_nested(ctx: BtfTracePointContext) -> i32 {
+    let firing = Firing::of(&ctx);
+    let Some(claim) = CLAIM.get_ptr_mut(0) else {
+        return 0;
     };
-    let family = field::<u16>(&rec, l.family);
+    let [sk, states] = unsafe { *claim };
+    // Field by field: the verifier allows comparing the socket pointer,
+    // not arithmetic on it, which is what comparing the arrays becomes.
+    if sk == firing.sk as u64 && states == firing.claim()[1] {
+        unsafe { *claim = [0; 2] };
+    } else {
+        count(COUNTER_CAUGHT);
+        set_state(&firing);
+    }
+    0
+}
+
+#[inline(always)]
+fn set_state(f: &Firing) {
+    let cfg = config();
+    // NULL unless a full TCP socket (not SCTP or an MPTCP parent); and
+    // the typed pointer lets the program read past `struct sock` into
+    // `inet_sock`, where the source address and port live.
+    let tp = unsafe { bpf_skc_to_tcp_sock(f.sk as *mut c_void) } as *const u8;
+    if tp.is_null() {
+        count(COUNTER_FILTERED);
+        return;
+    }
+    let l = &cfg.sock;
+    let family: u16 = read(tp, l.family);
     let family_bit = match family {
         AF_INET => FAMILY_V4,
         AF_INET6 => FAMILY_V6,
         _ => 0,
     };
-    let sport = field::<u16>(&rec, l.sport);
-    let dport = field::<u16>(&rec, l.dport);
-    if protocol != IPPROTO_TCP || cfg.families & family_bit == 0 || !ports_pass(&cfg, sport, dport)
-    {
+    let sport = u16::from_be(read(tp, l.sport));
+    let dport = u16::from_be(read(tp, l.dport));
+    if cfg.families & family_bit == 0 || !ports_pass(&cfg, sport, dport) {
         count(COUNTER_FILTERED);
-        return Ok(());
+        return;
     }
-    let skaddr = field::<u64>(&rec, l.skaddr);
-    let netns = netns_of(&cfg.netns, skaddr);
-    if cfg.netns.only != 0 && netns != cfg.netns.only {
+    let net: *const u8 = read(tp, l.net);
+    let netns = if net.is_null() { 0 } else { read(net, l.inum) };
+    if cfg.netns_only != 0 && netns != cfg.netns_only {
         count(COUNTER_FILTERED);
-        return Ok(());
+        return;
     }
-
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
+    let mut saddr = [0u32; 4];
+    let mut daddr = [0u32; 4];
     if family == AF_INET {
-        saddr[..4].copy_from_slice(&field::<[u8; 4]>(&rec, l.saddr));
-        daddr[..4].copy_from_slice(&field::<[u8; 4]>(&rec, l.daddr));
+        saddr[0] = read(tp, l.saddr);
+        daddr[0] = read(tp, l.daddr);
     } else {
-        saddr = field::<[u8; 16]>(&rec, l.saddr_v6);
-        daddr = field::<[u8; 16]>(&rec, l.daddr_v6);
+        // Word by word: the verifier allows a load within one member of
+        // `in6_addr`, and its widest is a 32-bit word.
+        for i in 0..4 {
+            saddr[i] = read(tp, l.saddr_v6 + 4 * i as u32);
+            daddr[i] = read(tp, l.daddr_v6 + 4 * i as u32);
+        }
     }
-    let event = Event {
+    emit(Event {
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr,
+        skaddr: f.sk as u64,
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         netns,
-        oldstate: field::<u32>(&rec, l.oldstate) as u8,
-        newstate: field::<u32>(&rec, l.newstate) as u8,
+        oldstate: f.oldstate,
+        newstate: f.newstate,
         family,
         sport,
         dport,
-        saddr,
-        daddr,
+        saddr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(saddr) },
+        daddr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(daddr) },
         comm: bpf_get_current_comm().unwrap_or_default(),
         kind: KIND_STATE,
         reset_reason: 0,
         _pad: [0; 6],
-    };
-    emit(event);
-    Ok(())
+    });
+}
+
+/// A field of the socket at the load-time offset `offset`. The offset is a
+/// constant to the verifier (read-only global), which checks the access
+/// against the kernel's BTF; a fault reads as zero.
+#[inline(always)]
+fn read<T: Copy>(base: *const u8, offset: u32) -> T {
+    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
 }
 
 /// Resets tell userspace how a socket closed: received ones fire before the
 /// socket's `-> CLOSE`, sent ones (an abort) just after it.
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    let _ = try_reset(&ctx, &CONFIG.load().reset_sent, KIND_RESET_SENT);
+    let _ = try_reset(&ctx, &config().reset_sent, KIND_RESET_SENT);
     0
 }
 
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let _ = try_reset(&ctx, &CONFIG.load().reset_received, KIND_RESET_RECEIVED);
+    let _ = try_reset(&ctx, &config().reset_received, KIND_RESET_RECEIVED);
     0
 }
 
@@ -185,8 +245,13 @@ fn try_reset(ctx: &TracePointContext, l: &ResetLayout, kind: u8) -> Result<(), i
         return Ok(());
     }
     let mut rec = [0u8; RECORD_MAX];
-    unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut rec[..len]) }
-        .map_err(i64::from)?;
+    if let Err(err) =
+        unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut rec[..len]) }
+    {
+        // Cold: only a record the kernel would not let us read gets here.
+        error!(ctx, "cannot read a reset tracepoint's record: {}", err);
+        return Err(err.into());
+    }
     let skaddr = field::<u64>(&rec, l.skaddr);
     if skaddr == 0 {
         // A reset answering a segment no socket owns: no transition to explain.
@@ -232,20 +297,6 @@ fn emit(event: Event) {
         }
         None => count(COUNTER_LOST),
     }
-}
-
-/// The inode of the socket's network namespace, 0 if it cannot be read.
-#[inline(always)]
-fn netns_of(l: &NetnsLayout, skaddr: u64) -> u32 {
-    if l.enabled == 0 {
-        return 0;
-    }
-    let net: u64 =
-        unsafe { bpf_probe_read_kernel((skaddr + u64::from(l.sk_net)) as *const u64) }.unwrap_or(0);
-    if net == 0 {
-        return 0;
-    }
-    unsafe { bpf_probe_read_kernel((net + u64::from(l.inum)) as *const u32) }.unwrap_or(0)
 }
 
 /// A field of the record at `offset`. Userspace has checked that every

@@ -42,6 +42,120 @@ struct Type {
     members: Vec<Member>,
 }
 
+/// A type's fixed part, and where its kind-specific part starts.
+struct Record {
+    name: u32,
+    info: u32,
+    size_or_type: u32,
+    extra: usize,
+}
+
+impl Record {
+    fn kind(&self) -> u32 {
+        (self.info >> 24) & 0x1f
+    }
+
+    fn vlen(&self) -> usize {
+        (self.info & 0xffff) as usize
+    }
+}
+
+/// BTF data split into its string section and type records.
+struct Raw {
+    strings: std::ops::Range<usize>,
+    records: Vec<Record>,
+}
+
+fn u32_at(data: &[u8], o: usize) -> Option<u32> {
+    data.get(o..o + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+impl Raw {
+    fn walk(data: &[u8]) -> Result<Raw> {
+        if data.get(0..2) != Some(&MAGIC.to_le_bytes()[..]) {
+            bail!("not little-endian BTF data");
+        }
+        let field = |o| {
+            u32_at(data, o)
+                .map(|v| v as usize)
+                .ok_or_else(|| anyhow::anyhow!("BTF header cut off"))
+        };
+        let hdr_len = field(4)?;
+        let (type_off, type_len, str_off, str_len) =
+            (field(8)?, field(12)?, field(16)?, field(20)?);
+        let strings = hdr_len + str_off..hdr_len + str_off + str_len;
+        if data.get(strings.clone()).is_none() {
+            bail!("BTF string section out of bounds");
+        }
+        let mut records = Vec::new();
+        let (mut o, end) = (hdr_len + type_off, hdr_len + type_off + type_len);
+        while o < end {
+            let word = |i: usize| {
+                u32_at(data, o + 4 * i).ok_or_else(|| anyhow::anyhow!("BTF type cut off"))
+            };
+            let r = Record {
+                name: word(0)?,
+                info: word(1)?,
+                size_or_type: word(2)?,
+                extra: o + 12,
+            };
+            let vlen = r.vlen();
+            o = r.extra
+                + match r.kind() {
+                    KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                    KIND_ARRAY => 12,
+                    KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+                    KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+                    _ => 0,
+                };
+            if o > data.len() {
+                bail!("BTF type cut off");
+            }
+            records.push(r);
+        }
+        Ok(Raw { strings, records })
+    }
+}
+
+/// Rewrites in place every name in the BTF data `data` that is not a C
+/// identifier (`MaybeUninit<u8>`, which bpf-linker leaves in Rust generic
+/// names) to one, byte for byte (`MaybeUninit_u8_`). The kernel refuses
+/// BTF with such names, and the tp_btf programs cannot load without their
+/// object's BTF. Section names (`.rodata`) are left alone. Returns how many
+/// names changed.
+pub fn sanitize_names(data: &mut [u8]) -> Result<usize> {
+    let raw = Raw::walk(data)?;
+    let mut names = Vec::new();
+    for r in &raw.records {
+        if r.kind() != KIND_DATASEC {
+            names.push(r.name);
+        }
+        let (stride, count) = match r.kind() {
+            KIND_STRUCT | KIND_UNION | KIND_ENUM64 => (12, r.vlen()),
+            KIND_ENUM | KIND_FUNC_PROTO => (8, r.vlen()),
+            _ => (0, 0),
+        };
+        names.extend((0..count).filter_map(|i| u32_at(data, r.extra + stride * i)));
+    }
+    let strings = &mut data[raw.strings];
+    let mut changed = 0;
+    for off in names {
+        let Some(name) = strings.get_mut(off as usize..) else {
+            continue;
+        };
+        let mut touched = false;
+        for b in name.iter_mut().take_while(|b| **b != 0) {
+            if !(b.is_ascii_alphanumeric() || *b == b'_') {
+                *b = b'_';
+                touched = true;
+            }
+        }
+        changed += usize::from(touched);
+    }
+    Ok(changed)
+}
+
 pub struct Btf {
     strings: Vec<u8>,
     /// Index 0 is the void type; ids count from 1.
@@ -51,65 +165,32 @@ pub struct Btf {
 
 impl Btf {
     pub fn parse(data: &[u8]) -> Result<Btf> {
-        let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-        let u32_at = |o: usize| {
-            data.get(o..o + 4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        };
-        if u16_at(0) != Some(MAGIC) {
-            bail!("not little-endian BTF data");
-        }
-        let field = |o| {
-            u32_at(o)
-                .map(|v| v as usize)
-                .ok_or_else(|| anyhow::anyhow!("BTF header cut off"))
-        };
-        let hdr_len = field(4)?;
-        let (type_off, type_len, str_off, str_len) =
-            (field(8)?, field(12)?, field(16)?, field(20)?);
-        let strings = data
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or_else(|| anyhow::anyhow!("BTF string section out of bounds"))?
-            .to_vec();
+        let raw = Raw::walk(data)?;
+        let strings = data[raw.strings.clone()].to_vec();
         let mut types = vec![Type {
             name: 0,
             kind: 0,
             ty: 0,
             members: Vec::new(),
         }];
-        let (mut o, end) = (hdr_len + type_off, hdr_len + type_off + type_len);
-        while o < end {
-            let word =
-                |i: usize| u32_at(o + 4 * i).ok_or_else(|| anyhow::anyhow!("BTF type cut off"));
-            let (name, info, size_or_type) = (word(0)?, word(1)?, word(2)?);
-            let kind = (info >> 24) & 0x1f;
-            let vlen = (info & 0xffff) as usize;
-            o += 12;
+        for r in &raw.records {
             let mut members = Vec::new();
-            o += match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-                KIND_ARRAY => 12,
-                KIND_STRUCT | KIND_UNION => {
-                    let bitfields = info >> 31 == 1;
-                    for i in 0..vlen {
-                        let m = |j: usize| u32_at(o + 12 * i + 4 * j).unwrap_or(0);
-                        let off = m(2);
-                        members.push(Member {
-                            name: m(0),
-                            ty: m(1),
-                            bit_offset: if bitfields { off & 0xff_ffff } else { off },
-                        });
-                    }
-                    12 * vlen
+            if matches!(r.kind(), KIND_STRUCT | KIND_UNION) {
+                let bitfields = r.info >> 31 == 1;
+                for i in 0..r.vlen() {
+                    let m = |j: usize| u32_at(data, r.extra + 12 * i + 4 * j).unwrap_or(0);
+                    let off = m(2);
+                    members.push(Member {
+                        name: m(0),
+                        ty: m(1),
+                        bit_offset: if bitfields { off & 0xff_ffff } else { off },
+                    });
                 }
-                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
-                KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
-                _ => 0,
-            };
+            }
             types.push(Type {
-                name,
-                kind,
-                ty: size_or_type,
+                name: r.name,
+                kind: r.kind(),
+                ty: r.size_or_type,
                 members,
             });
         }

@@ -7,21 +7,22 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray},
-    programs::TracePoint,
+    programs::{BtfTracePoint, TracePoint},
 };
 use tcptrace_ebpf::{
-    CONFIG_GLOBAL, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP, Config, EVENTS_MAPS, Event,
-    PORTS_MAP, PROGRAM, RING_BYTES, RING_UNUSED_BYTES, RINGS,
+    CONFIG_GLOBAL, COUNTER_CAUGHT, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP, Config,
+    EVENTS_MAPS, Event, PORTS_MAP, PROGRAM, PROGRAM_CATCHER, RING_BYTES, RING_UNUSED_BYTES, RINGS,
+    SockLayout,
 };
 
 use crate::btf::Btf;
 use crate::decode;
 use crate::filter::Filter;
 use crate::ring::Ring;
-use crate::{layout, privileges, tracefs};
-use tcptrace_ebpf::{NetnsLayout, PROGRAM_RESET_RECEIVED, PROGRAM_RESET_SENT, ResetLayout};
+use crate::{layout, object, privileges, tracefs};
+use tcptrace_ebpf::{PROGRAM_RESET_RECEIVED, PROGRAM_RESET_SENT, ResetLayout};
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 /// Kernel-side counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -54,8 +55,9 @@ pub struct Capture {
     undecodable: u64,
     counters: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    /// The program's descriptor, for its statistics in /proc/self/fdinfo.
-    program_fd: i32,
+    /// The descriptors of the main program and its catcher, for their
+    /// statistics in /proc/self/fdinfo.
+    program_fds: [i32; 2],
     reset_reasons: Vec<(u8, String)>,
     /// Owns the program and its link.
     _ebpf: Ebpf,
@@ -88,21 +90,19 @@ impl Capture {
         if !missing.is_empty() {
             return Err(StartError::Privileges(privilege_message(&missing)));
         }
-        let dir = tracefs::event_dir(layout::CATEGORY, layout::NAME)?;
-        let format_path = dir.join("format");
-        let format = fs::read_to_string(&format_path)
-            .with_context(|| format!("cannot read {}", format_path.display()))?;
-        let layout = layout::parse(&format)?;
+        let btf_data = fs::read(BTF_PATH).with_context(|| {
+            format!("cannot read the kernel's BTF ({BTF_PATH}); tcptrace needs a kernel built with CONFIG_DEBUG_INFO_BTF")
+        })?;
+        let sock = sock_layout(&Btf::parse(&btf_data).context(BTF_PATH)?)?;
         let (ports, port_filters) = filter.kernel_ports();
-        let (reset_sent, reasons) = reset_layout(&dir, layout::RESET_SENT);
-        let (reset_received, _) = reset_layout(&dir, layout::RESET_RECEIVED);
+        let (reset_sent, reset_received, reasons) = reset_layouts();
         let config = Config {
-            layout,
+            sock,
             families: filter.kernel_families(),
             port_filters: u32::from(port_filters),
+            netns_only: filter.spec().netns.unwrap_or(0),
             reset_sent,
             reset_received,
-            netns: netns_layout(filter.spec().netns)?,
         };
         log::debug!("program configuration: {config:?}");
 
@@ -116,7 +116,7 @@ impl Capture {
             loader.map_max_entries(name, size);
         }
         let mut ebpf = loader
-            .load(OBJECT)
+            .load(object::loadable()?.bytes())
             .map_err(|e| load_error(anyhow!(e).context("cannot load the eBPF maps")))?;
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -138,27 +138,34 @@ impl Capture {
                 .map_err(|e| anyhow!(e).context("cannot fill the port filter map"))?;
         }
 
-        let program: &mut TracePoint = ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| anyhow!("the eBPF object has no program {PROGRAM}"))?
-            .try_into()
-            .map_err(|e| anyhow!("{e}"))?;
-        program
-            .load()
-            .map_err(|e| load_error(anyhow!(e).context("the kernel refused the eBPF program")))?;
-        let program_fd = {
-            use std::os::fd::{AsFd, AsRawFd};
-            program.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd()
-        };
-        program
-            .attach(layout::CATEGORY, layout::NAME)
-            .map_err(|e| {
+        // The catcher must run after the main program for each transition:
+        // the kernel calls a tracepoint's programs in the order they attach.
+        let btf = aya::Btf::parse(&btf_data, aya::Endianness::default())
+            .map_err(|e| anyhow!(e).context(BTF_PATH))?;
+        let mut program_fds = [0; 2];
+        for (name, fd) in [PROGRAM, PROGRAM_CATCHER].into_iter().zip(&mut program_fds) {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+                .try_into()
+                .map_err(|e| anyhow!("{e}"))?;
+            program.load(layout::NAME, &btf).map_err(|e| {
+                load_error(
+                    anyhow!(e).context(format!("the kernel refused the eBPF program {name}")),
+                )
+            })?;
+            *fd = {
+                use std::os::fd::{AsFd, AsRawFd};
+                program.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd()
+            };
+            program.attach().map_err(|e| {
                 load_error(anyhow!(e).context(format!(
                     "cannot attach to the {}:{} tracepoint",
                     layout::CATEGORY,
                     layout::NAME
                 )))
             })?;
+        }
 
         // Resets only annotate closes: without them tcptrace still traces.
         for (name, l) in [
@@ -207,7 +214,7 @@ impl Capture {
             undecodable: 0,
             counters,
             logger,
-            program_fd,
+            program_fds,
             reset_reasons: reasons,
             _ebpf: ebpf,
         })
@@ -269,23 +276,12 @@ impl Capture {
                 .iter()
                 .sum())
         };
+        let [main, catcher] = self.program_fds.map(recursion_misses);
         Ok(Counters {
             lost: sum(COUNTER_LOST)?,
             filtered: sum(COUNTER_FILTERED)?,
-            missed: self.recursion_misses(),
+            missed: (main + catcher).saturating_sub(sum(COUNTER_CAUGHT)?),
         })
-    }
-
-    /// The kernel's count of runs it skipped (fdinfo of the program).
-    fn recursion_misses(&self) -> u64 {
-        fs::read_to_string(format!("/proc/self/fdinfo/{}", self.program_fd))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("recursion_misses:"))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0)
     }
 
     /// Writes pending eBPF-side log records to the `log` logger.
@@ -294,6 +290,18 @@ impl Capture {
             l.flush();
         }
     }
+}
+
+/// The kernel's count of runs of a program it skipped (its fdinfo).
+fn recursion_misses(program_fd: i32) -> u64 {
+    fs::read_to_string(format!("/proc/self/fdinfo/{program_fd}"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("recursion_misses:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Appends up to [`BATCH`] events of `ring` to `out`; returns how many and
@@ -368,52 +376,89 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Where this kernel keeps a socket's network namespace inode, from its BTF.
-/// Without BTF every namespace reads as 0, which `--netns` cannot filter on.
-fn netns_layout(only: Option<u32>) -> Result<NetnsLayout> {
-    let found = fs::read("/sys/kernel/btf/vmlinux")
-        .map_err(anyhow::Error::from)
-        .and_then(|data| Btf::parse(&data))
-        .and_then(|btf| {
-            let sk_common = btf.member_offset("sock", "__sk_common");
-            let sk_net = btf.path_offset("sock_common", &["skc_net", "net"]);
-            let inum = btf.path_offset("net", &["ns", "inum"]);
-            match (sk_common, sk_net, inum) {
-                (Some(base), Some(sk_net), Some(inum)) => Ok((base + sk_net, inum)),
-                _ => Err(anyhow!("the kernel's BTF has no sock->net->ns.inum path")),
-            }
-        });
-    match (found, only) {
-        (Ok((sk_net, inum)), _) => Ok(NetnsLayout {
-            enabled: 1,
-            sk_net,
-            inum,
-            only: only.unwrap_or(0),
-        }),
-        (Err(e), Some(_)) => {
-            Err(e.context("--netns needs the kernel's BTF (/sys/kernel/btf/vmlinux)"))
-        }
-        (Err(e), None) => {
-            log::warn!("network namespaces will show as unknown: {e:#}");
-            Ok(NetnsLayout::default())
-        }
-    }
+/// Where this kernel keeps what the program reads of a TCP socket.
+fn sock_layout(btf: &Btf) -> Result<SockLayout> {
+    let need = |found: Option<u32>, what: &str| {
+        found.ok_or_else(|| {
+            anyhow!("the kernel's BTF has no {what}; tcptrace cannot read sockets on this kernel")
+        })
+    };
+    // The program reads through a `struct tcp_sock *`; the members below
+    // are in its first members, `struct inet_sock` and `struct sock`.
+    let inet = need(
+        btf.path_offset("tcp_sock", &["inet_conn", "icsk_inet"]),
+        "tcp_sock.inet_conn.icsk_inet",
+    )?;
+    let sock = need(
+        btf.path_offset("inet_sock", &["sk", "__sk_common"]),
+        "inet_sock.sk.__sk_common",
+    )?;
+    let common = |member: &str| -> Result<u32> {
+        Ok(inet
+            + sock
+            + need(
+                btf.member_offset("sock_common", member),
+                &format!("sock_common.{member}"),
+            )?)
+    };
+    Ok(SockLayout {
+        family: common("skc_family")?,
+        sport: inet
+            + need(
+                btf.member_offset("inet_sock", "inet_sport"),
+                "inet_sock.inet_sport",
+            )?,
+        dport: common("skc_dport")?,
+        saddr: inet
+            + need(
+                btf.member_offset("inet_sock", "inet_saddr"),
+                "inet_sock.inet_saddr",
+            )?,
+        daddr: common("skc_daddr")?,
+        saddr_v6: common("skc_v6_rcv_saddr")?,
+        daddr_v6: common("skc_v6_daddr")?,
+        net: inet
+            + sock
+            + need(
+                btf.path_offset("sock_common", &["skc_net", "net"]),
+                "sock_common.skc_net.net",
+            )?,
+        inum: need(btf.path_offset("net", &["ns", "inum"]), "net.ns.inum")?,
+    })
 }
 
-/// A reset tracepoint's layout; absent or unreadable means no annotation.
-fn reset_layout(set_state_dir: &std::path::Path, name: &str) -> (ResetLayout, Vec<(u8, String)>) {
-    let events = set_state_dir.parent().and_then(|p| p.parent());
-    let path = events.map(|e| e.join(layout::RESET_CATEGORY).join(name).join("format"));
-    match path.map(fs::read_to_string) {
-        Some(Ok(format)) => layout::parse_reset(&format).unwrap_or_else(|e| {
-            log::warn!("resets will not be annotated: tcp:{name}: {e:#}");
-            Default::default()
-        }),
-        _ => {
-            log::info!("this kernel has no tcp:{name} tracepoint: resets will not be annotated");
-            Default::default()
+/// Where the reset tracepoints keep their fields, and the names of the
+/// reasons. They only annotate closes: without tracefs or the tracepoints
+/// tcptrace still traces every transition.
+fn reset_layouts() -> (ResetLayout, ResetLayout, Vec<(u8, String)>) {
+    let mut layouts = [ResetLayout::default(); 2];
+    let mut reasons = Vec::new();
+    for (name, l) in [layout::RESET_SENT, layout::RESET_RECEIVED]
+        .into_iter()
+        .zip(&mut layouts)
+    {
+        let dir = match tracefs::event_dir(layout::RESET_CATEGORY, name) {
+            Ok(dir) => dir,
+            Err(e) => {
+                log::warn!("resets will not be annotated: {e:#}");
+                break;
+            }
+        };
+        match fs::read_to_string(dir.join("format"))
+            .map_err(anyhow::Error::from)
+            .and_then(|f| layout::parse_reset(&f))
+        {
+            Ok((found, names)) => {
+                *l = found;
+                if name == layout::RESET_SENT {
+                    reasons = names;
+                }
+            }
+            Err(e) => log::warn!("resets will not be annotated: tcp:{name}: {e:#}"),
         }
     }
+    let [sent, received] = layouts;
+    (sent, received, reasons)
 }
 
 /// EPERM/EACCES from the loader mean missing privileges, whatever the

@@ -16,6 +16,7 @@ pub mod html;
 pub mod layout;
 pub mod live;
 pub mod metrics;
+pub mod object;
 pub mod offline;
 pub mod privileges;
 pub mod record;

@@ -118,10 +118,13 @@ struct Sample {
     ring_lost: Option<u64>,
     /// What tcptrace itself says the kernel missed, when it says so.
     reported_missed: Option<u64>,
-    /// Of the program that runs most (the state-change one).
+    /// Transitions the kernel skipped the tracer for (its programs'
+    /// `recursion_misses`) and that nothing recovered: tcptrace's own
+    /// figure; tcpstates' program count.
     recursion_misses: Option<u64>,
-    /// Of the tracer's other programs, if any.
-    other_recursion_misses: Option<u64>,
+    /// Skipped by the kernel but emitted by tcptrace's catcher program
+    /// (all its programs' `recursion_misses` minus what it reports missed).
+    caught: Option<u64>,
     /// Programs the tracer holds.
     programs: Option<u64>,
     /// Share of all CPUs busy during the second before the run.
@@ -701,13 +704,12 @@ fn run_one(
     sample.rss_kb = status_kb(pid, "VmHWM:");
     sample.bpf_run_ns = Some(prog.run_time_ns);
     sample.bpf_run_cnt = Some(prog.run_cnt);
-    sample.recursion_misses = Some(prog.main_recursion_misses);
-    sample.other_recursion_misses = Some(prog.recursion_misses - prog.main_recursion_misses);
     sample.programs = Some(prog.programs);
     t.wait_line(None, Duration::ZERO)?;
     let lines = t.stop()?;
 
     if config == "tcpstates" {
+        sample.recursion_misses = Some(prog.recursion_misses);
         let out = tcpstates_out.expect("set for tcpstates");
         sample.captured = Some(count_tcpstates_lines(&out.0, opts.port)?);
         sample.ring_lost = Some(
@@ -732,6 +734,11 @@ fn run_one(
         sample.filtered = Some(stats.1);
         sample.ring_lost = Some(stats.2);
         sample.reported_missed = stats.3;
+        // tcptrace's programs skip each other's nested runs by design;
+        // what it reports is what its catcher did not recover.
+        let missed = stats.3.unwrap_or(prog.recursion_misses);
+        sample.recursion_misses = Some(missed);
+        sample.caught = Some(prog.recursion_misses.saturating_sub(missed));
     }
     if let Some(rec) = &recording {
         sample.recording_bytes = Some(file_size(&rec.0));
@@ -864,10 +871,10 @@ struct ProgStats {
     /// Summed over the programs.
     run_time_ns: u64,
     recursion_misses: u64,
-    /// Of the program that ran most: the state-change one (the others, such
-    /// as tcptrace's reset tracepoints, run at most once per connection).
+    /// Of the program that ran most: one runs for every transition
+    /// (tcptrace's catcher, tcpstates' only program); the reset programs
+    /// run at most once per connection.
     run_cnt: u64,
-    main_recursion_misses: u64,
 }
 
 /// The BPF programs a process holds, from /proc/PID/fdinfo: run time of all
@@ -894,13 +901,10 @@ fn prog_stats(pid: i32) -> Result<ProgStats> {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0)
         };
-        let (cnt, misses) = (field("run_cnt"), field("recursion_misses"));
         s.run_time_ns += field("run_time_ns");
-        s.recursion_misses += misses;
-        if cnt >= s.run_cnt {
-            s.run_cnt = cnt;
-            s.main_recursion_misses = misses;
-        }
+        s.recursion_misses += field("recursion_misses");
+        let cnt = field("run_cnt");
+        s.run_cnt = s.run_cnt.max(cnt);
     }
     if s.programs == 0 {
         bail!("process {pid} holds no BPF program");
@@ -1061,6 +1065,9 @@ fn sample_line(s: &Sample, rounds: u32) -> String {
             s.recursion_misses.unwrap_or(0),
             s.ring_lost.unwrap_or(0)
         );
+        if let Some(caught) = s.caught.filter(|&c| c > 0) {
+            let _ = write!(l, " ({caught} caught after a recursion miss)");
+        }
     }
     if let Some(b) = s.bpf_ns_per_event() {
         let _ = write!(l, ", BPF {b:.0} ns/ev");
@@ -1148,7 +1155,7 @@ fn frac(v: f64) -> String {
     format!("{:.3}%", v * 100.0)
 }
 
-const METRICS: [Metric; 14] = [
+const METRICS: [Metric; 15] = [
     ("conn/s", |s, _| Some(s.rate()), int),
     ("vs untraced", |s, base| Some(s.rate() / base), pct),
     ("expected events", |s, _| Some(s.expected as f64), int),
@@ -1162,6 +1169,11 @@ const METRICS: [Metric; 14] = [
     (
         "  recursion misses",
         |s, _| s.recursion_misses.map(|v| v as f64),
+        int,
+    ),
+    (
+        "  caught after a miss",
+        |s, _| s.caught.map(|v| v as f64),
         int,
     ),
     (
@@ -1280,7 +1292,8 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
          kernel's own tracepoint work around the program is not included).\n\
          user CPU: utime+stime of the tracer process (start-up included) / captured events.\n\
          missing = expected - captured = ring drops + recursion misses (the kernel skipped the \
-         program: counted in its recursion_misses) + unaccounted (dropped before any program \
+         program: counted in its recursion_misses; for tcptrace, those its catcher program did \
+         not recover, \"caught after a miss\" being the others) + unaccounted (dropped before any program \
          ran; tcpstates misses the same ones). tcptrace's ring drops also count the reset \
          annotations it queues (not only transitions), so with drops unaccounted can go \
          negative.\n\
@@ -1440,7 +1453,7 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
              \"bpf_run_cnt\": {}, \"bpf_ns_per_event\": {}, \"cpu_ns\": {}, \"sys_ns\": {}, \
              \"startup_cpu_ns\": {}, \"user_ns_per_event\": {}, \"peak_rss_kb\": {}, \
              \"recording_bytes\": {}, \"recording_events\": {}, \"reported_missed\": {}, \
-             \"other_recursion_misses\": {}, \"programs\": {}, \"busy_before\": {}, \
+             \"caught\": {}, \"programs\": {}, \"busy_before\": {}, \
              \"other_tracers\": {:?}, \"attempts\": {}}}",
             jstr(&s.config),
             s.round,
@@ -1464,7 +1477,7 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
             jopt(s.recording_bytes),
             jopt(s.recording_events),
             jopt(s.reported_missed),
-            jopt(s.other_recursion_misses),
+            jopt(s.caught),
             jopt(s.programs),
             jnum(s.busy_before),
             s.other_tracers,

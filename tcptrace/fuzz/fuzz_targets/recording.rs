@@ -18,7 +18,6 @@ fuzz_target!(|data: &[u8]| {
     let _ = report.text();
     // The kernel-facing parsers read files too (tracefs format, BTF).
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = tcptrace::layout::parse(text);
         let _ = tcptrace::layout::parse_reset(text);
     }
     let _ = tcptrace::btf::Btf::parse(data).map(|b| b.path_offset("net", &["ns", "inum"]));
