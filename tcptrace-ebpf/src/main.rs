@@ -85,9 +85,27 @@ rings!(0 => EVENTS_0, 1 => EVENTS_1, 2 => EVENTS_2, 3 => EVENTS_3,
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 
-/// The transition `inet_sock_set_state` last finished on this CPU.
+/// A stack, per CPU, of the transitions `inet_sock_set_state` finished
+/// whose catcher run has not come yet; `next` is its top. The catcher pops
+/// its transition. Transitions a softirq makes between the two programs'
+/// runs (a busy softirq can make dozens) push and pop in pairs, so they
+/// never bury an outer claim. While the catcher runs (`catching`), a
+/// nested transition pushes nothing: its own catcher run will be skipped,
+/// and a burst of such claims would otherwise overwrite the running
+/// catcher's, which then emits its transition a second time. A claim left
+/// in the narrow windows around that flag is dropped when a catcher pops
+/// below it, or overwritten once it is the oldest of the ring.
+#[repr(C)]
+struct Claims {
+    next: u64,
+    catching: u64,
+    slots: [[u64; 2]; CLAIM_SLOTS],
+}
+
+const CLAIM_SLOTS: usize = 16;
+
 #[map]
-static CLAIM: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+static CLAIMS: PerCpuArray<Claims> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
@@ -126,10 +144,10 @@ impl Firing {
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let firing = Firing::of(&ctx);
     set_state(&firing);
-    // Last, so that a transition nested anywhere before this line finds
-    // another firing's claim and is emitted by the catcher.
-    if let Some(claim) = CLAIM.get_ptr_mut(0) {
-        unsafe { *claim = firing.claim() };
+    // Last, so that a transition nested anywhere before this finds no
+    // claim of its own and is emitted by the catcher.
+    if let Some(claims) = CLAIMS.get_ptr_mut(0) {
+        unsafe { Claims::push(claims, firing.claim()) };
     }
     0
 }
@@ -140,19 +158,57 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn catch_nested(ctx: BtfTracePointContext) -> i32 {
     let firing = Firing::of(&ctx);
-    let Some(claim) = CLAIM.get_ptr_mut(0) else {
+    let Some(claims) = CLAIMS.get_ptr_mut(0) else {
         return 0;
     };
-    let [sk, states] = unsafe { *claim };
-    // Field by field: the verifier allows comparing the socket pointer,
-    // not arithmetic on it, which is what comparing the arrays becomes.
-    if sk == firing.sk as u64 && states == firing.claim()[1] {
-        unsafe { *claim = [0; 2] };
-    } else {
+    let catching = unsafe { &raw mut (*claims).catching };
+    unsafe { catching.write_volatile(1) };
+    if !unsafe { Claims::pop(claims, firing.claim()) } {
         count(COUNTER_CAUGHT);
         set_state(&firing);
     }
+    unsafe { catching.write_volatile(0) };
     0
+}
+
+/// A softirq can interrupt these between any two instructions and push
+/// and pop claims of its own, so every access is volatile, in the order
+/// written: that order is what keeps the stack whole.
+impl Claims {
+    /// Reserves the top slot, then fills it: interrupted in between, a
+    /// nested push lands above the reserved slot and pops back to it.
+    /// Filling first would let a nested push overwrite this claim.
+    #[inline(always)]
+    unsafe fn push(this: *mut Claims, claim: [u64; 2]) {
+        unsafe {
+            if (&raw const (*this).catching).read_volatile() != 0 {
+                return;
+            }
+            let next = (&raw const (*this).next).read_volatile();
+            (&raw mut (*this).next).write_volatile(next.wrapping_add(1));
+            (&raw mut (*this).slots[next as usize % CLAIM_SLOTS]).write_volatile(claim);
+        }
+    }
+
+    /// Pops `claim` and whatever stale claims lie above it; false if it is
+    /// not on the stack.
+    #[inline(always)]
+    unsafe fn pop(this: *mut Claims, [sk, states]: [u64; 2]) -> bool {
+        let next = unsafe { (&raw const (*this).next).read_volatile() };
+        // From the top: nearly always the claim is the one just made.
+        for back in 1..=CLAIM_SLOTS as u64 {
+            let at = next.wrapping_sub(back);
+            let slot =
+                unsafe { (&raw const (*this).slots[at as usize % CLAIM_SLOTS]).read_volatile() };
+            // Field by field: the verifier allows comparing the socket
+            // pointer, not arithmetic on it, which comparing arrays becomes.
+            if slot[0] == sk && slot[1] == states {
+                unsafe { (&raw mut (*this).next).write_volatile(at) };
+                return true;
+            }
+        }
+        false
+    }
 }
 
 #[inline(always)]

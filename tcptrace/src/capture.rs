@@ -55,9 +55,9 @@ pub struct Capture {
     undecodable: u64,
     counters: PerCpuArray<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    /// The descriptors of the main program and its catcher, for their
-    /// statistics in /proc/self/fdinfo.
-    program_fds: [i32; 2],
+    /// The main program's descriptor, for its statistics in
+    /// /proc/self/fdinfo.
+    program_fd: i32,
     reset_reasons: Vec<(u8, String)>,
     /// Owns the program and its link.
     _ebpf: Ebpf,
@@ -214,7 +214,7 @@ impl Capture {
             undecodable: 0,
             counters,
             logger,
-            program_fds,
+            program_fd: program_fds[0],
             reset_reasons: reasons,
             _ebpf: ebpf,
         })
@@ -276,11 +276,14 @@ impl Capture {
                 .iter()
                 .sum())
         };
-        let [main, catcher] = self.program_fds.map(recursion_misses);
+        // The catcher's own misses are transitions the main program did
+        // not miss (it had finished, or the catcher would not run alone).
+        let (skipped, caught) = (recursion_misses(self.program_fd), sum(COUNTER_CAUGHT)?);
+        log::trace!("runs skipped by the kernel: {skipped}, emitted by the catcher: {caught}");
         Ok(Counters {
             lost: sum(COUNTER_LOST)?,
             filtered: sum(COUNTER_FILTERED)?,
-            missed: (main + catcher).saturating_sub(sum(COUNTER_CAUGHT)?),
+            missed: skipped.saturating_sub(caught),
         })
     }
 

@@ -122,8 +122,10 @@ struct Sample {
     /// `recursion_misses`) and that nothing recovered: tcptrace's own
     /// figure; tcpstates' program count.
     recursion_misses: Option<u64>,
-    /// Skipped by the kernel but emitted by tcptrace's catcher program
-    /// (all its programs' `recursion_misses` minus what it reports missed).
+    /// Runs of tcptrace's programs the kernel skipped whose transition was
+    /// emitted anyway (by the catcher, or by the main program when the
+    /// catcher was the one skipped): all their `recursion_misses` minus
+    /// what tcptrace reports missed.
     caught: Option<u64>,
     /// Programs the tracer holds.
     programs: Option<u64>,
@@ -1066,7 +1068,7 @@ fn sample_line(s: &Sample, rounds: u32) -> String {
             s.ring_lost.unwrap_or(0)
         );
         if let Some(caught) = s.caught.filter(|&c| c > 0) {
-            let _ = write!(l, " ({caught} caught after a recursion miss)");
+            let _ = write!(l, " ({caught} skipped by the kernel, emitted anyway)");
         }
     }
     if let Some(b) = s.bpf_ns_per_event() {
@@ -1172,7 +1174,7 @@ const METRICS: [Metric; 15] = [
         int,
     ),
     (
-        "  caught after a miss",
+        "  skipped, emitted anyway",
         |s, _| s.caught.map(|v| v as f64),
         int,
     ),
@@ -1293,7 +1295,7 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
          user CPU: utime+stime of the tracer process (start-up included) / captured events.\n\
          missing = expected - captured = ring drops + recursion misses (the kernel skipped the \
          program: counted in its recursion_misses; for tcptrace, those its catcher program did \
-         not recover, \"caught after a miss\" being the others) + unaccounted (dropped before any program \
+         not recover; \"skipped, emitted anyway\" are the other skips of its programs) + unaccounted (dropped before any program \
          ran; tcpstates misses the same ones). tcptrace's ring drops also count the reset \
          annotations it queues (not only transitions), so with drops unaccounted can go \
          negative.\n\
