@@ -227,6 +227,21 @@ impl Attributor {
         }
     }
 
+    /// `t` is the transition its socket made last, reported again. A state
+    /// machine cannot repeat a change (its state is now the new one), yet
+    /// under full churn the kernel's tracepoint delivers about one
+    /// transition in three million twice, a timer tick apart; tcptrace
+    /// shows it once. A start of life is never a repeat: on a known
+    /// address it is a new socket whose predecessor's close was lost.
+    pub fn repeats(&self, t: &Transition) -> bool {
+        t.old != t.new
+            && !starts_life(t.old, t.new)
+            && self
+                .socks
+                .get(&t.skaddr)
+                .is_some_and(|s| (s.last.old, s.last.new) == (t.old, t.new))
+    }
+
     pub fn observe(&mut self, t: &Transition) -> Row {
         // A socket address can be reused once the socket is freed; a start
         // of life on a known address (after a lost CLOSE) is a new socket.
@@ -901,6 +916,46 @@ mod tests {
             "10.0.0.2:6",
         ));
         assert_eq!(orphan.owner, None);
+    }
+
+    #[test]
+    fn a_transition_delivered_twice_is_a_repeat_but_a_new_life_is_not() {
+        let mut a = Attributor::new();
+        let client = task(7, "client");
+        let connect = tr(
+            1,
+            0xa,
+            client,
+            State::CLOSE,
+            State::SYN_SENT,
+            "10.0.0.1:0",
+            "10.0.0.2:80",
+        );
+        let established = Transition {
+            old: State::SYN_SENT,
+            new: State::ESTABLISHED,
+            ts_ns: 2,
+            local: "10.0.0.1:4000".parse().unwrap(),
+            ..connect
+        };
+        assert!(!a.repeats(&connect));
+        a.observe(&connect);
+        // A new socket at the address of one whose close was lost.
+        assert!(!a.repeats(&Transition {
+            ts_ns: 3,
+            ..connect
+        }));
+        assert!(!a.repeats(&established));
+        a.observe(&established);
+        assert!(a.repeats(&Transition {
+            ts_ns: 4,
+            ..established
+        }));
+        // Another socket making the same change is no repeat.
+        assert!(!a.repeats(&Transition {
+            skaddr: 0xb,
+            ..established
+        }));
     }
 
     #[test]

@@ -49,6 +49,8 @@ struct Tally {
     timewait: u64,
     hidden: u64,
     undecodable: u64,
+    /// Transitions the kernel delivered a second time, shown once.
+    repeated: u64,
 }
 
 /// Why the loop ends.
@@ -355,6 +357,7 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             events: r.events,
             lost_ring: counters.lost,
             missed_kernel: counters.missed,
+            repeated: tally.repeated,
             lost_output: outputs.lost_output,
             duration_s: started.elapsed().as_secs_f64(),
         };
@@ -363,6 +366,12 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         }
     }
     let mut extra = String::new();
+    if tally.repeated > 0 {
+        extra.push_str(&format!(
+            " ({} delivered twice by the kernel, shown once)",
+            tally.repeated
+        ));
+    }
     if tally.snapshot > 0 {
         extra.push_str(&format!(", {} existing sockets", tally.snapshot));
     }
@@ -446,6 +455,9 @@ impl Pipeline {
             for e in batch.iter() {
                 self.tally.seen += 1;
                 match classify(e) {
+                    Decoded::State(t) if self.attributor.repeats(&t) => {
+                        self.tally.repeated += 1;
+                    }
                     Decoded::State(t) => {
                         let row = self.attributor.observe(&t);
                         let waits_since = may_await_sent_reset(&row).then_some(self.cycle);

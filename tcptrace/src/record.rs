@@ -97,6 +97,9 @@ pub struct Stats {
     /// on that CPU): transitions never seen.
     #[serde(default)]
     pub missed_kernel: u64,
+    /// Transitions the kernel delivered twice, recorded once.
+    #[serde(default)]
+    pub repeated: u64,
     /// Transitions that could not be written.
     pub lost_output: u64,
     pub duration_s: f64,
