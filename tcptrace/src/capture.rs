@@ -189,6 +189,16 @@ impl Capture {
             }
         }
 
+        // Parsing the kernel's BTF (twice: ours and aya's) takes some 15 MiB
+        // of heap. Handing it back before the rings are mapped keeps it out
+        // of the peak RSS, which the rings dominate from here on.
+        drop(btf);
+        drop(btf_data);
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+
         let mut rings = Vec::new();
         for (name, size) in EVENTS_MAPS.iter().zip(ring_sizes) {
             if size == RING_UNUSED_BYTES {
