@@ -19,8 +19,8 @@ pub struct Event {
     /// The kernel's `struct sock *`. Userspace groups events by it and never
     /// shows it unless asked.
     pub skaddr: u64,
-    /// Thread group id of the task the kernel ran in. Only meaningful for
-    /// transitions made in process context (see `attribute` in userspace).
+    /// Thread group id of the task the kernel ran in, for the transitions
+    /// [`in_owner_context`] names; 0 for the others.
     pub pid: u32,
     /// Inode of the socket's network namespace (as `ls -l /proc/PID/ns/net`
     /// shows it); 0 when the kernel's BTF did not say where to find it.
@@ -33,7 +33,8 @@ pub struct Event {
     pub dport: u16,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-    /// `comm` of the task the kernel ran in, NUL padded.
+    /// `comm` of the task the kernel ran in, NUL padded; like `pid`, only
+    /// for the transitions [`in_owner_context`] names.
     pub comm: [u8; 16],
     /// [`KIND_STATE`], [`KIND_RESET_SENT`] or [`KIND_RESET_RECEIVED`]. A
     /// reset event carries only `ts_ns`, `skaddr` and `reset_reason`.
@@ -43,6 +44,43 @@ pub struct Event {
     /// Explicit, so that the whole struct is written and no kernel stack
     /// bytes travel through the ring as padding.
     pub _pad: [u8; 6],
+}
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+/// Userspace's `State` (and its one table of names) is built on these.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+}
+
+/// Transitions the kernel only makes from a system call of the process
+/// holding the socket, so the current task is the socket's owner. The
+/// program reads pid and comm for these alone (that costs ~20 ns a
+/// transition), and userspace learns owners from them.
+///
+/// Deliberately absent: `* -> CLOSE` from SYN_SENT or ESTABLISHED (an abort
+/// from close() with SO_LINGER 0, but just as often a reset arriving in
+/// softirq) and everything a packet or timer drives.
+pub const fn in_owner_context(old: u8, new: u8) -> bool {
+    use tcp_state::*;
+    matches!(
+        (old, new),
+        (CLOSE, SYN_SENT)
+            | (CLOSE, LISTEN)
+            | (LISTEN, CLOSE)
+            | (ESTABLISHED, FIN_WAIT1)
+            | (SYN_RECV, FIN_WAIT1)
+            | (CLOSE_WAIT, LAST_ACK)
+    )
 }
 
 pub const KIND_STATE: u8 = 0;

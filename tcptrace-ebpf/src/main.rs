@@ -22,7 +22,7 @@ use aya_log_ebpf::error;
 use tcptrace_ebpf::{
     AF_INET, AF_INET6, COUNTER_CAUGHT, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_LEN, Config, Event,
     FAMILY_V4, FAMILY_V6, KIND_RESET_RECEIVED, KIND_RESET_SENT, KIND_STATE, PORT_ANY, PORT_LOCAL,
-    PORT_REMOTE, RECORD_MAX, RING_UNUSED_BYTES, RINGS, ResetLayout, SockLayout,
+    PORT_REMOTE, RECORD_MAX, RING_UNUSED_BYTES, RINGS, ResetLayout, SockLayout, in_owner_context,
 };
 
 #[unsafe(no_mangle)]
@@ -254,10 +254,20 @@ fn set_state(f: &Firing) {
             daddr[i] = read(tp, l.daddr_v6 + 4 * i as u32);
         }
     }
+    // Nobody uses the task of the other transitions: it is whoever a
+    // packet or timer interrupted.
+    let (pid, comm) = if in_owner_context(f.oldstate, f.newstate) {
+        (
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+            bpf_get_current_comm().unwrap_or_default(),
+        )
+    } else {
+        (0, [0; 16])
+    };
     emit(Event {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         skaddr: f.sk as u64,
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        pid,
         netns,
         oldstate: f.oldstate,
         newstate: f.newstate,
@@ -266,7 +276,7 @@ fn set_state(f: &Firing) {
         dport,
         saddr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(saddr) },
         daddr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(daddr) },
-        comm: bpf_get_current_comm().unwrap_or_default(),
+        comm,
         kind: KIND_STATE,
         reset_reason: 0,
         _pad: [0; 6],

@@ -160,22 +160,11 @@ pub struct Attributor {
     next_id: u64,
 }
 
-/// Transitions the kernel only makes from a system call of the process
-/// holding the socket, so the current task is its owner.
-///
-/// Deliberately absent: `* -> CLOSE` from SYN_SENT or ESTABLISHED (an abort
-/// from close() with SO_LINGER 0, but just as often a reset arriving in
-/// softirq) and everything a packet or timer drives.
+/// Whether the task that made this transition owns the socket (see
+/// [`tcptrace_ebpf::in_owner_context`]; the program reads pid and comm for
+/// exactly these).
 pub fn in_owner_context(old: State, new: State) -> bool {
-    matches!(
-        (old, new),
-        (State::CLOSE, State::SYN_SENT)
-            | (State::CLOSE, State::LISTEN)
-            | (State::LISTEN, State::CLOSE)
-            | (State::ESTABLISHED, State::FIN_WAIT1)
-            | (State::SYN_RECV, State::FIN_WAIT1)
-            | (State::CLOSE_WAIT, State::LAST_ACK)
-    )
+    tcptrace_ebpf::in_owner_context(old.0, new.0)
 }
 
 /// The first transition of a socket's life: a new socket leaving CLOSE, or a

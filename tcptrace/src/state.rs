@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use tcptrace_ebpf::tcp_state;
+
 /// A kernel TCP state. Numbers the table does not know are kept and shown as
 /// `STATE_<n>` rather than guessed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,17 +39,17 @@ pub enum Phase {
 // The whole set, named once; code names only the states it reasons about.
 #[allow(dead_code)]
 impl State {
-    pub const ESTABLISHED: State = State(1);
-    pub const SYN_SENT: State = State(2);
-    pub const SYN_RECV: State = State(3);
-    pub const FIN_WAIT1: State = State(4);
-    pub const FIN_WAIT2: State = State(5);
-    pub const TIME_WAIT: State = State(6);
-    pub const CLOSE: State = State(7);
-    pub const CLOSE_WAIT: State = State(8);
-    pub const LAST_ACK: State = State(9);
-    pub const LISTEN: State = State(10);
-    pub const CLOSING: State = State(11);
+    pub const ESTABLISHED: State = State(tcp_state::ESTABLISHED);
+    pub const SYN_SENT: State = State(tcp_state::SYN_SENT);
+    pub const SYN_RECV: State = State(tcp_state::SYN_RECV);
+    pub const FIN_WAIT1: State = State(tcp_state::FIN_WAIT1);
+    pub const FIN_WAIT2: State = State(tcp_state::FIN_WAIT2);
+    pub const TIME_WAIT: State = State(tcp_state::TIME_WAIT);
+    pub const CLOSE: State = State(tcp_state::CLOSE);
+    pub const CLOSE_WAIT: State = State(tcp_state::CLOSE_WAIT);
+    pub const LAST_ACK: State = State(tcp_state::LAST_ACK);
+    pub const LISTEN: State = State(tcp_state::LISTEN);
+    pub const CLOSING: State = State(tcp_state::CLOSING);
 }
 
 impl State {
