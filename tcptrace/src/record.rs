@@ -338,12 +338,23 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn tmp(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("tcptrace-record-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir.join("rec.jsonl")
+    /// A fresh directory, removed when dropped, even by a failing test.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir =
+                std::env::temp_dir().join(format!("tcptrace-record-{}-{name}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
     }
 
     fn opts(path: &Path) -> Options {
@@ -357,7 +368,8 @@ mod tests {
 
     #[test]
     fn creates_0600_refuses_existing_and_symlinks() {
-        let p = tmp("create");
+        let dir = TempDir::new("create");
+        let p = dir.0.join("rec.jsonl");
         let clock = Clock {
             offset_ns: 0,
             start_ns: 0,
