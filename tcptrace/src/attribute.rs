@@ -216,22 +216,14 @@ impl Attributor {
         }
     }
 
-    /// `t` is the transition its socket made last, reported again. A state
-    /// machine cannot repeat a change (its state is now the new one), yet
-    /// under full churn the kernel's tracepoint delivers about one
-    /// transition in three million twice, a timer tick apart; tcptrace
-    /// shows it once. A start of life is never a repeat: on a known
-    /// address it is a new socket whose predecessor's close was lost.
-    pub fn repeats(&self, t: &Transition) -> bool {
-        t.old != t.new
-            && !starts_life(t.old, t.new)
-            && self
-                .socks
-                .get(&t.skaddr)
-                .is_some_and(|s| (s.last.old, s.last.new) == (t.old, t.new))
-    }
-
-    pub fn observe(&mut self, t: &Transition) -> Row {
+    /// The row for `t`, or None when `t` is the transition its socket made
+    /// last, reported again. A state machine cannot repeat a change (its
+    /// state is now the new one), yet under full churn the kernel's
+    /// tracepoint delivers about one transition in three million twice, a
+    /// timer tick apart; tcptrace shows it once. A start of life is never a
+    /// repeat: on a known address it is a new socket whose predecessor's
+    /// close was lost.
+    pub fn observe(&mut self, t: &Transition) -> Option<Row> {
         // A socket address can be reused once the socket is freed; a start
         // of life on a known address (after a lost CLOSE) is a new socket.
         if starts_life(t.old, t.new) {
@@ -239,7 +231,13 @@ impl Attributor {
             self.reset_received.remove(&t.skaddr);
         }
         let sock = match self.socks.entry(t.skaddr) {
-            Entry::Occupied(o) => o.into_mut(),
+            Entry::Occupied(o) => {
+                let last = &o.get().last;
+                if t.old != t.new && (last.old, last.new) == (t.old, t.new) {
+                    return None;
+                }
+                o.into_mut()
+            }
             Entry::Vacant(v) => {
                 // A socket from the snapshot keeps its id and owner; the time
                 // it entered its state stays unknown.
@@ -320,7 +318,7 @@ impl Attributor {
         if t.new == State::CLOSE {
             self.socks.remove(&t.skaddr);
         }
-        row
+        Some(row)
     }
 
     fn forget_listener(&mut self, t: &Transition) {
@@ -395,6 +393,13 @@ fn listener_owner(listeners: &FastMap<(u32, u16), Vec<Listener>>, t: &Transition
 mod tests {
     use super::*;
     use crate::decode::{Comm, Family};
+
+    impl Attributor {
+        /// `observe` of a transition that is not a repeat.
+        fn observe_row(&mut self, t: &Transition) -> Row {
+            self.observe(t).expect("not a repeat")
+        }
+    }
 
     fn task(pid: u32, comm: &str) -> Task {
         Task {
@@ -530,7 +535,7 @@ mod tests {
                 "127.0.0.1:5000",
             ),
         ];
-        let rows: Vec<Row> = steps.iter().map(|t| a.observe(t)).collect();
+        let rows: Vec<Row> = steps.iter().map(|t| a.observe_row(t)).collect();
         let owners: Vec<(String, Option<u32>, u64)> = rows
             .iter()
             .map(|r| (s(&r.t), r.owner.map(|o| o.pid), r.sock))
@@ -578,7 +583,7 @@ mod tests {
     #[test]
     fn socket_first_seen_in_softirq_has_no_owner() {
         let mut a = Attributor::new();
-        let r = a.observe(&tr(
+        let r = a.observe_row(&tr(
             0,
             CLIENT,
             task(0, "swapper/1"),
@@ -595,7 +600,7 @@ mod tests {
     fn reset_received_keeps_the_owner_learned_at_connect() {
         let mut a = Attributor::new();
         let me = task(7, "curl");
-        a.observe(&tr(
+        a.observe_row(&tr(
             0,
             CLIENT,
             me,
@@ -604,7 +609,7 @@ mod tests {
             "1.1.1.1:0",
             "2.2.2.2:80",
         ));
-        let r = a.observe(&tr(
+        let r = a.observe_row(&tr(
             5,
             CLIENT,
             task(9, "other"),
@@ -619,7 +624,7 @@ mod tests {
     #[test]
     fn child_of_ambiguous_listeners_has_no_owner() {
         let mut a = Attributor::new();
-        a.observe(&tr(
+        a.observe_row(&tr(
             0,
             1,
             task(1, "a"),
@@ -628,7 +633,7 @@ mod tests {
             "0.0.0.0:80",
             "0.0.0.0:0",
         ));
-        a.observe(&tr(
+        a.observe_row(&tr(
             0,
             2,
             task(2, "b"),
@@ -637,7 +642,7 @@ mod tests {
             "0.0.0.0:80",
             "0.0.0.0:0",
         ));
-        let r = a.observe(&tr(
+        let r = a.observe_row(&tr(
             1,
             3,
             task(3, "c"),
@@ -648,7 +653,7 @@ mod tests {
         ));
         assert_eq!(r.owner, None);
         // Once one listener closes, the other one is the only candidate.
-        a.observe(&tr(
+        a.observe_row(&tr(
             2,
             2,
             task(2, "b"),
@@ -657,7 +662,7 @@ mod tests {
             "0.0.0.0:80",
             "0.0.0.0:0",
         ));
-        let r = a.observe(&tr(
+        let r = a.observe_row(&tr(
             3,
             4,
             task(3, "c"),
@@ -675,7 +680,7 @@ mod tests {
         let me = task(7, "x");
         // Resets on sockets we do not follow are ignored.
         a.reset_received(1);
-        let r = a.observe(&tr(
+        let r = a.observe_row(&tr(
             0,
             1,
             me,
@@ -686,7 +691,7 @@ mod tests {
         ));
         assert_eq!(r.close, None);
         a.reset_received(1);
-        let r = a.observe(&tr(
+        let r = a.observe_row(&tr(
             1,
             1,
             me,
@@ -696,7 +701,7 @@ mod tests {
             "2.2.2.2:80",
         ));
         assert_eq!(r.close, Some(Close::Refused));
-        a.observe(&tr(
+        a.observe_row(&tr(
             2,
             2,
             me,
@@ -705,7 +710,7 @@ mod tests {
             "1.1.1.1:0",
             "2.2.2.2:80",
         ));
-        a.observe(&tr(
+        a.observe_row(&tr(
             3,
             2,
             me,
@@ -715,7 +720,7 @@ mod tests {
             "2.2.2.2:80",
         ));
         a.reset_received(2);
-        let r = a.observe(&tr(
+        let r = a.observe_row(&tr(
             4,
             2,
             me,
@@ -726,7 +731,7 @@ mod tests {
         ));
         assert_eq!(r.close, Some(Close::ResetReceived));
         // An abort of ours waits for the reset the kernel sends after it.
-        a.observe(&tr(
+        a.observe_row(&tr(
             5,
             3,
             me,
@@ -735,7 +740,7 @@ mod tests {
             "1.1.1.1:0",
             "2.2.2.2:80",
         ));
-        a.observe(&tr(
+        a.observe_row(&tr(
             6,
             3,
             me,
@@ -744,7 +749,7 @@ mod tests {
             "1.1.1.1:6",
             "2.2.2.2:80",
         ));
-        let r = a.observe(&tr(
+        let r = a.observe_row(&tr(
             7,
             3,
             me,
@@ -759,7 +764,7 @@ mod tests {
     #[test]
     fn same_port_in_two_namespaces_has_two_owners() {
         let mut a = Attributor::new();
-        let mut in_ns = |ns: u32, t: Transition| a.observe(&Transition { netns: ns, ..t });
+        let mut in_ns = |ns: u32, t: Transition| a.observe_row(&Transition { netns: ns, ..t });
         let listen = |sk, pid| {
             tr(
                 0,
@@ -793,7 +798,7 @@ mod tests {
         let mut a = Attributor::new();
         let me = task(7, "app");
         let est = State::ESTABLISHED;
-        a.observe(&tr(
+        a.observe_row(&tr(
             0,
             1,
             me,
@@ -802,7 +807,7 @@ mod tests {
             "1.1.1.1:0",
             "2.2.2.2:80",
         ));
-        a.observe(&tr(
+        a.observe_row(&tr(
             10,
             1,
             me,
@@ -811,7 +816,7 @@ mod tests {
             "1.1.1.1:5",
             "2.2.2.2:80",
         ));
-        a.observe(&tr(
+        a.observe_row(&tr(
             20,
             1,
             task(0, "swapper/0"),
@@ -836,7 +841,7 @@ mod tests {
         );
         assert!(a.newly_stuck(500, 100).is_empty(), "said once");
         // ESTABLISHED for ever is not stuck.
-        a.observe(&tr(
+        a.observe_row(&tr(
             0,
             2,
             me,
@@ -845,7 +850,7 @@ mod tests {
             "1.1.1.1:0",
             "2.2.2.2:80",
         ));
-        a.observe(&tr(
+        a.observe_row(&tr(
             10,
             2,
             me,
@@ -873,7 +878,7 @@ mod tests {
         snap.skaddr = 0;
         let l = a.existing(&snap, Some(nginx));
         assert_eq!(l.origin, Origin::Snapshot);
-        let child = a.observe(&tr(
+        let child = a.observe_row(&tr(
             5,
             9,
             task(1, "x"),
@@ -884,7 +889,7 @@ mod tests {
         ));
         assert_eq!(child.owner, Some(nginx));
         // Its first transition: same id, time in state unknown.
-        let close = a.observe(&tr(
+        let close = a.observe_row(&tr(
             9,
             7,
             nginx,
@@ -895,7 +900,7 @@ mod tests {
         ));
         assert_eq!((close.sock, close.dwell_ns), (l.sock, None));
         // Closed: children no longer inherit it.
-        let orphan = a.observe(&tr(
+        let orphan = a.observe_row(&tr(
             10,
             11,
             task(1, "x"),
@@ -927,31 +932,53 @@ mod tests {
             local: "10.0.0.1:4000".parse().unwrap(),
             ..connect
         };
-        assert!(!a.repeats(&connect));
-        a.observe(&connect);
+        let first = a.observe(&connect).expect("a first transition");
         // A new socket at the address of one whose close was lost.
-        assert!(!a.repeats(&Transition {
+        let second = a
+            .observe(&Transition {
+                ts_ns: 2,
+                ..connect
+            })
+            .expect("a new life, not a repeat");
+        assert_ne!(second.sock, first.sock);
+        let established = Transition {
             ts_ns: 3,
-            ..connect
-        }));
-        assert!(!a.repeats(&established));
-        a.observe(&established);
-        assert!(a.repeats(&Transition {
-            ts_ns: 4,
             ..established
-        }));
+        };
+        let row = a.observe(&established).expect("a change of state");
+        assert!(
+            a.observe(&Transition {
+                ts_ns: 4,
+                ..established
+            })
+            .is_none()
+        );
+        // The repeat left the socket as it was: time in state counts from
+        // the first delivery.
+        let close = a
+            .observe(&Transition {
+                old: State::ESTABLISHED,
+                new: State::FIN_WAIT1,
+                ts_ns: 10,
+                ..established
+            })
+            .expect("a change of state");
+        assert_eq!((close.sock, close.dwell_ns), (row.sock, Some(7)));
         // Another socket making the same change is no repeat.
-        assert!(!a.repeats(&Transition {
-            skaddr: 0xb,
-            ..established
-        }));
+        assert!(
+            a.observe(&Transition {
+                skaddr: 0xb,
+                ..established
+            })
+            .is_some()
+        );
     }
 
     #[test]
     fn reused_socket_address_starts_a_new_socket() {
         let mut a = Attributor::new();
         let me = task(7, "x");
-        let r1 = a.observe(&tr(
+        let r1 = a.observe_row(&tr(
             0,
             9,
             me,
@@ -961,7 +988,7 @@ mod tests {
             "2.2.2.2:80",
         ));
         // CLOSE of the first life was lost; the address comes back.
-        let r2 = a.observe(&tr(
+        let r2 = a.observe_row(&tr(
             9,
             9,
             me,

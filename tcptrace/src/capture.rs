@@ -142,8 +142,8 @@ impl Capture {
         // the kernel calls a tracepoint's programs in the order they attach.
         let btf = aya::Btf::parse(&btf_data, aya::Endianness::default())
             .map_err(|e| anyhow!(e).context(BTF_PATH))?;
-        let mut program_fds = [0; 2];
-        for (name, fd) in [PROGRAM, PROGRAM_CATCHER].into_iter().zip(&mut program_fds) {
+        let mut program_fd = 0;
+        for name in [PROGRAM, PROGRAM_CATCHER] {
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
@@ -154,10 +154,10 @@ impl Capture {
                     anyhow!(e).context(format!("the kernel refused the eBPF program {name}")),
                 )
             })?;
-            *fd = {
+            if name == PROGRAM {
                 use std::os::fd::{AsFd, AsRawFd};
-                program.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd()
-            };
+                program_fd = program.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd();
+            }
             program.attach().map_err(|e| {
                 load_error(anyhow!(e).context(format!(
                     "cannot attach to the {}:{} tracepoint",
@@ -224,7 +224,7 @@ impl Capture {
             undecodable: 0,
             counters,
             logger,
-            program_fd: program_fds[0],
+            program_fd,
             reset_reasons: reasons,
             _ebpf: ebpf,
         })

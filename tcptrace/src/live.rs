@@ -455,14 +455,13 @@ impl Pipeline {
             for e in batch.iter() {
                 self.tally.seen += 1;
                 match classify(e) {
-                    Decoded::State(t) if self.attributor.repeats(&t) => {
-                        self.tally.repeated += 1;
-                    }
-                    Decoded::State(t) => {
-                        let row = self.attributor.observe(&t);
-                        let waits_since = may_await_sent_reset(&row).then_some(self.cycle);
-                        self.pending.push_back(Pending { row, waits_since });
-                    }
+                    Decoded::State(t) => match self.attributor.observe(&t) {
+                        Some(row) => {
+                            let waits_since = may_await_sent_reset(&row).then_some(self.cycle);
+                            self.pending.push_back(Pending { row, waits_since });
+                        }
+                        None => self.tally.repeated += 1,
+                    },
                     Decoded::Reset {
                         skaddr,
                         received: true,
