@@ -337,6 +337,7 @@ impl Analysis {
             lost_ring: clean.then(|| self.stats.iter().map(|s| s.lost_ring).sum()),
             lost_output: clean.then(|| self.stats.iter().map(|s| s.lost_output).sum()),
             missed_kernel: clean.then(|| self.stats.iter().map(|s| s.missed_kernel).sum()),
+            gaps: clean.then(|| self.stats.iter().map(|s| s.gaps).sum()),
             active: self.active.clone(),
             passive: self.passive.clone(),
             endpoints: ports
@@ -414,6 +415,8 @@ pub struct Report {
     pub lost_ring: Option<u64>,
     pub lost_output: Option<u64>,
     pub missed_kernel: Option<u64>,
+    /// Sockets whose recorded history skips a state.
+    pub gaps: Option<u64>,
     pub active: Counts,
     pub passive: Counts,
     pub endpoints: Vec<EndpointRow>,
@@ -493,6 +496,12 @@ impl Report {
                     o,
                     "  lost            {r} in the ring buffer, {w} at output, {m} skipped by the kernel"
                 );
+                if let Some(g) = self.gaps.filter(|&g| g > 0) {
+                    let _ = writeln!(
+                        o,
+                        "  gaps            {g} sockets skipped states: transitions between them never arrived"
+                    );
+                }
             }
             _ => {
                 let _ = writeln!(

@@ -158,6 +158,8 @@ pub struct Attributor {
     /// their first transition tells their kernel address.
     existing: FastMap<(u32, SocketAddr, SocketAddr), (u64, Option<Task>)>,
     next_id: u64,
+    /// Sockets whose history skipped a state: see [`Attributor::gaps`].
+    gaps: u64,
 }
 
 /// Whether the task that made this transition owns the socket (see
@@ -225,9 +227,10 @@ impl Attributor {
     /// close was lost.
     pub fn observe(&mut self, t: &Transition) -> Option<Row> {
         // A socket address can be reused once the socket is freed; a start
-        // of life on a known address (after a lost CLOSE) is a new socket.
+        // of life on a known address is a new socket, and the old one's
+        // way to CLOSE never arrived.
         if starts_life(t.old, t.new) {
-            self.socks.remove(&t.skaddr);
+            self.gaps += u64::from(self.socks.remove(&t.skaddr).is_some());
             self.reset_received.remove(&t.skaddr);
         }
         let sock = match self.socks.entry(t.skaddr) {
@@ -236,6 +239,7 @@ impl Attributor {
                 if t.old != t.new && (last.old, last.new) == (t.old, t.new) {
                     return None;
                 }
+                self.gaps += u64::from(t.old != last.new);
                 o.into_mut()
             }
             Entry::Vacant(v) => {
@@ -363,6 +367,17 @@ impl Attributor {
             *counts.entry(s.last.new).or_default() += 1;
         }
         counts.into_iter().collect()
+    }
+
+    /// Sockets whose transitions skipped a state: one left a state it was
+    /// never seen entering, or its address started a new socket before it
+    /// was seen closing. Every socket ends in CLOSE and each change of state
+    /// fires the tracepoint, so each gap is at least one transition lost on
+    /// the way (ring drops and skipped runs included, which are counted
+    /// where they happen, and transitions the kernel never handed to BPF,
+    /// which nothing else counts).
+    pub fn gaps(&self) -> u64 {
+        self.gaps
     }
 
     /// Sockets currently tracked.
@@ -578,6 +593,8 @@ mod tests {
         );
         // Both connection sockets are forgotten at CLOSE; the listener stays.
         assert_eq!(a.tracked(), 1);
+        // Every state each socket left was one it was seen entering.
+        assert_eq!(a.gaps(), 0);
     }
 
     #[test]
@@ -999,5 +1016,44 @@ mod tests {
         ));
         assert_ne!(r1.sock, r2.sock);
         assert_eq!(r2.dwell_ns, None);
+    }
+
+    /// What a loopback client looks like when the kernel processes the
+    /// peer's ACK and FIN without handing the transitions to BPF: its life
+    /// stops at FIN_WAIT1, then its address is reused.
+    #[test]
+    fn client_transitions_never_delivered_show_as_gaps() {
+        let mut a = Attributor::new();
+        let me = task(7, "client");
+        let at = |ts, sk, old, new| tr(ts, sk, me, old, new, "1.1.1.1:4000", "2.2.2.2:80");
+        for t in [
+            at(1, 0xa, State::CLOSE, State::SYN_SENT),
+            at(2, 0xa, State::SYN_SENT, State::ESTABLISHED),
+            at(3, 0xa, State::ESTABLISHED, State::FIN_WAIT1),
+            // Another socket's whole life: no gap.
+            at(4, 0xb, State::CLOSE, State::SYN_SENT),
+            at(5, 0xb, State::SYN_SENT, State::CLOSE),
+        ] {
+            a.observe_row(&t);
+        }
+        assert_eq!(a.gaps(), 0);
+        // FIN_WAIT1 -> FIN_WAIT2 -> CLOSE never came; the address is reused.
+        a.observe_row(&at(6, 0xa, State::CLOSE, State::SYN_SENT));
+        assert_eq!(a.gaps(), 1);
+        a.observe_row(&at(7, 0xa, State::SYN_SENT, State::ESTABLISHED));
+        a.observe_row(&at(8, 0xa, State::ESTABLISHED, State::FIN_WAIT1));
+        // Only FIN_WAIT1 -> FIN_WAIT2 is missing this time.
+        let row = a.observe_row(&at(9, 0xa, State::FIN_WAIT2, State::CLOSE));
+        assert_eq!(a.gaps(), 2);
+        assert_eq!(row.dwell_ns, Some(1), "time since the last state seen");
+        // A closed socket's address starting over is an ordinary new life,
+        // and a transition delivered twice is a repeat, not a gap.
+        a.observe_row(&at(10, 0xa, State::CLOSE, State::SYN_SENT));
+        a.observe_row(&at(11, 0xa, State::SYN_SENT, State::ESTABLISHED));
+        assert!(
+            a.observe(&at(11, 0xa, State::SYN_SENT, State::ESTABLISHED))
+                .is_none()
+        );
+        assert_eq!(a.gaps(), 2);
     }
 }

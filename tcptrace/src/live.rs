@@ -261,6 +261,7 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         by_owner: BTreeMap::new(),
     });
     let mut reported_lost = Counters::default();
+    let mut reported_gaps = 0;
     let mut next_loss_check = Instant::now() + LOSS_CHECK;
     let mut idle = POLL_BUSY;
     let stop = loop {
@@ -279,6 +280,7 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         if Instant::now() >= next_loss_check {
             next_loss_check = Instant::now() + LOSS_CHECK;
             reported_lost = warn_lost(&capture, reported_lost);
+            reported_gaps = warn_gaps(pipe.attributor.gaps(), reported_gaps);
         }
         idle = if pipe.tally.seen == before {
             (idle * 2).min(POLL_IDLE_MAX)
@@ -295,7 +297,11 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             Some(stream) = scrape(metrics_listener.as_ref()) => {
                 if let Some(m) = &pipe.metrics {
                     let counters = capture.counters().unwrap_or_default();
-                    let body = m.render(&counters, &pipe.attributor.sockets_by_state());
+                    let body = m.render(
+                        &counters,
+                        &pipe.attributor.sockets_by_state(),
+                        pipe.attributor.gaps(),
+                    );
                     tokio::spawn(metrics::answer(stream, body));
                 }
                 false
@@ -337,6 +343,7 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     }
     let counters = capture.counters().unwrap_or_default();
     warn_lost(&capture, reported_lost);
+    let gaps = warn_gaps(pipe.attributor.gaps(), reported_gaps);
     drop(capture);
     if tally.undecodable > 0 {
         eprintln!(
@@ -358,6 +365,7 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             lost_ring: counters.lost,
             missed_kernel: counters.missed,
             repeated: tally.repeated,
+            gaps,
             lost_output: outputs.lost_output,
             duration_s: started.elapsed().as_secs_f64(),
         };
@@ -381,8 +389,13 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             tally.timewait
         ));
     }
+    let gaps = if gaps > 0 {
+        format!(", {gaps} sockets with gaps")
+    } else {
+        String::new()
+    };
     eprintln!(
-        "tcptrace: {} transitions shown{extra}, {} filtered, {} lost, {} missed by the kernel",
+        "tcptrace: {} transitions shown{extra}, {} filtered, {} lost, {} missed by the kernel{gaps}",
         tally.shown,
         tally.hidden + counters.filtered,
         counters.lost,
@@ -640,6 +653,21 @@ fn reason_names(table: &[(u8, String)]) -> Vec<Option<&'static str>> {
         names[usize::from(*n)] = Some(intern(name));
     }
     names
+}
+
+/// Warns about sockets found with gaps in their history since the last
+/// warning; returns the new total. Besides the losses counted above, the
+/// kernel sometimes handles transitions without running any BPF program or
+/// counting a skip: these gaps are the only trace they leave.
+fn warn_gaps(now: u64, reported: u64) -> u64 {
+    if now > reported {
+        eprintln!(
+            "tcptrace: warning: {} sockets skipped states: transitions between them never \
+             arrived ({now} in all)",
+            now - reported
+        );
+    }
+    now.max(reported)
 }
 
 /// Warns about transitions lost (ring full) or missed (the kernel skipped

@@ -69,8 +69,9 @@ impl Metrics {
     }
 
     /// The OpenMetrics text of a scrape. `sockets` counts the sockets
-    /// tcptrace knows of, by current state.
-    pub fn render(&self, counters: &Counters, sockets: &[(State, u64)]) -> String {
+    /// tcptrace knows of, by current state; `gaps` those whose history
+    /// skipped a state.
+    pub fn render(&self, counters: &Counters, sockets: &[(State, u64)], gaps: u64) -> String {
         let mut registry = Registry::with_prefix("tcptrace");
         let transitions = Family::<TransitionLabels, Counter>::default();
         for (old, row) in self.transitions.iter().enumerate() {
@@ -108,6 +109,13 @@ impl Metrics {
         })
         .inc_by(counters.missed);
         registry.register("lost_events", "Transitions tcptrace could not show", lost);
+        let gapped: Counter = Counter::default();
+        gapped.inc_by(gaps);
+        registry.register(
+            "sockets_with_gaps",
+            "Sockets whose history skipped a state: transitions between them never arrived",
+            gapped,
+        );
         let timewait: Counter = Counter::default();
         timewait.inc_by(self.timewait);
         registry.register(

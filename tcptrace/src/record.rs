@@ -100,6 +100,10 @@ pub struct Stats {
     /// Transitions the kernel delivered twice, recorded once.
     #[serde(default)]
     pub repeated: u64,
+    /// Sockets whose recorded history skips a state: transitions between
+    /// them never arrived.
+    #[serde(default)]
+    pub gaps: u64,
     /// Transitions that could not be written.
     pub lost_output: u64,
     pub duration_s: f64,
