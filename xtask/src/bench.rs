@@ -118,6 +118,9 @@ struct Sample {
     ring_lost: Option<u64>,
     /// What tcptrace itself says the kernel missed, when it says so.
     reported_missed: Option<u64>,
+    /// Sockets tcptrace found with gaps in their history: transitions that
+    /// never arrived, whatever the cause.
+    gaps: Option<u64>,
     /// Transitions the kernel skipped the tracer for (its programs'
     /// `recursion_misses`) and that nothing recovered: tcptrace's own
     /// figure; tcpstates' program count.
@@ -736,6 +739,7 @@ fn run_one(
         sample.filtered = Some(stats.1);
         sample.ring_lost = Some(stats.2);
         sample.reported_missed = stats.3;
+        sample.gaps = Some(lines.iter().rev().find_map(|l| parse_gaps(l)).unwrap_or(0));
         // tcptrace's programs skip each other's nested runs by design;
         // what it reports is what its catcher did not recover.
         let missed = stats.3.unwrap_or(prog.recursion_misses);
@@ -842,6 +846,14 @@ pub(crate) fn parse_stats_line(line: &str) -> Option<(u64, u64, u64, Option<u64>
         }
     }
     Some((shown?, filtered?, lost?, missed))
+}
+
+/// "..., G sockets with gaps" at the end of tcptrace's stats line (absent
+/// when there are none).
+pub(crate) fn parse_gaps(line: &str) -> Option<u64> {
+    let rest = line.strip_prefix("tcptrace: ")?;
+    let (before, _) = rest.split_once(" sockets with gaps")?;
+    before.rsplit([' ', ',']).next()?.parse().ok()
 }
 
 /// tcpstates lines whose local or remote port is `port`. Counted from the
@@ -1157,7 +1169,7 @@ fn frac(v: f64) -> String {
     format!("{:.3}%", v * 100.0)
 }
 
-const METRICS: [Metric; 15] = [
+const METRICS: [Metric; 16] = [
     ("conn/s", |s, _| Some(s.rate()), int),
     ("vs untraced", |s, base| Some(s.rate() / base), pct),
     ("expected events", |s, _| Some(s.expected as f64), int),
@@ -1183,6 +1195,7 @@ const METRICS: [Metric; 15] = [
         |s, _| s.unaccounted().map(|v| v as f64),
         int,
     ),
+    ("  sockets with gaps", |s, _| s.gaps.map(|v| v as f64), int),
     ("BPF ns/event", |s, _| s.bpf_ns_per_event(), ns),
     ("user CPU ns/event", |s, _| s.user_ns_per_event(), ns),
     ("  of which system", |s, _| s.sys_ns_per_event(), ns),
@@ -1295,8 +1308,9 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
          user CPU: utime+stime of the tracer process (start-up included) / captured events.\n\
          missing = expected - captured = ring drops + recursion misses (the kernel skipped the \
          program: counted in its recursion_misses; for tcptrace, those its catcher program did \
-         not recover; \"skipped, emitted anyway\" are the other skips of its programs) + unaccounted (dropped before any program \
-         ran; tcpstates misses the same ones). tcptrace's ring drops also count the reset \
+         not recover; \"skipped, emitted anyway\" are the other skips of its programs) + unaccounted \
+         (transitions the kernel made without running any BPF program or counting a skip; \
+         tcptrace finds them as sockets with gaps; tcpstates misses the same ones). tcptrace's ring drops also count the reset \
          annotations it queues (not only transitions), so with drops unaccounted can go \
          negative.\n\
          tcpstates traces every port (its -L and -D filters must both match); its lines for the \
@@ -1322,17 +1336,19 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
         let rec: u64 = runs.iter().filter_map(|s| s.recursion_misses).sum();
         let ring: u64 = runs.iter().filter_map(|s| s.ring_lost).sum();
         let unacc: i64 = runs.iter().filter_map(|s| s.unaccounted()).sum();
+        let gaps: u64 = runs.iter().filter_map(|s| s.gaps).sum();
         goals.push((
             format!("{c}: zero loss (captured == expected, no ring drops)"),
             Some(perfect == runs.len()),
             format!(
                 "{perfect}/{} runs exact; {} missing in all: {} ring drops, {} recursion misses, \
-                 {} unaccounted",
+                 {} unaccounted ({} sockets seen with gaps)",
                 runs.len(),
                 group(missing as f64),
                 group(ring as f64),
                 group(rec as f64),
-                group(unacc as f64)
+                group(unacc as f64),
+                group(gaps as f64)
             ),
         ));
     }
@@ -1455,7 +1471,7 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
              \"bpf_run_cnt\": {}, \"bpf_ns_per_event\": {}, \"cpu_ns\": {}, \"sys_ns\": {}, \
              \"startup_cpu_ns\": {}, \"user_ns_per_event\": {}, \"peak_rss_kb\": {}, \
              \"recording_bytes\": {}, \"recording_events\": {}, \"reported_missed\": {}, \
-             \"caught\": {}, \"programs\": {}, \"busy_before\": {}, \
+             \"gaps\": {}, \"caught\": {}, \"programs\": {}, \"busy_before\": {}, \
              \"other_tracers\": {:?}, \"attempts\": {}}}",
             jstr(&s.config),
             s.round,
@@ -1479,6 +1495,7 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
             jopt(s.recording_bytes),
             jopt(s.recording_events),
             jopt(s.reported_missed),
+            jopt(s.gaps),
             jopt(s.caught),
             jopt(s.programs),
             jnum(s.busy_before),
@@ -1587,6 +1604,14 @@ mod tests {
             Some((5, 0, 0, Some(7)))
         );
         assert_eq!(parse_stats_line("tcptrace: tracing port 1"), None);
+        let gapped = "tcptrace: 9 transitions shown, 0 filtered, 0 lost, 1 missed by the kernel, \
+                      35 sockets with gaps";
+        assert_eq!(parse_stats_line(gapped), Some((9, 0, 0, Some(1))));
+        assert_eq!(parse_gaps(gapped), Some(35));
+        assert_eq!(
+            parse_gaps("tcptrace: 5 transitions shown, 0 filtered, 0 lost, 7 missed by the kernel"),
+            None
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{Netns, json_number, kill, parse_stats_line};
+use crate::bench::{Netns, json_number, kill, parse_gaps, parse_stats_line};
 
 const PORT: u16 = 24690;
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
@@ -120,6 +120,7 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
         .find_map(parse_stats_line)
         .context("tcptrace printed no stats line")?;
     let missed = missed.unwrap_or(0);
+    let gaps = stderr.lines().find_map(parse_gaps).unwrap_or(0);
     let half = rss.len() / 2;
     let first = rss[..half.max(1)].iter().copied().max().unwrap_or(0);
     let second = rss[half..].iter().copied().max().unwrap_or(0);
@@ -151,6 +152,7 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
         "  unaccounted            {unaccounted} ({:.4}%)",
         unaccounted as f64 * 100.0 / expected.max(1) as f64
     );
+    println!("  sockets with gaps      {gaps} (where the unaccounted ones went missing)");
     println!(
         "  recorded (stats)       {}",
         recorded.map_or("-".into(), |n| n.to_string())
