@@ -196,6 +196,7 @@ impl Claims {
     unsafe fn pop(this: *mut Claims, [sk, states]: [u64; 2]) -> bool {
         let next = unsafe { (&raw const (*this).next).read_volatile() };
         // From the top: nearly always the claim is the one just made.
+        let mut depth = 0;
         for back in 1..=CLAIM_SLOTS as u64 {
             let at = next.wrapping_sub(back);
             let slot =
@@ -203,11 +204,25 @@ impl Claims {
             // Field by field: the verifier allows comparing the socket
             // pointer, not arithmetic on it, which comparing arrays becomes.
             if slot[0] == sk && slot[1] == states {
-                unsafe { (&raw mut (*this).next).write_volatile(at) };
-                return true;
+                depth = back;
+                break;
             }
         }
-        false
+        if depth == 0 {
+            return false;
+        }
+        // Empty what is popped before letting go of it: the search runs
+        // round the whole ring, and a popped copy of the same change by a
+        // later socket at the same address would pass for its claim.
+        for back in 1..=CLAIM_SLOTS as u64 {
+            if back > depth {
+                break;
+            }
+            let at = next.wrapping_sub(back) as usize % CLAIM_SLOTS;
+            unsafe { (&raw mut (*this).slots[at]).write_volatile([0; 2]) };
+        }
+        unsafe { (&raw mut (*this).next).write_volatile(next.wrapping_sub(depth)) };
+        true
     }
 }
 
