@@ -93,7 +93,7 @@ static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 /// nested transition pushes nothing: its own catcher run will be skipped,
 /// and a burst of such claims would otherwise overwrite the running
 /// catcher's, which then emits its transition a second time. A claim left
-/// in the narrow windows around that flag is dropped when a catcher pops
+/// in the narrow windows around that flag is emptied when a catcher pops
 /// below it, or overwritten once it is the oldest of the ring.
 #[repr(C)]
 struct Claims {
