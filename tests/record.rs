@@ -93,8 +93,18 @@ fn read_reproduces_relative_times_json_and_filters() {
     assert_eq!(only.stdout.lines().count(), 2, "{}", only.stdout);
 }
 
-#[test]
-fn report_names_the_close_wait_leak_with_its_owner() {
+/// The recording of an incident: an orderly connection, a server that
+/// never closes its side, a reset and a refused connect.
+struct Incident {
+    _dir: TempDir,
+    file: String,
+    leak: u16,
+    leak_pid: u32,
+    /// `tcptrace report --format json` of it.
+    report: Value,
+}
+
+fn record_incident() -> Incident {
     let ns = Netns::new();
     let dir = TempDir::new("report");
     let file = dir.path("incident.jsonl");
@@ -139,7 +149,38 @@ fn report_names_the_close_wait_leak_with_its_owner() {
 
     let report = tcptrace(&["report", &file, "--format", "json"]);
     assert!(report.status.success(), "{}", report.stderr);
-    let r: Value = serde_json::from_str(&report.stdout).unwrap();
+    Incident {
+        _dir: dir,
+        file,
+        leak,
+        leak_pid,
+        report: serde_json::from_str(&report.stdout).unwrap(),
+    }
+}
+
+#[test]
+fn report_names_the_close_wait_leak_with_its_owner() {
+    // Now and then the kernel makes a transition without running any BPF
+    // program (README, Known limits); tcptrace then reports the socket's
+    // gap. Only that earns a second recording: anything else fails.
+    let mut incident = record_incident();
+    if incident.report["gaps"] != 0 {
+        eprintln!(
+            "the kernel withheld transitions (gaps: {}); recording again",
+            incident.report["gaps"]
+        );
+        incident = record_incident();
+    }
+    let Incident {
+        file,
+        leak,
+        leak_pid,
+        report: r,
+        ..
+    } = &incident;
+    let (file, leak, leak_pid) = (file.as_str(), *leak, *leak_pid);
+    let addr = |p: u16| format!("127.0.0.1:{p}");
+    assert_eq!(r["gaps"], 0, "no transition withheld twice in a row");
     assert_eq!(r["ended_cleanly"], true);
     assert_eq!((&r["lost_ring"], &r["lost_output"]), (&0.into(), &0.into()));
     // Three listeners, 4 connects (one refused), 3 accepted sockets.
@@ -190,7 +231,7 @@ fn report_names_the_close_wait_leak_with_its_owner() {
     assert_eq!(r["events"], 5 + 10 + 8 + 6 + 2);
 
     // The text report says the same in words.
-    let text = tcptrace(&["report", &file]);
+    let text = tcptrace(&["report", file]);
     assert!(
         text.stdout.contains("CLOSE_WAIT")
             && text.stdout.contains(&format!("{leak_pid} tt-server"))
