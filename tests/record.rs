@@ -141,6 +141,8 @@ fn record_incident() -> Incident {
         .finish();
     s_ok.finish();
     s_reset.finish();
+    // The leaking server's ACK moves its client on to FIN_WAIT2 and CLOSE.
+    ns.settle("fin-wait-1");
     std::thread::sleep(std::time::Duration::from_millis(300));
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);

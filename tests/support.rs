@@ -117,6 +117,27 @@ impl Netns {
         child
     }
 
+    /// Waits (up to 10 s) until no socket of the namespace is in `state`
+    /// (as `ss` names it, e.g. `fin-wait-1`): the kernel finishes a close
+    /// after the process returned, on a delayed ACK, later when loaded.
+    pub fn settle(&self, state: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self
+                .spawn(
+                    Command::new("ss")
+                        .args(["-Htan", "state", state])
+                        .stdout(Stdio::piped()),
+                )
+                .wait_with_output()
+                .expect("ss runs");
+            if out.stdout.is_empty() || Instant::now() > deadline {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `n` orderly connections to `addr`, one after the other, the client
     /// closing first; returns when both peers are done.
     pub fn connections(&self, addr: &str, n: usize) {
