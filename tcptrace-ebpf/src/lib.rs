@@ -143,7 +143,8 @@ pub struct Config {
     pub reset_received: ResetLayout,
 }
 
-/// The largest reset record the program copies.
+/// How far into a reset tracepoint's record tcptrace accepts its fields
+/// (a sanity bound on the layout read from tracefs).
 pub const RECORD_MAX: usize = 128;
 
 pub const FAMILY_V4: u32 = 1;

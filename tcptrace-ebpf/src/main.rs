@@ -8,11 +8,10 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::BPF_RB_NO_WAKEUP,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel_buf, generated::bpf_skc_to_tcp_sock,
+        generated::bpf_skc_to_tcp_sock,
     },
     macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
@@ -22,7 +21,7 @@ use aya_log_ebpf::error;
 use tcptrace_ebpf::{
     AF_INET, AF_INET6, COUNTER_CAUGHT, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_LEN, Config, Event,
     FAMILY_V4, FAMILY_V6, KIND_RESET_RECEIVED, KIND_RESET_SENT, KIND_STATE, PORT_ANY, PORT_LOCAL,
-    PORT_REMOTE, RECORD_MAX, RING_UNUSED_BYTES, RINGS, ResetLayout, SockLayout, in_owner_context,
+    PORT_REMOTE, RING_UNUSED_BYTES, RINGS, ResetLayout, SockLayout, in_owner_context,
 };
 
 #[unsafe(no_mangle)]
@@ -321,25 +320,29 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 }
 
 fn try_reset(ctx: &TracePointContext, l: &ResetLayout, kind: u8) -> Result<(), i64> {
-    let len = l.record_len as usize;
-    if len == 0 || len > RECORD_MAX {
+    if l.record_len == 0 {
+        // This kernel's record was not understood: resets go unannotated.
         return Ok(());
     }
-    let mut rec = [0u8; RECORD_MAX];
-    if let Err(err) =
-        unsafe { bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut rec[..len]) }
-    {
-        // Cold: only a record the kernel would not let us read gets here.
-        error!(ctx, "cannot read a reset tracepoint's record: {}", err);
-        return Err(err.into());
-    }
-    let skaddr = field::<u64>(&rec, l.skaddr);
+    // Two small reads, not a copy of the record: under churn a reset can
+    // come with most connections (a full time-wait table answers the
+    // peer's FIN with one).
+    let skaddr = match unsafe { ctx.read_at::<u64>(l.skaddr as usize) } {
+        Ok(a) => a,
+        Err(err) => {
+            // Cold: only a record the kernel would not let us read gets here.
+            error!(ctx, "cannot read a reset tracepoint's record: {}", err);
+            return Err(err.into());
+        }
+    };
     if skaddr == 0 {
         // A reset answering a segment no socket owns: no transition to explain.
         return Ok(());
     }
     let reason = if l.reason_size == 4 {
-        field::<u32>(&rec, l.reason).min(255) as u8
+        unsafe { ctx.read_at::<u32>(l.reason as usize) }
+            .unwrap_or(0)
+            .min(255) as u8
     } else {
         0
     };
@@ -378,17 +381,6 @@ fn emit(event: Event) {
         }
         None => count(COUNTER_LOST),
     }
-}
-
-/// A field of the record at `offset`. Userspace has checked that every
-/// offset leaves room for its field; the check here is for the verifier.
-#[inline(always)]
-fn field<T: Copy + Default>(rec: &[u8; RECORD_MAX], offset: u32) -> T {
-    let offset = offset as usize;
-    if offset > RECORD_MAX - core::mem::size_of::<T>() {
-        return T::default();
-    }
-    unsafe { core::ptr::read_unaligned(rec.as_ptr().add(offset).cast::<T>()) }
 }
 
 #[inline(always)]
