@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::attribute::{Close, Origin, Row};
 use crate::decode::Task;
-use crate::fasthash::FastMap;
+use crate::fasthash::{FastMap, FastSet};
 use crate::filter::Spec;
 use crate::record::{Header, Stats};
 use crate::replay::Item;
@@ -151,6 +151,9 @@ pub struct Analysis {
     endpoints: BTreeMap<String, Counts>,
     dwell: BTreeMap<State, Histogram<u64>>,
     open: FastMap<u64, Open>,
+    /// Sockets whose end the kernel never reported (gap notes): not open,
+    /// whatever order their rows and notes come in.
+    ended_unseen: FastSet<u64>,
     processes: FastMap<u32, ProcessTally>,
     time_wait: BTreeMap<String, u64>,
 }
@@ -174,6 +177,7 @@ impl Analysis {
             endpoints: BTreeMap::new(),
             dwell: BTreeMap::new(),
             open: FastMap::default(),
+            ended_unseen: FastSet::default(),
             processes: FastMap::default(),
             time_wait: BTreeMap::new(),
         }
@@ -184,6 +188,9 @@ impl Analysis {
             Item::Header(h) => self.headers.push(h),
             Item::Stats(s) => self.stats.push(s),
             Item::Row(r) => self.row(&r),
+            Item::Gap(g) => {
+                self.ended_unseen.insert(g.sock);
+            }
         }
     }
 
@@ -316,7 +323,12 @@ impl Analysis {
             (Some(h), Some(s)) => self.last_ns.max(h.start_ns + (s.duration_s * 1e9) as u64),
             _ => self.last_ns,
         };
-        let mut open: Vec<&Open> = self.open.values().collect();
+        let mut open: Vec<&Open> = self
+            .open
+            .iter()
+            .filter(|(sock, _)| !self.ended_unseen.contains(sock))
+            .map(|(_, o)| o)
+            .collect();
         open.sort_by_key(|o| (concern(o.state), o.since_ns));
         let mut processes: Vec<(&u32, &ProcessTally)> = self.processes.iter().collect();
         processes.sort_by_key(|(pid, p)| (std::cmp::Reverse(p.transitions), **pid));

@@ -160,6 +160,17 @@ pub struct Attributor {
     next_id: u64,
     /// Sockets whose history skipped a state: see [`Attributor::gaps`].
     gaps: u64,
+    /// Sockets whose end never arrived, until taken.
+    unseen_ends: Vec<UnseenEnd>,
+}
+
+/// A socket that never reported its way to CLOSE: its address started a new
+/// socket while it was last seen in `state`, at `by_ns`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UnseenEnd {
+    pub sock: u64,
+    pub state: State,
+    pub by_ns: u64,
 }
 
 /// Whether the task that made this transition owns the socket (see
@@ -230,7 +241,14 @@ impl Attributor {
         // of life on a known address is a new socket, and the old one's
         // way to CLOSE never arrived.
         if starts_life(t.old, t.new) {
-            self.gaps += u64::from(self.socks.remove(&t.skaddr).is_some());
+            if let Some(old) = self.socks.remove(&t.skaddr) {
+                self.gaps += 1;
+                self.unseen_ends.push(UnseenEnd {
+                    sock: old.id,
+                    state: old.last.new,
+                    by_ns: t.ts_ns,
+                });
+            }
             self.reset_received.remove(&t.skaddr);
         }
         let sock = match self.socks.entry(t.skaddr) {
@@ -378,6 +396,11 @@ impl Attributor {
     /// which nothing else counts).
     pub fn gaps(&self) -> u64 {
         self.gaps
+    }
+
+    /// The sockets found since the last call whose end never arrived.
+    pub fn take_unseen_ends(&mut self) -> Vec<UnseenEnd> {
+        std::mem::take(&mut self.unseen_ends)
     }
 
     /// Sockets currently tracked.
@@ -1026,8 +1049,10 @@ mod tests {
         let mut a = Attributor::new();
         let me = task(7, "client");
         let at = |ts, sk, old, new| tr(ts, sk, me, old, new, "1.1.1.1:4000", "2.2.2.2:80");
+        let first = a
+            .observe_row(&at(1, 0xa, State::CLOSE, State::SYN_SENT))
+            .sock;
         for t in [
-            at(1, 0xa, State::CLOSE, State::SYN_SENT),
             at(2, 0xa, State::SYN_SENT, State::ESTABLISHED),
             at(3, 0xa, State::ESTABLISHED, State::FIN_WAIT1),
             // Another socket's whole life: no gap.
@@ -1040,6 +1065,15 @@ mod tests {
         // FIN_WAIT1 -> FIN_WAIT2 -> CLOSE never came; the address is reused.
         a.observe_row(&at(6, 0xa, State::CLOSE, State::SYN_SENT));
         assert_eq!(a.gaps(), 1);
+        assert_eq!(
+            a.take_unseen_ends(),
+            [UnseenEnd {
+                sock: first,
+                state: State::FIN_WAIT1,
+                by_ns: 6
+            }]
+        );
+        assert!(a.take_unseen_ends().is_empty());
         a.observe_row(&at(7, 0xa, State::SYN_SENT, State::ESTABLISHED));
         a.observe_row(&at(8, 0xa, State::ESTABLISHED, State::FIN_WAIT1));
         // Only FIN_WAIT1 -> FIN_WAIT2 is missing this time.

@@ -17,7 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, sleep, sleep_until};
 
 use crate::Failure;
-use crate::attribute::{Attributor, Close, Origin, Row, intern, may_await_sent_reset};
+use crate::attribute::{Attributor, Close, Origin, Row, UnseenEnd, intern, may_await_sent_reset};
 use crate::capture::{Capture, Counters, StartError};
 use crate::cli::LiveArgs;
 use crate::decode::{Decoded, classify};
@@ -25,7 +25,7 @@ use crate::filter::{Admit, Filter};
 use crate::format::{self, Clock, OutputFormat, Printer};
 use crate::metrics::{self, Metrics};
 use crate::privileges;
-use crate::record::{self, Header, Recorder, Stats};
+use crate::record::{self, Gap, Header, Recorder, Stats};
 use crate::snapshot;
 use crate::timewait::TimeWait;
 use tcptrace_ebpf::Event;
@@ -82,6 +82,21 @@ impl Outputs {
         }
         if let Some(r) = &mut self.recorder {
             r.row(row).map_err(Stop::RecordFailed)?;
+        }
+        Ok(())
+    }
+
+    /// Notes in the recording a socket whose end never arrived, so that a
+    /// report does not take it for one still open.
+    fn gap(&mut self, end: &UnseenEnd) -> Result<(), Stop> {
+        if let Some(r) = &mut self.recorder {
+            r.gap(&Gap {
+                kind: "gap".into(),
+                sock: end.sock,
+                state: end.state.to_string(),
+                ts_ns: end.by_ns,
+            })
+            .map_err(Stop::RecordFailed)?;
         }
         Ok(())
     }
@@ -500,6 +515,9 @@ impl Pipeline {
                 if self.pending.len() >= 4096 {
                     self.release(last)?;
                 }
+            }
+            for end in self.attributor.take_unseen_ends() {
+                self.outputs.gap(&end)?;
             }
             if !more {
                 return Ok(());

@@ -46,7 +46,7 @@ fn print_rows(
                     printer = Some(p);
                 }
             },
-            Item::Stats(_) => {}
+            Item::Stats(_) | Item::Gap(_) => {}
             Item::Row(row) => {
                 let p = printer.get_or_insert_with(|| {
                     // Rows without a header (cut from a recording): this

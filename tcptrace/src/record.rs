@@ -83,6 +83,18 @@ fn read_trimmed(path: &str) -> String {
         .unwrap_or_default()
 }
 
+/// A socket whose end the kernel never reported: its address started a
+/// new socket while it was last seen in `state`. It closed by `ts_ns`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Gap {
+    /// Always "gap".
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub sock: u64,
+    pub state: String,
+    pub ts_ns: u64,
+}
+
 /// The last line of a recording that ended cleanly.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
@@ -126,8 +138,6 @@ pub struct Recorder {
     /// Whole lines not yet written.
     buf: Vec<u8>,
     buffered_rows: u64,
-    /// The buffer starts with a file header (not a row).
-    header_buffered: bool,
     /// Bytes of the current file known to be whole lines on disk.
     committed: u64,
     last_flush: Instant,
@@ -162,7 +172,6 @@ impl Recorder {
             file,
             buf: Vec::with_capacity(BUFFER_LIMIT * 2),
             buffered_rows: 0,
-            header_buffered: false,
             committed: 0,
             last_flush: Instant::now(),
             events: 0,
@@ -194,6 +203,16 @@ impl Recorder {
         {
             self.rotate(before)?;
         }
+        if self.buf.len() >= BUFFER_LIMIT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Notes a socket whose end never arrived (see [`Gap`]).
+    pub fn gap(&mut self, gap: &Gap) -> Result<(), WriteFailure> {
+        let _ = serde_json::to_writer(&mut self.buf, gap);
+        self.buf.push(b'\n');
         if self.buf.len() >= BUFFER_LIMIT {
             self.flush()?;
         }
@@ -233,7 +252,6 @@ impl Recorder {
         self.committed += self.buf.len() as u64;
         self.buf.clear();
         self.buffered_rows = 0;
-        self.header_buffered = false;
         Ok(())
     }
 
@@ -245,8 +263,11 @@ impl Recorder {
             .iter()
             .rposition(|&b| b == b'\n')
             .map_or(0, |i| i + 1);
-        let lines = self.buf[..whole].iter().filter(|&&b| b == b'\n').count() as u64;
-        let rows = lines.saturating_sub(u64::from(self.header_buffered && whole > 0));
+        // Rows are the lines that are not a header or a gap note.
+        let rows = self.buf[..whole]
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty() && !l.starts_with(b"{\"type\":"))
+            .count() as u64;
         let _ = self.file.set_len(self.committed + whole as u64);
         let lost = self.buffered_rows.saturating_sub(rows);
         self.failure(e, lost)
@@ -302,7 +323,6 @@ impl Recorder {
         let header = serde_json::to_vec(&self.header).expect("header serializes");
         self.buf.extend_from_slice(&header);
         self.buf.push(b'\n');
-        self.header_buffered = true;
         self.buf.extend_from_slice(&tail);
         self.buffered_rows = moved_rows;
         Ok(())
