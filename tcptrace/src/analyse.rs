@@ -350,6 +350,7 @@ impl Analysis {
             lost_output: clean.then(|| self.stats.iter().map(|s| s.lost_output).sum()),
             missed_kernel: clean.then(|| self.stats.iter().map(|s| s.missed_kernel).sum()),
             gaps: clean.then(|| self.stats.iter().map(|s| s.gaps).sum()),
+            ended_unseen: self.ended_unseen.len() as u64,
             active: self.active.clone(),
             passive: self.passive.clone(),
             endpoints: ports
@@ -429,6 +430,8 @@ pub struct Report {
     pub missed_kernel: Option<u64>,
     /// Sockets whose recorded history skips a state.
     pub gaps: Option<u64>,
+    /// Sockets the recording notes as ended unseen (left out of still_open).
+    pub ended_unseen: u64,
     pub active: Counts,
     pub passive: Counts,
     pub endpoints: Vec<EndpointRow>,
@@ -521,6 +524,14 @@ impl Report {
                     "  lost            unknown: the recording did not end cleanly (no stats object)"
                 );
             }
+        }
+        if self.ended_unseen > 0 {
+            let _ = writeln!(
+                o,
+                "  ended unseen    {} socket{} closed without the kernel reporting how; not listed as open",
+                self.ended_unseen,
+                if self.ended_unseen == 1 { "" } else { "s" }
+            );
         }
         if let Some(f) = &self.filters {
             let _ = writeln!(o, "  filters         {}", f.describe());

@@ -450,6 +450,20 @@ mod tests {
         assert_eq!(open_after(&[&stuck]), 1);
         assert_eq!(open_after(&[&stuck, note]), 0);
         assert_eq!(open_after(&[note, &stuck]), 0);
+        // The report says what became of it.
+        let mut analysis = crate::analyse::Analysis::new();
+        for l in [stuck.as_str(), note] {
+            analysis.add(parse_line(l.as_bytes()).unwrap());
+        }
+        let report = analysis.report(3);
+        assert_eq!(report.ended_unseen, 1);
+        assert!(
+            report
+                .text()
+                .contains("ended unseen    1 socket closed without"),
+            "{}",
+            report.text()
+        );
     }
 
     /// Inputs kept from fuzzing (`cargo xtask fuzz`) and hand-made hostile
