@@ -88,12 +88,12 @@ pub const KIND_RESET_SENT: u8 = 1;
 pub const KIND_RESET_RECEIVED: u8 = 2;
 
 /// Where the reset tracepoints (`tcp:tcp_send_reset`,
-/// `tcp:tcp_receive_reset`) keep the fields we read. `record_len` 0 means
-/// the tracepoint is absent and the program does nothing.
+/// `tcp:tcp_receive_reset`) keep the fields we read, in bytes into their
+/// record. `skaddr` 0 (the record's common fields are there) means the
+/// tracepoint is absent or not understood, and its program is not attached.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ResetLayout {
-    pub record_len: u32,
     pub skaddr: u32,
     pub reason: u32,
     /// 0 when the tracepoint has no reason (before 6.10, and for receive).
@@ -142,10 +142,6 @@ pub struct Config {
     pub reset_sent: ResetLayout,
     pub reset_received: ResetLayout,
 }
-
-/// How far into a reset tracepoint's record tcptrace accepts its fields
-/// (a sanity bound on the layout read from tracefs).
-pub const RECORD_MAX: usize = 128;
 
 pub const FAMILY_V4: u32 = 1;
 pub const FAMILY_V6: u32 = 2;

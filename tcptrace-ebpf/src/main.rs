@@ -52,7 +52,6 @@ fn config() -> Config {
 }
 
 const NO_RESETS: ResetLayout = ResetLayout {
-    record_len: 0,
     skaddr: 0,
     reason: 0,
     reason_size: 0,
@@ -319,11 +318,8 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Attached only when userspace understood the record's layout.
 fn try_reset(ctx: &TracePointContext, l: &ResetLayout, kind: u8) -> Result<(), i64> {
-    if l.record_len == 0 {
-        // This kernel's record was not understood: resets go unannotated.
-        return Ok(());
-    }
     // Two small reads, not a copy of the record: under churn a reset can
     // come with most connections (a full time-wait table answers the
     // peer's FIN with one).

@@ -172,7 +172,7 @@ impl Capture {
             (PROGRAM_RESET_SENT, reset_sent),
             (PROGRAM_RESET_RECEIVED, reset_received),
         ] {
-            if l.record_len == 0 {
+            if l.skaddr == 0 {
                 continue;
             }
             let attached = ebpf

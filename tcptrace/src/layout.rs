@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result, bail};
-use tcptrace_ebpf::{RECORD_MAX, ResetLayout};
+use tcptrace_ebpf::ResetLayout;
 
 pub const CATEGORY: &str = "sock";
 pub const NAME: &str = "inet_sock_set_state";
@@ -42,17 +42,13 @@ fn fields(format: &str) -> Result<HashMap<&str, (u32, u32)>> {
 /// (`__print_symbolic(REC->reason, { 0, "NOT_SPECIFIED" }, ...)`).
 pub fn parse_reset(format: &str) -> Result<(ResetLayout, Vec<(u8, String)>)> {
     let fields = fields(format)?;
-    let Some(&(skaddr, 8)) = fields.get("skaddr") else {
+    let Some(&(skaddr @ 1.., 8)) = fields.get("skaddr") else {
         bail!("no 8-byte skaddr field");
     };
     let (reason, reason_size) = match fields.get("reason") {
         Some(&(o, 4)) => (o, 4),
         _ => (0, 0),
     };
-    let record_len = (skaddr + 8).max(reason + reason_size);
-    if record_len as usize > RECORD_MAX {
-        bail!("fields end past the {RECORD_MAX} bytes tcptrace copies");
-    }
     let mut names = Vec::new();
     if let Some(table) = format.split("REC->reason,").nth(1) {
         let table = table.split(')').next().unwrap_or("");
@@ -69,7 +65,6 @@ pub fn parse_reset(format: &str) -> Result<(ResetLayout, Vec<(u8, String)>)> {
     }
     Ok((
         ResetLayout {
-            record_len,
             skaddr,
             reason,
             reason_size,
@@ -86,10 +81,7 @@ mod tests {
     fn reset_tracepoints_give_the_socket_and_the_reasons_names() {
         let (sent, names) =
             parse_reset(include_str!("testdata/tcp_send_reset-6.18.format")).unwrap();
-        assert_eq!(
-            (sent.skaddr, sent.reason, sent.reason_size, sent.record_len),
-            (16, 28, 4, 32)
-        );
+        assert_eq!((sent.skaddr, sent.reason, sent.reason_size), (16, 28, 4));
         assert_eq!(names[0], (0, "NOT_SPECIFIED".to_string()));
         assert!(
             names.contains(&(12, "TCP_ABORT_ON_LINGER".to_string())),
@@ -97,10 +89,7 @@ mod tests {
         );
         let (received, names) =
             parse_reset(include_str!("testdata/tcp_receive_reset-6.18.format")).unwrap();
-        assert_eq!(
-            (received.skaddr, received.reason_size, received.record_len),
-            (8, 0, 16)
-        );
+        assert_eq!((received.skaddr, received.reason_size), (8, 0));
         assert!(names.is_empty());
     }
 
