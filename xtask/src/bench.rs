@@ -735,14 +735,14 @@ fn run_one(
                     lines.join("\n").trim()
                 )
             })?;
-        sample.captured = Some(stats.0);
-        sample.filtered = Some(stats.1);
-        sample.ring_lost = Some(stats.2);
-        sample.reported_missed = stats.3;
-        sample.gaps = Some(lines.iter().rev().find_map(|l| parse_gaps(l)).unwrap_or(0));
+        sample.captured = Some(stats.shown);
+        sample.filtered = Some(stats.filtered);
+        sample.ring_lost = Some(stats.lost);
+        sample.reported_missed = stats.missed;
+        sample.gaps = Some(stats.gaps);
         // tcptrace's programs skip each other's nested runs by design;
         // what it reports is what its catcher did not recover.
-        let missed = stats.3.unwrap_or(prog.recursion_misses);
+        let missed = stats.missed.unwrap_or(prog.recursion_misses);
         sample.recursion_misses = Some(missed);
         sample.caught = Some(prog.recursion_misses.saturating_sub(missed));
     }
@@ -826,15 +826,28 @@ pub(crate) fn json_number(text: &str, name: &str) -> Option<f64> {
     rest[..end].parse().ok()
 }
 
-/// "tcptrace: N transitions shown, F filtered, L lost[, M missed by the
-/// kernel]"
-pub(crate) fn parse_stats_line(line: &str) -> Option<(u64, u64, u64, Option<u64>)> {
+/// What tcptrace's last line says.
+#[derive(Debug, PartialEq)]
+pub(crate) struct StatsLine {
+    pub shown: u64,
+    pub filtered: u64,
+    pub lost: u64,
+    /// Absent from older versions' line.
+    pub missed: Option<u64>,
+    /// Sockets with gaps (the clause is absent when there are none).
+    pub gaps: u64,
+}
+
+/// "tcptrace: N transitions shown[ (...)], F filtered, L lost[, M missed by
+/// the kernel][, G sockets with gaps]"
+pub(crate) fn parse_stats_line(line: &str) -> Option<StatsLine> {
     let rest = line.strip_prefix("tcptrace: ")?;
     let words: Vec<&str> = rest.split([' ', ',']).filter(|w| !w.is_empty()).collect();
     let mut shown = None;
     let mut filtered = None;
     let mut lost = None;
     let mut missed = None;
+    let mut gaps = None;
     for pair in words.windows(2) {
         let n = pair[0].parse::<u64>().ok();
         match pair[1] {
@@ -842,18 +855,18 @@ pub(crate) fn parse_stats_line(line: &str) -> Option<(u64, u64, u64, Option<u64>
             "filtered" => filtered = filtered.or(n),
             "lost" => lost = lost.or(n),
             "missed" => missed = missed.or(n),
+            // "N existing sockets" pairs N with "existing", not "sockets".
+            "sockets" => gaps = gaps.or(n),
             _ => {}
         }
     }
-    Some((shown?, filtered?, lost?, missed))
-}
-
-/// "..., G sockets with gaps" at the end of tcptrace's stats line (absent
-/// when there are none).
-pub(crate) fn parse_gaps(line: &str) -> Option<u64> {
-    let rest = line.strip_prefix("tcptrace: ")?;
-    let (before, _) = rest.split_once(" sockets with gaps")?;
-    before.rsplit([' ', ',']).next()?.parse().ok()
+    Some(StatsLine {
+        shown: shown?,
+        filtered: filtered?,
+        lost: lost?,
+        missed,
+        gaps: gaps.unwrap_or(0),
+    })
 }
 
 /// tcpstates lines whose local or remote port is `port`. Counted from the
@@ -1593,24 +1606,33 @@ mod tests {
 
     #[test]
     fn stats_line() {
+        let line = |shown, filtered, lost, missed, gaps| {
+            Some(StatsLine {
+                shown,
+                filtered,
+                lost,
+                missed,
+                gaps,
+            })
+        };
         assert_eq!(
             parse_stats_line("tcptrace: 23 transitions shown, 4 filtered, 1 lost"),
-            Some((23, 4, 1, None))
+            line(23, 4, 1, None, 0)
         );
         assert_eq!(
             parse_stats_line(
                 "tcptrace: 5 transitions shown, 0 filtered, 0 lost, 7 missed by the kernel"
             ),
-            Some((5, 0, 0, Some(7)))
+            line(5, 0, 0, Some(7), 0)
         );
         assert_eq!(parse_stats_line("tcptrace: tracing port 1"), None);
-        let gapped = "tcptrace: 9 transitions shown, 0 filtered, 0 lost, 1 missed by the kernel, \
-                      35 sockets with gaps";
-        assert_eq!(parse_stats_line(gapped), Some((9, 0, 0, Some(1))));
-        assert_eq!(parse_gaps(gapped), Some(35));
         assert_eq!(
-            parse_gaps("tcptrace: 5 transitions shown, 0 filtered, 0 lost, 7 missed by the kernel"),
-            None
+            parse_stats_line(
+                "tcptrace: 9 transitions shown (2 delivered twice by the kernel, shown once), \
+                 3 existing sockets, 0 filtered, 0 lost, 1 missed by the kernel, \
+                 35 sockets with gaps"
+            ),
+            line(9, 0, 0, Some(1), 35)
         );
     }
 

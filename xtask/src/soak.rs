@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{Netns, json_number, kill, parse_gaps, parse_stats_line};
+use crate::bench::{Netns, StatsLine, json_number, kill, parse_stats_line};
 
 const PORT: u16 = 24690;
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
@@ -115,12 +115,17 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
 
     let number = |text: &str, key: &str| json_number(text, key).map(|n| n as u64);
     let expected = number(&churn_json, "expected_transitions").context("tt-churn said no count")?;
-    let (shown, _, lost, missed) = stderr
+    let StatsLine {
+        shown,
+        lost,
+        missed,
+        gaps,
+        ..
+    } = stderr
         .lines()
         .find_map(parse_stats_line)
         .context("tcptrace printed no stats line")?;
     let missed = missed.unwrap_or(0);
-    let gaps = stderr.lines().find_map(parse_gaps).unwrap_or(0);
     let half = rss.len() / 2;
     let first = rss[..half.max(1)].iter().copied().max().unwrap_or(0);
     let second = rss[half..].iter().copied().max().unwrap_or(0);
