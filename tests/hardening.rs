@@ -85,7 +85,8 @@ fn cap_bpf_and_cap_perfmon_are_enough() {
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
     life(&out.lives(), "CLOSE>LISTEN>CLOSE").assert_owner(pid, "tt-server");
-    // Without CAP_SYS_NICE the priority stays, and tcptrace says why.
+    // Without CAP_SYS_NICE the priority stays, and tcptrace says why; so
+    // for the socket callback without CAP_NET_ADMIN.
     assert!(
         out.stderr
             .contains("cannot raise the priority to nice -5 (Permission denied")
@@ -93,6 +94,56 @@ fn cap_bpf_and_cap_perfmon_are_enough() {
         "{}",
         out.stderr
     );
+    assert!(
+        out.stderr
+            .contains("the socket callback is not attached (attaching it needs CAP_NET_ADMIN)"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn cap_net_admin_adds_the_socket_callback() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+        "--bounding-set=-all,+bpf,+perfmon,+net_admin",
+        "--",
+    ])
+    .arg(tcptrace_bin())
+    .args(["--port", &port.to_string(), "--format", "json"]);
+    let tracer = Tracer::start_cmd(cmd);
+    let pid = tracer.pid();
+    // The kernel keeps the first 15 bytes of a program's name.
+    let callbacks = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+            .filter(|s| s.lines().any(|l| l == "prog_type:\t13"))
+            .count()
+    };
+    assert_eq!(callbacks(pid), 1, "one sock_ops program held");
+    assert!(loaded_bpf_programs().iter().any(|n| n == "socket_callback"));
+    ns.connections(&format!("127.0.0.1:{port}"), 1);
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(!out.stderr.contains("socket callback"), "{}", out.stderr);
+    // Its transitions and the tracepoint's make one orderly connection,
+    // each change once.
+    assert_eq!(out.rows().len(), 12, "{}", out.stdout);
+    let lives = out.lives();
+    life(
+        &lives,
+        "CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE",
+    );
+    life(
+        &lives,
+        "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE",
+    );
+    life(&lives, "CLOSE>LISTEN>CLOSE");
 }
 
 #[test]
@@ -147,24 +198,32 @@ fn kill_9_leaves_no_program_attached() {
         .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
         .filter(|s| s.contains("prog_id:"))
         .collect();
-    let prog_id: u32 = fdinfo[0]
-        .lines()
-        .find_map(|l| l.strip_prefix("prog_id:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let prog_ids: Vec<u32> = fdinfo
+        .iter()
+        .map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    // The two tracepoint programs and the socket callback, at least.
+    assert!(prog_ids.len() >= 3, "{prog_ids:?}");
     assert!(ours() >= 1);
     let out = tracer.signal(libc::SIGKILL);
     assert!(!out.status.success());
-    // The program is freed once its last reference (our link) is gone.
+    // A program is freed once its last reference (our link) is gone.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while prog_exists(prog_id) {
-        assert!(
-            Instant::now() < deadline,
-            "program {prog_id} still loaded after kill -9"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    for id in prog_ids {
+        while prog_exists(id) {
+            assert!(
+                Instant::now() < deadline,
+                "program {id} still loaded after kill -9"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

@@ -124,6 +124,10 @@ pub struct SockLayout {
     /// namespace's inode (`ns.inum`).
     pub net: u32,
     pub inum: u32,
+    /// `bpf_sock_ops_cb_flags` (u8): whether the kernel calls the socket
+    /// callback ([`PROGRAM_CALLBACK`]) on this socket's state changes. 0 when
+    /// the kernel has none; then the callback is not attached.
+    pub ops_flags: u32,
 }
 
 /// The program's load-time configuration (a read-only global, so the
@@ -139,6 +143,9 @@ pub struct Config {
     pub port_filters: u32,
     /// Keep only the network namespace with this inode (0: all).
     pub netns_only: u32,
+    /// Nonzero when userspace attaches [`PROGRAM_CALLBACK`]: only then may
+    /// a transition the callback claims be left to it.
+    pub callback: u32,
     pub reset_sent: ResetLayout,
     pub reset_received: ResetLayout,
 }
@@ -175,13 +182,22 @@ pub const COUNTER_LOST: u32 = 0;
 pub const COUNTER_FILTERED: u32 = 1;
 /// Transitions [`PROGRAM`] was skipped for and [`PROGRAM_CATCHER`] saw.
 pub const COUNTER_CAUGHT: u32 = 2;
-pub const COUNTERS_LEN: u32 = 3;
+/// Transitions [`PROGRAM`] was skipped for that [`PROGRAM_CALLBACK`] had
+/// already emitted.
+pub const COUNTER_COVERED: u32 = 3;
+pub const COUNTERS_LEN: u32 = 4;
 /// Names of the programs in the object file.
 pub const PROGRAM: &str = "inet_sock_set_state";
 /// Attached after [`PROGRAM`], to the same tracepoint: emits the
 /// transitions made while [`PROGRAM`] ran on the same CPU, which the
 /// kernel does not run it for.
 pub const PROGRAM_CATCHER: &str = "catch_nested";
+/// A `sock_ops` program on the root cgroup: the kernel calls it from inside
+/// every state change of the sockets it asks to follow (all it sees
+/// connect or accept), just before the tracepoint. It emits their
+/// transitions the task does not make itself, which the kernel sometimes
+/// runs the tracepoint's programs for not at all.
+pub const PROGRAM_CALLBACK: &str = "socket_callback";
 pub const PROGRAM_RESET_SENT: &str = "tcp_send_reset";
 pub const PROGRAM_RESET_RECEIVED: &str = "tcp_receive_reset";
 

@@ -8,20 +8,24 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::BPF_RB_NO_WAKEUP,
+    bindings::{
+        BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::bpf_skc_to_tcp_sock,
     },
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_tracepoint, map, sock_ops, tracepoint},
     maps::{Array, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, SockOpsContext, TracePointContext},
 };
 use aya_log_ebpf::error;
 use tcptrace_ebpf::{
-    AF_INET, AF_INET6, COUNTER_CAUGHT, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_LEN, Config, Event,
-    FAMILY_V4, FAMILY_V6, KIND_RESET_RECEIVED, KIND_RESET_SENT, KIND_STATE, PORT_ANY, PORT_LOCAL,
-    PORT_REMOTE, RING_UNUSED_BYTES, RINGS, ResetLayout, SockLayout, in_owner_context,
+    AF_INET, AF_INET6, COUNTER_CAUGHT, COUNTER_COVERED, COUNTER_FILTERED, COUNTER_LOST,
+    COUNTERS_LEN, Config, Event, FAMILY_V4, FAMILY_V6, KIND_RESET_RECEIVED, KIND_RESET_SENT,
+    KIND_STATE, PORT_ANY, PORT_LOCAL, PORT_REMOTE, RING_UNUSED_BYTES, RINGS, ResetLayout,
+    SockLayout, in_owner_context,
 };
 
 #[unsafe(no_mangle)]
@@ -36,10 +40,12 @@ static CONFIG: Config = Config {
         daddr_v6: 0,
         net: 0,
         inum: 0,
+        ops_flags: 0,
     },
     families: 0,
     port_filters: 0,
     netns_only: 0,
+    callback: 0,
     reset_sent: NO_RESETS,
     reset_received: NO_RESETS,
 };
@@ -83,20 +89,38 @@ rings!(0 => EVENTS_0, 1 => EVENTS_1, 2 => EVENTS_2, 3 => EVENTS_3,
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 
-/// A stack, per CPU, of the transitions `inet_sock_set_state` finished
-/// whose catcher run has not come yet; `next` is its top. The catcher pops
-/// its transition. Transitions a softirq makes between the two programs'
-/// runs (a busy softirq can make dozens) push and pop in pairs, so they
-/// never bury an outer claim. While the catcher runs (`catching`), a
-/// nested transition pushes nothing: its own catcher run will be skipped,
-/// and a burst of such claims would otherwise overwrite the running
-/// catcher's, which then emits its transition a second time. A claim left
-/// in the narrow windows around that flag is emptied when a catcher pops
-/// below it, or overwritten once it is the oldest of the ring.
+/// Per CPU, the transitions emitted whose tracepoint runs have not all
+/// come yet, on two stacks.
+///
+/// On `handled`, `inet_sock_set_state` pushes each transition it has
+/// dealt with, and the catcher pops its own: if it is not there, the main
+/// program was skipped. Transitions a softirq makes between the two
+/// programs' runs (a busy softirq can make dozens) push and pop in pairs,
+/// so they never bury an outer claim. While the catcher runs
+/// (`catching`), a nested transition pushes nothing: its own catcher run
+/// will be skipped, and a burst of such claims would otherwise overwrite
+/// the running catcher's, which then emits its transition a second time.
+///
+/// On `emitted`, the socket callback pushes each transition it emitted,
+/// and whichever tracepoint program deals with it pops it. Apart, because
+/// the kernel sometimes runs the callback and not the tracepoint, for
+/// hundreds of transitions in a row: their claims are never popped, and on
+/// `handled` they would overwrite the claim of the transition those
+/// softirqs interrupted.
+///
+/// A claim left behind is emptied when a pop finds one below it, or
+/// overwritten once it is the oldest of the ring.
 #[repr(C)]
 struct Claims {
-    next: u64,
     catching: u64,
+    handled: Stack,
+    emitted: Stack,
+}
+
+#[repr(C)]
+struct Stack {
+    /// The top: `slots[next % CLAIM_SLOTS]` is the next free slot.
+    next: u64,
     slots: [[u64; 2]; CLAIM_SLOTS],
 }
 
@@ -132,6 +156,33 @@ impl Firing {
             u64::from(self.oldstate) << 8 | u64::from(self.newstate),
         ]
     }
+
+    /// The socket as a `struct tcp_sock`; NULL unless a full TCP socket
+    /// (not SCTP or an MPTCP parent). The typed pointer lets the program
+    /// read past `struct sock` into `inet_sock`, where the source address
+    /// and port live.
+    #[inline(always)]
+    fn tcp_sock(&self) -> *const u8 {
+        unsafe { bpf_skc_to_tcp_sock(self.sk as *mut c_void) as *const u8 }
+    }
+
+    /// Whether the kernel called the socket callback for this transition,
+    /// which then emitted it (unless the task makes it: those it leaves to
+    /// the tracepoint, for their pid and comm).
+    #[inline(always)]
+    fn left_to_callback(&self, tp: *const u8) -> bool {
+        let cfg = config();
+        cfg.callback != 0
+            && !in_owner_context(self.oldstate, self.newstate)
+            && read::<u8>(tp, cfg.sock.ops_flags) as u32 & BPF_SOCK_OPS_STATE_CB_FLAG != 0
+    }
+
+    /// True if the socket callback emitted this transition; its claim is
+    /// popped, so that one emission answers one tracepoint run.
+    #[inline(always)]
+    fn taken_from_callback(&self, tp: *const u8, claims: *mut Claims) -> bool {
+        self.left_to_callback(tp) && unsafe { Stack::pop(&raw mut (*claims).emitted, self.claim()) }
+    }
 }
 
 /// The kernel runs a tp_btf program at most once per CPU at a time: a
@@ -141,18 +192,27 @@ impl Firing {
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let firing = Firing::of(&ctx);
-    set_state(&firing);
+    let Some(claims) = CLAIMS.get_ptr_mut(0) else {
+        return 0;
+    };
+    let tp = firing.tcp_sock();
+    if tp.is_null() {
+        count(COUNTER_FILTERED);
+    } else if !firing.taken_from_callback(tp, claims) {
+        set_state(&firing, tp);
+    }
     // Last, so that a transition nested anywhere before this finds no
     // claim of its own and is emitted by the catcher.
-    if let Some(claims) = CLAIMS.get_ptr_mut(0) {
-        unsafe { Claims::push(claims, firing.claim()) };
+    if unsafe { (&raw const (*claims).catching).read_volatile() } == 0 {
+        unsafe { Stack::push(&raw mut (*claims).handled, firing.claim()) };
     }
     0
 }
 
 /// Runs after `inet_sock_set_state` for every transition. If that program
 /// did not claim this very transition it was skipped, nested in its own
-/// run on this CPU, and this one emits the transition instead.
+/// run on this CPU, and this one emits the transition instead, unless the
+/// socket callback did.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn catch_nested(ctx: BtfTracePointContext) -> i32 {
     let firing = Firing::of(&ctx);
@@ -161,27 +221,72 @@ pub fn catch_nested(ctx: BtfTracePointContext) -> i32 {
     };
     let catching = unsafe { &raw mut (*claims).catching };
     unsafe { catching.write_volatile(1) };
-    if !unsafe { Claims::pop(claims, firing.claim()) } {
-        count(COUNTER_CAUGHT);
-        set_state(&firing);
+    if !unsafe { Stack::pop(&raw mut (*claims).handled, firing.claim()) } {
+        let tp = firing.tcp_sock();
+        if tp.is_null() {
+            count(COUNTER_FILTERED);
+        } else if firing.taken_from_callback(tp, claims) {
+            count(COUNTER_COVERED);
+        } else {
+            count(COUNTER_CAUGHT);
+            set_state(&firing, tp);
+        }
     }
     unsafe { catching.write_volatile(0) };
     0
 }
 
+/// Called by the kernel at the start of each state change of a socket it
+/// was asked to follow, before the tracepoint, from the same context. The
+/// kernel has been seen to run the tracepoint's programs not at all for a
+/// burst of softirq transitions (FIN_WAIT1 -> FIN_WAIT2 -> CLOSE) while it
+/// still calls this; so this emits the socket's transitions a packet or
+/// timer drives, and the tracepoint's programs leave those to it. Sockets
+/// are followed from connect() or accept(): the transitions before that
+/// stay with the tracepoint alone.
+#[sock_ops]
+pub fn socket_callback(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // Keeps the flags another program may have asked for.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+        BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn on_state_change(ctx: &SockOpsContext) {
+    let firing = Firing {
+        sk: unsafe { (*ctx.ops).__bindgen_anon_2.sk } as *const c_void,
+        oldstate: ctx.arg(0) as u8,
+        newstate: ctx.arg(1) as u8,
+    };
+    if firing.sk.is_null() || in_owner_context(firing.oldstate, firing.newstate) {
+        return;
+    }
+    let tp = firing.tcp_sock();
+    if tp.is_null() {
+        return;
+    }
+    set_state(&firing, tp);
+    if let Some(claims) = CLAIMS.get_ptr_mut(0) {
+        unsafe { Stack::push(&raw mut (*claims).emitted, firing.claim()) };
+    }
+}
+
 /// A softirq can interrupt these between any two instructions and push
 /// and pop claims of its own, so every access is volatile, in the order
 /// written: that order is what keeps the stack whole.
-impl Claims {
+impl Stack {
     /// Reserves the top slot, then fills it: interrupted in between, a
     /// nested push lands above the reserved slot and pops back to it.
     /// Filling first would let a nested push overwrite this claim.
     #[inline(always)]
-    unsafe fn push(this: *mut Claims, claim: [u64; 2]) {
+    unsafe fn push(this: *mut Stack, claim: [u64; 2]) {
         unsafe {
-            if (&raw const (*this).catching).read_volatile() != 0 {
-                return;
-            }
             let next = (&raw const (*this).next).read_volatile();
             (&raw mut (*this).next).write_volatile(next.wrapping_add(1));
             (&raw mut (*this).slots[next as usize % CLAIM_SLOTS]).write_volatile(claim);
@@ -191,7 +296,7 @@ impl Claims {
     /// Pops `claim` and whatever stale claims lie above it; false if it is
     /// not on the stack.
     #[inline(always)]
-    unsafe fn pop(this: *mut Claims, [sk, states]: [u64; 2]) -> bool {
+    unsafe fn pop(this: *mut Stack, [sk, states]: [u64; 2]) -> bool {
         let next = unsafe { (&raw const (*this).next).read_volatile() };
         // From the top: nearly always the claim is the one just made.
         let mut depth = 0;
@@ -224,17 +329,10 @@ impl Claims {
     }
 }
 
+/// Emits the transition `f` of the TCP socket `tp` unless a filter drops it.
 #[inline(always)]
-fn set_state(f: &Firing) {
+fn set_state(f: &Firing, tp: *const u8) {
     let cfg = config();
-    // NULL unless a full TCP socket (not SCTP or an MPTCP parent); and
-    // the typed pointer lets the program read past `struct sock` into
-    // `inet_sock`, where the source address and port live.
-    let tp = unsafe { bpf_skc_to_tcp_sock(f.sk as *mut c_void) } as *const u8;
-    if tp.is_null() {
-        count(COUNTER_FILTERED);
-        return;
-    }
     let l = &cfg.sock;
     let family: u16 = read(tp, l.family);
     let family_bit = match family {

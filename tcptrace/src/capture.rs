@@ -7,19 +7,19 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, CgroupAttachMode, SockOps, TracePoint},
 };
 use tcptrace_ebpf::{
-    CONFIG_GLOBAL, COUNTER_CAUGHT, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP, Config,
-    EVENTS_MAPS, Event, PORTS_MAP, PROGRAM, PROGRAM_CATCHER, RING_BYTES, RING_UNUSED_BYTES, RINGS,
-    SockLayout,
+    CONFIG_GLOBAL, COUNTER_CAUGHT, COUNTER_COVERED, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP,
+    Config, EVENTS_MAPS, Event, PORTS_MAP, PROGRAM, PROGRAM_CALLBACK, PROGRAM_CATCHER, RING_BYTES,
+    RING_UNUSED_BYTES, RINGS, SockLayout,
 };
 
 use crate::btf::Btf;
 use crate::decode;
 use crate::filter::Filter;
 use crate::ring::Ring;
-use crate::{layout, object, privileges, tracefs};
+use crate::{cgroup, layout, object, privileges, tracefs};
 use tcptrace_ebpf::{PROGRAM_RESET_RECEIVED, PROGRAM_RESET_SENT, ResetLayout};
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -94,6 +94,7 @@ impl Capture {
             format!("cannot read the kernel's BTF ({BTF_PATH}); tcptrace needs a kernel built with CONFIG_DEBUG_INFO_BTF")
         })?;
         let sock = sock_layout(&Btf::parse(&btf_data).context(BTF_PATH)?)?;
+        let callback_cgroup = callback_cgroup(&sock);
         let (ports, port_filters) = filter.kernel_ports();
         let (reset_sent, reset_received, reasons) = reset_layouts();
         let config = Config {
@@ -101,6 +102,7 @@ impl Capture {
             families: filter.kernel_families(),
             port_filters: u32::from(port_filters),
             netns_only: filter.spec().netns.unwrap_or(0),
+            callback: u32::from(callback_cgroup.is_some()),
             reset_sent,
             reset_received,
         };
@@ -165,6 +167,12 @@ impl Capture {
                     layout::NAME
                 )))
             })?;
+        }
+
+        if let Some(root) = callback_cgroup
+            && let Err(e) = attach_callback(&mut ebpf, &root)
+        {
+            log::warn!("{}", without_callback(&format!("{e:#}")));
         }
 
         // Resets only annotate closes: without them tcptrace still traces.
@@ -288,12 +296,16 @@ impl Capture {
         };
         // The catcher's own misses are transitions the main program did
         // not miss (it had finished, or the catcher would not run alone).
-        let (skipped, caught) = (recursion_misses(self.program_fd), sum(COUNTER_CAUGHT)?);
-        log::trace!("runs skipped by the kernel: {skipped}, emitted by the catcher: {caught}");
+        let skipped = recursion_misses(self.program_fd);
+        let (caught, covered) = (sum(COUNTER_CAUGHT)?, sum(COUNTER_COVERED)?);
+        log::trace!(
+            "runs skipped by the kernel: {skipped}, emitted by the catcher: {caught}, \
+             by the socket callback: {covered}"
+        );
         Ok(Counters {
             lost: sum(COUNTER_LOST)?,
             filtered: sum(COUNTER_FILTERED)?,
-            missed: skipped.saturating_sub(caught),
+            missed: skipped.saturating_sub(caught + covered),
         })
     }
 
@@ -303,6 +315,52 @@ impl Capture {
             l.flush();
         }
     }
+}
+
+/// Where to attach the socket callback, if it can be: the root of the
+/// cgroup v2 hierarchy. Says why not otherwise; tracing goes on without.
+fn callback_cgroup(sock: &SockLayout) -> Option<std::path::PathBuf> {
+    let why_not = if sock.ops_flags == 0 {
+        "this kernel's sockets have no BPF callback flags".to_string()
+    } else if !privileges::can_attach_callback(privileges::effective()) {
+        "attaching it needs CAP_NET_ADMIN".to_string()
+    } else {
+        match cgroup::root() {
+            Ok(root) => return Some(root),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    log::warn!("{}", without_callback(&why_not));
+    None
+}
+
+fn without_callback(why: &str) -> String {
+    format!(
+        "the socket callback is not attached ({why}): transitions the kernel does not run \
+         tracepoint programs for (seen under heavy connection churn) are reported as gaps \
+         instead of shown"
+    )
+}
+
+/// Loads the socket callback and attaches it to the cgroup at `root`.
+fn attach_callback(ebpf: &mut Ebpf, root: &std::path::Path) -> Result<()> {
+    let cgroup = fs::File::open(root)
+        .with_context(|| format!("cannot open the cgroup {}", root.display()))?;
+    let program: &mut SockOps = ebpf
+        .program_mut(PROGRAM_CALLBACK)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {PROGRAM_CALLBACK}"))?
+        .try_into()
+        .map_err(|e| anyhow!("{e}"))?;
+    program
+        .load()
+        .map_err(|e| anyhow!(e).context("the kernel refused it"))?;
+    // aya attaches through a BPF link, which the kernel always adds next
+    // to the cgroup's other programs, and which refuses any mode flag.
+    program
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(|e| anyhow!(e).context(format!("cannot attach it to {}", root.display())))?;
+    log::debug!("socket callback attached to {}", root.display());
+    Ok(())
 }
 
 /// The kernel's count of runs of a program it skipped (its fdinfo).
@@ -437,6 +495,10 @@ fn sock_layout(btf: &Btf) -> Result<SockLayout> {
                 "sock_common.skc_net.net",
             )?,
         inum: need(btf.path_offset("net", &["ns", "inum"]), "net.ns.inum")?,
+        // Absent from a kernel built without CONFIG_BPF: no callback then.
+        ops_flags: btf
+            .member_offset("tcp_sock", "bpf_sock_ops_cb_flags")
+            .unwrap_or(0),
     })
 }
 

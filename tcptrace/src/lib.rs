@@ -7,6 +7,7 @@ pub mod analyse;
 pub mod attribute;
 pub mod btf;
 pub mod capture;
+pub mod cgroup;
 pub mod cli;
 pub mod decode;
 pub mod fasthash;

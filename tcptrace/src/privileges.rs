@@ -3,6 +3,7 @@
 
 use std::fs;
 
+pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
@@ -102,6 +103,12 @@ pub fn drop_all() -> std::io::Result<()> {
     }
 }
 
+/// Loading and attaching the socket callback (a cgroup `sock_ops`
+/// program) also needs CAP_NET_ADMIN; CAP_SYS_ADMIN covers it as well.
+pub fn can_attach_callback(eff: u64) -> bool {
+    eff & (1 << CAP_NET_ADMIN | 1 << CAP_SYS_ADMIN) != 0
+}
+
 pub fn can_mount(eff: u64) -> bool {
     eff & (1 << CAP_SYS_ADMIN) != 0
 }
@@ -116,6 +123,8 @@ mod tests {
         let eff = parse_cap_eff(status).unwrap();
         assert_eq!(missing_for_tracing(eff), Vec::<&str>::new());
         assert!(!can_mount(eff));
+        assert!(!can_attach_callback(eff));
+        assert!(can_attach_callback(eff | 1 << CAP_NET_ADMIN));
     }
 
     #[test]

@@ -898,9 +898,10 @@ struct ProgStats {
     /// Summed over the programs.
     run_time_ns: u64,
     recursion_misses: u64,
-    /// Of the program that ran most: one runs for every transition
-    /// (tcptrace's catcher, tcpstates' only program); the reset programs
-    /// run at most once per connection.
+    /// Of the tracepoint program that ran most: one runs for every
+    /// transition (tcptrace's catcher, tcpstates' only program); the reset
+    /// programs run at most once per connection. tcptrace's socket callback
+    /// runs for other socket events too, so it is not a measure of them.
     run_cnt: u64,
 }
 
@@ -930,8 +931,10 @@ fn prog_stats(pid: i32) -> Result<ProgStats> {
         };
         s.run_time_ns += field("run_time_ns");
         s.recursion_misses += field("recursion_misses");
-        let cnt = field("run_cnt");
-        s.run_cnt = s.run_cnt.max(cnt);
+        const BPF_PROG_TYPE_SOCK_OPS: u64 = 13;
+        if field("prog_type") != BPF_PROG_TYPE_SOCK_OPS {
+            s.run_cnt = s.run_cnt.max(field("run_cnt"));
+        }
     }
     if s.programs == 0 {
         bail!("process {pid} holds no BPF program");
