@@ -162,6 +162,29 @@ pub struct Attributor {
     gaps: u64,
     /// Sockets whose end never arrived, until taken.
     unseen_ends: Vec<UnseenEnd>,
+    /// The latest closes, direct-mapped by address: the second copy of a
+    /// close the kernel reports twice arrives when the socket is gone.
+    closes: Vec<Option<Transition>>,
+}
+
+/// Entries of [`Attributor::closes`]: copies come a few hundred
+/// microseconds apart, when a few thousand sockets at most have closed.
+const CLOSES: usize = 4096;
+
+/// Whether `a` and `b` are one report of the same change of one socket.
+fn same_change(a: &Transition, b: &Transition) -> bool {
+    (a.skaddr, a.old, a.new, a.local, a.remote, a.netns)
+        == (b.skaddr, b.old, b.new, b.local, b.remote, b.netns)
+}
+
+fn same_addresses(a: &Transition, b: &Transition) -> bool {
+    (a.local, a.remote, a.netns) == (b.local, b.remote, b.netns)
+}
+
+fn close_slot(skaddr: u64) -> usize {
+    // Sockets are slab objects of a kilobyte or more: the low bits are
+    // alike.
+    (skaddr >> 10) as usize % CLOSES
 }
 
 /// A socket that never reported its way to CLOSE: its address started a new
@@ -232,11 +255,14 @@ impl Attributor {
     /// The row for `t`, or None when `t` is the transition its socket made
     /// last, reported again. A state machine cannot repeat a change (its
     /// state is now the new one), yet under full churn the kernel's
-    /// tracepoint delivers about one transition in three million twice, a
-    /// timer tick apart; tcptrace shows it once. A start of life is never a
-    /// repeat: on a known address it is a new socket whose predecessor's
-    /// close was lost.
+    /// tracepoint delivers about one transition in a million twice, up to
+    /// a millisecond apart; tcptrace shows it once. That includes a start
+    /// of life with the same addresses, and a close arriving after its
+    /// socket is gone (also once a new socket took its address).
     pub fn observe(&mut self, t: &Transition) -> Option<Row> {
+        if self.is_late_copy(t) {
+            return None;
+        }
         // A socket address can be reused once the socket is freed; a start
         // of life on a known address is a new socket, and the old one's
         // way to CLOSE never arrived.
@@ -339,8 +365,34 @@ impl Attributor {
         }
         if t.new == State::CLOSE {
             self.socks.remove(&t.skaddr);
+            if self.closes.is_empty() {
+                self.closes.resize(CLOSES, None);
+            }
+            self.closes[close_slot(t.skaddr)] = Some(*t);
         }
         Some(row)
+    }
+
+    /// A second copy of the start of the socket now at `t`'s address, or
+    /// of the close of the one before it.
+    fn is_late_copy(&self, t: &Transition) -> bool {
+        if starts_life(t.old, t.new) {
+            return self
+                .socks
+                .get(&t.skaddr)
+                .is_some_and(|s| same_change(&s.last, t));
+        }
+        t.new == State::CLOSE
+            && self
+                .closes
+                .get(close_slot(t.skaddr))
+                .and_then(Option::as_ref)
+                .is_some_and(|c| same_change(c, t))
+            // A live socket making this very change now is no copy.
+            && self
+                .socks
+                .get(&t.skaddr)
+                .is_none_or(|s| s.last.new != t.old || !same_addresses(&s.last, t))
     }
 
     fn forget_listener(&mut self, t: &Transition) {
@@ -965,25 +1017,32 @@ mod tests {
             "10.0.0.1:0",
             "10.0.0.2:80",
         );
-        let established = Transition {
-            old: State::SYN_SENT,
-            new: State::ESTABLISHED,
-            ts_ns: 2,
-            local: "10.0.0.1:4000".parse().unwrap(),
-            ..connect
-        };
         let first = a.observe(&connect).expect("a first transition");
-        // A new socket at the address of one whose close was lost.
+        // The same start again: a copy.
+        assert!(
+            a.observe(&Transition {
+                ts_ns: 2,
+                ..connect
+            })
+            .is_none()
+        );
+        // A new socket at the address of one whose close was lost goes
+        // elsewhere.
         let second = a
             .observe(&Transition {
                 ts_ns: 2,
+                remote: "10.0.0.3:80".parse().unwrap(),
                 ..connect
             })
             .expect("a new life, not a repeat");
         assert_ne!(second.sock, first.sock);
         let established = Transition {
+            old: State::SYN_SENT,
+            new: State::ESTABLISHED,
             ts_ns: 3,
-            ..established
+            local: "10.0.0.1:4000".parse().unwrap(),
+            remote: "10.0.0.3:80".parse().unwrap(),
+            ..connect
         };
         let row = a.observe(&established).expect("a change of state");
         assert!(
@@ -1012,6 +1071,39 @@ mod tests {
             })
             .is_some()
         );
+    }
+
+    /// The server side of a churn: the kernel reported a child's last
+    /// change twice, the second copy after the socket was gone, and once
+    /// after a new child took its address.
+    #[test]
+    fn a_close_delivered_twice_is_shown_once_even_after_the_address_is_reused() {
+        let mut a = Attributor::new();
+        let server = task(9, "server");
+        let child = |ts, old, new, peer| tr(ts, 0xc, server, old, new, "10.0.0.1:80", peer);
+        let peer = "10.0.0.2:5000";
+        a.observe_row(&child(1, State::LISTEN, State::SYN_RECV, peer));
+        a.observe_row(&child(2, State::SYN_RECV, State::ESTABLISHED, peer));
+        a.observe_row(&child(3, State::ESTABLISHED, State::CLOSE_WAIT, peer));
+        a.observe_row(&child(4, State::CLOSE_WAIT, State::LAST_ACK, peer));
+        let last_ack_close = child(5, State::LAST_ACK, State::CLOSE, peer);
+        a.observe_row(&last_ack_close);
+        let copy = Transition {
+            ts_ns: 6,
+            ..last_ack_close
+        };
+        assert!(a.observe(&copy).is_none(), "a copy after the close");
+        let next = "10.0.0.2:5001";
+        let reborn = a.observe_row(&child(7, State::LISTEN, State::SYN_RECV, next));
+        assert!(a.observe(&copy).is_none(), "a copy after the reuse");
+        // The new child was left alone: no gap, and its own changes count.
+        let row = a.observe_row(&child(8, State::SYN_RECV, State::ESTABLISHED, next));
+        assert_eq!((row.sock, row.dwell_ns), (reborn.sock, Some(1)));
+        assert_eq!(a.gaps(), 0);
+        // The new child closing the same way is its own close, not a copy.
+        a.observe_row(&child(9, State::ESTABLISHED, State::CLOSE_WAIT, next));
+        a.observe_row(&child(10, State::CLOSE_WAIT, State::LAST_ACK, next));
+        a.observe_row(&child(11, State::LAST_ACK, State::CLOSE, next));
     }
 
     #[test]
