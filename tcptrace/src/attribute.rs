@@ -294,6 +294,11 @@ impl Attributor {
                 } else {
                     self.existing.remove(&(t.netns, t.local, t.remote))
                 };
+                // A child's LISTEN -> SYN_RECV fires just before this, in
+                // the same softirq: a child first seen here lost it.
+                if known.is_none() && (t.old, t.new) == (State::SYN_RECV, State::ESTABLISHED) {
+                    self.gaps += 1;
+                }
                 let (id, owner) = match known {
                     Some(k) => k,
                     None => {
@@ -1071,6 +1076,18 @@ mod tests {
             })
             .is_some()
         );
+    }
+
+    #[test]
+    fn a_child_first_seen_established_lost_its_start() {
+        let mut a = Attributor::new();
+        let me = task(9, "server");
+        let at = |ts, sk, old, new| tr(ts, sk, me, old, new, "10.0.0.1:80", "10.0.0.2:5000");
+        a.observe_row(&at(1, 0xd, State::SYN_RECV, State::ESTABLISHED));
+        assert_eq!(a.gaps(), 1);
+        // A client whose connect began before tracing did: no gap.
+        a.observe_row(&at(2, 0xe, State::SYN_SENT, State::ESTABLISHED));
+        assert_eq!(a.gaps(), 1);
     }
 
     /// The server side of a churn: the kernel reported a child's last
