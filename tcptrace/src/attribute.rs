@@ -171,14 +171,13 @@ pub struct Attributor {
 /// microseconds apart, when a few thousand sockets at most have closed.
 const CLOSES: usize = 4096;
 
-/// Whether `a` and `b` are one report of the same change of one socket.
-fn same_change(a: &Transition, b: &Transition) -> bool {
-    (a.skaddr, a.old, a.new, a.local, a.remote, a.netns)
-        == (b.skaddr, b.old, b.new, b.local, b.remote, b.netns)
-}
-
 fn same_addresses(a: &Transition, b: &Transition) -> bool {
     (a.local, a.remote, a.netns) == (b.local, b.remote, b.netns)
+}
+
+/// Whether `a` and `b` are one report of the same change of one socket.
+fn same_change(a: &Transition, b: &Transition) -> bool {
+    (a.skaddr, a.old, a.new) == (b.skaddr, b.old, b.new) && same_addresses(a, b)
 }
 
 fn close_slot(skaddr: u64) -> usize {
@@ -279,11 +278,7 @@ impl Attributor {
         }
         let sock = match self.socks.entry(t.skaddr) {
             Entry::Occupied(o) => {
-                let last = &o.get().last;
-                if t.old != t.new && (last.old, last.new) == (t.old, t.new) {
-                    return None;
-                }
-                self.gaps += u64::from(t.old != last.new);
+                self.gaps += u64::from(t.old != o.get().last.new);
                 o.into_mut()
             }
             Entry::Vacant(v) => {
@@ -378,14 +373,17 @@ impl Attributor {
         Some(row)
     }
 
-    /// A second copy of the start of the socket now at `t`'s address, or
-    /// of the close of the one before it.
+    /// A second copy of the last change of the socket now at `t`'s
+    /// address (of its start, only with the same addresses: otherwise a new
+    /// socket took the address), or of the close of the one before it.
     fn is_late_copy(&self, t: &Transition) -> bool {
-        if starts_life(t.old, t.new) {
-            return self
-                .socks
-                .get(&t.skaddr)
-                .is_some_and(|s| same_change(&s.last, t));
+        let live = self.socks.get(&t.skaddr);
+        if live.is_some_and(|s| {
+            t.old != t.new
+                && (s.last.old, s.last.new) == (t.old, t.new)
+                && (!starts_life(t.old, t.new) || same_addresses(&s.last, t))
+        }) {
+            return true;
         }
         t.new == State::CLOSE
             && self
@@ -394,10 +392,7 @@ impl Attributor {
                 .and_then(Option::as_ref)
                 .is_some_and(|c| same_change(c, t))
             // A live socket making this very change now is no copy.
-            && self
-                .socks
-                .get(&t.skaddr)
-                .is_none_or(|s| s.last.new != t.old || !same_addresses(&s.last, t))
+            && live.is_none_or(|s| s.last.new != t.old || !same_addresses(&s.last, t))
     }
 
     fn forget_listener(&mut self, t: &Transition) {
