@@ -64,16 +64,10 @@ fn the_reader_runs_ahead_of_the_workload_unless_told_not_to() {
 fn cap_bpf_and_cap_perfmon_are_enough() {
     let ns = Netns::new();
     let port = unique_port();
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--inh-caps=-all",
-        "--ambient-caps=-all",
-        "--bounding-set=-all,+bpf,+perfmon",
-        "--",
-    ])
-    .arg(tcptrace_bin())
-    .args(["--port", &port.to_string(), "--format", "json"]);
-    let tracer = Tracer::start_cmd(cmd);
+    let tracer = Tracer::start_with_only(
+        &["bpf", "perfmon"],
+        &["--port", &port.to_string(), "--format", "json"],
+    );
     let server = ns.peer(&[
         "server",
         &format!("0.0.0.0:{port}"),
@@ -106,26 +100,18 @@ fn cap_bpf_and_cap_perfmon_are_enough() {
 fn cap_net_admin_adds_the_socket_callback() {
     let ns = Netns::new();
     let port = unique_port();
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--inh-caps=-all",
-        "--ambient-caps=-all",
-        "--bounding-set=-all,+bpf,+perfmon,+net_admin",
-        "--",
-    ])
-    .arg(tcptrace_bin())
-    .args(["--port", &port.to_string(), "--format", "json"]);
-    let tracer = Tracer::start_cmd(cmd);
-    let pid = tracer.pid();
-    // The kernel keeps the first 15 bytes of a program's name.
-    let callbacks = |pid: u32| {
-        std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-            .unwrap()
-            .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
-            .filter(|s| s.lines().any(|l| l == "prog_type:\t13"))
-            .count()
-    };
-    assert_eq!(callbacks(pid), 1, "one sock_ops program held");
+    let tracer = Tracer::start_with_only(
+        &["bpf", "perfmon", "net_admin"],
+        &["--port", &port.to_string(), "--format", "json"],
+    );
+    const BPF_PROG_TYPE_SOCK_OPS: &str = "prog_type:\t13";
+    let sock_ops_held = std::fs::read_dir(format!("/proc/{}/fdinfo", tracer.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+        .filter(|s| s.lines().any(|l| l == BPF_PROG_TYPE_SOCK_OPS))
+        .count();
+    assert_eq!(sock_ops_held, 1, "one sock_ops program held");
+    // By its name (the kernel keeps the first 15 bytes, all of this one).
     assert!(loaded_bpf_programs().iter().any(|n| n == "socket_callback"));
     ns.connections(&format!("127.0.0.1:{port}"), 1);
     let out = tracer.stop();

@@ -302,6 +302,19 @@ impl Tracer {
         Tracer::start_cmd(cmd)
     }
 
+    /// Starts tcptrace as root holding only the capabilities `caps`
+    /// (setpriv's names: "bpf", "perfmon", ...), none inheritable.
+    pub fn start_with_only(caps: &[&str], args: &[&str]) -> Tracer {
+        let bounding: String = caps.iter().map(|c| format!(",+{c}")).collect();
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--inh-caps=-all", "--ambient-caps=-all"])
+            .arg(format!("--bounding-set=-all{bounding}"))
+            .arg("--")
+            .arg(tcptrace_bin())
+            .args(args);
+        Tracer::start_cmd(cmd)
+    }
+
     /// Starts a prepared command (tcptrace behind setpriv, say).
     pub fn start_cmd(mut cmd: Command) -> Tracer {
         cmd.stdout(Stdio::piped());
