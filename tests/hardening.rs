@@ -360,19 +360,7 @@ fn a_stalled_reader_loses_events_says_so_and_carries_on() {
         "-q",
         "--no-timewait",
     ]);
-    let churn_bin = tcptrace_tests::peer_bin().with_file_name("tt-churn");
-    let mut churn = std::process::Command::new(churn_bin);
-    churn
-        .args([
-            "--seconds",
-            "5",
-            "--port",
-            &port.to_string(),
-            "--mode",
-            "reset",
-        ])
-        .stdout(Stdio::piped());
-    let churn = ns.spawn(&mut churn);
+    let churn = ns.churn(port, 5, &["--mode", "reset"]);
     // Stop the reader while the churn fills its 32 MiB ring.
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child.
@@ -380,12 +368,7 @@ fn a_stalled_reader_loses_events_says_so_and_carries_on() {
     std::thread::sleep(Duration::from_secs(4));
     // SAFETY: as above.
     unsafe { libc::kill(tracer.pid() as i32, libc::SIGCONT) };
-    let done = churn.wait_with_output().unwrap();
-    assert!(
-        done.status.success(),
-        "{}",
-        String::from_utf8_lossy(&done.stdout)
-    );
+    let expected = churn.expected();
     // Capture goes on after the overflow.
     ns.peer(&[
         "server",
@@ -406,16 +389,6 @@ fn a_stalled_reader_loses_events_says_so_and_carries_on() {
     assert!(lost > 0, "{}", out.stderr);
     assert!(shown > 0);
     // The churn's own count says how many there were: shown + lost covers it.
-    let expected = String::from_utf8_lossy(&done.stdout)
-        .split("\"expected_transitions\":")
-        .nth(1)
-        .and_then(|s| {
-            s.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .expect("tt-churn reports its expected transitions");
     let missed = out.missed();
     assert!(
         shown + lost + missed >= expected,

@@ -433,18 +433,7 @@ fn a_full_disk_stops_the_run_and_keeps_every_whole_line() {
     let dir = TempDir::new("full");
     let mnt = dir.path("small");
     fs::create_dir_all(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16k", "tmpfs", &mnt])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    struct Unmount(String);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
+    let _mount = Tmpfs::mount(&mnt, "16k");
     let file = format!("{mnt}/rec.jsonl");
     let port = unique_port();
     let tracer = Tracer::start(&["--port", &port.to_string(), "-w", &file, "-q"]);
@@ -485,6 +474,94 @@ fn a_full_disk_stops_the_run_and_keeps_every_whole_line() {
         "{}",
         read.stderr
     );
+}
+
+/// Every line of a recording parsed; the rows (lines without a "type").
+fn whole_rows(text: &str) -> Vec<Value> {
+    assert!(text.ends_with('\n'), "only whole lines");
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .filter(|v| v.get("type").is_none())
+        .collect()
+}
+
+#[test]
+fn a_recording_at_full_churn_is_exactly_the_rows_shown() {
+    // Hundreds of MB a second: most of it reaches the file past the page
+    // cache, in blocks, and the file must still be the rows printed, byte
+    // for byte and in order.
+    let ns = Netns::new();
+    let dir = TempDir::new("churn");
+    let file = dir.path("rec.jsonl");
+    let port = unique_port();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "-w",
+        &file,
+        "--format",
+        "json",
+        "--time",
+        "utc",
+        "--no-timewait",
+    ]);
+    ns.churn(port, 1, &[]).expected();
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    let text = fs::read_to_string(&file).unwrap();
+    assert!(
+        text.len() > 8 << 20,
+        "{} bytes: a burst, not a trickle",
+        text.len()
+    );
+    let rows = whole_rows(&text);
+    let (shown, _, _) = out.stats();
+    assert_eq!(rows.len() as u64, shown, "every row shown is in the file");
+    let body = text
+        .lines()
+        .filter(|l| !l.starts_with("{\"type\":"))
+        .flat_map(|l| [l, "\n"])
+        .collect::<String>();
+    assert!(
+        body == out.stdout,
+        "the file's rows differ from the rows printed"
+    );
+    let stats: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(stats["type"], "stats");
+    assert_eq!(stats["events"].as_u64(), Some(shown));
+}
+
+#[test]
+fn a_full_disk_in_a_burst_keeps_every_whole_line() {
+    let ns = Netns::new();
+    let dir = TempDir::new("fullburst");
+    let mnt = dir.path("small");
+    fs::create_dir_all(&mnt).unwrap();
+    let _mount = Tmpfs::mount(&mnt, "4m");
+    let file = format!("{mnt}/rec.jsonl");
+    let port = unique_port();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "-w",
+        &file,
+        "-q",
+        "--no-timewait",
+    ]);
+    ns.churn(port, 1, &[]).expected();
+    let out = tracer.wait();
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("No space left on device"),
+        "{}",
+        out.stderr
+    );
+    let text = fs::read_to_string(&file).unwrap();
+    let rows = whole_rows(&text);
+    assert!(text.len() > 3 << 20, "{} bytes kept of 4 MiB", text.len());
+    // The message's count of what is in the file is the file's.
+    let kept = format!("the {} recorded before are in the file", rows.len());
+    assert!(out.stderr.contains(&kept), "{kept:?} in {}", out.stderr);
 }
 
 #[test]
@@ -628,4 +705,24 @@ fn the_html_report_renders_in_headless_chromium_with_its_three_charts() {
     let shot = chromium(&[&format!("--screenshot={png}")]);
     assert!(shot.status.success());
     assert!(fs::metadata(&png).unwrap().len() > 20_000, "a real picture");
+}
+
+/// A small tmpfs, unmounted when dropped, even by a failing test.
+struct Tmpfs(String);
+
+impl Tmpfs {
+    fn mount(dir: &str, size: &str) -> Tmpfs {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount a tmpfs on {dir}");
+        Tmpfs(dir.to_string())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }

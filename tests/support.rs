@@ -148,6 +148,21 @@ impl Netns {
         server.finish();
     }
 
+    /// Starts the load generator (`tt-churn`) in the namespace for
+    /// `seconds` against `port`, with `extra` flags (`--mode reset`, ...).
+    pub fn churn(&self, port: u16, seconds: u32, extra: &[&str]) -> Churn {
+        let mut cmd = Command::new(peer_bin().with_file_name("tt-churn"));
+        cmd.args([
+            "--seconds",
+            &seconds.to_string(),
+            "--port",
+            &port.to_string(),
+        ])
+        .args(extra)
+        .stdout(Stdio::piped());
+        Churn(self.spawn(&mut cmd))
+    }
+
     /// Starts a scenario peer in the namespace.
     pub fn peer(&self, args: &[&str]) -> Peer {
         let mut cmd = Command::new(peer_bin());
@@ -481,6 +496,11 @@ impl Output {
             .lines()
             .find(|l| l.contains(" transitions shown"))
             .unwrap_or_else(|| panic!("no stats line in {:?}", self.stderr));
+        // "N transitions shown (M delivered twice ..., shown once), ...".
+        let line = match (line.find(" transitions shown"), line.find(" shown once)")) {
+            (Some(a), Some(b)) => format!("{}{}", &line[..a + 18], &line[b + 12..]),
+            _ => line.to_string(),
+        };
         let count = |label: &str| -> u64 {
             line.trim_start_matches("tcptrace: ")
                 .split(", ")
@@ -492,6 +512,29 @@ impl Output {
             count(" filtered"),
             count(" lost"),
         )
+    }
+}
+
+/// A running `tt-churn`.
+pub struct Churn(Child);
+
+impl Churn {
+    /// Waits for the end of the churn; returns how many transitions the
+    /// kernel made for its connections, by its own count.
+    pub fn expected(self) -> u64 {
+        let done = self.0.wait_with_output().expect("tt-churn runs");
+        let report = String::from_utf8_lossy(&done.stdout);
+        assert!(done.status.success(), "tt-churn failed: {report}");
+        report
+            .split("\"expected_transitions\":")
+            .nth(1)
+            .and_then(|s| {
+                s.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no expected_transitions in {report:?}"))
     }
 }
 
