@@ -87,17 +87,18 @@ pub const KIND_STATE: u8 = 0;
 pub const KIND_RESET_SENT: u8 = 1;
 pub const KIND_RESET_RECEIVED: u8 = 2;
 
-/// Where the reset tracepoints (`tcp:tcp_send_reset`,
-/// `tcp:tcp_receive_reset`) keep the fields we read, in bytes into their
-/// record. `skaddr` 0 (the record's common fields are there) means the
-/// tracepoint is absent or not understood, and its program is not attached.
+/// What a reset tracepoint (`tcp:tcp_send_reset`, `tcp:tcp_receive_reset`)
+/// passes its tp_btf program: the socket first, always; `tcp_send_reset`'s
+/// third argument is the reason from 6.10, which added it to the record
+/// too, so the format file in tracefs tells.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ResetLayout {
-    pub skaddr: u32,
-    pub reason: u32,
-    /// 0 when the tracepoint has no reason (before 6.10, and for receive).
-    pub reason_size: u32,
+    /// Nonzero: the tracepoint is there and understood, and its program is
+    /// attached.
+    pub present: u32,
+    /// Nonzero: argument 2 is the `enum sk_rst_reason`.
+    pub reason_arg: u32,
 }
 
 /// Where a TCP socket keeps the fields of a transition, in bytes from the

@@ -16,9 +16,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::bpf_skc_to_tcp_sock,
     },
-    macros::{btf_tracepoint, map, sock_ops, tracepoint},
+    macros::{btf_tracepoint, map, sock_ops},
     maps::{Array, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
-    programs::{BtfTracePointContext, SockOpsContext, TracePointContext},
+    programs::{BtfTracePointContext, SockOpsContext},
 };
 use aya_log_ebpf::error;
 use tcptrace_ebpf::{
@@ -58,9 +58,8 @@ fn config() -> Config {
 }
 
 const NO_RESETS: ResetLayout = ResetLayout {
-    skaddr: 0,
-    reason: 0,
-    reason_size: 0,
+    present: 0,
+    reason_arg: 0,
 };
 
 /// Declares the rings (every one a page: userspace sizes the ones in use)
@@ -420,46 +419,41 @@ fn read<T: Copy>(base: *const u8, offset: u32) -> T {
 }
 
 /// Resets tell userspace how a socket closed: received ones fire before the
-/// socket's `-> CLOSE`, sent ones (an abort) just after it.
-#[tracepoint]
-pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    let _ = try_reset(&ctx, &config().reset_sent, KIND_RESET_SENT);
-    0
-}
-
-#[tracepoint]
-pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let _ = try_reset(&ctx, &config().reset_received, KIND_RESET_RECEIVED);
-    0
-}
-
-/// Attached only when userspace understood the record's layout.
-fn try_reset(ctx: &TracePointContext, l: &ResetLayout, kind: u8) -> Result<(), i64> {
-    // Two small reads, not a copy of the record: under churn a reset can
-    // come with most connections (a full time-wait table answers the
-    // peer's FIN with one).
-    let skaddr = match unsafe { ctx.read_at::<u64>(l.skaddr as usize) } {
-        Ok(a) => a,
-        Err(err) => {
-            // Cold: only a record the kernel would not let us read gets here.
-            error!(ctx, "cannot read a reset tracepoint's record: {}", err);
-            return Err(err.into());
+/// socket's `-> CLOSE`, sent ones (an abort) just after it. tp_btf like the
+/// others: under churn a reset comes with most connections (a full time-wait
+/// table answers the peer's FIN with one), and a classic tracepoint would
+/// have the kernel build its whole record (addresses and all) first.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    let reason = if config().reset_sent.reason_arg != 0 {
+        let reason: u32 = ctx.arg(2);
+        if reason > 255 {
+            // Cold: the kernel's list of reasons outgrew the event's byte.
+            error!(&ctx, "reset reason {} does not fit the event", reason);
         }
-    };
-    if skaddr == 0 {
-        // A reset answering a segment no socket owns: no transition to explain.
-        return Ok(());
-    }
-    let reason = if l.reason_size == 4 {
-        unsafe { ctx.read_at::<u32>(l.reason as usize) }
-            .unwrap_or(0)
-            .min(255) as u8
+        reason.min(255) as u8
     } else {
         0
     };
+    reset(ctx.arg(0), reason, KIND_RESET_SENT);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    reset(ctx.arg(0), 0, KIND_RESET_RECEIVED);
+    0
+}
+
+#[inline(always)]
+fn reset(sk: *const c_void, reason: u8, kind: u8) {
+    if sk.is_null() {
+        // A reset answering a segment no socket owns: no transition to explain.
+        return;
+    }
     emit(Event {
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr,
+        skaddr: sk as u64,
         pid: 0,
         netns: 0,
         oldstate: 0,
@@ -474,7 +468,6 @@ fn try_reset(ctx: &TracePointContext, l: &ResetLayout, kind: u8) -> Result<(), i
         reset_reason: reason,
         _pad: [0; 6],
     });
-    Ok(())
 }
 
 /// Everything is read before reserving: a reserved entry must be submitted or

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray},
-    programs::{BtfTracePoint, CgroupAttachMode, SockOps, TracePoint},
+    programs::{BtfTracePoint, CgroupAttachMode, SockOps},
 };
 use tcptrace_ebpf::{
     CONFIG_GLOBAL, COUNTER_CAUGHT, COUNTER_COVERED, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP,
@@ -180,17 +180,16 @@ impl Capture {
             (PROGRAM_RESET_SENT, reset_sent),
             (PROGRAM_RESET_RECEIVED, reset_received),
         ] {
-            if l.skaddr == 0 {
+            if l.present == 0 {
                 continue;
             }
             let attached = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))
-                .and_then(|p| <&mut TracePoint>::try_from(p).map_err(|e| anyhow!("{e}")))
+                .and_then(|p| <&mut BtfTracePoint>::try_from(p).map_err(|e| anyhow!("{e}")))
                 .and_then(|p| {
-                    p.load().map_err(|e| anyhow!(e))?;
-                    p.attach(layout::RESET_CATEGORY, name)
-                        .map_err(|e| anyhow!(e))
+                    p.load(name, &btf).map_err(|e| anyhow!(e))?;
+                    p.attach().map_err(|e| anyhow!(e))
                 });
             if let Err(e) = attached {
                 log::warn!("resets will not be annotated: cannot attach to tcp:{name}: {e:#}");
@@ -502,7 +501,7 @@ fn sock_layout(btf: &Btf) -> Result<SockLayout> {
     })
 }
 
-/// Where the reset tracepoints keep their fields, and the names of the
+/// What the reset tracepoints pass their programs, and the names of the
 /// reasons. They only annotate closes: without tracefs or the tracepoints
 /// tcptrace still traces every transition.
 fn reset_layouts() -> (ResetLayout, ResetLayout, Vec<(u8, String)>) {

@@ -42,13 +42,10 @@ fn fields(format: &str) -> Result<HashMap<&str, (u32, u32)>> {
 /// (`__print_symbolic(REC->reason, { 0, "NOT_SPECIFIED" }, ...)`).
 pub fn parse_reset(format: &str) -> Result<(ResetLayout, Vec<(u8, String)>)> {
     let fields = fields(format)?;
-    let Some(&(skaddr @ 1.., 8)) = fields.get("skaddr") else {
+    let Some(&(1.., 8)) = fields.get("skaddr") else {
         bail!("no 8-byte skaddr field");
     };
-    let (reason, reason_size) = match fields.get("reason") {
-        Some(&(o, 4)) => (o, 4),
-        _ => (0, 0),
-    };
+    let reason_arg = matches!(fields.get("reason"), Some(&(_, 4)));
     let mut names = Vec::new();
     if let Some(table) = format.split("REC->reason,").nth(1) {
         let table = table.split(')').next().unwrap_or("");
@@ -65,9 +62,8 @@ pub fn parse_reset(format: &str) -> Result<(ResetLayout, Vec<(u8, String)>)> {
     }
     Ok((
         ResetLayout {
-            skaddr,
-            reason,
-            reason_size,
+            present: 1,
+            reason_arg: u32::from(reason_arg),
         },
         names,
     ))
@@ -81,7 +77,7 @@ mod tests {
     fn reset_tracepoints_give_the_socket_and_the_reasons_names() {
         let (sent, names) =
             parse_reset(include_str!("testdata/tcp_send_reset-6.18.format")).unwrap();
-        assert_eq!((sent.skaddr, sent.reason, sent.reason_size), (16, 28, 4));
+        assert_eq!((sent.present, sent.reason_arg), (1, 1));
         assert_eq!(names[0], (0, "NOT_SPECIFIED".to_string()));
         assert!(
             names.contains(&(12, "TCP_ABORT_ON_LINGER".to_string())),
@@ -89,7 +85,7 @@ mod tests {
         );
         let (received, names) =
             parse_reset(include_str!("testdata/tcp_receive_reset-6.18.format")).unwrap();
-        assert_eq!((received.skaddr, received.reason_size), (8, 0));
+        assert_eq!((received.present, received.reason_arg), (1, 0));
         assert!(names.is_empty());
     }
 
