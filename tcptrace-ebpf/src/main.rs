@@ -50,11 +50,14 @@ static CONFIG: Config = Config {
     reset_received: NO_RESETS,
 };
 
-/// The configuration userspace wrote into the object before loading it.
-/// Volatile, or the compiler would fold in the zeros above.
-#[inline(always)]
-fn config() -> Config {
-    unsafe { core::ptr::read_volatile(&CONFIG) }
+/// A field of the configuration userspace wrote into the object before
+/// loading it (`config!(sock.family)`). Volatile, or the compiler would fold
+/// in the zeros above; field by field, because a volatile read of the
+/// whole struct loads every field of it each time.
+macro_rules! config {
+    ($($field:tt)+) => {
+        unsafe { core::ptr::read_volatile(&raw const CONFIG.$($field)+) }
+    };
 }
 
 const NO_RESETS: ResetLayout = ResetLayout {
@@ -172,10 +175,9 @@ impl Firing {
     /// the tracepoint, for their pid and comm).
     #[inline(always)]
     fn left_to_callback(&self, tp: *const u8) -> bool {
-        let cfg = config();
-        cfg.callback != 0
+        config!(callback) != 0
             && !in_owner_context(self.oldstate, self.newstate)
-            && read::<u8>(tp, cfg.sock.ops_flags) as u32 & BPF_SOCK_OPS_STATE_CB_FLAG != 0
+            && read::<u8>(tp, config!(sock.ops_flags)) as u32 & BPF_SOCK_OPS_STATE_CB_FLAG != 0
     }
 
     /// True if the socket callback emitted this transition; its claim is
@@ -348,37 +350,40 @@ impl Stack {
 /// Emits the transition `f` of the TCP socket `tp` unless a filter drops it.
 #[inline(always)]
 fn set_state(f: &Firing, tp: *const u8) {
-    let cfg = config();
-    let l = &cfg.sock;
-    let family: u16 = read(tp, l.family);
+    let family: u16 = read(tp, config!(sock.family));
     let family_bit = match family {
         AF_INET => FAMILY_V4,
         AF_INET6 => FAMILY_V6,
         _ => 0,
     };
-    let sport = u16::from_be(read(tp, l.sport));
-    let dport = u16::from_be(read(tp, l.dport));
-    if cfg.families & family_bit == 0 || !ports_pass(&cfg, sport, dport) {
+    let sport = u16::from_be(read(tp, config!(sock.sport)));
+    let dport = u16::from_be(read(tp, config!(sock.dport)));
+    if config!(families) & family_bit == 0 || !ports_pass(sport, dport) {
         count(COUNTER_FILTERED);
         return;
     }
-    let net: *const u8 = read(tp, l.net);
-    let netns = if net.is_null() { 0 } else { read(net, l.inum) };
-    if cfg.netns_only != 0 && netns != cfg.netns_only {
+    let net: *const u8 = read(tp, config!(sock.net));
+    let netns = if net.is_null() {
+        0
+    } else {
+        read(net, config!(sock.inum))
+    };
+    let netns_only = config!(netns_only);
+    if netns_only != 0 && netns != netns_only {
         count(COUNTER_FILTERED);
         return;
     }
     let mut saddr = [0u32; 4];
     let mut daddr = [0u32; 4];
     if family == AF_INET {
-        saddr[0] = read(tp, l.saddr);
-        daddr[0] = read(tp, l.daddr);
+        saddr[0] = read(tp, config!(sock.saddr));
+        daddr[0] = read(tp, config!(sock.daddr));
     } else {
         // Word by word: the verifier allows a load within one member of
         // `in6_addr`, and its widest is a 32-bit word.
         for i in 0..4 {
-            saddr[i] = read(tp, l.saddr_v6 + 4 * i as u32);
-            daddr[i] = read(tp, l.daddr_v6 + 4 * i as u32);
+            saddr[i] = read(tp, config!(sock.saddr_v6) + 4 * i as u32);
+            daddr[i] = read(tp, config!(sock.daddr_v6) + 4 * i as u32);
         }
     }
     // Nobody uses the task of the other transitions: it is whoever a
@@ -425,7 +430,7 @@ fn read<T: Copy>(base: *const u8, offset: u32) -> T {
 /// have the kernel build its whole record (addresses and all) first.
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
-    let reason = if config().reset_sent.reason_arg != 0 {
+    let reason = if config!(reset_sent.reason_arg) != 0 {
         let reason: u32 = ctx.arg(2);
         if reason > 255 {
             // Cold: the kernel's list of reasons outgrew the event's byte.
@@ -488,8 +493,8 @@ fn emit(event: Event) {
 }
 
 #[inline(always)]
-fn ports_pass(cfg: &Config, sport: u16, dport: u16) -> bool {
-    let wanted = cfg.port_filters as u8;
+fn ports_pass(sport: u16, dport: u16) -> bool {
+    let wanted = config!(port_filters) as u8;
     if wanted == 0 {
         return true;
     }
