@@ -195,6 +195,18 @@ impl Printer {
     }
 
     pub fn row(&mut self, out: &mut impl Write, row: &Row) -> io::Result<()> {
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        self.row_into(&mut line, row);
+        let written = out.write_all(&line);
+        self.line = line;
+        written
+    }
+
+    /// Appends the row to `out`, built in place: live output and recordings
+    /// buffer in a Vec, and a copy of each row into it cost as much as a
+    /// field.
+    pub fn row_into(&mut self, out: &mut Vec<u8>, row: &Row) {
         match self.style.format {
             OutputFormat::Text => self.text(out, row),
             OutputFormat::Json => self.json(out, row),
@@ -203,10 +215,8 @@ impl Printer {
 
     /// Columns padded by hand: `Formatter::pad` costs more than the rest of
     /// the row, and this runs for every row shown or replayed.
-    fn text(&mut self, out: &mut impl Write, row: &Row) -> io::Result<()> {
+    fn text(&mut self, b: &mut Vec<u8>, row: &Row) {
         let t = &row.t;
-        let mut b = std::mem::take(&mut self.line);
-        b.clear();
         if self.style.time != TimeFormat::None {
             self.time_text(t.ts_ns);
             b.extend_from_slice(self.scratch.as_bytes());
@@ -214,22 +224,22 @@ impl Printer {
         }
         match &row.owner {
             Some(o) => {
-                pad_left(&mut b, Digits::new(u64::from(o.pid)).as_bytes(), 7);
+                pad_left(b, itoa::Buffer::new().format(o.pid).as_bytes(), 7);
                 b.extend_from_slice(b"  ");
                 self.scratch.clear();
                 escape_comm(&o.comm.as_str(), &mut self.scratch);
-                pad_right_chars(&mut b, &self.scratch, COMM_WIDTH);
+                pad_right_chars(b, &self.scratch, COMM_WIDTH);
             }
             None => {
-                pad_left(&mut b, b"-", 7);
+                pad_left(b, b"-", 7);
                 b.extend_from_slice(b"  ");
-                pad_right_chars(&mut b, "-", COMM_WIDTH);
+                pad_right_chars(b, "-", COMM_WIDTH);
             }
         }
         b.extend_from_slice(b"  ");
         for addr in [t.local, t.remote] {
             let start = b.len();
-            push_addr(&mut b, &addr);
+            push_addr(b, &addr);
             let used = b.len() - start;
             b.resize(b.len() + ADDR_WIDTH.saturating_sub(used), b' ');
             b.extend_from_slice(b"  ");
@@ -248,7 +258,7 @@ impl Printer {
         let (old_name, new_name) = (old.map_or(Cow::Borrowed("-"), name), name(t.new));
         if self.style.color {
             // Padding outside the colour codes, so columns stay aligned.
-            pad_left(&mut b, b"", 11usize.saturating_sub(old_name.len()));
+            pad_left(b, b"", 11usize.saturating_sub(old_name.len()));
             match old {
                 Some(o) => {
                     let _ = write!(b, "{}{old_name}{SGR_RESET}", sgr(o.phase()));
@@ -256,34 +266,32 @@ impl Printer {
                 None => b.extend_from_slice(old_name.as_bytes()),
             }
             let _ = write!(b, " -> {}{new_name}{SGR_RESET}", sgr(t.new.phase()));
-            pad_left(&mut b, b"", 11usize.saturating_sub(new_name.len()));
+            pad_left(b, b"", 11usize.saturating_sub(new_name.len()));
         } else {
-            pad_left(&mut b, old_name.as_bytes(), 11);
+            pad_left(b, old_name.as_bytes(), 11);
             b.extend_from_slice(b" -> ");
-            pad_right_chars(&mut b, &new_name, 11);
+            pad_right_chars(b, &new_name, 11);
         }
         b.extend_from_slice(b"  ");
         match row.dwell_ns {
             Some(ns) => {
                 let us = ns / 1000;
-                let whole = Digits::new(us / 1000);
-                b.resize(
-                    b.len() + 6usize.saturating_sub(whole.as_bytes().len()),
-                    b' ',
-                );
+                let mut digits = itoa::Buffer::new();
+                let whole = digits.format(us / 1000);
+                b.resize(b.len() + 6usize.saturating_sub(whole.len()), b' ');
                 b.extend_from_slice(whole.as_bytes());
                 b.push(b'.');
-                push_frac(&mut b, us % 1000, 3);
+                push_frac(b, us % 1000, 3);
             }
-            None => pad_left(&mut b, b"-", 10),
+            None => pad_left(b, b"-", 10),
         }
         b.extend_from_slice(b"  ");
-        push_u64(&mut b, row.sock);
+        push_u64(b, row.sock);
         if self.style.wide {
             b.extend_from_slice(b"  ");
             match t.netns {
-                0 => pad_left(&mut b, b"-", 10),
-                n => pad_left(&mut b, Digits::new(u64::from(n)).as_bytes(), 10),
+                0 => pad_left(b, b"-", 10),
+                n => pad_left(b, itoa::Buffer::new().format(n).as_bytes(), 10),
             }
         }
         if self.style.show_skaddr {
@@ -306,17 +314,12 @@ impl Printer {
             };
         }
         b.push(b'\n');
-        let written = out.write_all(&b);
-        self.line = b;
-        written
     }
 
     /// Written by hand, not through serde: this runs for every row of a
     /// recording, and the field names and most values are known ASCII.
-    fn json(&mut self, out: &mut impl Write, row: &Row) -> io::Result<()> {
+    fn json(&mut self, b: &mut Vec<u8>, row: &Row) {
         let t = &row.t;
-        let mut b = std::mem::take(&mut self.line);
-        b.clear();
         b.push(b'{');
         match self.style.time {
             TimeFormat::Local | TimeFormat::Utc => {
@@ -332,75 +335,72 @@ impl Printer {
                     b.push(b'-');
                 }
                 let us = us.unsigned_abs();
-                push_u64(&mut b, us / 1_000_000);
+                push_u64(b, us / 1_000_000);
                 b.push(b'.');
-                push_frac(&mut b, us % 1_000_000, 6);
+                push_frac(b, us % 1_000_000, 6);
                 b.push(b',');
             }
             TimeFormat::None => {}
         }
         b.extend_from_slice(b"\"ts_ns\":");
-        push_u64(&mut b, t.ts_ns);
+        push_u64(b, t.ts_ns);
         b.extend_from_slice(b",\"sock\":");
-        push_u64(&mut b, row.sock);
+        push_u64(b, row.sock);
         match &row.owner {
             Some(o) => {
                 b.extend_from_slice(b",\"pid\":");
-                push_u64(&mut b, u64::from(o.pid));
+                push_u64(b, u64::from(o.pid));
                 b.extend_from_slice(b",\"comm\":");
-                push_json_string(&mut b, &o.comm.as_str());
+                push_json_string(b, &o.comm.as_str());
             }
             None => b.extend_from_slice(b",\"pid\":null,\"comm\":null"),
         }
-        push_field_str(&mut b, "family", t.family.name());
+        push_field_str(b, "family", t.family.name());
         b.extend_from_slice(b",\"netns\":");
         match t.netns {
             0 => b.extend_from_slice(b"null"),
-            n => push_u64(&mut b, u64::from(n)),
+            n => push_u64(b, u64::from(n)),
         }
         b.extend_from_slice(b",\"laddr\":\"");
-        push_ip(&mut b, &t.local.ip());
+        push_ip(b, &t.local.ip());
         b.extend_from_slice(b"\",\"lport\":");
-        push_u64(&mut b, u64::from(t.local.port()));
+        push_u64(b, u64::from(t.local.port()));
         b.extend_from_slice(b",\"raddr\":\"");
-        push_ip(&mut b, &t.remote.ip());
+        push_ip(b, &t.remote.ip());
         b.extend_from_slice(b"\",\"rport\":");
-        push_u64(&mut b, u64::from(t.remote.port()));
+        push_u64(b, u64::from(t.remote.port()));
         if row.origin == Origin::Snapshot {
             b.extend_from_slice(b",\"old\":null");
         } else {
-            push_field_state(&mut b, "old", t.old);
+            push_field_state(b, "old", t.old);
         }
-        push_field_state(&mut b, "new", t.new);
+        push_field_state(b, "new", t.new);
         b.extend_from_slice(b",\"ms\":");
         match row.dwell_ns {
             Some(ns) => {
                 let us = ns / 1000;
-                push_u64(&mut b, us / 1000);
+                push_u64(b, us / 1000);
                 b.push(b'.');
-                push_frac(&mut b, us % 1000, 3);
+                push_frac(b, us % 1000, 3);
             }
             None => b.extend_from_slice(b"null"),
         }
         match row.close {
-            Some(c) => push_field_str(&mut b, "close", c.name()),
+            Some(c) => push_field_str(b, "close", c.name()),
             None => b.extend_from_slice(b",\"close\":null"),
         }
         match row.close.and_then(|c| c.reset_reason()) {
             Some(r) => {
                 b.extend_from_slice(b",\"reset_reason\":");
-                push_json_string(&mut b, r);
+                push_json_string(b, r);
             }
             None => b.extend_from_slice(b",\"reset_reason\":null"),
         }
-        push_field_str(&mut b, "origin", row.origin.name());
+        push_field_str(b, "origin", row.origin.name());
         if self.style.show_skaddr {
             let _ = write!(b, ",\"skaddr\":\"{:#x}\"", t.skaddr);
         }
         b.extend_from_slice(b"}\n");
-        let written = out.write_all(&b);
-        self.line = b;
-        written
     }
 
     fn relative_us(&self, ts_ns: u64) -> i64 {
@@ -490,27 +490,6 @@ fn pad_right_chars(b: &mut Vec<u8>, s: &str, width: usize) {
     b.resize(b.len() + width.saturating_sub(n), b' ');
 }
 
-/// A number's decimal digits, on the stack.
-struct Digits([u8; 20], usize);
-
-impl Digits {
-    fn new(mut n: u64) -> Digits {
-        let mut d = Digits([0; 20], 20);
-        loop {
-            d.1 -= 1;
-            d.0[d.1] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                return d;
-            }
-        }
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.0[self.1..]
-    }
-}
-
 /// `.` and six digits of microseconds.
 fn push_micros(s: &mut String, us: u32) {
     let mut digits = [b'.', b'0', b'0', b'0', b'0', b'0', b'0'];
@@ -526,12 +505,8 @@ fn push_micros(s: &mut String, us: u32) {
 fn push_ip(b: &mut Vec<u8>, ip: &IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().iter().enumerate() {
-                if i > 0 {
-                    b.push(b'.');
-                }
-                push_u64(b, u64::from(*octet));
-            }
+            let (text, len) = ipv4_text(v4);
+            b.extend_from_slice(&text[..len]);
         }
         IpAddr::V6(v6) => {
             let _ = write!(b, "{v6}");
@@ -541,20 +516,63 @@ fn push_ip(b: &mut Vec<u8>, ip: &IpAddr) {
 
 /// `ADDR:PORT`, IPv6 in brackets, as `SocketAddr`'s `Display`.
 fn push_addr(b: &mut Vec<u8>, addr: &std::net::SocketAddr) {
-    let v6 = addr.is_ipv6();
-    if v6 {
-        b.push(b'[');
+    let mut digits = itoa::Buffer::new();
+    let port = digits.format(addr.port());
+    match addr.ip() {
+        IpAddr::V4(v4) => {
+            // One copy into the line for the whole address: a row has two,
+            // and a copy per octet and port cost more than the digits.
+            let (mut text, mut len) = ipv4_text(&v4);
+            text[len] = b':';
+            len += 1;
+            let digits = port.as_bytes();
+            text[len..len + digits.len()].copy_from_slice(digits);
+            b.extend_from_slice(&text[..len + digits.len()]);
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(b, "[{v6}]:");
+            b.extend_from_slice(port.as_bytes());
+        }
     }
-    push_ip(b, &addr.ip());
-    if v6 {
-        b.push(b']');
-    }
-    b.push(b':');
-    push_u64(b, u64::from(addr.port()));
 }
 
+/// Each byte's decimal digits (left-aligned) and their count.
+const OCTETS: [([u8; 3], u8); 256] = {
+    let mut t = [([0u8; 3], 0u8); 256];
+    let mut n = 0;
+    while n < 256 {
+        let (h, d, u) = ((n / 100) as u8, (n / 10 % 10) as u8, (n % 10) as u8);
+        t[n] = match n {
+            0..=9 => ([b'0' + u, 0, 0], 1),
+            10..=99 => ([b'0' + d, b'0' + u, 0], 2),
+            _ => ([b'0' + h, b'0' + d, b'0' + u], 3),
+        };
+        n += 1;
+    }
+    t
+};
+
+/// Dotted quad, room left for `:` and a port: (bytes, length). Each octet
+/// is a fixed three-byte copy, advanced by its length.
+fn ipv4_text(ip: &std::net::Ipv4Addr) -> ([u8; 24], usize) {
+    let mut text = [0u8; 24];
+    let mut len = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        let (digits, n) = OCTETS[usize::from(octet)];
+        text[len..len + 3].copy_from_slice(&digits);
+        len += usize::from(n);
+    }
+    (text, len)
+}
+
+/// Digits by `itoa`, which does two at a time from a table: a row has up
+/// to seven numbers, the timestamp fourteen digits long.
 fn push_u64(b: &mut Vec<u8>, n: u64) {
-    b.extend_from_slice(Digits::new(n).as_bytes());
+    b.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// `n` as exactly `width` digits (the fraction after a decimal point).
@@ -567,7 +585,9 @@ fn push_frac(b: &mut Vec<u8>, mut n: u64, width: usize) {
     b.extend_from_slice(&digits[..width]);
 }
 
-/// `,"name":"value"` for values known to need no escaping.
+/// `,"name":"value"` for values known to need no escaping. Inlined, so
+/// that each name is a constant copy.
+#[inline(always)]
 fn push_field_str(b: &mut Vec<u8>, name: &str, value: &str) {
     b.extend_from_slice(b",\"");
     b.extend_from_slice(name.as_bytes());
@@ -576,6 +596,7 @@ fn push_field_str(b: &mut Vec<u8>, name: &str, value: &str) {
     b.push(b'"');
 }
 
+#[inline(always)]
 fn push_field_state(b: &mut Vec<u8>, name: &str, state: State) {
     match state.name() {
         "" => push_field_str(b, name, &state.to_string()),
@@ -722,6 +743,30 @@ mod tests {
             dwell_ns: Some(12_345_678),
             close: None,
             origin: Origin::Tracepoint,
+        }
+    }
+
+    #[test]
+    fn addresses_and_numbers_print_as_display_does() {
+        for octet in 0..=255u8 {
+            for port in [0u16, 9, 10, 99, 100, 6389, 65535] {
+                let addr = std::net::SocketAddr::from(([octet, 0, 255 - octet, 10], port));
+                let mut b = Vec::new();
+                push_addr(&mut b, &addr);
+                assert_eq!(String::from_utf8(b).unwrap(), addr.to_string());
+                let mut b = Vec::new();
+                push_ip(&mut b, &addr.ip());
+                assert_eq!(String::from_utf8(b).unwrap(), addr.ip().to_string());
+            }
+        }
+        let v6: std::net::SocketAddr = "[fe80::1:2]:443".parse().unwrap();
+        let mut b = Vec::new();
+        push_addr(&mut b, &v6);
+        assert_eq!(String::from_utf8(b).unwrap(), v6.to_string());
+        for n in [0u64, 7, 10, 99, 100, 12_345, u64::MAX] {
+            let mut b = Vec::new();
+            push_u64(&mut b, n);
+            assert_eq!(String::from_utf8(b).unwrap(), n.to_string());
         }
     }
 

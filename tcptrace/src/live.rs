@@ -76,9 +76,7 @@ struct Outputs {
 impl Outputs {
     fn emit(&mut self, row: &Row) -> Result<(), Stop> {
         if let Some(buf) = &mut self.stdout {
-            self.printer
-                .row(buf, row)
-                .expect("writing to a Vec cannot fail");
+            self.printer.row_into(buf, row);
         }
         if let Some(r) = &mut self.recorder {
             r.row(row).map_err(Stop::RecordFailed)?;

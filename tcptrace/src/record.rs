@@ -192,9 +192,7 @@ impl Recorder {
 
     pub fn row(&mut self, row: &Row) -> Result<(), WriteFailure> {
         let before = self.out.pending().len();
-        self.printer
-            .row(self.out.buf(), row)
-            .expect("writing to a Vec cannot fail");
+        self.printer.row_into(self.out.buf(), row);
         self.buffered_rows += 1;
         self.events += 1;
         if let Some(limit) = self.opts.rotate_size
