@@ -142,6 +142,11 @@ struct Sample {
     attempts: u32,
     bpf_run_ns: Option<u64>,
     bpf_run_cnt: Option<u64>,
+    /// Runs of all the tracer's programs.
+    bpf_runs_total: Option<u64>,
+    /// What the statistics themselves add to each program run (an empty
+    /// program's run time), measured once per bench.
+    stats_floor_ns: Option<f64>,
     /// utime + stime of the tracer just before SIGINT.
     cpu_ns: Option<u64>,
     /// ... of which in the kernel (stime).
@@ -171,6 +176,12 @@ impl Sample {
     fn bpf_ns_per_event(&self) -> Option<f64> {
         let cnt = self.bpf_run_cnt.filter(|&c| c > 0)?;
         Some(self.bpf_run_ns? as f64 / cnt as f64)
+    }
+    /// BPF time per event without the statistics' own cost.
+    fn bpf_ns_less_stats(&self) -> Option<f64> {
+        let cnt = self.bpf_run_cnt.filter(|&c| c > 0)?;
+        let own = self.stats_floor_ns? * self.bpf_runs_total? as f64;
+        Some((self.bpf_run_ns? as f64 - own) / cnt as f64)
     }
     fn user_ns_per_event(&self) -> Option<f64> {
         let events = self.captured.filter(|&c| c > 0)?;
@@ -303,6 +314,21 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             samples.push(sample);
         }
     }
+    if samples.iter().any(|s| s.bpf_run_ns.is_some()) {
+        check_interrupted()?;
+        match stats_floor(&env, opts) {
+            Ok((floor, runs)) => {
+                println!(
+                    "statistics' own cost: an empty program on the tracepoint measured {floor:.1} \
+                     ns per run ({runs} runs)"
+                );
+                for s in &mut samples {
+                    s.stats_floor_ns = Some(floor);
+                }
+            }
+            Err(e) => println!("note: the statistics' own cost was not measured: {e:#}"),
+        }
+    }
     if env.tcpstates.is_none() && opts.configs.iter().any(|c| c == "tcpstates") {
         println!(
             "note: tcpstates skipped: {TCPSTATES} is missing and libbpf-tools could not be installed"
@@ -334,6 +360,20 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         .with_context(|| format!("cannot write {}", opts.json.display()))?;
     println!("figures written to {}", opts.json.display());
     Ok(())
+}
+
+/// The statistics' own cost per program run, and the runs it was measured
+/// over: an empty program on the tracepoint, timed by the same statistics
+/// over the same churn, with no tracer.
+fn stats_floor(env: &Env, opts: &Options) -> Result<(f64, u64)> {
+    let ns = Netns::new(format!("tcptrace-bench-{}", std::process::id()))?;
+    let empty = crate::floor::EmptyProgram::attach("inet_sock_set_state")?;
+    run_churn(env, opts, &ns, opts.seconds.min(10.0))?;
+    let (time, runs) = empty.stats()?;
+    if runs == 0 {
+        bail!("the empty program never ran");
+    }
+    Ok((time as f64 / runs as f64, runs))
 }
 
 /// CPU time of all CPUs from /proc/stat: (busy, total), in ticks.
@@ -719,6 +759,7 @@ fn run_one(
     sample.rss_kb = status_kb(pid, "VmHWM:");
     sample.bpf_run_ns = Some(prog.run_time_ns);
     sample.bpf_run_cnt = Some(prog.run_cnt);
+    sample.bpf_runs_total = Some(prog.runs_total);
     sample.programs = Some(prog.programs);
     t.wait_line(None, Duration::ZERO)?;
     let lines = t.stop()?;
@@ -921,6 +962,8 @@ struct ProgStats {
     /// programs run at most once per connection. tcptrace's socket callback
     /// runs for other socket events too, so it is not a measure of them.
     run_cnt: u64,
+    /// Runs of all of them.
+    runs_total: u64,
 }
 
 /// The BPF programs a process holds, from /proc/PID/fdinfo: run time of all
@@ -949,6 +992,7 @@ fn prog_stats(pid: i32) -> Result<ProgStats> {
         };
         s.run_time_ns += field("run_time_ns");
         s.recursion_misses += field("recursion_misses");
+        s.runs_total += field("run_cnt");
         const BPF_PROG_TYPE_SOCK_OPS: u64 = 13;
         if field("prog_type") != BPF_PROG_TYPE_SOCK_OPS {
             s.run_cnt = s.run_cnt.max(field("run_cnt"));
@@ -1203,7 +1247,7 @@ fn frac(v: f64) -> String {
     format!("{:.3}%", v * 100.0)
 }
 
-const METRICS: [Metric; 16] = [
+const METRICS: [Metric; 17] = [
     ("conn/s", |s, _| Some(s.rate()), int),
     ("vs untraced", |s, base| Some(s.rate() / base), pct),
     ("expected events", |s, _| Some(s.expected as f64), int),
@@ -1231,6 +1275,11 @@ const METRICS: [Metric; 16] = [
     ),
     ("  sockets with gaps", |s, _| s.gaps.map(|v| v as f64), int),
     ("BPF ns/event", |s, _| s.bpf_ns_per_event(), ns),
+    (
+        "  less the statistics' cost",
+        |s, _| s.bpf_ns_less_stats(),
+        ns,
+    ),
     ("user CPU ns/event", |s, _| s.user_ns_per_event(), ns),
     ("  of which system", |s, _| s.sys_ns_per_event(), ns),
     (
@@ -1339,7 +1388,10 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
         "BPF ns/event: run_time_ns of all the tracer's programs / run_cnt of its state-change \
          program, over the last third of each run (kernel.bpf_stats_enabled=1 only then: it \
          adds two clock reads per program run, which the figure includes and the measured rates \
-         are spared; the kernel's own tracepoint work around the programs is not included).\n\
+         are spared; the kernel's own tracepoint work around the programs is not included). \
+         \"less the statistics' cost\" takes out those clock reads: an empty program on the \
+         same tracepoint, timed the same way over a churn of its own, gives their cost per run, \
+         subtracted once for each run of each of the tracer's programs.\n\
          user CPU: utime+stime of the tracer process (start-up included) / captured events.\n\
          missing = expected - captured = ring drops + recursion misses (the kernel skipped the \
          program: counted in its recursion_misses; for tcptrace, those its catcher program did \
@@ -1399,14 +1451,27 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
             ));
         }
     }
+    // The programs' own time: the statistics' clock reads are the
+    // instrument's, and both figures are shown.
     for c in ["text", "record"] {
-        if let Some(b) = get("BPF ns/event", c) {
-            goals.push((
-                format!("{c}: BPF <= {GOAL_BPF_NS:.0} ns/event"),
-                Some(b.median <= GOAL_BPF_NS),
-                format!("median {:.0} ns", b.median),
-            ));
-        }
+        let Some(raw) = get("BPF ns/event", c) else {
+            continue;
+        };
+        let (judged, detail) = match get("  less the statistics' cost", c) {
+            Some(b) => (
+                b.median,
+                format!(
+                    "median {:.0} ns without the statistics' own cost ({:.0} ns as measured)",
+                    b.median, raw.median
+                ),
+            ),
+            None => (raw.median, format!("median {:.0} ns", raw.median)),
+        };
+        goals.push((
+            format!("{c}: BPF <= {GOAL_BPF_NS:.0} ns/event"),
+            Some(judged <= GOAL_BPF_NS),
+            detail,
+        ));
     }
     if let Some(u) = get("user CPU ns/event", "record") {
         goals.push((
@@ -1503,7 +1568,8 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
             "    {{\"config\": {}, \"round\": {}, \"connections\": {}, \"seconds\": {}, \
              \"conn_per_s\": {}, \"expected\": {}, \"failed_connects\": {}, \"captured\": {}, \
              \"filtered\": {}, \"ring_lost\": {}, \"recursion_misses\": {}, \"bpf_run_time_ns\": {}, \
-             \"bpf_run_cnt\": {}, \"bpf_ns_per_event\": {}, \"cpu_ns\": {}, \"sys_ns\": {}, \
+             \"bpf_run_cnt\": {}, \"bpf_ns_per_event\": {}, \"bpf_runs_total\": {}, \
+             \"stats_floor_ns\": {}, \"bpf_ns_less_stats\": {}, \"cpu_ns\": {}, \"sys_ns\": {}, \
              \"startup_cpu_ns\": {}, \"user_ns_per_event\": {}, \"peak_rss_kb\": {}, \
              \"recording_bytes\": {}, \"recording_events\": {}, \"reported_missed\": {}, \
              \"gaps\": {}, \"caught\": {}, \"programs\": {}, \"busy_before\": {}, \
@@ -1522,6 +1588,9 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
             jopt(s.bpf_run_ns),
             jopt(s.bpf_run_cnt),
             s.bpf_ns_per_event().map_or("null".into(), jnum),
+            jopt(s.bpf_runs_total),
+            s.stats_floor_ns.map_or("null".into(), jnum),
+            s.bpf_ns_less_stats().map_or("null".into(), jnum),
             jopt(s.cpu_ns),
             jopt(s.sys_ns),
             jopt(s.startup_cpu_ns),
