@@ -307,7 +307,9 @@ impl Stack {
         unsafe {
             let next = (&raw const (*this).next).read_volatile();
             (&raw mut (*this).next).write_volatile(next.wrapping_add(1));
-            (&raw mut (*this).slots[next as usize % CLAIM_SLOTS]).write_volatile(claim);
+            let at = next as usize % CLAIM_SLOTS;
+            (&raw mut (*this).slots[at][0]).write_volatile(claim[0]);
+            (&raw mut (*this).slots[at][1]).write_volatile(claim[1]);
         }
     }
 
@@ -340,7 +342,11 @@ impl Stack {
                 break;
             }
             let at = next.wrapping_sub(back) as usize % CLAIM_SLOTS;
-            unsafe { (&raw mut (*this).slots[at]).write_volatile([0; 2]) };
+            // Word by word: the array at once compiles to a call to memset.
+            unsafe {
+                (&raw mut (*this).slots[at][0]).write_volatile(0);
+                (&raw mut (*this).slots[at][1]).write_volatile(0);
+            }
         }
         unsafe { (&raw mut (*this).next).write_volatile(next.wrapping_sub(depth)) };
         true
