@@ -12,7 +12,7 @@
 //! whole line; the bytes stay in the buffer until their block is full.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
@@ -41,14 +41,19 @@ pub struct Output {
     /// The file's status flags; `None` once its filesystem refused direct
     /// I/O, which then stays off.
     flags: Option<libc::c_int>,
+    /// Not a regular file (a named pipe to a compressor, say): written in
+    /// sequence, never at offsets, never directly.
+    stream: bool,
     /// Bytes written past the page cache.
     pub direct_bytes: u64,
 }
 
 impl Output {
     pub fn new(file: File, capacity: usize) -> Output {
+        let stream = !file.metadata().is_ok_and(|m| m.is_file());
         let mut out = Output {
-            flags: status_flags(&file),
+            flags: if stream { None } else { status_flags(&file) },
+            stream,
             file,
             buf: Vec::new(),
             start: 0,
@@ -143,7 +148,12 @@ impl Output {
     /// Goes on in a new, empty file; pending bytes are dropped (write them
     /// out first).
     pub fn replace_file(&mut self, file: File) {
-        self.flags = status_flags(&file);
+        self.stream = !file.metadata().is_ok_and(|m| m.is_file());
+        self.flags = if self.stream {
+            None
+        } else {
+            status_flags(&file)
+        };
         self.file = file;
         self.buf.truncate(self.start);
         self.base = 0;
@@ -179,7 +189,12 @@ impl Output {
         let mut result = Ok(());
         while at < to {
             let bytes = &self.buf[self.start + at..self.start + to];
-            match self.file.write_at(bytes, self.base + at as u64) {
+            let written = if self.stream {
+                (&self.file).write(bytes)
+            } else {
+                self.file.write_at(bytes, self.base + at as u64)
+            };
+            match written {
                 Ok(0) => {
                     result = Err(io::ErrorKind::WriteZero.into());
                     break;
@@ -250,6 +265,31 @@ mod tests {
             out.direct_bytes,
             all.len()
         );
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_named_pipe_gets_every_byte_in_order() {
+        let path = std::env::temp_dir().join(format!("tcptrace-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let reader_path = path.clone();
+        let reader = std::thread::spawn(move || std::fs::read(reader_path).unwrap());
+        let pipe = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut out = Output::new(pipe, 1 << 20);
+        let mut all = Vec::new();
+        for round in 0..8 {
+            for i in 0..20_000 {
+                let line = format!("{round} {i} {}\n", "x".repeat(i % 97));
+                out.buf().extend_from_slice(line.as_bytes());
+                all.extend_from_slice(line.as_bytes());
+            }
+            assert!(out.write_out().is_ok());
+        }
+        drop(out);
+        assert!(reader.join().unwrap() == all);
         let _ = std::fs::remove_file(&path);
     }
 }
