@@ -162,14 +162,20 @@ pub struct Attributor {
     gaps: u64,
     /// Sockets whose end never arrived, until taken.
     unseen_ends: Vec<UnseenEnd>,
-    /// The latest closes, direct-mapped by address: the second copy of a
-    /// close the kernel reports twice arrives when the socket is gone.
-    closes: Vec<Option<Transition>>,
+    /// The latest closes, by address, [`CLOSE_WAYS`] to a set: the second
+    /// copy of a close the kernel reports twice arrives when the socket is
+    /// gone.
+    closes: Vec<[Option<Transition>; CLOSE_WAYS]>,
 }
 
-/// Entries of [`Attributor::closes`]: copies come a few hundred
-/// microseconds apart, when a few thousand sockets at most have closed.
-const CLOSES: usize = 4096;
+/// Sets of [`Attributor::closes`]: copies come a few hundred microseconds
+/// apart, when a few hundred sockets have closed.
+const CLOSE_SETS: usize = 4096;
+
+/// Closes kept per set, the oldest replaced. With one, any of the hundreds
+/// of closes between a close and its copy could take its set (one in 30 at
+/// full churn), and the copy was shown as a socket of its own.
+const CLOSE_WAYS: usize = 4;
 
 fn same_addresses(a: &Transition, b: &Transition) -> bool {
     (a.local, a.remote, a.netns) == (b.local, b.remote, b.netns)
@@ -180,10 +186,10 @@ fn same_change(a: &Transition, b: &Transition) -> bool {
     (a.skaddr, a.old, a.new) == (b.skaddr, b.old, b.new) && same_addresses(a, b)
 }
 
-fn close_slot(skaddr: u64) -> usize {
+fn close_set(skaddr: u64) -> usize {
     // Sockets are slab objects of a kilobyte or more: the low bits are
-    // alike.
-    (skaddr >> 10) as usize % CLOSES
+    // alike, and the rest clusters by slab page, so it is mixed.
+    ((skaddr >> 10).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 52) as usize % CLOSE_SETS
 }
 
 /// A socket that never reported its way to CLOSE: its address started a new
@@ -366,9 +372,13 @@ impl Attributor {
         if t.new == State::CLOSE {
             self.socks.remove(&t.skaddr);
             if self.closes.is_empty() {
-                self.closes.resize(CLOSES, None);
+                self.closes.resize(CLOSE_SETS, [None; CLOSE_WAYS]);
             }
-            self.closes[close_slot(t.skaddr)] = Some(*t);
+            let set = &mut self.closes[close_set(t.skaddr)];
+            let oldest = (0..CLOSE_WAYS)
+                .min_by_key(|&i| set[i].map_or(0, |c| c.ts_ns))
+                .unwrap_or(0);
+            set[oldest] = Some(*t);
         }
         Some(row)
     }
@@ -388,9 +398,8 @@ impl Attributor {
         t.new == State::CLOSE
             && self
                 .closes
-                .get(close_slot(t.skaddr))
-                .and_then(Option::as_ref)
-                .is_some_and(|c| same_change(c, t))
+                .get(close_set(t.skaddr))
+                .is_some_and(|set| set.iter().flatten().any(|c| same_change(c, t)))
             // A live socket making this very change now is no copy.
             && live.is_none_or(|s| s.last.new != t.old || !same_addresses(&s.last, t))
     }
@@ -1116,6 +1125,45 @@ mod tests {
         a.observe_row(&child(9, State::ESTABLISHED, State::CLOSE_WAIT, next));
         a.observe_row(&child(10, State::CLOSE_WAIT, State::LAST_ACK, next));
         a.observe_row(&child(11, State::LAST_ACK, State::CLOSE, next));
+    }
+
+    /// Full churn: hundreds of other sockets close between a close and its
+    /// copy, some of them in the same set of remembered closes.
+    #[test]
+    fn a_close_delivered_twice_is_recognised_after_many_other_closes() {
+        fn close(a: &mut Attributor, ts: u64, skaddr: u64, peer: &str) -> Transition {
+            let server = task(9, "server");
+            let t = |old, new| tr(ts, skaddr, server, old, new, "10.0.0.1:80", peer);
+            a.observe_row(&t(State::LISTEN, State::SYN_RECV));
+            a.observe_row(&t(State::SYN_RECV, State::ESTABLISHED));
+            a.observe_row(&t(State::ESTABLISHED, State::CLOSE_WAIT));
+            a.observe_row(&t(State::CLOSE_WAIT, State::LAST_ACK));
+            a.observe_row(&t(State::LAST_ACK, State::CLOSE));
+            t(State::LAST_ACK, State::CLOSE)
+        }
+        let mut a = Attributor::new();
+        let base = 0xffff_8880_0000_0000u64;
+        let first = close(&mut a, 1, base, "10.0.0.2:5000");
+        // Three more in the first's set, among 500 others.
+        let mut same_set = (1..)
+            .map(|i| base + i * 2560)
+            .filter(|&sk| close_set(sk) == close_set(base));
+        for i in 1..=500u64 {
+            let sk = if i % 150 == 0 {
+                same_set.next().unwrap()
+            } else {
+                base + (1 << 40) + i * 2560
+            };
+            let peer = format!("10.0.1.{}:{}", i % 250, 6000 + i);
+            close(&mut a, 1 + i, sk, &peer);
+        }
+        assert!(
+            a.observe(&Transition {
+                ts_ns: 600,
+                ..first
+            })
+            .is_none()
+        );
     }
 
     #[test]
