@@ -50,9 +50,9 @@ pub struct Output {
 
 impl Output {
     pub fn new(file: File, capacity: usize) -> Output {
-        let stream = !file.metadata().is_ok_and(|m| m.is_file());
+        let (stream, flags) = how_to_write(&file);
         let mut out = Output {
-            flags: if stream { None } else { status_flags(&file) },
+            flags,
             stream,
             file,
             buf: Vec::new(),
@@ -93,14 +93,14 @@ impl Output {
         if at == n {
             return Ok(());
         }
+        let partial = |(w, error): (usize, io::Error)| Partial {
+            kept: w - from,
+            error,
+        };
         let first = at.next_multiple_of(BLOCK).min(n);
         let last = n / BLOCK * BLOCK;
         if self.flags.is_some() && last > first && last - first >= DIRECT_MIN && self.aligned() {
-            self.write_at(at, first, false)
-                .map_err(|(w, error)| Partial {
-                    kept: w - from,
-                    error,
-                })?;
+            self.write_at(at, first, false).map_err(partial)?;
             at = first;
             match self.write_at(first, last, true) {
                 Ok(()) => {
@@ -111,18 +111,10 @@ impl Output {
                 Err((w, e)) if w == first && e.raw_os_error() == Some(libc::EINVAL) => {
                     self.flags = None;
                 }
-                Err((w, error)) => {
-                    return Err(Partial {
-                        kept: w - from,
-                        error,
-                    });
-                }
+                Err(e) => return Err(partial(e)),
             }
         }
-        self.write_at(at, n, false).map_err(|(w, error)| Partial {
-            kept: w - from,
-            error,
-        })?;
+        self.write_at(at, n, false).map_err(partial)?;
         // Whole blocks are done with; the last, partial one is written
         // again (directly, if it is worth it) once more lines fill it.
         let done = n / BLOCK * BLOCK;
@@ -148,12 +140,7 @@ impl Output {
     /// Goes on in a new, empty file; pending bytes are dropped (write them
     /// out first).
     pub fn replace_file(&mut self, file: File) {
-        self.stream = !file.metadata().is_ok_and(|m| m.is_file());
-        self.flags = if self.stream {
-            None
-        } else {
-            status_flags(&file)
-        };
+        (self.stream, self.flags) = how_to_write(&file);
         self.file = file;
         self.buf.truncate(self.start);
         self.base = 0;
@@ -214,10 +201,15 @@ impl Output {
     }
 }
 
-fn status_flags(file: &File) -> Option<libc::c_int> {
+/// Whether `file` is a stream (not a regular file), and else its status
+/// flags for toggling O_DIRECT.
+fn how_to_write(file: &File) -> (bool, Option<libc::c_int>) {
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return (true, None);
+    }
     // SAFETY: F_GETFL on a descriptor this File owns; no memory is passed.
     let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-    (flags >= 0).then_some(flags & !libc::O_DIRECT)
+    (false, (flags >= 0).then_some(flags & !libc::O_DIRECT))
 }
 
 fn set_flags(file: &File, flags: libc::c_int) -> bool {
