@@ -984,12 +984,7 @@ fn prog_stats(pid: i32) -> Result<ProgStats> {
             continue;
         };
         s.programs += 1;
-        let field = |key: &str| -> u64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
+        let field = |key: &str| fdinfo_field(&text, key).unwrap_or(0);
         s.run_time_ns += field("run_time_ns");
         s.recursion_misses += field("recursion_misses");
         s.runs_total += field("run_cnt");
@@ -1002,6 +997,13 @@ fn prog_stats(pid: i32) -> Result<ProgStats> {
         bail!("process {pid} holds no BPF program");
     }
     Ok(s)
+}
+
+/// A number of a BPF program's fdinfo (`run_cnt:\t42`).
+pub(crate) fn fdinfo_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// utime + stime of a process, in ns.

@@ -9,7 +9,7 @@
 //! taken out.
 
 use std::fs;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{Result, bail};
 
@@ -50,7 +50,7 @@ impl EmptyProgram {
         let name = format!("{tracepoint}\0");
         let mut attr = [0u8; 128];
         attr[0..8].copy_from_slice(&(name.as_ptr() as u64).to_ne_bytes());
-        attr[8..12].copy_from_slice(&(prog_raw(&prog) as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
         let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &attr)
             .map_err(|e| anyhow::anyhow!("cannot attach the empty program to {tracepoint}: {e}"))?;
         Ok(EmptyProgram { prog, _link: link })
@@ -58,23 +58,14 @@ impl EmptyProgram {
 
     /// Its (run_time_ns, run_cnt) so far.
     pub fn stats(&self) -> Result<(u64, u64)> {
-        let path = format!("/proc/self/fdinfo/{}", prog_raw(&self.prog));
+        let path = format!("/proc/self/fdinfo/{}", self.prog.as_raw_fd());
         let text = fs::read_to_string(&path)?;
-        let field = |key: &str| -> Option<u64> {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-                .and_then(|v| v.trim().parse().ok())
-        };
+        let field = |key: &str| crate::bench::fdinfo_field(&text, key);
         match (field("run_time_ns"), field("run_cnt")) {
             (Some(t), Some(c)) => Ok((t, c)),
             _ => bail!("{path} has no run_time_ns or run_cnt"),
         }
     }
-}
-
-fn prog_raw(fd: &OwnedFd) -> i32 {
-    use std::os::fd::AsRawFd;
-    fd.as_raw_fd()
 }
 
 fn bpf(cmd: i64, attr: &[u8; 128]) -> std::result::Result<OwnedFd, std::io::Error> {
