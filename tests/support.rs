@@ -496,9 +496,11 @@ impl Output {
             .lines()
             .find(|l| l.contains(" transitions shown"))
             .unwrap_or_else(|| panic!("no stats line in {:?}", self.stderr));
-        // "N transitions shown (M delivered twice ..., shown once), ...".
-        let line = match (line.find(" transitions shown"), line.find(" shown once)")) {
-            (Some(a), Some(b)) => format!("{}{}", &line[..a + 18], &line[b + 12..]),
+        // "N transitions shown (M delivered twice by the kernel, shown
+        // once), ...": the note's comma separates nothing.
+        const NOTE_END: &str = ", shown once)";
+        let line = match (line.find(" ("), line.find(NOTE_END)) {
+            (Some(a), Some(b)) if a < b => format!("{}{}", &line[..a], &line[b + NOTE_END.len()..]),
             _ => line.to_string(),
         };
         let count = |label: &str| -> u64 {
@@ -525,15 +527,9 @@ impl Churn {
         let done = self.0.wait_with_output().expect("tt-churn runs");
         let report = String::from_utf8_lossy(&done.stdout);
         assert!(done.status.success(), "tt-churn failed: {report}");
-        report
-            .split("\"expected_transitions\":")
-            .nth(1)
-            .and_then(|s| {
-                s.split(|c: char| !c.is_ascii_digit())
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
+        serde_json::from_str::<Value>(report.trim())
+            .ok()
+            .and_then(|v| v["expected_transitions"].as_u64())
             .unwrap_or_else(|| panic!("no expected_transitions in {report:?}"))
     }
 }
