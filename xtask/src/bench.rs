@@ -109,6 +109,9 @@ struct Sample {
     round: u32,
     connections: u64,
     seconds: f64,
+    /// Connections made before [`RATE_UNTIL`] of the run, and when that was.
+    rate_connections: u64,
+    rate_seconds: f64,
     expected: u64,
     failed_connects: u64,
     /// Transitions the tracer reported for the churn's port.
@@ -159,8 +162,9 @@ struct Sample {
 }
 
 impl Sample {
+    /// Connections per second before BPF statistics were turned on.
     fn rate(&self) -> f64 {
-        self.connections as f64 / self.seconds
+        self.rate_connections as f64 / self.rate_seconds
     }
     fn missing(&self) -> Option<i64> {
         self.captured.map(|c| self.expected as i64 - c as i64)
@@ -512,6 +516,11 @@ struct BpfStats {
 /// Where in a churn run BPF statistics start: its last third.
 const STATS_FROM: f64 = 2.0 / 3.0;
 
+/// Where in a churn run its rate is taken (from the start to here): before
+/// [`STATS_FROM`] by a margin far wider than the churn's start-up, so that
+/// the statistics' clock reads never slow the rate measured.
+const RATE_UNTIL: f64 = 0.6;
+
 impl BpfStats {
     fn take() -> Result<BpfStats> {
         let before = fs::read_to_string(BPF_STATS)
@@ -729,6 +738,8 @@ fn run_one(
         round,
         connections: churn.connections,
         seconds: churn.seconds,
+        rate_connections: churn.mark_connections,
+        rate_seconds: churn.mark_seconds,
         expected: churn.expected,
         failed_connects: churn.failed_connects,
         other_tracers: others,
@@ -807,6 +818,8 @@ fn run_one(
 struct Churn {
     connections: u64,
     seconds: f64,
+    mark_connections: u64,
+    mark_seconds: f64,
     expected: u64,
     failed_connects: u64,
 }
@@ -816,6 +829,7 @@ fn run_churn(env: &Env, opts: &Options, ns: &Netns, seconds: f64) -> Result<Chur
         .args(["netns", "exec", &ns.0])
         .arg(&env.churn)
         .args(["--mode", &opts.mode, "--seconds", &seconds.to_string()])
+        .args(["--mark", &(seconds * RATE_UNTIL).to_string()])
         .args(["--port", &opts.port.to_string()])
         .args(["--clients", &opts.clients.to_string()])
         .args(["--acceptors", &opts.acceptors.to_string()])
@@ -869,6 +883,8 @@ fn run_churn(env: &Env, opts: &Options, ns: &Netns, seconds: f64) -> Result<Chur
     Ok(Churn {
         connections: field("connections")? as u64,
         seconds: field("seconds")?,
+        mark_connections: field("mark_connections")? as u64,
+        mark_seconds: field("mark_seconds")?,
         expected: field("expected_transitions")? as u64,
         failed_connects: field("failed_connects")? as u64,
     })
@@ -1387,7 +1403,9 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
     }
     let _ = writeln!(
         t,
-        "BPF ns/event: run_time_ns of all the tracer's programs / run_cnt of its state-change \
+        "conn/s: connections made in the first {:.0}% of each run, before BPF statistics are \
+         turned on, / that time (the whole run's figures are in the JSON).\n\
+         BPF ns/event: run_time_ns of all the tracer's programs / run_cnt of its state-change \
          program, over the last third of each run (kernel.bpf_stats_enabled=1 only then: it \
          adds two clock reads per program run, which the figure includes and the measured rates \
          are spared; the kernel's own tracepoint work around the programs is not included). \
@@ -1403,7 +1421,8 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
          annotations it queues (not only transitions), so with drops unaccounted can go \
          negative.\n\
          tcpstates traces every port (its -L and -D filters must both match); its lines for the \
-         churn's port are counted."
+         churn's port are counted.",
+        RATE_UNTIL * 100.0
     );
 
     // Goals.
@@ -1568,7 +1587,7 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
         let _ = write!(
             j,
             "    {{\"config\": {}, \"round\": {}, \"connections\": {}, \"seconds\": {}, \
-             \"conn_per_s\": {}, \"expected\": {}, \"failed_connects\": {}, \"captured\": {}, \
+             \"conn_per_s\": {}, \"rate_connections\": {}, \"rate_seconds\": {}, \"expected\": {}, \"failed_connects\": {}, \"captured\": {}, \
              \"filtered\": {}, \"ring_lost\": {}, \"recursion_misses\": {}, \"bpf_run_time_ns\": {}, \
              \"bpf_run_cnt\": {}, \"bpf_ns_per_event\": {}, \"bpf_runs_total\": {}, \
              \"stats_floor_ns\": {}, \"bpf_ns_less_stats\": {}, \"cpu_ns\": {}, \"sys_ns\": {}, \
@@ -1581,6 +1600,8 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
             s.connections,
             jnum(s.seconds),
             jnum(s.rate()),
+            s.rate_connections,
+            jnum(s.rate_seconds),
             s.expected,
             s.failed_connects,
             jopt(s.captured),
