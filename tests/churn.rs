@@ -50,9 +50,9 @@
 //!   but a tracer of resets sees one for about every other connection.
 //! - a reset reaching the side that closes last after the peer's FIN, while
 //!   it waits in CLOSE_WAIT: that side goes CLOSE_WAIT>CLOSE at once, and
-//!   its close() then reports nothing, 9 for the connection. About once in
-//!   20 million connections at full churn; checked for before each such
-//!   close() and counted (`close_wait_resets`).
+//!   its close() then reports nothing, 9 for the connection. Rare (once in
+//!   some 60 million connections of bench runs); checked for before each
+//!   such close() and counted (`close_wait_resets`).
 //! - a connect() that fails after the SYN_SENT state was entered
 //!   (EADDRNOTAVAIL, ECONNREFUSED, a timeout): 2 (CLOSE>SYN_SENT,
 //!   SYN_SENT>CLOSE), from the kernel's tcp_v4_connect; never seen here, as
@@ -402,10 +402,11 @@ fn finish_close_wait(fd: c_int, shared: &Shared) {
 }
 
 /// Whether the socket was reset after the peer's FIN: it is CLOSED, not in
-/// CLOSE_WAIT. Seen about once in 20 million connections at full churn: the
-/// peer had already gone (its namespace's time-wait table was full, so it
-/// kept no time-wait socket) and answered a late ACK of ours with a reset.
-/// A reset arriving between this check and close() still goes uncounted.
+/// CLOSE_WAIT. Seen once in some 60 million connections of bench runs; the
+/// likely cause (not traced down) is a peer already gone, with no time-wait
+/// socket (its namespace's table was full), answering a late ACK of ours
+/// with a reset. A reset arriving between this check and close() still
+/// goes uncounted.
 fn reset_in_close_wait(fd: c_int) -> bool {
     // `tcpi_state` is the first byte of `struct tcp_info`; the kernel
     // copies no more than asked for.
