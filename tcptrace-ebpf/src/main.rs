@@ -231,7 +231,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 /// socket callback covered it. Under full churn a catcher running inside
 /// the main program found such a claim a few times in 20 seconds; a
 /// child's `LISTEN -> SYN_RECV`, which no callback covers, went missing
-/// once in 125 million transitions, likely so. With `in_main` set the main
+/// once in 125 million transitions, possibly so. With `in_main` set the main
 /// program is running, so it was skipped, whatever the stack says; and it
 /// is running in a task (a softirq interrupted it, and nothing nests in a
 /// softirq), so no claim on the stack belongs to a run still under way:
