@@ -272,14 +272,24 @@ pub fn catch_nested(ctx: BtfTracePointContext) -> i32 {
 /// burst of softirq transitions (FIN_WAIT1 -> FIN_WAIT2 -> CLOSE) while it
 /// still calls this; so this emits the socket's transitions a packet or
 /// timer drives, and the tracepoint's programs leave those to it. Sockets
-/// are followed from connect() or accept(): the transitions before that
-/// stay with the tracepoint alone.
+/// the filters keep are followed from connect() or accept(): the
+/// transitions before that stay with the tracepoint alone.
 #[sock_ops]
 pub fn socket_callback(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            // Keeps the flags another program may have asked for.
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            // Only sockets the filters keep: a state callback costs a
+            // program run per change, and with `--port` on a busy host
+            // most sockets are someone else's.
+            let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk } as *mut c_void;
+            if sk.is_null() {
+                return 1;
+            }
+            let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
+            if !tp.is_null() && kept(tp).is_some() {
+                // Keeps the flags another program may have asked for.
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            }
         }
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         _ => {}
@@ -388,9 +398,18 @@ impl Stack {
     }
 }
 
-/// Emits the transition `f` of the TCP socket `tp` unless a filter drops it.
+/// What the filters look at, of a socket they keep.
+struct Kept {
+    family: u16,
+    sport: u16,
+    dport: u16,
+    netns: u32,
+}
+
+/// The family, ports and namespace of the TCP socket `tp`, None if the
+/// filters drop it. None of these change once a socket is connected.
 #[inline(always)]
-fn set_state(f: &Firing, tp: *const u8) {
+fn kept(tp: *const u8) -> Option<Kept> {
     let family: u16 = read(tp, config!(sock.family));
     let family_bit = match family {
         AF_INET => FAMILY_V4,
@@ -400,8 +419,7 @@ fn set_state(f: &Firing, tp: *const u8) {
     let sport = u16::from_be(read(tp, config!(sock.sport)));
     let dport = u16::from_be(read(tp, config!(sock.dport)));
     if config!(families) & family_bit == 0 || !ports_pass(sport, dport) {
-        count(COUNTER_FILTERED);
-        return;
+        return None;
     }
     let net: *const u8 = read(tp, config!(sock.net));
     let netns = if net.is_null() {
@@ -411,9 +429,29 @@ fn set_state(f: &Firing, tp: *const u8) {
     };
     let netns_only = config!(netns_only);
     if netns_only != 0 && netns != netns_only {
+        return None;
+    }
+    Some(Kept {
+        family,
+        sport,
+        dport,
+        netns,
+    })
+}
+
+/// Emits the transition `f` of the TCP socket `tp` unless a filter drops it.
+#[inline(always)]
+fn set_state(f: &Firing, tp: *const u8) {
+    let Some(Kept {
+        family,
+        sport,
+        dport,
+        netns,
+    }) = kept(tp)
+    else {
         count(COUNTER_FILTERED);
         return;
-    }
+    };
     let mut saddr = [0u32; 4];
     let mut daddr = [0u32; 4];
     if family == AF_INET {
@@ -495,6 +533,13 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 fn reset(sk: *const c_void, reason: u8, kind: u8) {
     if sk.is_null() {
         // A reset answering a segment no socket owns: no transition to explain.
+        return;
+    }
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
+    if !tp.is_null() && kept(tp).is_none() {
+        // A socket whose transitions the filters drop: nothing to explain.
+        // (Request and time-wait sockets have no `tcp_sock` to filter by;
+        // userspace keeps a reset only for a socket it follows.)
         return;
     }
     emit(Event {
