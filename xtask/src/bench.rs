@@ -2,8 +2,13 @@
 //! anything at the fastest connection churn this machine reaches, side by
 //! side with the same churn untraced and with libbpf-tools `tcpstates`.
 //!
-//! Each round runs every configuration once, interleaved (untraced, text,
-//! record, tcpstates), so that a slow period of a noisy VM hits them alike.
+//! Each round runs every configuration once, interleaved (untraced,
+//! attached, text, record, tcpstates), so that a slow period of a noisy VM
+//! hits them alike. `attached` is tcptrace with a port filter no churn
+//! socket matches: every program runs for every transition and the kernel
+//! dispatches them, but nothing is emitted and userspace has nothing to
+//! do. Between untraced and text it splits the cost of tracing into the
+//! probes' and the events'.
 //! Each run: start the tracer, wait until it is attached, run `tt-churn` in
 //! a fresh network namespace, wait until the tracer has caught up (its CPU
 //! time stops growing), read its BPF program statistics, CPU time and peak
@@ -54,7 +59,11 @@ const GOAL_OFFLINE_EPS: f64 = 1e6;
 const GOAL_VS_TCPSTATES: f64 = 2.0;
 
 const MODES: [&str; 3] = ["client-closes-first", "server-closes-first", "reset"];
-pub const CONFIGS: [&str; 4] = ["untraced", "text", "record", "tcpstates"];
+pub const CONFIGS: [&str; 5] = ["untraced", "attached", "text", "record", "tcpstates"];
+/// The port `attached` filters on: no churn socket uses it (the churn's
+/// server port is above 1024, its clients' ports are ephemeral), so the
+/// programs run for every transition and drop each at the filter.
+const UNUSED_PORT: u16 = 9;
 
 pub struct Options {
     pub seconds: f64,
@@ -681,6 +690,12 @@ fn run_one(
     let mut tcpstates_out = None;
     let mut tracer = match config {
         "untraced" => None,
+        "attached" => {
+            let mut cmd = Command::new(&env.tcptrace);
+            cmd.args(["--port", &UNUSED_PORT.to_string()])
+                .stdout(Stdio::null());
+            Some(spawn_tracer(cmd)?)
+        }
         "text" => {
             let mut cmd = Command::new(&env.tcptrace);
             cmd.args(["--port", &port]).stdout(Stdio::null());
@@ -797,16 +812,20 @@ fn run_one(
                     lines.join("\n").trim()
                 )
             })?;
-        sample.captured = Some(stats.shown);
         sample.filtered = Some(stats.filtered);
         sample.ring_lost = Some(stats.lost);
-        sample.reported_missed = stats.missed;
-        sample.gaps = Some(stats.gaps);
-        // tcptrace's programs skip each other's nested runs by design;
-        // what it reports is what its catcher did not recover.
-        let missed = stats.missed.unwrap_or(prog.recursion_misses);
-        sample.recursion_misses = Some(missed);
-        sample.caught = Some(prog.recursion_misses.saturating_sub(missed));
+        // `attached` captures nothing by design: nothing is missing, and
+        // its catcher counts what it drops as filtered, not caught.
+        if config != "attached" {
+            sample.captured = Some(stats.shown);
+            sample.reported_missed = stats.missed;
+            sample.gaps = Some(stats.gaps);
+            // tcptrace's programs skip each other's nested runs by design;
+            // what it reports is what its catcher did not recover.
+            let missed = stats.missed.unwrap_or(prog.recursion_misses);
+            sample.recursion_misses = Some(missed);
+            sample.caught = Some(prog.recursion_misses.saturating_sub(missed));
+        }
     }
     if let Some(rec) = &recording {
         sample.recording_bytes = Some(file_size(&rec.0));
@@ -1421,7 +1440,10 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
          annotations it queues (not only transitions), so with drops unaccounted can go \
          negative.\n\
          tcpstates traces every port (its -L and -D filters must both match); its lines for the \
-         churn's port are counted.",
+         churn's port are counted.\n\
+         attached: tcptrace filtering on a port no churn socket uses, so its programs run for \
+         every transition and drop it: what the probes cost the churn before any event is \
+         emitted or read.",
         RATE_UNTIL * 100.0
     );
 

@@ -94,11 +94,13 @@ enum Cmd {
         /// Churn acceptor threads (one listener each).
         #[arg(long, default_value_t = 1)]
         acceptors: u32,
-        /// Configurations to run (untraced, text, record, tcpstates).
+        /// Configurations to run: untraced, attached (tcptrace filtering
+        /// out every transition in the kernel: the probes' own cost), text,
+        /// record, tcpstates.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "untraced,text,record,tcpstates"
+            default_value = "untraced,attached,text,record,tcpstates"
         )]
         configs: Vec<String>,
         /// Times a run disturbed by other work (another tracer, a busy
