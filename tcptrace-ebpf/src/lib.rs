@@ -194,9 +194,8 @@ pub const PROGRAM: &str = "inet_sock_set_state";
 /// kernel does not run it for.
 pub const PROGRAM_CATCHER: &str = "catch_nested";
 /// A `sock_ops` program on the root cgroup: the kernel calls it from inside
-/// every state change of the sockets it asks to follow (those it sees
-/// connect or accept that the filters keep), just before the tracepoint.
-/// It emits their
+/// every state change of the sockets it asks to follow (all it sees
+/// connect or accept), just before the tracepoint. It emits their
 /// transitions the task does not make itself, which the kernel sometimes
 /// runs the tracepoint's programs for not at all.
 pub const PROGRAM_CALLBACK: &str = "socket_callback";

@@ -206,14 +206,12 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     } else if !firing.taken_from_callback(tp, claims) {
         set_state(&firing, tp);
     }
-    // Before the push: a catcher that finds `in_main` set clears the
-    // stack, which must not hold this transition's claim yet.
-    unsafe { in_main.write_volatile(0) };
     // Last, so that a transition nested anywhere before this finds no
     // claim of its own and is emitted by the catcher.
     if unsafe { (&raw const (*claims).catching).read_volatile() } == 0 {
         unsafe { Stack::push(&raw mut (*claims).handled, firing.claim()) };
     }
+    unsafe { in_main.write_volatile(0) };
     0
 }
 
@@ -221,21 +219,6 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 /// did not claim this very transition it was skipped, nested in its own
 /// run on this CPU, and this one emits the transition instead, unless the
 /// socket callback did.
-///
-/// The claims alone are not enough: the kernel counts a program as running
-/// for a little longer than its flags say (its dispatch before and after
-/// the program's code), so a main program can push a claim whose catcher
-/// the kernel then skips. Such a claim stays behind, and a later socket at
-/// the same address making the same change (the allocator reuses addresses
-/// at once) would find it, and its transition would go unemitted unless the
-/// socket callback covered it. Under full churn a catcher running inside
-/// the main program found such a claim a few times in 20 seconds; a
-/// child's `LISTEN -> SYN_RECV`, which no callback covers, went missing
-/// once in 125 million transitions, possibly so. With `in_main` set the main
-/// program is running, so it was skipped, whatever the stack says; and it
-/// is running in a task (a softirq interrupted it, and nothing nests in a
-/// softirq), so no claim on the stack belongs to a run still under way:
-/// they are all left behind, and are cleared.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn catch_nested(ctx: BtfTracePointContext) -> i32 {
     let firing = Firing::of(&ctx);
@@ -244,14 +227,7 @@ pub fn catch_nested(ctx: BtfTracePointContext) -> i32 {
     };
     let catching = unsafe { &raw mut (*claims).catching };
     unsafe { catching.write_volatile(1) };
-    let handled = unsafe { &raw mut (*claims).handled };
-    let main_ran = if unsafe { (&raw const (*claims).in_main).read_volatile() } != 0 {
-        unsafe { Stack::clear(handled) };
-        false
-    } else {
-        unsafe { Stack::pop(handled, firing.claim()) }
-    };
-    if !main_ran {
+    if !unsafe { Stack::pop(&raw mut (*claims).handled, firing.claim()) } {
         let tp = firing.tcp_sock();
         if tp.is_null() {
             count(COUNTER_FILTERED);
@@ -272,24 +248,14 @@ pub fn catch_nested(ctx: BtfTracePointContext) -> i32 {
 /// burst of softirq transitions (FIN_WAIT1 -> FIN_WAIT2 -> CLOSE) while it
 /// still calls this; so this emits the socket's transitions a packet or
 /// timer drives, and the tracepoint's programs leave those to it. Sockets
-/// the filters keep are followed from connect() or accept(): the
-/// transitions before that stay with the tracepoint alone.
+/// are followed from connect() or accept(): the transitions before that
+/// stay with the tracepoint alone.
 #[sock_ops]
 pub fn socket_callback(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            // Only sockets the filters keep: a state callback costs a
-            // program run per change, and with `--port` on a busy host
-            // most sockets are someone else's.
-            let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk } as *mut c_void;
-            if sk.is_null() {
-                return 1;
-            }
-            let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
-            if !tp.is_null() && kept(tp).is_some() {
-                // Keeps the flags another program may have asked for.
-                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-            }
+            // Keeps the flags another program may have asked for.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         }
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         _ => {}
@@ -385,31 +351,11 @@ impl Stack {
         unsafe { (&raw mut (*this).next).write_volatile(next.wrapping_sub(depth)) };
         true
     }
-
-    /// Empties every slot (a claim of zeros matches no socket).
-    #[inline(always)]
-    unsafe fn clear(this: *mut Stack) {
-        for at in 0..CLAIM_SLOTS {
-            unsafe {
-                (&raw mut (*this).slots[at][0]).write_volatile(0);
-                (&raw mut (*this).slots[at][1]).write_volatile(0);
-            }
-        }
-    }
 }
 
-/// What the filters look at, of a socket they keep.
-struct Kept {
-    family: u16,
-    sport: u16,
-    dport: u16,
-    netns: u32,
-}
-
-/// The family, ports and namespace of the TCP socket `tp`, None if the
-/// filters drop it. None of these change once a socket is connected.
+/// Emits the transition `f` of the TCP socket `tp` unless a filter drops it.
 #[inline(always)]
-fn kept(tp: *const u8) -> Option<Kept> {
+fn set_state(f: &Firing, tp: *const u8) {
     let family: u16 = read(tp, config!(sock.family));
     let family_bit = match family {
         AF_INET => FAMILY_V4,
@@ -419,7 +365,8 @@ fn kept(tp: *const u8) -> Option<Kept> {
     let sport = u16::from_be(read(tp, config!(sock.sport)));
     let dport = u16::from_be(read(tp, config!(sock.dport)));
     if config!(families) & family_bit == 0 || !ports_pass(sport, dport) {
-        return None;
+        count(COUNTER_FILTERED);
+        return;
     }
     let net: *const u8 = read(tp, config!(sock.net));
     let netns = if net.is_null() {
@@ -429,29 +376,9 @@ fn kept(tp: *const u8) -> Option<Kept> {
     };
     let netns_only = config!(netns_only);
     if netns_only != 0 && netns != netns_only {
-        return None;
-    }
-    Some(Kept {
-        family,
-        sport,
-        dport,
-        netns,
-    })
-}
-
-/// Emits the transition `f` of the TCP socket `tp` unless a filter drops it.
-#[inline(always)]
-fn set_state(f: &Firing, tp: *const u8) {
-    let Some(Kept {
-        family,
-        sport,
-        dport,
-        netns,
-    }) = kept(tp)
-    else {
         count(COUNTER_FILTERED);
         return;
-    };
+    }
     let mut saddr = [0u32; 4];
     let mut daddr = [0u32; 4];
     if family == AF_INET {
@@ -533,13 +460,6 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 fn reset(sk: *const c_void, reason: u8, kind: u8) {
     if sk.is_null() {
         // A reset answering a segment no socket owns: no transition to explain.
-        return;
-    }
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
-    if !tp.is_null() && kept(tp).is_none() {
-        // A socket whose transitions the filters drop: nothing to explain.
-        // (Request and time-wait sockets have no `tcp_sock` to filter by;
-        // userspace keeps a reset only for a socket it follows.)
         return;
     }
     emit(Event {

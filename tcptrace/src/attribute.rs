@@ -263,9 +263,8 @@ impl Attributor {
 
     /// A reset arrived on the socket at `skaddr`: its coming `-> CLOSE` is
     /// its consequence.
-    /// The kernel drops resets of full sockets the filters drop, not those
-    /// of request or time-wait sockets: only the sockets we follow count,
-    /// and only until they close.
+    /// Resets are not filtered in the kernel: only the sockets we follow
+    /// count, and only until they close.
     pub fn reset_received(&mut self, skaddr: u64) {
         if self.socks.contains_key(&skaddr) {
             self.reset_received.insert(skaddr);
