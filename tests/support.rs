@@ -435,7 +435,6 @@ impl Tracer {
 }
 
 impl Output {
-    /// The JSON rows (`--format json`).
     /// The JSON rows (`--format json`) of transitions the tracepoint
     /// reported: what most scenarios check, exactly.
     pub fn rows(&self) -> Vec<Value> {
