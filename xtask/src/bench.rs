@@ -60,9 +60,9 @@ const GOAL_VS_TCPSTATES: f64 = 2.0;
 
 const MODES: [&str; 3] = ["client-closes-first", "server-closes-first", "reset"];
 pub const CONFIGS: [&str; 5] = ["untraced", "attached", "text", "record", "tcpstates"];
-/// The port `attached` filters on: no churn socket uses it (the churn's
-/// server port is above 1024, its clients' ports are ephemeral), so the
-/// programs run for every transition and drop each at the filter.
+/// The port `attached` filters on: no churn socket uses it (`--port` may
+/// not be this one, and the clients' ports are ephemeral), so the programs
+/// run for every transition and drop each at the filter.
 const UNUSED_PORT: u16 = 9;
 
 pub struct Options {
@@ -247,6 +247,12 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         if !CONFIGS.contains(&c.as_str()) {
             bail!("unknown configuration {c:?}; known: {}", CONFIGS.join(", "));
         }
+    }
+    if opts.port == UNUSED_PORT && opts.configs.iter().any(|c| c == "attached") {
+        bail!(
+            "--port {UNUSED_PORT} is the port the attached configuration filters on, which the \
+             churn must not use: pick another port"
+        );
     }
     // SAFETY: installs a handler that only stores to an atomic.
     unsafe { signal(SIGINT, on_sigint as extern "C" fn(i32) as usize) };
