@@ -360,14 +360,32 @@ fn json_rows_carry_every_field_typed() {
         "netns",
         "origin",
     ];
+    // Present only where they say something: the test's processes run in
+    // whatever cgroup the test does, and have one thread each.
+    let optional = ["queued", "cgroup", "unit", "container", "thread"];
     let mut last_ts = 0;
     for r in &rows {
         let obj = r.as_object().unwrap();
-        let mut have: Vec<&str> = obj.keys().map(String::as_str).collect();
+        let mut have: Vec<&str> = obj
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !optional.contains(k) || *k == "queued")
+            .collect();
         have.sort_unstable();
         let mut want = keys.to_vec();
+        // The server's child waits in the listener's queue until accept():
+        // exactly its handshake rows say so.
+        let handshake = r["lport"] == port
+            && [("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED")]
+                .contains(&(r["old"].as_str().unwrap(), r["new"].as_str().unwrap()));
+        if handshake {
+            want.push("queued");
+            assert_eq!(r["queued"], true, "{r}");
+            assert_eq!(r["pid"], run.server, "the listener's owner: {r}");
+        }
         want.sort_unstable();
         assert_eq!(have, want, "no kernel address unless asked: {r}");
+        assert!(r.get("thread").is_none(), "single-threaded peers: {r}");
         let time = r["time"].as_str().unwrap();
         assert!(
             time.len() == 27 && time.ends_with('Z') && time.as_bytes()[10] == b'T',

@@ -7,7 +7,7 @@
 #![no_std]
 
 /// One `inet_sock_set_state` transition of a TCP socket, or (by `kind`) a
-/// reset sent or received on a socket.
+/// reset or a change of who holds a socket.
 ///
 /// Addresses are in network byte order; an IPv4 address is in the first four
 /// bytes. Ports are in host byte order (the tracepoint already converts them).
@@ -19,12 +19,17 @@ pub struct Event {
     /// The kernel's `struct sock *`. Userspace groups events by it and never
     /// shows it unless asked.
     pub skaddr: u64,
+    /// cgroup v2 id of the task, where `pid` is set: the inode of its
+    /// directory under the cgroup2 mount.
+    pub cgroup: u64,
     /// Thread group id of the task the kernel ran in, for the transitions
-    /// [`in_owner_context`] names; 0 for the others.
+    /// [`in_owner_context`] names and the process events; 0 for the others.
     pub pid: u32,
     /// Inode of the socket's network namespace (as `ls -l /proc/PID/ns/net`
     /// shows it); 0 when the kernel's BTF did not say where to find it.
     pub netns: u32,
+    /// [`KIND_FORK`]: the new process's thread group id.
+    pub child: u32,
     pub oldstate: u8,
     pub newstate: u8,
     /// `AF_INET` or `AF_INET6`.
@@ -33,17 +38,19 @@ pub struct Event {
     pub dport: u16,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-    /// `comm` of the task the kernel ran in, NUL padded; like `pid`, only
-    /// for the transitions [`in_owner_context`] names.
+    /// The process's name (its thread group leader's `comm`), NUL padded;
+    /// set where `pid` is.
     pub comm: [u8; 16],
-    /// [`KIND_STATE`], [`KIND_RESET_SENT`] or [`KIND_RESET_RECEIVED`]. A
-    /// reset event carries only `ts_ns`, `skaddr` and `reset_reason`.
+    /// The calling thread's `comm`, where `pid` is set.
+    pub thread: [u8; 16],
+    /// One of the `KIND_*` constants. A reset event carries only `ts_ns`,
+    /// `skaddr` and `reset_reason`.
     pub kind: u8,
     /// `enum sk_rst_reason` of a reset sent (names in the format file).
     pub reset_reason: u8,
     /// Explicit, so that the whole struct is written and no kernel stack
     /// bytes travel through the ring as padding.
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
@@ -86,6 +93,15 @@ pub const fn in_owner_context(old: u8, new: u8) -> bool {
 pub const KIND_STATE: u8 = 0;
 pub const KIND_RESET_SENT: u8 = 1;
 pub const KIND_RESET_RECEIVED: u8 = 2;
+/// accept() returned the socket `skaddr` to process `pid`.
+pub const KIND_ACCEPT: u8 = 3;
+/// Process `pid` forked `child`, which holds copies of its descriptors.
+pub const KIND_FORK: u8 = 4;
+/// Process `pid` closed a descriptor of the socket `skaddr` that was not
+/// the last reference to it: someone else still holds it.
+pub const KIND_RELEASE: u8 = 5;
+/// Process `pid` is exiting (its thread group leader is).
+pub const KIND_EXIT: u8 = 6;
 
 /// What a reset tracepoint (`tcp:tcp_send_reset`, `tcp:tcp_receive_reset`)
 /// passes its tp_btf program: the socket first, always; `tcp_send_reset`'s
@@ -131,12 +147,44 @@ pub struct SockLayout {
     pub ops_flags: u32,
 }
 
+/// Where the kernel keeps what tells a process's name and the sockets
+/// behind its descriptors, in bytes, from the kernel's BTF (like
+/// [`SockLayout`]). The programs that read these run in process context
+/// and walk `current->files->fdt->fd[fd]->private_data->sk`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskLayout {
+    /// `task_struct.tgid`, `.pid` (i32), `.group_leader` (pointer),
+    /// `.comm` (16 bytes), `.files` (pointer).
+    pub tgid: u32,
+    pub pid: u32,
+    pub group_leader: u32,
+    pub comm: u32,
+    pub files: u32,
+    /// `files_struct.fdt` (pointer).
+    pub fdt: u32,
+    /// `fdtable.max_fds` (u32), `fdtable.fd` (pointer to the array).
+    pub max_fds: u32,
+    pub fd: u32,
+    /// `file.private_data` (the `struct socket *` of a socket), and its
+    /// reference count (`f_ref` from 6.13, `f_count` before).
+    pub private_data: u32,
+    pub f_refs: u32,
+    /// The count's value when one reference is left: 0 for `f_ref`
+    /// (`file_ref_t` counts from zero), 1 for `f_count`.
+    pub f_refs_one: u32,
+    /// `socket.sk`, and `sock.sk_socket`, which points back at it.
+    pub sk: u32,
+    pub sk_socket: u32,
+}
+
 /// The program's load-time configuration (a read-only global, so the
 /// verifier sees its values as constants).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Config {
     pub sock: SockLayout,
+    pub task: TaskLayout,
     /// Bit set of the families to keep: [`FAMILY_V4`], [`FAMILY_V6`].
     pub families: u32,
     /// Bit set of the port filters in force: [`PORT_ANY`], [`PORT_LOCAL`],
@@ -201,9 +249,18 @@ pub const PROGRAM_CATCHER: &str = "catch_nested";
 pub const PROGRAM_CALLBACK: &str = "socket_callback";
 pub const PROGRAM_RESET_SENT: &str = "tcp_send_reset";
 pub const PROGRAM_RESET_RECEIVED: &str = "tcp_receive_reset";
+/// On `syscalls:sys_exit_accept4` and `sys_exit_accept`: who accepted.
+pub const PROGRAM_ACCEPT: &str = "accepted";
+/// On `syscalls:sys_enter_close`: a socket's descriptor closed while
+/// another reference remains (a fork's parent, an SCM_RIGHTS sender).
+pub const PROGRAM_RELEASE: &str = "released";
+/// On `sched_process_fork` and `sched_process_exit` (tp_btf): holders
+/// gained and lost without any change of state.
+pub const PROGRAM_FORK: &str = "forked";
+pub const PROGRAM_EXIT: &str = "exited";
 
-/// All rings together: half a second of 500k events/s at 96 bytes (event
-/// and ring header) is 24 MB. Userspace shares it out among the rings the
+/// All rings together: half a second of 500k events/s at 120 bytes (event
+/// and ring header) is 30 MB. Userspace shares it out among the rings the
 /// machine's CPUs use (the kernel wants a power of two for each) and shrinks
 /// the others to [`RING_UNUSED_BYTES`].
 pub const RING_BYTES: u32 = 32 << 20;

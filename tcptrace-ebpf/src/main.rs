@@ -8,24 +8,26 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{
         BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::bpf_skc_to_tcp_sock,
     },
-    macros::{btf_tracepoint, map, sock_ops},
+    macros::{btf_tracepoint, map, sock_ops, tracepoint},
     maps::{Array, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
-    programs::{BtfTracePointContext, SockOpsContext},
+    programs::{BtfTracePointContext, SockOpsContext, TracePointContext},
 };
 use aya_log_ebpf::error;
 use tcptrace_ebpf::{
     AF_INET, AF_INET6, COUNTER_CAUGHT, COUNTER_COVERED, COUNTER_FILTERED, COUNTER_LOST,
-    COUNTERS_LEN, Config, Event, FAMILY_V4, FAMILY_V6, KIND_RESET_RECEIVED, KIND_RESET_SENT,
-    KIND_STATE, PORT_ANY, PORT_LOCAL, PORT_REMOTE, RING_UNUSED_BYTES, RINGS, ResetLayout,
-    SockLayout, in_owner_context,
+    COUNTERS_LEN, Config, Event, FAMILY_V4, FAMILY_V6, KIND_ACCEPT, KIND_EXIT, KIND_FORK,
+    KIND_RELEASE, KIND_RESET_RECEIVED, KIND_RESET_SENT, KIND_STATE, PORT_ANY, PORT_LOCAL,
+    PORT_REMOTE, RING_UNUSED_BYTES, RINGS, ResetLayout, SockLayout, TaskLayout, in_owner_context,
 };
 
 #[unsafe(no_mangle)]
@@ -41,6 +43,21 @@ static CONFIG: Config = Config {
         net: 0,
         inum: 0,
         ops_flags: 0,
+    },
+    task: TaskLayout {
+        tgid: 0,
+        pid: 0,
+        group_leader: 0,
+        comm: 0,
+        files: 0,
+        fdt: 0,
+        max_fds: 0,
+        fd: 0,
+        private_data: 0,
+        f_refs: 0,
+        f_refs_one: 0,
+        sk: 0,
+        sk_socket: 0,
     },
     families: 0,
     port_filters: 0,
@@ -204,7 +221,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     if tp.is_null() {
         count(COUNTER_FILTERED);
     } else if !firing.taken_from_callback(tp, claims) {
-        set_state(&firing, tp);
+        set_state::<true>(&firing, tp);
     }
     // Last, so that a transition nested anywhere before this finds no
     // claim of its own and is emitted by the catcher.
@@ -235,7 +252,7 @@ pub fn catch_nested(ctx: BtfTracePointContext) -> i32 {
             count(COUNTER_COVERED);
         } else {
             count(COUNTER_CAUGHT);
-            set_state(&firing, tp);
+            set_state::<true>(&firing, tp);
         }
     }
     unsafe { catching.write_volatile(0) };
@@ -277,7 +294,9 @@ fn on_state_change(ctx: &SockOpsContext) {
     if tp.is_null() {
         return;
     }
-    set_state(&firing, tp);
+    // Never the task: sock_ops programs may not ask for it before 6.13 or
+    // so, and the callback only emits transitions no task makes.
+    set_state::<false>(&firing, tp);
     let Some(claims) = CLAIMS.get_ptr_mut(0) else {
         return;
     };
@@ -354,71 +373,275 @@ impl Stack {
 }
 
 /// Emits the transition `f` of the TCP socket `tp` unless a filter drops it.
+/// `TASK`: the program may ask who the current task is (not the socket
+/// callback: the verifier of older kernels refuses those helpers there,
+/// even on a path that never runs).
 #[inline(always)]
-fn set_state(f: &Firing, tp: *const u8) {
-    let family: u16 = read(tp, config!(sock.family));
+fn set_state<const TASK: bool>(f: &Firing, tp: *const u8) {
+    let sk = Direct(tp);
+    let Some(netns) = kept(sk) else {
+        count(COUNTER_FILTERED);
+        return;
+    };
+    let family: u16 = sk.at(config!(sock.family));
+    let mut saddr = [0u32; 4];
+    let mut daddr = [0u32; 4];
+    if family == AF_INET {
+        saddr[0] = sk.at(config!(sock.saddr));
+        daddr[0] = sk.at(config!(sock.daddr));
+    } else {
+        // Word by word: the verifier allows a load within one member of
+        // `in6_addr`, and its widest is a 32-bit word.
+        for i in 0..4 {
+            saddr[i] = sk.at(config!(sock.saddr_v6) + 4 * i as u32);
+            daddr[i] = sk.at(config!(sock.daddr_v6) + 4 * i as u32);
+        }
+    }
+    let mut event = Event {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr: f.sk as u64,
+        cgroup: 0,
+        pid: 0,
+        netns,
+        child: 0,
+        oldstate: f.oldstate,
+        newstate: f.newstate,
+        family,
+        sport: u16::from_be(sk.at(config!(sock.sport))),
+        dport: u16::from_be(sk.at(config!(sock.dport))),
+        saddr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(saddr) },
+        daddr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(daddr) },
+        comm: [0; 16],
+        thread: [0; 16],
+        kind: KIND_STATE,
+        reset_reason: 0,
+        _pad: [0; 2],
+    };
+    // Nobody uses the task of the other transitions: it is whoever a
+    // packet or timer interrupted.
+    if TASK && in_owner_context(f.oldstate, f.newstate) {
+        current_task(&mut event);
+    }
+    emit(event);
+}
+
+/// The socket's network namespace if the family, port and namespace
+/// filters keep it.
+#[inline(always)]
+fn kept<K: Kernel>(sk: K) -> Option<u32> {
+    let family: u16 = sk.at(config!(sock.family));
     let family_bit = match family {
         AF_INET => FAMILY_V4,
         AF_INET6 => FAMILY_V6,
         _ => 0,
     };
-    let sport = u16::from_be(read(tp, config!(sock.sport)));
-    let dport = u16::from_be(read(tp, config!(sock.dport)));
+    let sport = u16::from_be(sk.at(config!(sock.sport)));
+    let dport = u16::from_be(sk.at(config!(sock.dport)));
     if config!(families) & family_bit == 0 || !ports_pass(sport, dport) {
-        count(COUNTER_FILTERED);
-        return;
+        return None;
     }
-    let net: *const u8 = read(tp, config!(sock.net));
+    let net = sk.follow(config!(sock.net));
     let netns = if net.is_null() {
         0
     } else {
-        read(net, config!(sock.inum))
+        net.at(config!(sock.inum))
     };
     let netns_only = config!(netns_only);
     if netns_only != 0 && netns != netns_only {
-        count(COUNTER_FILTERED);
-        return;
+        return None;
     }
-    let mut saddr = [0u32; 4];
-    let mut daddr = [0u32; 4];
-    if family == AF_INET {
-        saddr[0] = read(tp, config!(sock.saddr));
-        daddr[0] = read(tp, config!(sock.daddr));
+    Some(netns)
+}
+
+/// Fills in who the current task is: its process (thread group id, the
+/// leader's name, cgroup) and the thread's own name.
+#[inline(always)]
+fn current_task(event: &mut Event) {
+    event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    event.thread = bpf_get_current_comm().unwrap_or_default();
+    event.cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let task = Probed(unsafe { bpf_get_current_task() } as *const u8);
+    let leader = task.follow(config!(task.group_leader));
+    event.comm = if leader.is_null() {
+        event.thread
     } else {
-        // Word by word: the verifier allows a load within one member of
-        // `in6_addr`, and its widest is a 32-bit word.
-        for i in 0..4 {
-            saddr[i] = read(tp, config!(sock.saddr_v6) + 4 * i as u32);
-            daddr[i] = read(tp, config!(sock.daddr_v6) + 4 * i as u32);
-        }
-    }
-    // Nobody uses the task of the other transitions: it is whoever a
-    // packet or timer interrupted.
-    let (pid, comm) = if in_owner_context(f.oldstate, f.newstate) {
-        (
-            (bpf_get_current_pid_tgid() >> 32) as u32,
-            bpf_get_current_comm().unwrap_or_default(),
-        )
-    } else {
-        (0, [0; 16])
+        leader.at(config!(task.comm))
     };
-    emit(Event {
+}
+
+/// Reads fields of a kernel object at load-time offsets.
+trait Kernel: Copy {
+    fn at<T: Copy + Default>(self, offset: u32) -> T;
+    /// The object a pointer field points at.
+    fn follow(self, offset: u32) -> Self;
+    fn is_null(self) -> bool;
+}
+
+/// A pointer the verifier knows the type of (a tp_btf argument): plain
+/// loads, which it checks against the kernel's BTF.
+#[derive(Clone, Copy)]
+struct Direct(*const u8);
+
+impl Kernel for Direct {
+    #[inline(always)]
+    fn at<T: Copy + Default>(self, offset: u32) -> T {
+        read(self.0, offset)
+    }
+    #[inline(always)]
+    fn follow(self, offset: u32) -> Direct {
+        Direct(read(self.0, offset))
+    }
+    #[inline(always)]
+    fn is_null(self) -> bool {
+        self.0.is_null()
+    }
+}
+
+/// Any other kernel pointer: each field through `bpf_probe_read_kernel`;
+/// a fault reads as zero.
+#[derive(Clone, Copy)]
+struct Probed(*const u8);
+
+impl Kernel for Probed {
+    #[inline(always)]
+    fn at<T: Copy + Default>(self, offset: u32) -> T {
+        if self.0.is_null() {
+            return T::default();
+        }
+        unsafe { bpf_probe_read_kernel(self.0.add(offset as usize).cast::<T>()) }
+            .unwrap_or_default()
+    }
+    #[inline(always)]
+    fn follow(self, offset: u32) -> Probed {
+        Probed(self.at::<u64>(offset) as *const u8)
+    }
+    #[inline(always)]
+    fn is_null(self) -> bool {
+        self.0.is_null()
+    }
+}
+
+/// The `struct file` behind descriptor `fd` of the current process.
+#[inline(always)]
+fn file_of_fd(fd: u64) -> Option<Probed> {
+    let task = Probed(unsafe { bpf_get_current_task() } as *const u8);
+    let fdt = task.follow(config!(task.files)).follow(config!(task.fdt));
+    if fd >= u64::from(fdt.at::<u32>(config!(task.max_fds))) {
+        return None;
+    }
+    fdt.follow(config!(task.fd)).follow(fd as u32 * 8).nonnull()
+}
+
+/// The `struct sock` of a file if it is a socket's: its `private_data`
+/// is a `struct socket` whose sock points back at it. Any other file's
+/// private data fails that test.
+#[inline(always)]
+fn file_socket(file: Probed) -> Option<Probed> {
+    let socket = file.follow(config!(task.private_data)).nonnull()?;
+    let sk = socket.follow(config!(task.sk)).nonnull()?;
+    (sk.at::<u64>(config!(task.sk_socket)) == socket.0 as u64).then_some(sk)
+}
+
+impl Probed {
+    #[inline(always)]
+    fn nonnull(self) -> Option<Probed> {
+        (!self.0.is_null()).then_some(self)
+    }
+}
+
+/// An event about a socket or a process rather than a transition: the
+/// current task's, with only `skaddr` and `kind` besides.
+#[inline(always)]
+fn task_event(kind: u8, skaddr: u64) -> Event {
+    let mut event = Event {
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr: f.sk as u64,
-        pid,
-        netns,
-        oldstate: f.oldstate,
-        newstate: f.newstate,
-        family,
-        sport,
-        dport,
-        saddr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(saddr) },
-        daddr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(daddr) },
-        comm,
-        kind: KIND_STATE,
+        skaddr,
+        cgroup: 0,
+        pid: 0,
+        netns: 0,
+        child: 0,
+        oldstate: 0,
+        newstate: 0,
+        family: 0,
+        sport: 0,
+        dport: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        comm: [0; 16],
+        thread: [0; 16],
+        kind,
         reset_reason: 0,
-        _pad: [0; 6],
-    });
+        _pad: [0; 2],
+    };
+    current_task(&mut event);
+    event
+}
+
+/// accept() and accept4() returning: the process now holds the socket,
+/// from here on its owner (before, it waited in the listener's queue).
+/// Attached to both syscalls' exit tracepoints, whose records agree: the
+/// return value (the new descriptor) at offset 16.
+#[tracepoint]
+pub fn accepted(ctx: TracePointContext) -> u32 {
+    let fd = unsafe { *(ctx.as_ptr() as *const i64).add(2) };
+    if fd < 0 {
+        return 0;
+    }
+    if let Some(sk) = file_of_fd(fd as u64).and_then(file_socket)
+        && kept(sk).is_some()
+    {
+        emit(task_event(KIND_ACCEPT, sk.0 as u64));
+    }
+    0
+}
+
+/// close() of a socket's descriptor that is not its last reference:
+/// nothing changes state, yet this process no longer holds it (a forking
+/// server's parent, a sender of SCM_RIGHTS). The last reference's close
+/// shows as a transition instead. Not filtered here: the count, read
+/// first, ends almost every run, and userspace knows which sockets it
+/// follows.
+#[tracepoint]
+pub fn released(ctx: TracePointContext) -> u32 {
+    let fd = unsafe { *(ctx.as_ptr() as *const u64).add(2) };
+    let Some(file) = file_of_fd(fd) else {
+        return 0;
+    };
+    let refs: i64 = file.at(config!(task.f_refs));
+    if refs <= i64::from(config!(task.f_refs_one)) {
+        return 0;
+    }
+    if let Some(sk) = file_socket(file) {
+        emit(task_event(KIND_RELEASE, sk.0 as u64));
+    }
+    0
+}
+
+/// A new process (not a thread) holds copies of its parent's descriptors.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn forked(ctx: BtfTracePointContext) -> i32 {
+    let parent = Direct(ctx.arg(0));
+    let child = Direct(ctx.arg(1));
+    let (parent_tgid, child_tgid): (i32, i32) =
+        (parent.at(config!(task.tgid)), child.at(config!(task.tgid)));
+    if parent_tgid != child_tgid {
+        let mut event = task_event(KIND_FORK, 0);
+        event.child = child_tgid as u32;
+        emit(event);
+    }
+    0
+}
+
+/// A process ends: it holds nothing from here on. Its leader's exit
+/// stands for it (a leader that exits before its threads is rare).
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn exited(ctx: BtfTracePointContext) -> i32 {
+    let task = Direct(ctx.arg(0));
+    let (pid, tgid): (i32, i32) = (task.at(config!(task.pid)), task.at(config!(task.tgid)));
+    if pid == tgid {
+        emit(task_event(KIND_EXIT, 0));
+    }
+    0
 }
 
 /// A field of the socket at the load-time offset `offset`. The offset is a
@@ -465,8 +688,10 @@ fn reset(sk: *const c_void, reason: u8, kind: u8) {
     emit(Event {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         skaddr: sk as u64,
+        cgroup: 0,
         pid: 0,
         netns: 0,
+        child: 0,
         oldstate: 0,
         newstate: 0,
         family: 0,
@@ -475,9 +700,10 @@ fn reset(sk: *const c_void, reason: u8, kind: u8) {
         saddr: [0; 16],
         daddr: [0; 16],
         comm: [0; 16],
+        thread: [0; 16],
         kind,
         reset_reason: reason,
-        _pad: [0; 6],
+        _pad: [0; 2],
     });
 }
 

@@ -80,6 +80,11 @@ struct Open {
     state: State,
     since_ns: u64,
     owner: Option<Task>,
+    /// Every holder, when a holders note named them.
+    holders: Vec<Task>,
+    /// A connection, counted for its owner when it ends (or at the end):
+    /// the process that accepted it, not the listener it queued on.
+    connection: bool,
     local: SocketAddr,
     remote: SocketAddr,
     /// Key of the endpoint table this socket counts in.
@@ -131,9 +136,10 @@ fn count_line(o: &mut String, label: &str, width: usize, values: [String; 6]) {
     o.push('\n');
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct ProcessTally {
     comm: String,
+    cgroup: Option<&'static str>,
     transitions: u64,
     connections: u64,
 }
@@ -191,6 +197,24 @@ impl Analysis {
             Item::Gap(g) => {
                 self.ended_unseen.insert(g.sock);
             }
+            Item::Holders(h) => {
+                if let Some(open) = self.open.get_mut(&h.sock) {
+                    open.holders = h.tasks();
+                    open.owner = open.holders.first().copied().or(open.owner);
+                }
+            }
+        }
+    }
+
+    /// Counts a connection for the process that held it last.
+    fn count_connection(&mut self, owner: Option<Task>) {
+        if let Some(o) = owner {
+            let p = self.processes.entry(o.pid).or_default();
+            p.connections += 1;
+            if p.comm.is_empty() {
+                p.comm = o.comm.as_str().into_owned();
+            }
+            p.cgroup = p.cgroup.or(o.cgroup);
         }
     }
 
@@ -218,6 +242,7 @@ impl Analysis {
             if p.comm.is_empty() {
                 p.comm = o.comm.as_str().into_owned();
             }
+            p.cgroup = p.cgroup.or(o.cgroup);
         }
 
         let opened = match (t.old, t.new) {
@@ -238,15 +263,14 @@ impl Analysis {
             };
             counts.opened += 1;
             self.endpoints.entry(endpoint.clone()).or_default().opened += 1;
-            if let Some(o) = &r.owner {
-                self.processes.entry(o.pid).or_default().connections += 1;
-            }
             self.open.insert(
                 r.sock,
                 Open {
                     state: t.new,
                     since_ns: t.ts_ns,
                     owner: r.owner,
+                    holders: Vec::new(),
+                    connection: true,
                     local: t.local,
                     remote: t.remote,
                     endpoint: Some(endpoint),
@@ -260,6 +284,9 @@ impl Analysis {
         }
         if t.new == State::CLOSE {
             let was = self.open.remove(&r.sock);
+            if let Some(o) = was.as_ref().filter(|o| o.connection) {
+                self.count_connection(r.owner.or(o.owner));
+            }
             if let Some(e) = ending(r) {
                 // The side is known from how the socket was opened; a socket
                 // opened before the recording counts by its ports.
@@ -286,13 +313,19 @@ impl Analysis {
             state: t.new,
             since_ns: t.ts_ns,
             owner: r.owner,
+            holders: Vec::new(),
+            connection: false,
             local: t.local,
             remote: t.remote,
             endpoint: None,
         });
         entry.state = t.new;
         entry.since_ns = t.ts_ns;
-        entry.owner = r.owner.or(entry.owner);
+        if r.owner.is_some() {
+            // Rows after a holders note carry its owner already.
+            entry.owner = r.owner;
+            entry.holders.clear();
+        }
         entry.local = t.local;
         entry.remote = t.remote;
     }
@@ -330,7 +363,18 @@ impl Analysis {
             .map(|(_, o)| o)
             .collect();
         open.sort_by_key(|o| (concern(o.state), o.since_ns));
-        let mut processes: Vec<(&u32, &ProcessTally)> = self.processes.iter().collect();
+        // Connections still open count for who holds them at the end.
+        let mut tallies = self.processes.clone();
+        for o in open.iter().filter(|o| o.connection) {
+            if let Some(owner) = o.owner {
+                let p = tallies.entry(owner.pid).or_default();
+                p.connections += 1;
+                if p.comm.is_empty() {
+                    p.comm = owner.comm.as_str().into_owned();
+                }
+            }
+        }
+        let mut processes: Vec<(&u32, &ProcessTally)> = tallies.iter().collect();
         processes.sort_by_key(|(pid, p)| (std::cmp::Reverse(p.transitions), **pid));
         let mut ports: Vec<(&String, &Counts)> = self.endpoints.iter().collect();
         ports.sort_by_key(|(k, c)| (std::cmp::Reverse(c.opened), (*k).clone()));
@@ -381,6 +425,11 @@ impl Analysis {
                     age_s: end_ns.saturating_sub(o.since_ns) as f64 / 1e9,
                     pid: o.owner.map(|t| t.pid),
                     comm: o.owner.map(|t| t.comm.as_str().into_owned()),
+                    holders: if o.holders.is_empty() {
+                        o.owner.iter().map(HolderRow::of).collect()
+                    } else {
+                        o.holders.iter().map(HolderRow::of).collect()
+                    },
                     local: o.local.to_string(),
                     remote: o.remote.to_string(),
                     meaning: o.state.meaning(),
@@ -392,6 +441,11 @@ impl Analysis {
                 .map(|(pid, p)| ProcessRow {
                     pid: *pid,
                     comm: p.comm.clone(),
+                    unit: p.cgroup.and_then(crate::cgroup::unit).map(str::to_string),
+                    container: p
+                        .cgroup
+                        .and_then(crate::cgroup::container)
+                        .map(str::to_string),
                     transitions: p.transitions,
                     connections: p.connections,
                 })
@@ -462,17 +516,39 @@ pub struct DwellRow {
 pub struct OpenRow {
     pub state: State,
     pub age_s: f64,
+    /// The owner: the first of `holders`.
     pub pid: Option<u32>,
     pub comm: Option<String>,
+    /// Every process holding the socket at the end, as `ss -p` saw it
+    /// (or the owner its rows gave, when the recording did not say).
+    pub holders: Vec<HolderRow>,
     pub local: String,
     pub remote: String,
     pub meaning: &'static str,
 }
 
 #[derive(Serialize, Debug)]
+pub struct HolderRow {
+    pub pid: u32,
+    pub comm: String,
+}
+
+impl HolderRow {
+    fn of(t: &Task) -> HolderRow {
+        HolderRow {
+            pid: t.pid,
+            comm: t.comm.as_str().into_owned(),
+        }
+    }
+}
+
+#[derive(Serialize, Debug)]
 pub struct ProcessRow {
     pub pid: u32,
     pub comm: String,
+    /// The process's systemd unit and container, from its cgroup.
+    pub unit: Option<String>,
+    pub container: Option<String>,
     pub transitions: u64,
     pub connections: u64,
 }
@@ -581,13 +657,18 @@ impl Report {
             let _ = writeln!(o, "  none");
         }
         for s in &self.still_open {
-            let owner = match (&s.pid, &s.comm) {
-                (Some(p), Some(c)) => {
-                    let mut esc = String::new();
-                    crate::format::escape_comm(c, &mut esc);
-                    format!("{p} {esc}")
-                }
-                _ => "- (owner unknown)".into(),
+            let owner = if s.holders.is_empty() {
+                "- (owner unknown)".to_string()
+            } else {
+                s.holders
+                    .iter()
+                    .map(|h| {
+                        let mut esc = String::new();
+                        crate::format::escape_comm(&h.comm, &mut esc);
+                        format!("{} {esc}", h.pid)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
             let _ = writeln!(
                 o,
@@ -601,13 +682,19 @@ impl Report {
             );
         }
 
-        let _ = writeln!(o, "\nBusiest processes      transitions  connections");
+        let _ = writeln!(o, "\nBusiest processes      transitions  connections  unit");
         for p in &self.processes {
             let mut esc = String::new();
             crate::format::escape_comm(&p.comm, &mut esc);
+            let mut unit = String::new();
+            match (&p.container, &p.unit) {
+                (Some(id), _) => unit = format!("container {}", &id[..12.min(id.len())]),
+                (None, Some(u)) => crate::format::escape_comm(u, &mut unit),
+                (None, None) => unit.push('-'),
+            }
             let _ = writeln!(
                 o,
-                "  {:>7} {:<15} {:>10}  {:>11}",
+                "  {:>7} {:<15} {:>10}  {:>11}  {unit}",
                 p.pid, esc, p.transitions, p.connections
             );
         }

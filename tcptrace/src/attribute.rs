@@ -9,6 +9,16 @@
 //! transitions and carried to the others; a child socket starts with its
 //! listener's owner. Where no owner is known the answer is "unknown", never
 //! the interrupted task.
+//!
+//! Who holds a socket also changes without any transition: accept() hands
+//! a queued child to the process that accepts it, a fork gives the child
+//! copies of every descriptor, a close() that is not the last reference
+//! (the fork's parent, the sender of SCM_RIGHTS) and an exit give them up.
+//! The kernel reports each of those as an event of its own, and the
+//! holders of each socket follow them, the way `ss -p` would list them.
+//! What no event tells (a descriptor received over a Unix socket) is found
+//! by looking, when a socket is left with no holder known: see
+//! [`Attributor::take_unverified`].
 
 use std::collections::hash_map::Entry;
 
@@ -30,6 +40,9 @@ pub struct Row {
     /// How a `-> CLOSE` came about, when a reset says so.
     pub close: Option<Close>,
     pub origin: Origin,
+    /// The socket waits in its listener's queue: `owner` is the listener's,
+    /// no process has accepted it yet.
+    pub queued: bool,
 }
 
 /// Where a row comes from.
@@ -129,7 +142,10 @@ pub fn may_await_sent_reset(row: &Row) -> bool {
 #[derive(Debug)]
 struct Sock {
     id: u64,
-    owner: Option<Task>,
+    holders: Holders,
+    /// A child socket no process has accepted yet: its rows carry its
+    /// listener's owner.
+    queued: bool,
     /// When the socket entered its current state, if we saw that happen.
     since_ns: Option<u64>,
     /// Its latest transition (current state, addresses).
@@ -138,11 +154,105 @@ struct Sock {
     warned: bool,
 }
 
+/// The processes holding a socket: the owner first (the one that made it,
+/// accepted it, or acted on it last), then the others, as a fork left
+/// them. Usually one, so the rest stays unallocated.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Holders {
+    owner: Option<Task>,
+    others: Vec<Task>,
+}
+
+impl Holders {
+    pub fn only(task: Task) -> Holders {
+        Holders {
+            owner: Some(task),
+            others: Vec::new(),
+        }
+    }
+
+    /// From a list (`ss -p`'s view): the first is the owner.
+    pub fn from_list(list: &[Task]) -> Holders {
+        Holders {
+            owner: list.first().copied(),
+            others: list.get(1..).unwrap_or_default().to_vec(),
+        }
+    }
+
+    pub fn owner(&self) -> Option<Task> {
+        self.owner
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Task> {
+        self.owner.iter().chain(&self.others)
+    }
+
+    pub fn len(&self) -> usize {
+        self.all().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.owner.is_none()
+    }
+
+    fn contains(&self, pid: u32) -> bool {
+        self.all().any(|t| t.pid == pid)
+    }
+
+    /// `task` acted on the socket itself: it holds it, first.
+    fn promote(&mut self, task: Task) {
+        if self.owner.is_some_and(|o| o.pid == task.pid) {
+            self.owner = Some(task);
+            return;
+        }
+        self.others.retain(|t| t.pid != task.pid);
+        if let Some(old) = self.owner.replace(task) {
+            self.others.insert(0, old);
+        }
+    }
+
+    fn add(&mut self, task: Task) {
+        if !self.contains(task.pid) {
+            match self.owner {
+                None => self.owner = Some(task),
+                Some(_) => self.others.push(task),
+            }
+        }
+    }
+
+    /// Drops `pid` unless it is the last holder known: a socket is never
+    /// left without one by an event (its last holder's close shows as a
+    /// transition). Says whether it was dropped.
+    fn remove_unless_last(&mut self, pid: u32) -> bool {
+        if self.len() < 2 || !self.contains(pid) {
+            return false;
+        }
+        if self.owner.is_some_and(|o| o.pid == pid) {
+            self.owner = Some(self.others.remove(0));
+        } else {
+            self.others.retain(|t| t.pid != pid);
+        }
+        true
+    }
+}
+
 #[derive(Debug)]
 struct Listener {
     skaddr: u64,
     addr: IpAddr,
-    owner: Option<Task>,
+    /// A listener from the snapshot, whose kernel address is not known
+    /// (`skaddr` 0), keeps its holders here; the others' are their
+    /// socket's.
+    holders: Holders,
+}
+
+/// A socket whose holders are not known for sure: the one known gave its
+/// descriptor up (or exited) and no other is known. `ss -p` tells.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Unverified {
+    pub skaddr: u64,
+    pub sock: u64,
+    pub t: Transition,
 }
 
 /// The sockets seen so far. Memory is bounded by the number of sockets open
@@ -156,7 +266,7 @@ pub struct Attributor {
     reset_received: FastSet<u64>,
     /// Sockets from the start-up snapshot, by (netns, local, remote), until
     /// their first transition tells their kernel address.
-    existing: FastMap<(u32, SocketAddr, SocketAddr), (u64, Option<Task>)>,
+    existing: FastMap<(u32, SocketAddr, SocketAddr), (u64, Holders)>,
     next_id: u64,
     /// Sockets whose history skipped a state: see [`Attributor::gaps`].
     gaps: u64,
@@ -165,6 +275,11 @@ pub struct Attributor {
     /// The latest closes, by address: the second copy of a close the
     /// kernel reports twice arrives when the socket is gone.
     closes: Vec<CloseSet>,
+    /// The sockets each process holds, by thread group id: what a fork
+    /// copies and an exit gives up.
+    by_pid: FastMap<u32, FastSet<u64>>,
+    /// Sockets whose holders need looking up (see [`Unverified`]).
+    unverified: FastSet<u64>,
 }
 
 /// Sets of [`Attributor::closes`]: copies come a few hundred microseconds
@@ -236,9 +351,10 @@ impl Attributor {
     /// A socket that existed when tracing started (`t` holds its state in
     /// `new`): gets an id now, and its owner is known to its children and
     /// its first transition.
-    pub fn existing(&mut self, t: &Transition, owner: Option<Task>) -> Row {
+    pub fn existing(&mut self, t: &Transition, holders: Holders) -> Row {
         self.next_id += 1;
         let id = self.next_id;
+        let owner = holders.owner();
         if t.new == State::LISTEN {
             self.listeners
                 .entry((t.netns, t.local.port()))
@@ -246,11 +362,11 @@ impl Attributor {
                 .push(Listener {
                     skaddr: 0,
                     addr: t.local.ip(),
-                    owner,
+                    holders: holders.clone(),
                 });
         }
         self.existing
-            .insert((t.netns, t.local, t.remote), (id, owner));
+            .insert((t.netns, t.local, t.remote), (id, holders));
         Row {
             t: *t,
             sock: id,
@@ -258,6 +374,7 @@ impl Attributor {
             dwell_ns: None,
             close: None,
             origin: Origin::Snapshot,
+            queued: false,
         }
     }
 
@@ -287,6 +404,7 @@ impl Attributor {
         // way to CLOSE never arrived.
         if starts_life(t.old, t.new) {
             if let Some(old) = self.socks.remove(&t.skaddr) {
+                self.unindex(t.skaddr, &old.holders);
                 self.gaps += 1;
                 self.unseen_ends.push(UnseenEnd {
                     sock: old.id,
@@ -302,8 +420,8 @@ impl Attributor {
                 o.into_mut()
             }
             Entry::Vacant(v) => {
-                // A socket from the snapshot keeps its id and owner; the time
-                // it entered its state stays unknown.
+                // A socket from the snapshot keeps its id and holders; the
+                // time it entered its state stays unknown.
                 let known = if starts_life(t.old, t.new) {
                     None
                 } else {
@@ -314,20 +432,17 @@ impl Attributor {
                 if known.is_none() && (t.old, t.new) == (State::SYN_RECV, State::ESTABLISHED) {
                     self.gaps += 1;
                 }
-                let (id, owner) = match known {
+                let queued = t.old == State::LISTEN && t.new == State::SYN_RECV;
+                let (id, holders) = match known {
                     Some(k) => k,
                     None => {
                         self.next_id += 1;
-                        let owner = if t.old == State::LISTEN && t.new == State::SYN_RECV {
-                            listener_owner(&self.listeners, t)
-                        } else {
-                            None
-                        };
-                        (self.next_id, owner)
+                        (self.next_id, Holders::default())
                     }
                 };
-                if known.is_some() && t.old == State::LISTEN {
-                    // The snapshot's listener now has an address to close by.
+                if t.old == State::LISTEN && !queued {
+                    // The snapshot's listener now has an address to close by,
+                    // and its holders are its socket's from here on.
                     for l in self
                         .listeners
                         .get_mut(&(t.netns, t.local.port()))
@@ -339,9 +454,13 @@ impl Attributor {
                         }
                     }
                 }
+                for h in holders.all() {
+                    self.by_pid.entry(h.pid).or_default().insert(t.skaddr);
+                }
                 v.insert(Sock {
                     id,
-                    owner,
+                    holders,
+                    queued,
                     since_ns: None,
                     last: *t,
                     warned: false,
@@ -349,15 +468,29 @@ impl Attributor {
             }
         };
         if in_owner_context(t.old, t.new) {
-            sock.owner = Some(t.task);
+            sock.queued = false;
+            if !sock.holders.contains(t.task.pid) {
+                self.by_pid.entry(t.task.pid).or_default().insert(t.skaddr);
+            }
+            sock.holders.promote(t.task);
         }
+        let queued = sock.queued;
+        let owner = if queued {
+            let listeners = &self.listeners;
+            let socks = &self.socks;
+            listener_owner(listeners, socks, t)
+        } else {
+            sock.holders.owner()
+        };
+        let sock = self.socks.get_mut(&t.skaddr).expect("inserted above");
         let mut row = Row {
             t: *t,
             sock: sock.id,
-            owner: sock.owner,
+            owner,
             dwell_ns: sock.since_ns.map(|s| t.ts_ns.saturating_sub(s)),
             close: None,
             origin: Origin::Tracepoint,
+            queued,
         };
         if t.new == State::CLOSE && self.reset_received.remove(&t.skaddr) && t.old != State::LISTEN
         {
@@ -378,13 +511,16 @@ impl Attributor {
                 .push(Listener {
                     skaddr: t.skaddr,
                     addr: t.local.ip(),
-                    owner: row.owner,
+                    holders: Holders::default(),
                 });
         } else if t.old == State::LISTEN && t.new != State::SYN_RECV {
             self.forget_listener(t);
         }
         if t.new == State::CLOSE {
-            self.socks.remove(&t.skaddr);
+            if let Some(gone) = self.socks.remove(&t.skaddr) {
+                self.unindex(t.skaddr, &gone.holders);
+            }
+            self.unverified.remove(&t.skaddr);
             if self.closes.is_empty() {
                 self.closes.resize(CLOSE_SETS, CloseSet::default());
             }
@@ -426,6 +562,181 @@ impl Attributor {
         }
     }
 
+    fn unindex(&mut self, skaddr: u64, holders: &Holders) {
+        for h in holders.all() {
+            if let Some(set) = self.by_pid.get_mut(&h.pid) {
+                set.remove(&skaddr);
+                if set.is_empty() {
+                    self.by_pid.remove(&h.pid);
+                }
+            }
+        }
+    }
+
+    /// accept() returned the socket at `skaddr` to `task`: its owner from
+    /// now on, and the only process holding it.
+    pub fn accepted(&mut self, skaddr: u64, task: Task) {
+        let Some(sock) = self.socks.get_mut(&skaddr) else {
+            return;
+        };
+        let before = std::mem::replace(&mut sock.holders, Holders::only(task));
+        sock.queued = false;
+        self.unindex(skaddr, &before);
+        self.by_pid.entry(task.pid).or_default().insert(skaddr);
+    }
+
+    /// Process `parent` forked `child`: the child holds copies of every
+    /// descriptor, so every socket the parent holds.
+    pub fn forked(&mut self, parent: u32, child: u32) {
+        let Some(held) = self.by_pid.get(&parent) else {
+            self.fork_listeners(parent, child);
+            return;
+        };
+        let held: Vec<u64> = held.iter().copied().collect();
+        for skaddr in &held {
+            if let Some(sock) = self.socks.get_mut(skaddr) {
+                let as_parent = sock.holders.all().find(|t| t.pid == parent).copied();
+                if let Some(p) = as_parent {
+                    sock.holders.add(Task { pid: child, ..p });
+                }
+            }
+        }
+        self.by_pid.entry(child).or_default().extend(held);
+        self.fork_listeners(parent, child);
+    }
+
+    fn fork_listeners(&mut self, parent: u32, child: u32) {
+        for l in self.listeners.values_mut().flatten() {
+            let as_parent = l.holders.all().find(|t| t.pid == parent).copied();
+            if let Some(p) = as_parent {
+                l.holders.add(Task { pid: child, ..p });
+            }
+        }
+    }
+
+    /// Process `pid` closed a descriptor of the socket at `skaddr` that
+    /// another reference outlives.
+    pub fn released(&mut self, skaddr: u64, pid: u32) {
+        let Some(sock) = self.socks.get_mut(&skaddr) else {
+            return;
+        };
+        if sock.holders.remove_unless_last(pid) {
+            self.drop_index(pid, skaddr);
+        } else {
+            // Someone no event named holds it (a descriptor passed over a
+            // Unix socket, or a second descriptor of the same process).
+            self.unverified.insert(skaddr);
+        }
+    }
+
+    /// Process `pid` is exiting: it holds nothing any more. A socket it
+    /// held alone keeps it as its owner: the socket's close, which its exit
+    /// makes, is still its doing; should no close come, someone else holds
+    /// it, and the socket is looked up.
+    pub fn exited(&mut self, pid: u32) {
+        for l in self.listeners.values_mut().flatten() {
+            l.holders.remove_unless_last(pid);
+        }
+        let Some(held) = self.by_pid.remove(&pid) else {
+            return;
+        };
+        for skaddr in held {
+            let Some(sock) = self.socks.get_mut(&skaddr) else {
+                continue;
+            };
+            if !sock.holders.remove_unless_last(pid) {
+                self.unverified.insert(skaddr);
+                // Still indexed: a fork before the exit was reported would
+                // otherwise miss it.
+                self.by_pid.entry(pid).or_default().insert(skaddr);
+            }
+        }
+    }
+
+    fn drop_index(&mut self, pid: u32, skaddr: u64) {
+        if let Some(set) = self.by_pid.get_mut(&pid) {
+            set.remove(&skaddr);
+            if set.is_empty() {
+                self.by_pid.remove(&pid);
+            }
+        }
+    }
+
+    /// The sockets whose holders are in doubt, to look up; each is handed
+    /// out once per doubt.
+    pub fn take_unverified(&mut self) -> Vec<Unverified> {
+        let mut out: Vec<Unverified> = self
+            .unverified
+            .drain()
+            .filter_map(|skaddr| {
+                let s = self.socks.get(&skaddr)?;
+                Some(Unverified {
+                    skaddr,
+                    sock: s.id,
+                    t: s.last,
+                })
+            })
+            .collect();
+        out.sort_by_key(|u| u.sock);
+        out
+    }
+
+    /// Every socket followed now, to look up who holds it.
+    pub fn open_sockets(&self) -> Vec<Unverified> {
+        let mut out: Vec<Unverified> = self
+            .socks
+            .iter()
+            .map(|(&skaddr, s)| Unverified {
+                skaddr,
+                sock: s.id,
+                t: s.last,
+            })
+            .collect();
+        out.sort_by_key(|u| u.sock);
+        out
+    }
+
+    /// What a look-up (`ss -p`'s way) found holding the socket at
+    /// `skaddr`. An empty list changes nothing: the socket may have closed
+    /// meanwhile, or be held where we may not look. Returns the holders now
+    /// known if they changed.
+    pub fn verified(&mut self, skaddr: u64, found: &[Task]) -> Option<Holders> {
+        if found.is_empty() {
+            return None;
+        }
+        let sock = self.socks.get_mut(&skaddr)?;
+        let mut list: Vec<Task> = found.to_vec();
+        // The owner stays first if it still holds the socket.
+        if let Some(owner) = sock.holders.owner()
+            && let Some(i) = list.iter().position(|t| t.pid == owner.pid)
+        {
+            let keep = list.remove(i);
+            list.insert(
+                0,
+                Task {
+                    cgroup: keep.cgroup.or(owner.cgroup),
+                    ..keep
+                },
+            );
+        }
+        let now = Holders::from_list(&list);
+        if now == sock.holders {
+            return None;
+        }
+        let before = std::mem::replace(&mut sock.holders, now.clone());
+        sock.queued = false;
+        self.unindex(skaddr, &before);
+        for h in now.all() {
+            self.by_pid.entry(h.pid).or_default().insert(skaddr);
+        }
+        Some(now)
+    }
+
+    /// The holders known of the socket at `skaddr`.
+    pub fn holders(&self, skaddr: u64) -> Option<&Holders> {
+        self.socks.get(&skaddr).map(|s| &s.holders)
+    }
+
     /// Sockets that have been in a state they should not linger in for at
     /// least `threshold_ns` at `now_ns`, each reported once per state: as
     /// their last row, with `dwell_ns` the time so far.
@@ -441,10 +752,11 @@ impl Attributor {
             stuck.push(Row {
                 t: s.last,
                 sock: s.id,
-                owner: s.owner,
+                owner: s.holders.owner(),
                 dwell_ns: Some(age),
                 close: None,
                 origin: Origin::Tracepoint,
+                queued: s.queued,
             });
         }
         stuck.sort_by_key(|r| r.sock);
@@ -487,13 +799,20 @@ impl Attributor {
 /// the child's port in its network namespace, on its address or on the
 /// wildcard. Several listeners with different owners (SO_REUSEPORT, or the
 /// same port in namespaces the kernel's BTF did not let us tell apart) make
-/// it unknowable from here, so unknown.
-fn listener_owner(listeners: &FastMap<(u32, u16), Vec<Listener>>, t: &Transition) -> Option<Task> {
+/// it unknowable from here until the child is accepted, so unknown.
+fn listener_owner(
+    listeners: &FastMap<(u32, u16), Vec<Listener>>,
+    socks: &FastMap<u64, Sock>,
+    t: &Transition,
+) -> Option<Task> {
     let mut owners = listeners
         .get(&(t.netns, t.local.port()))?
         .iter()
         .filter(|l| l.addr == t.local.ip() || l.addr.is_unspecified())
-        .map(|l| l.owner);
+        .map(|l| match socks.get(&l.skaddr) {
+            Some(s) if l.skaddr != 0 => s.holders.owner(),
+            _ => l.holders.owner(),
+        });
     let first = owners.next()??;
     owners
         .all(|o| o.is_some_and(|o| o.pid == first.pid))
@@ -513,10 +832,7 @@ mod tests {
     }
 
     fn task(pid: u32, comm: &str) -> Task {
-        Task {
-            pid,
-            comm: Comm::from_bytes(comm.as_bytes()),
-        }
+        Task::new(pid, comm.as_bytes())
     }
 
     fn tr(ts: u64, sk: u64, task_: Task, old: State, new: State, l: &str, r: &str) -> Transition {
@@ -524,6 +840,7 @@ mod tests {
             ts_ns: ts,
             skaddr: sk,
             task: task_,
+            thread: Comm::default(),
             old,
             new,
             family: Family::V4,
@@ -989,7 +1306,7 @@ mod tests {
             "0.0.0.0:0",
         );
         snap.skaddr = 0;
-        let l = a.existing(&snap, Some(nginx));
+        let l = a.existing(&snap, Holders::only(nginx));
         assert_eq!(l.origin, Origin::Snapshot);
         let child = a.observe_row(&tr(
             5,
@@ -1253,5 +1570,188 @@ mod tests {
                 .is_none()
         );
         assert_eq!(a.gaps(), 2);
+    }
+
+    /// A listener of `owner` on :80 and one queued child of it at CHILD.
+    fn queued_child(a: &mut Attributor, owner: Task) -> Row {
+        let any = task(0, "swapper/0");
+        a.observe_row(&tr(
+            0,
+            LISTENER,
+            owner,
+            State::CLOSE,
+            State::LISTEN,
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+        ));
+        a.observe_row(&tr(
+            10,
+            CHILD,
+            any,
+            State::LISTEN,
+            State::SYN_RECV,
+            "127.0.0.1:80",
+            "127.0.0.1:5000",
+        ));
+        a.observe_row(&tr(
+            10,
+            CHILD,
+            any,
+            State::SYN_RECV,
+            State::ESTABLISHED,
+            "127.0.0.1:80",
+            "127.0.0.1:5000",
+        ))
+    }
+
+    fn softirq_close_wait(a: &mut Attributor) -> Row {
+        let any = task(0, "swapper/0");
+        a.observe_row(&tr(
+            50,
+            CHILD,
+            any,
+            State::ESTABLISHED,
+            State::CLOSE_WAIT,
+            "127.0.0.1:80",
+            "127.0.0.1:5000",
+        ))
+    }
+
+    #[test]
+    fn a_worker_that_accepts_owns_the_connection_from_then_on() {
+        let (master, worker) = (task(10, "nginx"), task(11, "nginx"));
+        let mut a = Attributor::new();
+        let queued = queued_child(&mut a, master);
+        assert_eq!((queued.owner, queued.queued), (Some(master), true));
+        a.accepted(CHILD, worker);
+        let after = softirq_close_wait(&mut a);
+        assert_eq!((after.owner, after.queued), (Some(worker), false));
+        assert_eq!(a.holders(CHILD).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_forking_server_child_owns_the_socket_once_the_parent_closes_its_copy() {
+        let (parent, child) = (task(20, "postgres"), task(21, "postgres"));
+        let mut a = Attributor::new();
+        queued_child(&mut a, parent);
+        a.accepted(CHILD, parent);
+        a.forked(20, 21);
+        // Both hold it until the parent's close() of its copy.
+        let both: Vec<u32> = a.holders(CHILD).unwrap().all().map(|t| t.pid).collect();
+        assert_eq!(both, [20, 21]);
+        a.released(CHILD, 20);
+        let after = softirq_close_wait(&mut a);
+        assert_eq!(after.owner, Some(child));
+        // The listener the child inherited and closed stays the parent's.
+        a.released(LISTENER, 21);
+        assert_eq!(a.holders(LISTENER).unwrap().owner(), Some(parent));
+        assert!(
+            a.take_unverified().is_empty(),
+            "every step was told by an event"
+        );
+    }
+
+    #[test]
+    fn a_launcher_that_exits_after_daemonizing_is_never_the_listeners_owner() {
+        let (launcher, master) = (task(30, "nginx"), task(31, "nginx"));
+        let mut a = Attributor::new();
+        let any = task(0, "swapper/0");
+        a.observe_row(&tr(
+            0,
+            LISTENER,
+            launcher,
+            State::CLOSE,
+            State::LISTEN,
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+        ));
+        a.forked(30, 31);
+        a.exited(30);
+        a.forked(31, 32);
+        let child = a.observe_row(&tr(
+            9,
+            CHILD,
+            any,
+            State::LISTEN,
+            State::SYN_RECV,
+            "127.0.0.1:80",
+            "127.0.0.1:5000",
+        ));
+        assert_eq!(child.owner.map(|o| o.pid), Some(master.pid));
+        let holders: Vec<u32> = a.holders(LISTENER).unwrap().all().map(|t| t.pid).collect();
+        assert_eq!(
+            holders,
+            [31, 32],
+            "the master and its worker, as ss -p lists them"
+        );
+    }
+
+    #[test]
+    fn a_descriptor_passed_over_a_unix_socket_is_looked_up_when_its_sender_lets_go() {
+        let (sender, receiver) = (task(40, "sender"), task(41, "receiver"));
+        let mut a = Attributor::new();
+        queued_child(&mut a, sender);
+        a.accepted(CHILD, sender);
+        // No event names the receiver: the sender's close leaves a doubt.
+        a.released(CHILD, 40);
+        let doubt = a.take_unverified();
+        assert_eq!(doubt.iter().map(|u| u.skaddr).collect::<Vec<_>>(), [CHILD]);
+        assert!(a.take_unverified().is_empty(), "handed out once");
+        // Until the look-up answers, the sender stays named, not nobody.
+        assert_eq!(a.holders(CHILD).unwrap().owner(), Some(sender));
+        let changed = a.verified(CHILD, &[receiver]).expect("holders changed");
+        assert_eq!(changed.owner(), Some(receiver));
+        assert_eq!(softirq_close_wait(&mut a).owner, Some(receiver));
+        // The receiver's own fork is followed like any other holder's.
+        a.forked(41, 42);
+        assert_eq!(a.holders(CHILD).unwrap().len(), 2);
+        assert_eq!(
+            a.verified(CHILD, &[]),
+            None,
+            "an empty look-up changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_process_that_exits_holding_a_socket_alone_still_closes_it() {
+        let server = task(50, "server");
+        let mut a = Attributor::new();
+        queued_child(&mut a, server);
+        a.accepted(CHILD, server);
+        a.exited(50);
+        // Its exit closes its sockets, in its own context.
+        let close = a.observe_row(&tr(
+            60,
+            CHILD,
+            server,
+            State::ESTABLISHED,
+            State::FIN_WAIT1,
+            "127.0.0.1:80",
+            "127.0.0.1:5000",
+        ));
+        assert_eq!(close.owner, Some(server));
+        let any = task(0, "swapper/0");
+        a.observe_row(&tr(
+            61,
+            CHILD,
+            any,
+            State::FIN_WAIT1,
+            State::CLOSE,
+            "127.0.0.1:80",
+            "127.0.0.1:5000",
+        ));
+        a.observe_row(&tr(
+            62,
+            LISTENER,
+            server,
+            State::LISTEN,
+            State::CLOSE,
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+        ));
+        assert!(
+            a.take_unverified().is_empty(),
+            "closed: nothing left to look up"
+        );
     }
 }

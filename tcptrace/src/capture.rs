@@ -7,12 +7,12 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray},
-    programs::{BtfTracePoint, CgroupAttachMode, SockOps},
+    programs::{BtfTracePoint, CgroupAttachMode, SockOps, TracePoint},
 };
 use tcptrace_ebpf::{
     CONFIG_GLOBAL, COUNTER_CAUGHT, COUNTER_COVERED, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP,
     Config, EVENTS_MAPS, Event, PORTS_MAP, PROGRAM, PROGRAM_CALLBACK, PROGRAM_CATCHER, RING_BYTES,
-    RING_UNUSED_BYTES, RINGS, SockLayout,
+    RING_UNUSED_BYTES, RINGS, SockLayout, TaskLayout,
 };
 
 use crate::btf::Btf;
@@ -20,7 +20,10 @@ use crate::decode;
 use crate::filter::Filter;
 use crate::ring::Ring;
 use crate::{cgroup, layout, object, privileges, tracefs};
-use tcptrace_ebpf::{PROGRAM_RESET_RECEIVED, PROGRAM_RESET_SENT, ResetLayout};
+use tcptrace_ebpf::{
+    PROGRAM_ACCEPT, PROGRAM_EXIT, PROGRAM_FORK, PROGRAM_RELEASE, PROGRAM_RESET_RECEIVED,
+    PROGRAM_RESET_SENT, ResetLayout,
+};
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
@@ -93,12 +96,16 @@ impl Capture {
         let btf_data = fs::read(BTF_PATH).with_context(|| {
             format!("cannot read the kernel's BTF ({BTF_PATH}); tcptrace needs a kernel built with CONFIG_DEBUG_INFO_BTF")
         })?;
-        let sock = sock_layout(&Btf::parse(&btf_data).context(BTF_PATH)?)?;
+        let kernel_btf = Btf::parse(&btf_data).context(BTF_PATH)?;
+        let sock = sock_layout(&kernel_btf)?;
+        let task = task_layout(&kernel_btf);
+        drop(kernel_btf);
         let callback_cgroup = callback_cgroup(&sock);
         let (ports, port_filters) = filter.kernel_ports();
         let (reset_sent, reset_received, reasons) = reset_layouts();
         let config = Config {
             sock,
+            task: task.unwrap_or_default(),
             families: filter.kernel_families(),
             port_filters: u32::from(port_filters),
             netns_only: filter.spec().netns.unwrap_or(0),
@@ -152,9 +159,7 @@ impl Capture {
                 .try_into()
                 .map_err(|e| anyhow!("{e}"))?;
             program.load(layout::NAME, &btf).map_err(|e| {
-                load_error(
-                    anyhow!(e).context(format!("the kernel refused the eBPF program {name}")),
-                )
+                load_error(refusal(e).context(format!("cannot load the eBPF program {name}")))
             })?;
             if name == PROGRAM {
                 use std::os::fd::{AsFd, AsRawFd};
@@ -194,6 +199,10 @@ impl Capture {
             if let Err(e) = attached {
                 log::warn!("resets will not be annotated: cannot attach to tcp:{name}: {e:#}");
             }
+        }
+
+        if task.is_some() {
+            attach_holder_programs(&mut ebpf, &btf);
         }
 
         // Parsing the kernel's BTF (twice: ours and aya's) takes some 15 MiB
@@ -341,6 +350,91 @@ fn without_callback(why: &str) -> String {
     )
 }
 
+/// The programs that follow who holds a socket between its transitions:
+/// accept() returning, a fork, a close() that leaves other references,
+/// a process's exit. Without one, the owner of the sockets it concerns is
+/// the one learned from transitions, and tracing goes on.
+fn attach_holder_programs(ebpf: &mut Ebpf, btf: &aya::Btf) {
+    let classic: [(&str, &[&str]); 2] = [
+        (PROGRAM_ACCEPT, &["sys_exit_accept4", "sys_exit_accept"]),
+        (PROGRAM_RELEASE, &["sys_enter_close"]),
+    ];
+    for (name, syscalls) in classic {
+        let attached = program::<TracePoint>(ebpf, name).and_then(|p| {
+            p.load().map_err(refusal)?;
+            for syscall in syscalls {
+                p.attach("syscalls", syscall).map_err(|e| {
+                    anyhow!(e).context(format!("cannot attach to syscalls:{syscall}"))
+                })?;
+            }
+            Ok(())
+        });
+        if let Err(e) = attached {
+            log::warn!("{}", without_holders(name, &e));
+        }
+    }
+    for (name, tracepoint) in [
+        (PROGRAM_FORK, "sched_process_fork"),
+        (PROGRAM_EXIT, "sched_process_exit"),
+    ] {
+        let attached = program::<BtfTracePoint>(ebpf, name).and_then(|p| {
+            p.load(tracepoint, btf).map_err(refusal)?;
+            p.attach()
+                .map_err(|e| anyhow!(e).context(format!("cannot attach to sched:{tracepoint}")))?;
+            Ok(())
+        });
+        if let Err(e) = attached {
+            log::warn!("{}", without_holders(name, &e));
+        }
+    }
+}
+
+fn without_holders(program: &str, e: &anyhow::Error) -> String {
+    format!(
+        "the program {program} is not attached ({e:#}): sockets it would have followed from \
+         one process to another keep the owner learned from their transitions"
+    )
+}
+
+/// The program `name` of the object, as a `P`.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+        .try_into()
+        .map_err(|e| anyhow!("{e}"))
+}
+
+/// A program the kernel refused, in one line: the verifier's last word,
+/// not its whole log (that goes to `--debug`).
+fn refusal(e: aya::programs::ProgramError) -> anyhow::Error {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            log::debug!("verifier log:\n{log}");
+            let reason = log
+                .lines()
+                .map(str::trim)
+                .rfind(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("processed ")
+                        && !l.starts_with("verification time")
+                        && !l.starts_with("stack depth")
+                        && !l.starts_with("-- END PROG LOAD LOG --")
+                })
+                .unwrap_or("no verifier log")
+                .to_string();
+            anyhow!("the kernel refused it: {reason} ({io_error})")
+        }
+        other => anyhow!(other),
+    }
+}
+
 /// Loads the socket callback and attaches it to the cgroup at `root`.
 fn attach_callback(ebpf: &mut Ebpf, root: &std::path::Path) -> Result<()> {
     let cgroup = fs::File::open(root)
@@ -350,9 +444,7 @@ fn attach_callback(ebpf: &mut Ebpf, root: &std::path::Path) -> Result<()> {
         .ok_or_else(|| anyhow!("the eBPF object has no program {PROGRAM_CALLBACK}"))?
         .try_into()
         .map_err(|e| anyhow!("{e}"))?;
-    program
-        .load()
-        .map_err(|e| anyhow!(e).context("the kernel refused it"))?;
+    program.load().map_err(refusal)?;
     // aya attaches through a BPF link, which the kernel always adds next
     // to the cgroup's other programs, and which refuses any mode flag.
     program
@@ -501,6 +593,44 @@ fn sock_layout(btf: &Btf) -> Result<SockLayout> {
     })
 }
 
+/// Where this kernel keeps a task's process, name and descriptors, for the
+/// programs that tell who holds a socket. None (with the reason logged)
+/// when the BTF lacks any of it: owners are then learned from transitions
+/// alone, as before.
+fn task_layout(btf: &Btf) -> Option<TaskLayout> {
+    let member = |name: &str, member: &str| {
+        let found = btf.member_offset(name, member);
+        if found.is_none() {
+            log::warn!(
+                "the kernel's BTF has no {name}.{member}: accepted and handed-over sockets \
+                 keep the owner learned from their transitions"
+            );
+        }
+        found
+    };
+    // `file_ref_t f_ref` (6.13 on) counts references from 0; the older
+    // `atomic_long_t f_count` from 1.
+    let (f_refs, f_refs_one) = match btf.member_offset("file", "f_ref") {
+        Some(at) => (at, 0),
+        None => (member("file", "f_count")?, 1),
+    };
+    Some(TaskLayout {
+        tgid: member("task_struct", "tgid")?,
+        pid: member("task_struct", "pid")?,
+        group_leader: member("task_struct", "group_leader")?,
+        comm: member("task_struct", "comm")?,
+        files: member("task_struct", "files")?,
+        fdt: member("files_struct", "fdt")?,
+        max_fds: member("fdtable", "max_fds")?,
+        fd: member("fdtable", "fd")?,
+        private_data: member("file", "private_data")?,
+        f_refs,
+        f_refs_one,
+        sk: member("socket", "sk")?,
+        sk_socket: member("sock", "sk_socket")?,
+    })
+}
+
 /// What the reset tracepoints pass their programs, and the names of the
 /// reasons. They only annotate closes: without tracefs or the tracepoints
 /// tcptrace still traces every transition.
@@ -551,10 +681,11 @@ fn load_error(e: anyhow::Error) -> StartError {
              capabilities: run tcptrace as root, for example `sudo tcptrace`"
         ));
     }
-    if format!("{e:#}").contains("verifier") {
-        return StartError::Other(
-            e.context("this is a bug in tcptrace: please report it with the verifier log above"),
-        );
+    if format!("{e:#}").contains("the kernel refused it") {
+        return StartError::Other(e.context(
+            "this is a bug in tcptrace: please report it with the verifier log that \
+             `tcptrace --debug` prints",
+        ));
     }
     StartError::Other(e)
 }

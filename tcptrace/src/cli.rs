@@ -257,6 +257,19 @@ pub struct FilterArgs {
           action = ArgAction::Append)]
     pub comms: Vec<String>,
 
+    /// Only sockets owned by a process of this systemd unit (from its cgroup:
+    /// `redis-server` or `redis-server.service`). Repeatable.
+    #[arg(long = "unit", value_name = "NAME", value_parser = parse_unit,
+          action = ArgAction::Append)]
+    pub units: Vec<String>,
+
+    /// Only sockets owned by a process in this cgroup v2 path or below it
+    /// (`/system.slice/nginx.service`, as /proc/PID/cgroup shows it).
+    /// Repeatable.
+    #[arg(long = "cgroup", value_name = "PATH", value_parser = parse_cgroup,
+          action = ArgAction::Append)]
+    pub cgroups: Vec<String>,
+
     /// Only one connection, given as LADDR:LPORT,RADDR:RPORT (IPv6 in
     /// brackets). Both of its sockets appear when both ends are local,
     /// including the connect's CLOSE -> SYN_SENT, which the kernel reports
@@ -318,6 +331,8 @@ impl FilterArgs {
             },
             pids: self.pids.clone(),
             comms: self.comms.clone(),
+            units: self.units.clone(),
+            cgroups: self.cgroups.clone(),
             follow: self.follow,
             netns: self.netns.or(self.netns_of),
         }
@@ -352,6 +367,25 @@ fn parse_pid(s: &str) -> Result<u32, String> {
         Ok(p) => Err(format!("pid {p} is larger than any Linux pid (4194304)")),
         Err(_) => Err(format!("{s:?} is not a process id")),
     }
+}
+
+fn parse_unit(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.contains('/') || s.chars().any(char::is_control) {
+        return Err(format!(
+            "{s:?} is not a systemd unit name (redis-server or redis-server.service)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_cgroup(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || s.chars().any(char::is_control) {
+        return Err(format!(
+            "{s:?} is not a cgroup path; give it as /proc/PID/cgroup shows it, from / \
+             (/system.slice/nginx.service)"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_comm(s: &str) -> Result<String, String> {

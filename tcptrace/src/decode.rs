@@ -4,7 +4,10 @@ use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tcptrace_ebpf::{AF_INET, Event, KIND_RESET_RECEIVED, KIND_RESET_SENT};
+use tcptrace_ebpf::{
+    AF_INET, Event, KIND_ACCEPT, KIND_EXIT, KIND_FORK, KIND_RELEASE, KIND_RESET_RECEIVED,
+    KIND_RESET_SENT,
+};
 
 use crate::state::State;
 
@@ -16,6 +19,9 @@ pub struct Transition {
     pub skaddr: u64,
     /// The task the kernel ran in: the socket's owner only in process context.
     pub task: Task,
+    /// The name of the thread that made the call, in process context (the
+    /// task's `comm` is its process's name).
+    pub thread: Comm,
     pub old: State,
     pub new: State,
     pub family: Family,
@@ -40,11 +46,23 @@ impl Family {
     }
 }
 
-/// A process: thread group id and the `comm` of the thread seen.
+/// A process: thread group id, its name (the thread group leader's `comm`,
+/// as `ps` and `ss -p` show it) and its cgroup v2 path, once known.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Task {
     pub pid: u32,
     pub comm: Comm,
+    pub cgroup: Option<&'static str>,
+}
+
+impl Task {
+    pub fn new(pid: u32, comm: &[u8]) -> Task {
+        Task {
+            pid,
+            comm: Comm::from_bytes(comm),
+            cgroup: None,
+        }
+    }
 }
 
 /// A task's `comm`: at most 15 bytes, chosen by the process itself (so never
@@ -101,6 +119,28 @@ impl fmt::Display for ShortEntry {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded {
     State(Transition),
+    /// accept() gave the socket to `task` (`thread` made the call).
+    Accept {
+        skaddr: u64,
+        task: Task,
+        thread: Comm,
+        cgroup: u64,
+    },
+    /// Process `parent` forked `child`: the child holds what it held.
+    Fork {
+        parent: u32,
+        child: u32,
+    },
+    /// Process `pid` closed a descriptor of `skaddr`; another reference
+    /// remains.
+    Release {
+        skaddr: u64,
+        pid: u32,
+    },
+    /// Process `pid` is exiting.
+    Exit {
+        pid: u32,
+    },
     /// A reset on a socket: received ones come before the socket's `->
     /// CLOSE`, sent ones (aborts) just after it.
     Reset {
@@ -127,6 +167,21 @@ pub fn event(bytes: &[u8]) -> Result<Event, ShortEntry> {
 
 pub fn classify(e: &Event) -> Decoded {
     match e.kind {
+        KIND_ACCEPT => Decoded::Accept {
+            skaddr: e.skaddr,
+            task: Task::new(e.pid, &e.comm),
+            thread: Comm::from_bytes(&e.thread),
+            cgroup: e.cgroup,
+        },
+        KIND_FORK => Decoded::Fork {
+            parent: e.pid,
+            child: e.child,
+        },
+        KIND_RELEASE => Decoded::Release {
+            skaddr: e.skaddr,
+            pid: e.pid,
+        },
+        KIND_EXIT => Decoded::Exit { pid: e.pid },
         KIND_RESET_SENT | KIND_RESET_RECEIVED => Decoded::Reset {
             skaddr: e.skaddr,
             received: e.kind == KIND_RESET_RECEIVED,
@@ -145,10 +200,8 @@ pub fn from_event(e: &Event) -> Transition {
     Transition {
         ts_ns: e.ts_ns,
         skaddr: e.skaddr,
-        task: Task {
-            pid: e.pid,
-            comm: Comm::from_bytes(&e.comm),
-        },
+        task: Task::new(e.pid, &e.comm),
+        thread: Comm::from_bytes(&e.thread),
         old: State(e.oldstate),
         new: State(e.newstate),
         family,
@@ -176,7 +229,9 @@ pub(crate) mod tests {
         let mut e = Event {
             ts_ns: 5_000,
             skaddr: 0xffff_8880_1234_5678,
+            cgroup: 0,
             pid: 42,
+            child: 0,
             oldstate: 7,
             newstate: 2,
             family,
@@ -185,10 +240,11 @@ pub(crate) mod tests {
             saddr: [0; 16],
             daddr: [0; 16],
             comm: *b"redis-cli\0\0\0\0\0\0\0",
+            thread: *b"redis-cli\0\0\0\0\0\0\0",
             netns: 4026531840,
             kind: 0,
             reset_reason: 0,
-            _pad: [0; 6],
+            _pad: [0; 2],
         };
         e.saddr[..saddr.len()].copy_from_slice(saddr);
         e.daddr[..daddr.len()].copy_from_slice(daddr);

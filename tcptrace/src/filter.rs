@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tcptrace_ebpf::{FAMILY_V4, FAMILY_V6, PORT_ANY, PORT_LOCAL, PORT_REMOTE};
 
 use crate::attribute::Row;
+use crate::cgroup;
 use crate::decode::Family;
 use crate::fasthash::FastMap;
 use crate::state::State;
@@ -28,6 +29,10 @@ pub struct Spec {
     pub family: Option<Family>,
     pub pids: Vec<u32>,
     pub comms: Vec<String>,
+    /// systemd units (`redis-server` or `redis-server.service`).
+    pub units: Vec<String>,
+    /// cgroup v2 paths: the owner's cgroup is one of them or below.
+    pub cgroups: Vec<String>,
     #[serde(with = "tuple_text")]
     pub follow: Option<Tuple>,
     /// Inode of the one network namespace to watch.
@@ -60,6 +65,12 @@ impl Spec {
         }
         if !self.comms.is_empty() {
             parts.push(format!("process {}", self.comms.join(",")));
+        }
+        if !self.units.is_empty() {
+            parts.push(format!("unit {}", self.units.join(",")));
+        }
+        if !self.cgroups.is_empty() {
+            parts.push(format!("cgroup {}", self.cgroups.join(",")));
         }
         if let Some(t) = self.follow {
             parts.push(format!("connection {},{}", t.a, t.b));
@@ -171,8 +182,9 @@ pub enum Admit {
     Hidden,
     /// Kept back until the socket's next event says whether it belongs.
     Held,
-    /// Shown, after the held event of the same socket, if any.
-    Show(Option<Row>),
+    /// Shown, after the held event of the same socket, if any (boxed: rare,
+    /// and a row is large next to the other answers).
+    Show(Option<Box<Row>>),
 }
 
 pub struct Filter {
@@ -240,19 +252,29 @@ impl Filter {
     }
 
     fn owner_passes(&self, row: &Row) -> bool {
-        if self.spec.pids.is_empty() && self.spec.comms.is_empty() {
+        let spec = &self.spec;
+        if spec.pids.is_empty()
+            && spec.comms.is_empty()
+            && spec.units.is_empty()
+            && spec.cgroups.is_empty()
+        {
             return true;
         }
         let Some(owner) = row.owner else {
             return false;
         };
-        (self.spec.pids.is_empty() || self.spec.pids.contains(&owner.pid))
-            && (self.spec.comms.is_empty()
-                || self
-                    .spec
+        let cgroup = owner.cgroup.unwrap_or("/");
+        (spec.pids.is_empty() || spec.pids.contains(&owner.pid))
+            && (spec.comms.is_empty()
+                || spec
                     .comms
                     .iter()
                     .any(|c| comm_matches(c, owner.comm.as_bytes())))
+            && (spec.units.is_empty()
+                || cgroup::unit(cgroup)
+                    .is_some_and(|u| spec.units.iter().any(|w| cgroup::unit_matches(u, w))))
+            && (spec.cgroups.is_empty()
+                || spec.cgroups.iter().any(|w| cgroup::is_within(cgroup, w)))
     }
 
     /// Whether the filters (follow included, held connects aside) let a
@@ -282,7 +304,7 @@ impl Filter {
                 Admit::Hidden
             };
         };
-        let held = self.held.remove(&row.sock);
+        let held = self.held.remove(&row.sock).map(Box::new);
         if !stateless {
             return Admit::Hidden;
         }
@@ -310,16 +332,14 @@ mod tests {
     use crate::decode::{Comm, Task, Transition};
 
     fn row(sk: u64, old: State, new: State, l: &str, r: &str, owner: Option<u32>) -> Row {
-        let task = |pid| Task {
-            pid,
-            comm: Comm::from_bytes(b"nginx"),
-        };
+        let task = |pid| Task::new(pid, b"nginx");
         let local: SocketAddr = l.parse().unwrap();
         Row {
             t: Transition {
                 ts_ns: 0,
                 skaddr: sk,
                 task: task(1),
+                thread: Comm::default(),
                 old,
                 new,
                 family: if local.is_ipv4() {
@@ -336,6 +356,7 @@ mod tests {
             dwell_ns: None,
             close: None,
             origin: Origin::Tracepoint,
+            queued: false,
         }
     }
 

@@ -14,6 +14,7 @@ use chrono::{DateTime, Local, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::attribute::{Origin, Row};
+use crate::cgroup;
 use crate::state::{Phase, State};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -187,7 +188,7 @@ impl Printer {
             "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "OLD", "NEW", "MS"
         )?;
         if self.style.wide {
-            out.write_all(b"       NETNS")?;
+            out.write_all(b"       NETNS  UNIT")?;
         }
         if self.style.show_skaddr {
             out.write_all(b"  SKADDR")?;
@@ -299,6 +300,23 @@ impl Printer {
                 0 => pad_left(b, b"-", 10),
                 n => pad_left(b, itoa::Buffer::new().format(n).as_bytes(), 10),
             }
+            put(b, b"  ");
+            let cgroup = row.owner.and_then(|o| o.cgroup);
+            match (
+                cgroup.and_then(cgroup::container),
+                cgroup.and_then(cgroup::unit),
+            ) {
+                (Some(id), _) => {
+                    put(b, b"container:");
+                    put(b, &id.as_bytes()[..12]);
+                }
+                (None, Some(unit)) => {
+                    self.scratch.clear();
+                    escape_comm(unit, &mut self.scratch);
+                    put(b, self.scratch.as_bytes());
+                }
+                (None, None) => b.push(b'-'),
+            }
         }
         if self.style.show_skaddr {
             let _ = write!(b, "  {:#x}", t.skaddr);
@@ -307,6 +325,9 @@ impl Printer {
             Origin::Tracepoint => {}
             Origin::Snapshot => put(b, b"  snapshot"),
             Origin::TimeWait => put(b, b"  time-wait table"),
+        }
+        if row.queued {
+            put(b, b"  queued");
         }
         if let Some(c) = row.close {
             let (on, off) = if self.style.color {
@@ -357,8 +378,28 @@ impl Printer {
                 push_u64(b, u64::from(o.pid));
                 put(b, b",\"comm\":");
                 push_json_string(b, &o.comm.as_str());
+                let thread = t.thread.as_bytes();
+                if !thread.is_empty() && thread != o.comm.as_bytes() {
+                    put(b, b",\"thread\":");
+                    push_json_string(b, &t.thread.as_str());
+                }
+                if let Some(path) = o.cgroup {
+                    put(b, b",\"cgroup\":");
+                    push_json_string(b, path);
+                    if let Some(unit) = cgroup::unit(path) {
+                        put(b, b",\"unit\":");
+                        push_json_string(b, unit);
+                    }
+                    if let Some(id) = cgroup::container(path) {
+                        put(b, b",\"container\":");
+                        push_json_string(b, id);
+                    }
+                }
             }
             None => put(b, b",\"pid\":null,\"comm\":null"),
+        }
+        if row.queued {
+            put(b, b",\"queued\":true");
         }
         push_field_str(b, "family", t.family.name());
         put(b, b",\"netns\":");
@@ -713,6 +754,20 @@ pub struct JsonRow<'a> {
     pub pid: Option<u32>,
     #[serde(borrow)]
     pub comm: Option<Cow<'a, str>>,
+    /// The calling thread's name, where it is not the process's.
+    #[serde(default, borrow)]
+    pub thread: Option<Cow<'a, str>>,
+    /// The owner's cgroup v2 path; `unit` and `container` are derived
+    /// from it and not read back.
+    #[serde(default, borrow)]
+    pub cgroup: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub unit: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub container: Option<Cow<'a, str>>,
+    /// The listener's owner: no process has accepted the socket yet.
+    #[serde(default)]
+    pub queued: bool,
     #[serde(borrow)]
     pub family: Cow<'a, str>,
     /// Inode of the socket's network namespace; null when not known.
@@ -790,10 +845,8 @@ mod tests {
             t: Transition {
                 ts_ns: 1_000_000_000_000 + 1_234_567_891,
                 skaddr: 0xffff_8880_dead_beef,
-                task: Task {
-                    pid: 1,
-                    comm: Comm::from_bytes(b"swapper/0"),
-                },
+                task: Task::new(1, b"swapper/0"),
+                thread: Comm::default(),
                 old: State::ESTABLISHED,
                 new: State::CLOSE_WAIT,
                 family: Family::V6,
@@ -802,13 +855,11 @@ mod tests {
                 netns: 4026531840,
             },
             sock: 3,
-            owner: Some(Task {
-                pid: 4242,
-                comm: Comm::from_bytes(b"evil\x1b[2Jname"),
-            }),
+            owner: Some(Task::new(4242, b"evil\x1b[2Jname")),
             dwell_ns: Some(12_345_678),
             close: None,
             origin: Origin::Tracepoint,
+            queued: false,
         }
     }
 

@@ -1,7 +1,8 @@
 //! tcptrace's library: everything but `main`, so that fuzz targets and
 //! benchmarks can reach the parsers. Each module does one job:
-//! `capture` (eBPF), `decode`, `attribute`, `filter`, `format`, `record`,
-//! `replay`, `analyse`, and the live and offline drivers.
+//! `capture` (eBPF), `decode`, `attribute` (and `holders`, its look-ups),
+//! `filter`, `format`, `record`, `replay`, `analyse`, and the live and
+//! offline drivers.
 
 pub mod analyse;
 pub mod attribute;
@@ -13,6 +14,7 @@ pub mod decode;
 pub mod fasthash;
 pub mod filter;
 pub mod format;
+pub mod holders;
 pub mod html;
 pub mod layout;
 pub mod live;

@@ -17,15 +17,19 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, sleep, sleep_until};
 
 use crate::Failure;
-use crate::attribute::{Attributor, Close, Origin, Row, UnseenEnd, intern, may_await_sent_reset};
+use crate::attribute::{
+    Attributor, Close, Holders, Origin, Row, UnseenEnd, Unverified, intern, may_await_sent_reset,
+};
 use crate::capture::{Capture, Counters, StartError};
+use crate::cgroup::Cgroups;
 use crate::cli::LiveArgs;
 use crate::decode::{Decoded, classify};
 use crate::filter::{Admit, Filter};
 use crate::format::{self, Clock, OutputFormat, Printer};
+use crate::holders;
 use crate::metrics::{self, Metrics};
 use crate::privileges;
-use crate::record::{self, Gap, Header, Recorder, Stats};
+use crate::record::{self, Gap, Header, HoldersNote, Recorder, Stats};
 use crate::snapshot;
 use crate::timewait::TimeWait;
 use tcptrace_ebpf::Event;
@@ -35,6 +39,9 @@ const POLL_IDLE_MAX: Duration = Duration::from_millis(16);
 /// How often the kernel's lost counter is read.
 const LOSS_CHECK: Duration = Duration::from_millis(200);
 const STDOUT_BUFFER: usize = 1 << 16;
+/// How often sockets whose holders no event told are looked up (a /proc
+/// walk each time there are any).
+const LOOKUP_EVERY: Duration = Duration::from_millis(250);
 
 /// Counts for the closing line.
 #[derive(Default)]
@@ -88,7 +95,7 @@ impl Outputs {
     /// report does not take it for one still open.
     fn gap(&mut self, end: &UnseenEnd) -> Result<(), Stop> {
         if let Some(r) = &mut self.recorder {
-            r.gap(&Gap {
+            r.note(&Gap {
                 kind: "gap".into(),
                 sock: end.sock,
                 state: end.state.to_string(),
@@ -160,15 +167,18 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     // Sockets that exist already, and netlink sockets in each namespace for
     // following time-wait: both need privileges we are about to drop.
     let mut attributor = Attributor::new();
+    let mut cgroups = Cgroups::new();
     let mut namespaces = if args.no_snapshot && args.no_timewait {
         Vec::new()
     } else {
         snapshot::namespaces(spec.netns)
     };
+    // Sockets whose holders change unseen are looked up later, in these.
+    let lookups = snapshot::namespaces(spec.netns);
     let existing = if args.no_snapshot {
         None
     } else {
-        match snapshot::take(&mut namespaces, &filter, &mut attributor) {
+        match snapshot::take(&mut namespaces, &filter, &mut attributor, &mut cgroups) {
             Ok(found) => Some(found),
             Err(e) => {
                 eprintln!("tcptrace: warning: no snapshot of the existing sockets: {e:#}");
@@ -207,8 +217,9 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             args.nice
         );
     }
-    // Attached, files open: nothing ahead needs a capability.
-    if let Err(e) = privileges::drop_all() {
+    // Attached, files open: nothing ahead needs a capability but reading
+    // other processes' descriptor tables, to tell who holds a socket.
+    if let Err(e) = privileges::drop_all_but(privileges::CAP_SYS_PTRACE) {
         log::warn!("cannot drop capabilities: {e}");
     }
     let printer = Printer::new(args.output.style(), clock);
@@ -238,6 +249,9 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         reset_reasons: reason_names(capture.reset_reasons()),
         metrics: metrics_listener.as_ref().map(|_| Metrics::new()),
         batch: Vec::new(),
+        cgroups,
+        lookups,
+        next_lookup: Instant::now(),
     };
     if let Some(found) = existing {
         for row in found.rows {
@@ -277,6 +291,7 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     let mut reported_gaps = 0;
     let mut next_loss_check = Instant::now() + LOSS_CHECK;
     let mut idle = POLL_BUSY;
+    let mut stop_failure: Option<Stop> = None;
     let stop = loop {
         let before = pipe.tally.seen;
         let drained = pipe.drain(&mut capture, false);
@@ -288,7 +303,16 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             && Instant::now() >= w.next
         {
             w.next = Instant::now() + w.every;
-            w.check(&mut pipe);
+            if let Err(stop) = w.check(&mut pipe) {
+                break stop;
+            }
+        }
+        if Instant::now() >= pipe.next_lookup {
+            pipe.next_lookup = Instant::now() + LOOKUP_EVERY;
+            let unverified = pipe.attributor.take_unverified();
+            if let Err(stop) = pipe.note_holders(&unverified, false) {
+                break stop;
+            }
         }
         if Instant::now() >= next_loss_check {
             next_loss_check = Instant::now() + LOSS_CHECK;
@@ -336,6 +360,15 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     if let Some(w) = &stuck {
         w.summary();
     }
+    // The recording ends with who holds each socket still open, as `ss -p`
+    // sees it now: what a report of the recording names for them.
+    if matches!(stop, Stop::Done) && pipe.outputs.recorder.is_some() {
+        let open = pipe.attributor.open_sockets();
+        if let Err(e) = pipe.note_holders(&open, true) {
+            stop_failure = Some(e);
+        }
+    }
+    let stop = stop_failure.unwrap_or(stop);
     let Pipeline {
         mut outputs,
         tally,
@@ -439,6 +472,10 @@ struct Pipeline {
     metrics: Option<Metrics>,
     /// Reused between reads of the rings.
     batch: Vec<Event>,
+    cgroups: Cgroups,
+    /// Namespaces to look up holders in (see `holders`).
+    lookups: Vec<snapshot::Namespace>,
+    next_lookup: Instant,
 }
 
 struct Pending {
@@ -481,13 +518,27 @@ impl Pipeline {
             for e in batch.iter() {
                 self.tally.seen += 1;
                 match classify(e) {
-                    Decoded::State(t) => match self.attributor.observe(&t) {
-                        Some(row) => {
-                            let waits_since = may_await_sent_reset(&row).then_some(self.cycle);
-                            self.pending.push_back(Pending { row, waits_since });
+                    Decoded::State(mut t) => {
+                        if t.task.pid != 0 {
+                            t.task.cgroup = self.cgroups.path(e.cgroup, t.task.pid);
                         }
-                        None => self.tally.repeated += 1,
-                    },
+                        match self.attributor.observe(&t) {
+                            Some(row) => {
+                                let waits_since = may_await_sent_reset(&row).then_some(self.cycle);
+                                self.pending.push_back(Pending { row, waits_since });
+                            }
+                            None => self.tally.repeated += 1,
+                        }
+                    }
+                    Decoded::Accept {
+                        skaddr, mut task, ..
+                    } => {
+                        task.cgroup = self.cgroups.path(e.cgroup, task.pid);
+                        self.attributor.accepted(skaddr, task);
+                    }
+                    Decoded::Fork { parent, child } => self.attributor.forked(parent, child),
+                    Decoded::Release { skaddr, pid } => self.attributor.released(skaddr, pid),
+                    Decoded::Exit { pid } => self.attributor.exited(pid),
                     Decoded::Reset {
                         skaddr,
                         received: true,
@@ -529,7 +580,7 @@ impl Pipeline {
             Admit::Hidden => self.tally.hidden += 1,
             Admit::Held => {}
             Admit::Show(held) => {
-                for r in held.iter().chain(std::iter::once(row)) {
+                for r in held.as_deref().into_iter().chain(std::iter::once(row)) {
                     self.outputs.emit(r)?;
                     if let Some(m) = &mut self.metrics {
                         m.count(r);
@@ -590,6 +641,52 @@ impl Pipeline {
     }
 }
 
+impl Pipeline {
+    /// Looks up who holds `sockets` now; where that differs from what
+    /// their rows said (or, with `all`, in any case), the recording notes
+    /// it. Returns the holders found, by socket address.
+    fn note_holders(
+        &mut self,
+        sockets: &[Unverified],
+        all: bool,
+    ) -> Result<std::collections::HashMap<u64, Holders>, Stop> {
+        let mut out = std::collections::HashMap::new();
+        if sockets.is_empty() {
+            return Ok(out);
+        }
+        let found = holders::look_up(&mut self.lookups, &mut self.cgroups, sockets);
+        let now = format::monotonic_ns();
+        for s in sockets {
+            let changed = found
+                .get(&s.skaddr)
+                .and_then(|list| self.attributor.verified(s.skaddr, list));
+            let Some(known) = self.attributor.holders(s.skaddr).cloned() else {
+                continue;
+            };
+            if changed.is_some() || all {
+                let row = Row {
+                    t: s.t,
+                    sock: s.sock,
+                    owner: known.owner(),
+                    dwell_ns: None,
+                    close: None,
+                    origin: Origin::Tracepoint,
+                    queued: false,
+                };
+                if self.filter.passes(&row)
+                    && !known.is_empty()
+                    && let Some(r) = &mut self.outputs.recorder
+                {
+                    r.note(&HoldersNote::new(now, s.sock, &known))
+                        .map_err(Stop::RecordFailed)?;
+                }
+            }
+            out.insert(s.skaddr, known);
+        }
+        Ok(out)
+    }
+}
+
 /// The next scrape connection, or never when metrics are off.
 async fn scrape(listener: Option<&tokio::net::TcpListener>) -> Option<tokio::net::TcpStream> {
     match listener {
@@ -608,23 +705,48 @@ struct StuckWatch {
 }
 
 impl StuckWatch {
-    fn check(&mut self, pipe: &mut Pipeline) {
+    /// Warns about sockets newly past the threshold, naming every process
+    /// that holds each now (looked up, as `ss -p` would show them).
+    fn check(&mut self, pipe: &mut Pipeline) -> Result<(), Stop> {
         let now = format::monotonic_ns();
-        for row in pipe
+        let stuck: Vec<Row> = pipe
             .attributor
             .newly_stuck(now, self.threshold.as_nanos() as u64)
-        {
-            if !pipe.filter.passes(&row) {
-                continue;
-            }
-            let owner = row.owner.map(|o| {
-                let mut comm = String::new();
-                format::escape_comm(&o.comm.as_str(), &mut comm);
-                (o.pid, comm)
-            });
-            let who = match &owner {
-                Some((pid, comm)) => format!("pid {pid} ({comm})"),
-                None => "owner unknown".to_string(),
+            .into_iter()
+            .filter(|row| pipe.filter.passes(row))
+            .collect();
+        if stuck.is_empty() {
+            return Ok(());
+        }
+        let sockets: Vec<Unverified> = stuck
+            .iter()
+            .map(|r| Unverified {
+                skaddr: r.t.skaddr,
+                sock: r.sock,
+                t: r.t,
+            })
+            .collect();
+        let holders = pipe.note_holders(&sockets, true)?;
+        for row in stuck {
+            let named: Vec<(u32, String)> = holders
+                .get(&row.t.skaddr)
+                .map(|h| h.all().copied().collect::<Vec<_>>())
+                .unwrap_or_else(|| row.owner.into_iter().collect())
+                .into_iter()
+                .map(|o| {
+                    let mut comm = String::new();
+                    format::escape_comm(&o.comm.as_str(), &mut comm);
+                    (o.pid, comm)
+                })
+                .collect();
+            let who = if named.is_empty() {
+                "owner unknown".to_string()
+            } else {
+                named
+                    .iter()
+                    .map(|(pid, comm)| format!("pid {pid} ({comm})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
             let t = &row.t;
             eprintln!(
@@ -636,8 +758,9 @@ impl StuckWatch {
                 t.new.meaning(),
                 row.sock
             );
-            *self.by_owner.entry(owner).or_default() += 1;
+            *self.by_owner.entry(named.into_iter().next()).or_default() += 1;
         }
+        Ok(())
     }
 
     fn summary(&self) {

@@ -46,7 +46,7 @@ fn print_rows(
                     printer = Some(p);
                 }
             },
-            Item::Stats(_) | Item::Gap(_) => {}
+            Item::Stats(_) | Item::Gap(_) | Item::Holders(_) => {}
             Item::Row(row) => {
                 let p = printer.get_or_insert_with(|| {
                     // Rows without a header (cut from a recording): this
@@ -60,7 +60,7 @@ fn print_rows(
                     Printer::new(style, Clock::now())
                 });
                 if let Admit::Show(held) = filter.admit(&row) {
-                    for r in held.iter().chain(std::iter::once(&row)) {
+                    for r in held.as_deref().into_iter().chain(std::iter::once(&row)) {
                         p.row(&mut out, r)?;
                     }
                 }

@@ -4,6 +4,7 @@
 use std::fs;
 
 pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
@@ -36,7 +37,7 @@ pub fn missing_for_tracing(eff: u64) -> Vec<&'static str> {
 }
 
 /// Sets the calling thread's nice value to `nice`, unless it already runs
-/// at that priority or higher. Must run before [`drop_all`]: going below the
+/// at that priority or higher. Must run before [`drop_all_but`]: going below the
 /// current value needs CAP_SYS_NICE.
 pub fn prioritize(nice: i32) -> std::io::Result<()> {
     // SAFETY: getpriority/setpriority on the calling thread (who = 0); errno
@@ -58,10 +59,12 @@ pub fn prioritize(nice: i32) -> std::io::Result<()> {
 }
 
 /// Gives up every capability for good (effective, permitted, inheritable,
-/// ambient). Called once the program is attached and the files are open:
-/// from then on the process only reads what it already holds, so a bug in
-/// the rest of the run cannot be used to do more.
-pub fn drop_all() -> std::io::Result<()> {
+/// ambient) but `keep`, and that one only if held now. Called once the
+/// program is attached and the files are open: from then on the process
+/// only reads what it already holds, and `/proc/PID/fd` of other
+/// processes (CAP_SYS_PTRACE, to tell who holds a socket), so a bug in the
+/// rest of the run cannot be used to do more.
+pub fn drop_all_but(keep: u32) -> std::io::Result<()> {
     // SAFETY: prctl with constant arguments.
     unsafe {
         libc::prctl(
@@ -89,11 +92,20 @@ pub fn drop_all() -> std::io::Result<()> {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
+    let kept = effective() & (1 << keep);
+    let word = |i: u32| (kept >> (32 * i)) as u32;
+    let data = [
+        Data {
+            effective: word(0),
+            permitted: word(0),
+            inheritable: 0,
+        },
+        Data {
+            effective: word(1),
+            permitted: word(1),
+            inheritable: 0,
+        },
+    ];
     // SAFETY: capset with a version-3 header and its two data words.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
     if rc == 0 {

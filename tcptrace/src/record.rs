@@ -100,6 +100,57 @@ pub struct Gap {
     pub ts_ns: u64,
 }
 
+/// Who held a socket when tcptrace looked (`ss -p`'s way): written when a
+/// socket's holders were found to differ from what its rows said, for
+/// `--stuck` warnings, and at the end for every socket still open. Rows of
+/// the socket after `ts_ns` carry the first of them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HoldersNote {
+    /// Always "holders".
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub ts_ns: u64,
+    pub sock: u64,
+    pub holders: Vec<Holder>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Holder {
+    pub pid: u32,
+    pub comm: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+impl HoldersNote {
+    pub fn new(ts_ns: u64, sock: u64, holders: &crate::attribute::Holders) -> HoldersNote {
+        HoldersNote {
+            kind: "holders".into(),
+            ts_ns,
+            sock,
+            holders: holders
+                .all()
+                .map(|t| Holder {
+                    pid: t.pid,
+                    comm: t.comm.as_str().into_owned(),
+                    cgroup: t.cgroup.map(str::to_string),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn tasks(&self) -> Vec<crate::decode::Task> {
+        self.holders
+            .iter()
+            .map(|h| crate::decode::Task {
+                pid: h.pid,
+                comm: crate::decode::Comm::from_bytes(h.comm.as_bytes()),
+                cgroup: h.cgroup.as_deref().and_then(crate::cgroup::intern),
+            })
+            .collect()
+    }
+}
+
 /// The last line of a recording that ended cleanly.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
@@ -207,9 +258,10 @@ impl Recorder {
         Ok(())
     }
 
-    /// Notes a socket whose end never arrived (see [`Gap`]).
-    pub fn gap(&mut self, gap: &Gap) -> Result<(), WriteFailure> {
-        let _ = serde_json::to_writer(self.out.buf(), gap);
+    /// Notes a socket whose end never arrived ([`Gap`]), or who holds a
+    /// socket ([`HoldersNote`]).
+    pub fn note(&mut self, note: &impl Serialize) -> Result<(), WriteFailure> {
+        let _ = serde_json::to_writer(self.out.buf(), note);
         self.out.buf().push(b'\n');
         if self.out.pending().len() >= BUFFER_LIMIT {
             self.flush()?;

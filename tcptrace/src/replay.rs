@@ -15,7 +15,7 @@ use crate::attribute::{Close, Origin, Row};
 use crate::cli::io_reason;
 use crate::decode::{Comm, Family, Task, Transition};
 use crate::format::{Hex, JsonRow};
-use crate::record::{Gap, Header, Stats};
+use crate::record::{Gap, Header, HoldersNote, Stats};
 use crate::state::State;
 
 /// One line of a recording.
@@ -24,6 +24,8 @@ pub enum Item {
     Row(Row),
     /// A socket whose end the kernel never reported.
     Gap(Gap),
+    /// Who held a socket when tcptrace looked.
+    Holders(HoldersNote),
     Stats(Stats),
 }
 
@@ -175,6 +177,11 @@ pub fn parse_line(text: &[u8]) -> Result<Item, String> {
             .map(Item::Gap)
             .map_err(|e| e.to_string());
     }
+    if text.starts_with(b"{\"type\":\"holders\"") {
+        return serde_json::from_slice(text)
+            .map(Item::Holders)
+            .map_err(|e| e.to_string());
+    }
     if text.starts_with(b"{\"type\":\"stats\"") {
         return serde_json::from_slice(text)
             .map(Item::Stats)
@@ -224,6 +231,11 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
         sock: 0,
         pid: None,
         comm: None,
+        thread: None,
+        cgroup: None,
+        unit: None,
+        container: None,
+        queued: false,
         family: Cow::Borrowed(""),
         netns: None,
         laddr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -252,11 +264,17 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
         }
         i += 1;
         ws(&mut i);
-        // The value: a string, null, or a number.
+        // The value: a string, null, true, or a number.
+        let mut truth = false;
         let (text_value, number): (Option<&str>, Option<&str>) = match text.get(i)? {
             b'"' => (Some(string(&mut i)?), None),
             b'n' if text.get(i..i + 4) == Some(b"null") => {
                 i += 4;
+                (None, None)
+            }
+            b't' if text.get(i..i + 4) == Some(b"true") => {
+                i += 4;
+                truth = true;
                 (None, None)
             }
             b'-' | b'0'..=b'9' => {
@@ -272,6 +290,9 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
             _ => return None,
         };
         let bit = |n: u32| 1u32 << n;
+        if truth && key != "queued" {
+            return None;
+        }
         let field = match key {
             "time" => 0,
             "ts_ns" => 1,
@@ -291,6 +312,11 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
             "reset_reason" => 15,
             "origin" => 16,
             "skaddr" => 17,
+            "thread" => 18,
+            "cgroup" => 19,
+            "unit" => 20,
+            "container" => 21,
+            "queued" => 22,
             _ => return None,
         };
         if seen & bit(field) != 0 {
@@ -321,6 +347,11 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
             14 => row.close = opt_str(number, text_value)?.map(Cow::Borrowed),
             15 => row.reset_reason = opt_str(number, text_value)?.map(Cow::Borrowed),
             16 => row.origin = Cow::Borrowed(text_value?),
+            18 => row.thread = opt_str(number, text_value)?.map(Cow::Borrowed),
+            19 => row.cgroup = opt_str(number, text_value)?.map(Cow::Borrowed),
+            20 => row.unit = opt_str(number, text_value)?.map(Cow::Borrowed),
+            21 => row.container = opt_str(number, text_value)?.map(Cow::Borrowed),
+            22 => row.queued = truth,
             _ => {
                 let hex = text_value?.strip_prefix("0x")?;
                 row.skaddr = Some(Hex(u64::from_str_radix(hex, 16).ok()?));
@@ -370,6 +401,7 @@ fn row_of(j: &JsonRow) -> Result<Row, String> {
         (Some(pid), Some(comm)) => Some(Task {
             pid,
             comm: Comm::from_bytes(comm.as_bytes()),
+            cgroup: j.cgroup.as_deref().and_then(crate::cgroup::intern),
         }),
         (None, None) => None,
         _ => return Err("pid and comm must both be set or both be null".into()),
@@ -385,6 +417,11 @@ fn row_of(j: &JsonRow) -> Result<Row, String> {
             ts_ns: j.ts_ns,
             skaddr: j.skaddr.map_or(0, |h| h.0),
             task: owner.unwrap_or_default(),
+            thread: j
+                .thread
+                .as_deref()
+                .map(|t| Comm::from_bytes(t.as_bytes()))
+                .unwrap_or_default(),
             old: j.old.unwrap_or(State(0)),
             new: j.new,
             family,
@@ -394,6 +431,7 @@ fn row_of(j: &JsonRow) -> Result<Row, String> {
         },
         sock: j.sock,
         owner,
+        queued: j.queued,
         dwell_ns,
         origin: Origin::from_name(&j.origin)
             .ok_or_else(|| format!("unknown origin {:?}", j.origin))?,

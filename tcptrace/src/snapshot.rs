@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::attribute::{Attributor, Row};
+use crate::attribute::{Attributor, Holders, Row};
+use crate::cgroup::Cgroups;
 use crate::decode::{Comm, Task, Transition};
 use crate::filter::Filter;
 use crate::format::monotonic_ns;
@@ -120,6 +121,7 @@ pub fn take(
     namespaces: &mut [Namespace],
     filter: &Filter,
     attributor: &mut Attributor,
+    cgroups: &mut Cgroups,
 ) -> Result<Found> {
     let query = Query {
         states: Query::ALL_STATES,
@@ -137,7 +139,7 @@ pub fn take(
         .map(|(_, s)| s.inode)
         .filter(|&i| i != 0)
         .collect();
-    let owners: HashMap<u32, (u32, String)> = sockdiag::owners(&inodes);
+    let owners: HashMap<u32, Vec<(u32, String)>> = sockdiag::owners(&inodes);
     let now = monotonic_ns();
     // Listeners first, then the rest, like netstat; ids follow that order.
     found.sort_by_key(|(netns, s)| (s.state != State::LISTEN, *netns, s.local, s.remote));
@@ -149,14 +151,22 @@ pub fn take(
         if s.state == State::SYN_RECV && s.inode == 0 && !s.timewait {
             continue;
         }
-        let owner = owners.get(&s.inode).map(|(pid, comm)| Task {
-            pid: *pid,
-            comm: Comm::from_bytes(comm.as_bytes()),
-        });
+        let holders: Vec<Task> = owners
+            .get(&s.inode)
+            .into_iter()
+            .flatten()
+            .map(|(pid, comm)| Task {
+                pid: *pid,
+                comm: Comm::from_bytes(comm.as_bytes()),
+                cgroup: cgroups.of_pid(*pid),
+            })
+            .collect();
+        let holders = Holders::from_list(&holders);
         let t = Transition {
             ts_ns: now,
             skaddr: 0,
-            task: owner.unwrap_or_default(),
+            task: holders.owner().unwrap_or_default(),
+            thread: Comm::default(),
             old: State(0),
             new: s.state,
             family: s.family,
@@ -164,7 +174,7 @@ pub fn take(
             remote: s.remote,
             netns,
         };
-        let row = attributor.existing(&t, owner);
+        let row = attributor.existing(&t, holders);
         if filter.passes(&row) {
             if s.timewait {
                 timewait.push(row);

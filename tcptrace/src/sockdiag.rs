@@ -198,14 +198,14 @@ fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
     })
 }
 
-/// Owners of socket inodes, found the way `ss -p` does: every
-/// `/proc/PID/fd/N` that links to `socket:[INODE]`. The value is the thread
+/// Holders of socket inodes, found the way `ss -p` does: every
+/// `/proc/PID/fd/N` that links to `socket:[INODE]`. Each holder is a thread
 /// group id (as numbered in the pid namespace of our `/proc`) and its
-/// `comm`. A socket shared by several processes (a listener inherited by
-/// workers) gets the lowest pid. Inodes not found (no process holds them,
-/// or they are in processes we may not look into) are absent. Processes
-/// that exit during the scan are skipped.
-pub fn owners(inodes: &HashSet<u32>) -> HashMap<u32, (u32, String)> {
+/// `comm`; a socket shared by several processes (a listener inherited by
+/// workers) has them all, lowest pid first. Inodes not found (no process
+/// holds them, or they are in processes we may not look into) are absent.
+/// Processes that exit during the scan are skipped.
+pub fn owners(inodes: &HashSet<u32>) -> HashMap<u32, Vec<(u32, String)>> {
     let mut found = HashMap::new();
     if inodes.is_empty() {
         return found;
@@ -235,18 +235,19 @@ pub fn owners(inodes: &HashSet<u32>) -> HashMap<u32, (u32, String)> {
             let Some(inode) = socket_inode(target.as_os_str().as_bytes()) else {
                 continue;
             };
-            if !inodes.contains(&inode) || found.contains_key(&inode) {
+            if !inodes.contains(&inode) {
                 continue;
             }
             match comm.get_or_insert_with(|| read_comm(pid)) {
                 Some(comm) => {
-                    found.insert(inode, (pid, comm.clone()));
+                    let holders: &mut Vec<(u32, String)> = found.entry(inode).or_default();
+                    // Two descriptors of one process name it once.
+                    if holders.last().is_none_or(|(last, _)| *last != pid) {
+                        holders.push((pid, comm.clone()));
+                    }
                 }
                 None => break, // exited: what it held is not its any more
             }
-        }
-        if found.len() == inodes.len() {
-            break; // all found; later pids are higher anyway
         }
     }
     found
@@ -1113,8 +1114,35 @@ mod tests {
 
         let owners = owners(&HashSet::from([inode, 1])); // 1: no such socket
         let comm = read_comm(std::process::id()).unwrap();
-        assert_eq!(owners, HashMap::from([(inode, (std::process::id(), comm))]));
+        assert_eq!(
+            owners,
+            HashMap::from([(inode, vec![(std::process::id(), comm.clone())])])
+        );
         assert!(super::owners(&HashSet::new()).is_empty());
+
+        // A child that inherits the descriptor holds it too, as ss -p says.
+        use std::os::unix::process::CommandExt;
+        let fd = listener.as_raw_fd();
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("5");
+        // SAFETY: fcntl on a descriptor we own, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::fcntl(fd, libc::F_SETFD, 0);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let both = super::owners(&HashSet::from([inode]));
+        let _ = child.kill();
+        let _ = child.wait();
+        let mut want = vec![
+            (std::process::id(), comm),
+            (child.id(), "sleep".to_string()),
+        ];
+        want.sort();
+        assert_eq!(both, HashMap::from([(inode, want)]));
     }
 
     // --- cost with many time-wait sockets (not run by default) ----------

@@ -201,6 +201,7 @@ fn ended(w: &Watched, netns: u32, local: SocketAddr, remote: SocketAddr, ts_ns: 
             ts_ns,
             skaddr: 0,
             task: w.owner.unwrap_or_default(),
+            thread: Default::default(),
             old: w.state,
             new: State::CLOSE,
             family: w.family,
@@ -213,5 +214,6 @@ fn ended(w: &Watched, netns: u32, local: SocketAddr, remote: SocketAddr, ts_ns: 
         dwell_ns: Some(ts_ns.saturating_sub(w.since_ns)),
         close: None,
         origin: Origin::TimeWait,
+        queued: false,
     }
 }
