@@ -31,6 +31,7 @@ use crate::metrics::{self, Metrics};
 use crate::privileges;
 use crate::record::{self, Gap, Header, HoldersNote, Recorder, Stats};
 use crate::snapshot;
+use crate::state::State;
 use crate::timewait::TimeWait;
 use tcptrace_ebpf::Event;
 
@@ -687,6 +688,24 @@ impl Pipeline {
     }
 }
 
+/// Before 6.6 or so the kernel reports a child's `LISTEN -> SYN_RECV` before
+/// it copies the addresses in from the request, so its remote end reads
+/// `0.0.0.0:0`; the `SYN_RECV -> ESTABLISHED` that follows at once has
+/// them. That row is still waiting here: it gets them too, so that
+/// `--rport`, `--follow` and reports see the connection from its first row.
+fn fill_child_addresses(pending: &mut VecDeque<Pending>, row: &Row) {
+    if (row.t.old, row.t.new) != (State::SYN_RECV, State::ESTABLISHED) {
+        return;
+    }
+    if let Some(first) = pending.iter_mut().rev().take(64).find(|p| {
+        p.row.sock == row.sock && (p.row.t.old, p.row.t.new) == (State::LISTEN, State::SYN_RECV)
+    }) && first.row.t.remote.port() == 0
+    {
+        first.row.t.local = row.t.local;
+        first.row.t.remote = row.t.remote;
+    }
+}
+
 /// The next scrape connection, or never when metrics are off.
 async fn scrape(listener: Option<&tokio::net::TcpListener>) -> Option<tokio::net::TcpStream> {
     match listener {
@@ -832,5 +851,55 @@ fn warn_lost(capture: &Capture, reported: Counters) -> Counters {
         lost: now.lost.max(reported.lost),
         missed: now.missed.max(reported.missed),
         filtered: now.filtered,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{Comm, Family, Task, Transition};
+
+    fn row(sock: u64, old: State, new: State, remote: &str) -> Row {
+        Row {
+            t: Transition {
+                ts_ns: 0,
+                skaddr: sock,
+                task: Task::default(),
+                thread: Comm::default(),
+                old,
+                new,
+                family: Family::V4,
+                local: "127.0.0.1:80".parse().unwrap(),
+                remote: remote.parse().unwrap(),
+                netns: 1,
+            },
+            sock,
+            owner: None,
+            dwell_ns: None,
+            close: None,
+            origin: Origin::Tracepoint,
+            queued: true,
+        }
+    }
+
+    #[test]
+    fn a_childs_first_row_gets_the_clients_address_older_kernels_leave_out() {
+        let mut pending = VecDeque::new();
+        for r in [
+            row(7, State::LISTEN, State::SYN_RECV, "0.0.0.0:0"),
+            row(8, State::LISTEN, State::SYN_RECV, "0.0.0.0:0"),
+        ] {
+            pending.push_back(Pending {
+                row: r,
+                waits_since: None,
+            });
+        }
+        fill_child_addresses(
+            &mut pending,
+            &row(7, State::SYN_RECV, State::ESTABLISHED, "127.0.0.1:5000"),
+        );
+        assert_eq!(pending[0].row.t.remote, "127.0.0.1:5000".parse().unwrap());
+        // Another child's row keeps waiting for its own.
+        assert_eq!(pending[1].row.t.remote.port(), 0);
     }
 }
