@@ -241,6 +241,12 @@ impl Filter {
             bits.0[usize::from(f.b.port())] |= PORT_ANY;
             wanted = PORT_ANY;
         }
+        // Kernels before 6.6 report a child's `LISTEN -> SYN_RECV` before it
+        // has the remote address: let remote port 0 through, and decide once
+        // the next row has filled it in (`live`).
+        if wanted & PORT_REMOTE != 0 {
+            bits.0[0] |= PORT_REMOTE;
+        }
         (bits, wanted)
     }
 
@@ -383,6 +389,23 @@ mod tests {
             bits.marked().collect::<Vec<_>>(),
             [(80, 1), (443, 1), (5000, 2)]
         );
+    }
+
+    #[test]
+    fn a_remote_port_filter_lets_the_kernel_pass_a_child_without_its_address_yet() {
+        let f = Filter::new(Spec {
+            rports: vec![40000],
+            ..Spec::default()
+        });
+        let (bits, wanted) = f.kernel_ports();
+        assert_eq!(wanted, PORT_REMOTE);
+        assert_eq!(
+            bits.marked().collect::<Vec<_>>(),
+            [(0, PORT_REMOTE), (40000, PORT_REMOTE)]
+        );
+        // Userspace still decides on the address the row ends up with.
+        assert!(!f.ports_pass(6389, 0));
+        assert!(f.ports_pass(6389, 40000));
     }
 
     #[test]

@@ -525,7 +525,10 @@ impl Pipeline {
                         }
                         match self.attributor.observe(&t) {
                             Some(row) => {
-                                let waits_since = may_await_sent_reset(&row).then_some(self.cycle);
+                                fill_child_addresses(&mut self.pending, &row);
+                                let waits_since = (may_await_sent_reset(&row)
+                                    || lacks_child_addresses(&row))
+                                .then_some(self.cycle);
                                 self.pending.push_back(Pending { row, waits_since });
                             }
                             None => self.tally.repeated += 1,
@@ -551,12 +554,11 @@ impl Pipeline {
                             .get(usize::from(reason))
                             .copied()
                             .flatten();
-                        if let Some(p) = self
-                            .pending
-                            .iter_mut()
-                            .rev()
-                            .find(|p| p.waits_since.is_some() && p.row.t.skaddr == skaddr)
-                        {
+                        if let Some(p) = self.pending.iter_mut().rev().find(|p| {
+                            p.waits_since.is_some()
+                                && p.row.t.skaddr == skaddr
+                                && may_await_sent_reset(&p.row)
+                        }) {
                             p.row.close = Some(Close::ResetSent(name));
                             p.waits_since = None;
                         }
@@ -697,13 +699,22 @@ fn fill_child_addresses(pending: &mut VecDeque<Pending>, row: &Row) {
     if (row.t.old, row.t.new) != (State::SYN_RECV, State::ESTABLISHED) {
         return;
     }
-    if let Some(first) = pending.iter_mut().rev().take(64).find(|p| {
-        p.row.sock == row.sock && (p.row.t.old, p.row.t.new) == (State::LISTEN, State::SYN_RECV)
-    }) && first.row.t.remote.port() == 0
+    if let Some(first) = pending
+        .iter_mut()
+        .rev()
+        .take(64)
+        .find(|p| p.row.sock == row.sock && lacks_child_addresses(&p.row))
     {
         first.row.t.local = row.t.local;
         first.row.t.remote = row.t.remote;
+        first.waits_since = None;
     }
+}
+
+/// A child's first row as kernels before 6.6 report it; it waits one cycle
+/// (like a possible abort) so that the row with the addresses can reach it.
+fn lacks_child_addresses(row: &Row) -> bool {
+    (row.t.old, row.t.new) == (State::LISTEN, State::SYN_RECV) && row.t.remote.port() == 0
 }
 
 /// The next scrape connection, or never when metrics are off.
