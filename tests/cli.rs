@@ -157,3 +157,23 @@ fn man_page_and_completions_name_every_flag() {
     let (_, man, _) = run(&["generate", "man"]);
     assert!(man.contains(".TH tcptrace 1"), "a section 1 man page");
 }
+
+#[test]
+fn read_and_report_have_man_pages_of_their_own_naming_their_flags() {
+    for (sub, page) in [("read", "man-read"), ("report", "man-report")] {
+        let (_, help, _) = run(&[sub, "--help"]);
+        let (code, man, err) = run(&["generate", page]);
+        assert_eq!(code, 0, "{page}: {err}");
+        assert!(man.contains(&format!(".TH tcptrace-{sub} 1")), "{man}");
+        let text = man.replace("\\-", "-");
+        let flags: Vec<&str> = help
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+            .collect();
+        assert!(flags.len() >= 5, "{sub}: {flags:?}");
+        for flag in flags {
+            assert!(text.contains(flag), "tcptrace-{sub}(1) lacks {flag}");
+        }
+    }
+}

@@ -69,6 +69,10 @@ pub enum Command {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Generated {
     Man,
+    /// tcptrace-read(1).
+    ManRead,
+    /// tcptrace-report(1).
+    ManReport,
     Bash,
     Zsh,
     Fish,
@@ -81,6 +85,20 @@ pub fn generate(what: Generated, out: &mut dyn std::io::Write) -> std::io::Resul
     let mut cmd = Cli::command();
     let shell = match what {
         Generated::Man => return clap_mangen::Man::new(cmd).render(out),
+        Generated::ManRead | Generated::ManReport => {
+            let (name, page) = if what == Generated::ManRead {
+                ("read", "tcptrace-read")
+            } else {
+                ("report", "tcptrace-report")
+            };
+            cmd.build();
+            let sub = cmd
+                .find_subcommand(name)
+                .expect("the subcommand is defined above")
+                .clone()
+                .name(page);
+            return clap_mangen::Man::new(sub).render(out);
+        }
         Generated::Bash => clap_complete::Shell::Bash,
         Generated::Zsh => clap_complete::Shell::Zsh,
         Generated::Fish => clap_complete::Shell::Fish,

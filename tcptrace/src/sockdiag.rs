@@ -306,7 +306,7 @@ const BC_PORT_LEN: usize = 2 * BC_OP_LEN;
 /// Bigger than any message of a dump: the kernel builds them at most 32 KiB.
 const RECV_BUF: usize = 64 * 1024;
 /// How long one receive may wait for the kernel before the dump gives up.
-const RECV_TIMEOUT_S: libc::time_t = 10;
+const RECV_TIMEOUT_S: u8 = 10;
 
 // ---------------------------------------------------------------------------
 // The port filter.
@@ -419,7 +419,7 @@ impl NetlinkSocket {
         // SAFETY: fd is a fresh descriptor nobody else owns.
         let sock = NetlinkSocket(unsafe { OwnedFd::from_raw_fd(fd) });
         let timeout = libc::timeval {
-            tv_sec: RECV_TIMEOUT_S,
+            tv_sec: RECV_TIMEOUT_S.into(),
             tv_usec: 0,
         };
         // SAFETY: the option value is a valid timeval of the size given.

@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod dist;
 mod floor;
 mod fuzz;
 mod soak;
@@ -52,6 +53,10 @@ enum Cmd {
     },
     /// Only install the build prerequisites.
     Setup,
+    /// Build the release for production hosts in target/dist/: a static
+    /// x86_64 binary (musl) with the eBPF object inside, man pages,
+    /// completions and a systemd unit, as a tarball and a .deb.
+    Dist,
     /// Run the cargo-fuzz targets (recording reader, argument parsers) for
     /// SECONDS each; installs cargo-fuzz if missing.
     Fuzz {
@@ -125,6 +130,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
     env::set_current_dir(&root)?;
     match cli.command {
         Cmd::Setup => setup().map(|()| ExitCode::SUCCESS),
+        Cmd::Dist => {
+            setup()?;
+            dist::run(&root).map(|_| ExitCode::SUCCESS)
+        }
         Cmd::Run { args } => {
             setup()?;
             cargo(&["build", "--release", "--package", "tcptrace"])?;
@@ -209,21 +218,14 @@ fn install(bin: &Path, prefix: &Path) -> Result<()> {
         Ok(dest)
     };
     put(prefix.join("bin"), "tcptrace", None)?;
-    let generated = |what: &str| -> Result<Vec<u8>> {
-        let out = Command::new(bin).args(["generate", what]).output()?;
-        if !out.status.success() || out.stdout.is_empty() {
-            bail!(
-                "tcptrace generate {what} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(out.stdout)
-    };
-    put(
-        prefix.join("share/man/man1"),
-        "tcptrace.1",
-        Some(&generated("man")?),
-    )?;
+    let generated = |what: &str| dist::generated(bin, what);
+    for (what, page) in [
+        ("man", "tcptrace.1"),
+        ("man-read", "tcptrace-read.1"),
+        ("man-report", "tcptrace-report.1"),
+    ] {
+        put(prefix.join("share/man/man1"), page, Some(&generated(what)?))?;
+    }
     put(
         prefix.join("share/bash-completion/completions"),
         "tcptrace",
@@ -314,8 +316,48 @@ fn ensure_chromium() -> Result<()> {
     status("apt-get", &["install", "-y", "-qq", "chromium"])
 }
 
+/// The real servers of tests/servers.rs, at the paths the tests run them
+/// from (Debian's postgres is outside PATH, under its major version).
+fn ensure_servers() -> Result<()> {
+    let postgres = || {
+        std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|versions| {
+            versions
+                .flatten()
+                .any(|v| v.path().join("bin/postgres").is_file())
+        })
+    };
+    let missing: Vec<&str> = [
+        ("nginx-light", Path::new("/usr/sbin/nginx").is_file()),
+        ("postgresql", postgres() && which("pgbench")),
+        ("wrk", which("wrk")),
+        ("redis-server", which("redis-server")),
+    ]
+    .into_iter()
+    .filter(|(_, present)| !present)
+    .map(|(package, _)| package)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !which("apt-get") || !is_root() {
+        bail!(
+            "the tests need Debian's {} (apt-get install {0}) to check owners on real servers",
+            missing.join(" ")
+        );
+    }
+    eprintln!(
+        "xtask: installing {} (for the real-server tests)",
+        missing.join(", ")
+    );
+    let _ = status("apt-get", &["update", "-qq"]);
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend(&missing);
+    status("apt-get", &args)
+}
+
 fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     ensure_chromium()?;
+    ensure_servers()?;
     cargo(&["fmt", "--all", "--", "--check"])
         .context("formatting differs: run `cargo fmt --all`")?;
     cargo(&[
@@ -331,8 +373,10 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
         "-D",
         "warnings",
     ])?;
-    // The integration tests run the real binary against the real kernel.
+    // The integration tests run the real binary against the real kernel,
+    // and install the release's .deb.
     cargo(&["build", "--package", "tcptrace"])?;
+    let release = dist::run(root)?;
     let mut cmd = Command::new(cargo_bin());
     // The eBPF crate only builds for the BPF target.
     cmd.args([
@@ -345,6 +389,8 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     ]);
     cmd.args(extra);
     cmd.env("TCPTRACE_BIN", root.join("target/debug/tcptrace"));
+    cmd.env("TCPTRACE_DEB", &release.deb);
+    cmd.env("TCPTRACE_TARBALL", &release.tarball);
     if !is_root() {
         if which("sudo") {
             eprintln!(
@@ -442,7 +488,7 @@ fn cargo_bin() -> OsString {
     env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
 }
 
-fn cargo(args: &[&str]) -> Result<()> {
+pub(crate) fn cargo(args: &[&str]) -> Result<()> {
     let mut cmd = Command::new(cargo_bin());
     cmd.args(args);
     check(cmd)
@@ -464,7 +510,7 @@ fn check(mut cmd: Command) -> Result<()> {
     Ok(())
 }
 
-fn output(program: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn output(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
         .output()

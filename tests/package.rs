@@ -1,0 +1,189 @@
+//! The release as a production host gets it: the .deb installed with dpkg,
+//! used, and removed; the tarball's contents. Both come from `cargo xtask
+//! dist` (`cargo xtask test` builds them and says where).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+use tcptrace_tests::{Netns, Tracer, life, unique_port};
+
+const INSTALLED: [&str; 8] = [
+    "/usr/bin/tcptrace",
+    "/usr/share/man/man1/tcptrace.1.gz",
+    "/usr/share/man/man1/tcptrace-read.1.gz",
+    "/usr/share/man/man1/tcptrace-report.1.gz",
+    "/usr/share/bash-completion/completions/tcptrace",
+    "/usr/share/zsh/vendor-completions/_tcptrace",
+    "/usr/share/fish/vendor_completions.d/tcptrace.fish",
+    "/usr/lib/systemd/system/tcptrace.service",
+];
+
+fn built(var: &str, suffix: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
+        return PathBuf::from(p);
+    }
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/dist"));
+    std::fs::read_dir(&dir)
+        .ok()
+        .and_then(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().ends_with(suffix))
+        })
+        .unwrap_or_else(|| panic!("no *{suffix} in {}: run `cargo xtask dist`", dir.display()))
+}
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// The package installed for one test, purged on drop (also when it fails).
+struct Installed;
+
+impl Installed {
+    fn new() -> Installed {
+        let deb = built("TCPTRACE_DEB", ".deb");
+        let (ok, out) = run("dpkg", &["-i", &deb.to_string_lossy()]);
+        assert!(ok, "dpkg -i {}: {out}", deb.display());
+        Installed
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = run("dpkg", &["--purge", "tcptrace"]);
+    }
+}
+
+#[test]
+fn the_deb_installs_a_static_tcptrace_that_traces_and_removes_cleanly() {
+    let (listed, contents) = run(
+        "dpkg-deb",
+        &[
+            "--contents",
+            &built("TCPTRACE_DEB", ".deb").to_string_lossy(),
+        ],
+    );
+    assert!(listed, "{contents}");
+    let installed = Installed::new();
+    for path in INSTALLED {
+        assert!(
+            std::path::Path::new(path).is_file(),
+            "{path} is not installed; the package holds:\n{contents}"
+        );
+    }
+
+    let (ok, version) = run("/usr/bin/tcptrace", &["--version"]);
+    assert!(ok, "{version}");
+    assert_eq!(
+        version.trim(),
+        format!("tcptrace {}", env!("CARGO_PKG_VERSION"))
+    );
+    // Static: no program interpreter, so no libc of the host is needed.
+    let (_, ldd) = run("ldd", &["/usr/bin/tcptrace"]);
+    assert!(
+        ldd.contains("statically linked") || ldd.contains("not a dynamic executable"),
+        "{ldd}"
+    );
+    // man finds the pages where Debian keeps them.
+    for page in ["tcptrace", "tcptrace-read", "tcptrace-report"] {
+        let (ok, path) = run("man", &["-w", page]);
+        assert!(ok, "man -w {page}: {path}");
+        assert_eq!(path.trim(), format!("/usr/share/man/man1/{page}.1.gz"));
+    }
+    let (ok, verify) = run(
+        "systemd-analyze",
+        &["verify", "/usr/lib/systemd/system/tcptrace.service"],
+    );
+    // verify also complains about units it pulls in that this container
+    // lacks; only lines about our unit count.
+    let ours: Vec<&str> = verify
+        .lines()
+        .filter(|l| l.contains("tcptrace.service"))
+        .collect();
+    assert!(ok || ours.is_empty(), "{verify}");
+    assert!(ours.is_empty(), "{verify}");
+    let unit = std::fs::read_to_string("/usr/lib/systemd/system/tcptrace.service").unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/tcptrace "), "{unit}");
+    // Installed, not enabled.
+    assert!(
+        !std::path::Path::new("/etc/systemd/system/multi-user.target.wants/tcptrace.service")
+            .exists()
+    );
+
+    // One connection, client closes first, traced by the installed binary.
+    let ns = Netns::new();
+    let port = unique_port();
+    let mut cmd = Command::new("/usr/bin/tcptrace");
+    cmd.args([
+        "--format",
+        "json",
+        "--no-snapshot",
+        "--port",
+        &port.to_string(),
+    ]);
+    let tracer = Tracer::start_cmd(cmd);
+    ns.connections(&format!("127.0.0.1:{port}"), 1);
+    ns.settle("fin-wait-1");
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    let lives = out.lives();
+    let client = life(
+        &lives,
+        "CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE",
+    );
+    let server = life(
+        &lives,
+        "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE",
+    );
+    assert_eq!(lives.len(), 3, "client, server child, listener: {lives:?}");
+    assert_eq!(client.rport(), u64::from(port));
+    assert_eq!(server.lport(), u64::from(port));
+    assert!(
+        out.rows().iter().all(|r: &Value| r["netns"] == ns.inode()),
+        "{}",
+        out.stdout
+    );
+
+    drop(installed);
+    for path in INSTALLED {
+        assert!(
+            !std::path::Path::new(path).exists(),
+            "{path} is left after dpkg --purge"
+        );
+    }
+    let (_, status) = run("dpkg", &["-s", "tcptrace"]);
+    assert!(status.contains("not installed"), "{status}");
+}
+
+#[test]
+fn the_tarball_holds_the_binary_its_pages_completions_unit_and_licences() {
+    let tarball = built("TCPTRACE_TARBALL", ".tar.gz");
+    let (ok, list) = run("tar", &["-tzf", &tarball.to_string_lossy()]);
+    assert!(ok, "{list}");
+    let top = format!("tcptrace-{}-x86_64-linux", env!("CARGO_PKG_VERSION"));
+    for name in [
+        "tcptrace",
+        "man/tcptrace.1.gz",
+        "man/tcptrace-read.1.gz",
+        "man/tcptrace-report.1.gz",
+        "completions/tcptrace",
+        "completions/_tcptrace",
+        "completions/tcptrace.fish",
+        "tcptrace.service",
+        "README.md",
+        "LICENSE-MIT",
+        "LICENSE-APACHE",
+    ] {
+        let want = format!("{top}/{name}");
+        assert!(list.lines().any(|l| l == want), "{want} not in:\n{list}");
+    }
+}
