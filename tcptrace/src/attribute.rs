@@ -199,6 +199,15 @@ impl Holders {
         self.all().any(|t| t.pid == pid)
     }
 
+    /// `task` is what its process is called now (and where it runs).
+    fn refresh(&mut self, task: Task) {
+        for t in self.owner.iter_mut().chain(&mut self.others) {
+            if t.pid == task.pid {
+                *t = task;
+            }
+        }
+    }
+
     /// `task` acted on the socket itself: it holds it, first.
     fn promote(&mut self, task: Task) {
         if self.owner.is_some_and(|o| o.pid == task.pid) {
@@ -280,6 +289,11 @@ pub struct Attributor {
     by_pid: FastMap<u32, FastSet<u64>>,
     /// Sockets whose holders need looking up (see [`Unverified`]).
     unverified: FastSet<u64>,
+    /// Processes known only from their fork: they hold sockets under the
+    /// name and cgroup their parent had then, which an exec, a rename or a
+    /// move to another cgroup since may have changed. See
+    /// [`Attributor::stale_owner`].
+    inherited: FastSet<u32>,
 }
 
 /// Sets of [`Attributor::closes`]: copies come a few hundred microseconds
@@ -413,6 +427,10 @@ impl Attributor {
                 });
             }
             self.reset_received.remove(&t.skaddr);
+        }
+        if in_owner_context(t.old, t.new) && self.inherited.contains(&t.task.pid) {
+            // The process tells its name itself: what its fork left is stale.
+            self.refresh_task(t.task);
         }
         let sock = match self.socks.entry(t.skaddr) {
             Entry::Occupied(o) => {
@@ -576,6 +594,9 @@ impl Attributor {
     /// accept() returned the socket at `skaddr` to `task`: its owner from
     /// now on, and the only process holding it.
     pub fn accepted(&mut self, skaddr: u64, task: Task) {
+        if self.inherited.contains(&task.pid) {
+            self.refresh_task(task);
+        }
         let Some(sock) = self.socks.get_mut(&skaddr) else {
             return;
         };
@@ -589,7 +610,9 @@ impl Attributor {
     /// descriptor, so every socket the parent holds.
     pub fn forked(&mut self, parent: u32, child: u32) {
         let Some(held) = self.by_pid.get(&parent) else {
-            self.fork_listeners(parent, child);
+            if self.fork_listeners(parent, child) {
+                self.inherited.insert(child);
+            }
             return;
         };
         let held: Vec<u64> = held.iter().copied().collect();
@@ -603,13 +626,47 @@ impl Attributor {
         }
         self.by_pid.entry(child).or_default().extend(held);
         self.fork_listeners(parent, child);
+        self.inherited.insert(child);
     }
 
-    fn fork_listeners(&mut self, parent: u32, child: u32) {
+    /// Says whether the child got any of them.
+    fn fork_listeners(&mut self, parent: u32, child: u32) -> bool {
+        let mut any = false;
         for l in self.listeners.values_mut().flatten() {
             let as_parent = l.holders.all().find(|t| t.pid == parent).copied();
             if let Some(p) = as_parent {
                 l.holders.add(Task { pid: child, ..p });
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// The process of `row`'s owner, when it is known only from its fork:
+    /// its name and cgroup should be looked up (`/proc`) before the row is
+    /// shown, and given to [`Attributor::refresh_task`]. A daemon renames
+    /// itself, a socket-activated service execs, right after its fork, and
+    /// rows made in softirq before it acts itself would otherwise carry
+    /// its parent's name.
+    pub fn stale_owner(&self, row: &Row) -> Option<u32> {
+        if self.inherited.is_empty() {
+            return None;
+        }
+        row.owner
+            .map(|o| o.pid)
+            .filter(|pid| self.inherited.contains(pid))
+    }
+
+    /// What process `task.pid` is called, and where it runs, now: every
+    /// socket it holds says so from here on.
+    pub fn refresh_task(&mut self, task: Task) {
+        self.inherited.remove(&task.pid);
+        for l in self.listeners.values_mut().flatten() {
+            l.holders.refresh(task);
+        }
+        for skaddr in self.by_pid.get(&task.pid).into_iter().flatten() {
+            if let Some(sock) = self.socks.get_mut(skaddr) {
+                sock.holders.refresh(task);
             }
         }
     }
@@ -634,6 +691,7 @@ impl Attributor {
     /// makes, is still its doing; should no close come, someone else holds
     /// it, and the socket is looked up.
     pub fn exited(&mut self, pid: u32) {
+        self.inherited.remove(&pid);
         for l in self.listeners.values_mut().flatten() {
             l.holders.remove_unless_last(pid);
         }
@@ -1627,6 +1685,54 @@ mod tests {
         let after = softirq_close_wait(&mut a);
         assert_eq!((after.owner, after.queued), (Some(worker), false));
         assert_eq!(a.holders(CHILD).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_daemon_renamed_after_its_fork_is_named_as_it_is_now() {
+        let (launcher, daemon) = (task(30, "launcher"), task(31, "daemon"));
+        let mut a = Attributor::new();
+        a.observe_row(&tr(
+            0,
+            LISTENER,
+            launcher,
+            State::CLOSE,
+            State::LISTEN,
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+        ));
+        a.forked(30, 31);
+        a.exited(30);
+        // Known only from the fork: still under the launcher's name, and
+        // said to be stale until its current name is given.
+        let queued = a.observe_row(&tr(
+            10,
+            CHILD,
+            task(0, "swapper/0"),
+            State::LISTEN,
+            State::SYN_RECV,
+            "127.0.0.1:80",
+            "127.0.0.1:5000",
+        ));
+        assert_eq!(
+            queued.owner,
+            Some(Task {
+                pid: 31,
+                ..launcher
+            })
+        );
+        assert_eq!(a.stale_owner(&queued), Some(31));
+        a.refresh_task(daemon);
+        assert_eq!(a.holders(LISTENER).unwrap().owner(), Some(daemon));
+        let next = a.observe_row(&tr(
+            10,
+            CHILD,
+            task(0, "swapper/0"),
+            State::SYN_RECV,
+            State::ESTABLISHED,
+            "127.0.0.1:80",
+            "127.0.0.1:5000",
+        ));
+        assert_eq!((next.owner, a.stale_owner(&next)), (Some(daemon), None));
     }
 
     #[test]

@@ -82,3 +82,13 @@ pub fn look_up(
         })
         .collect()
 }
+
+/// Process `pid` as it is now: its name and cgroup, read from /proc.
+pub fn process(pid: u32, cgroups: &mut Cgroups) -> Option<Task> {
+    let comm = sockdiag::read_comm(pid)?;
+    Some(Task {
+        pid,
+        comm: Comm::from_bytes(comm.as_bytes()),
+        cgroup: cgroups.of_pid(pid),
+    })
+}

@@ -524,7 +524,14 @@ impl Pipeline {
                             t.task.cgroup = self.cgroups.path(e.cgroup, t.task.pid);
                         }
                         match self.attributor.observe(&t) {
-                            Some(row) => {
+                            Some(mut row) => {
+                                if let Some(pid) = self.attributor.stale_owner(&row) {
+                                    let task = holders::process(pid, &mut self.cgroups)
+                                        .or(row.owner)
+                                        .unwrap_or_default();
+                                    self.attributor.refresh_task(task);
+                                    row.owner = Some(task);
+                                }
                                 fill_child_addresses(&mut self.pending, &row);
                                 let waits_since = (may_await_sent_reset(&row)
                                     || lacks_child_addresses(&row))

@@ -263,7 +263,7 @@ fn socket_inode(link: &[u8]) -> Option<u32> {
 }
 
 /// A process's `comm` (chosen by the process: not trusted to be UTF-8).
-fn read_comm(pid: u32) -> Option<String> {
+pub(crate) fn read_comm(pid: u32) -> Option<String> {
     let bytes = fs::read(format!("/proc/{pid}/comm")).ok()?;
     let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
     Some(String::from_utf8_lossy(bytes).into_owned())

@@ -1,0 +1,874 @@
+//! Owners as `ss -p` sees them: servers whose sockets change hands (a fork
+//! that leaks, named threads, SCM_RIGHTS, the listen queue, a cgroup of
+//! their own, a daemon's double fork). Each scenario runs in a fresh network
+//! namespace; the truth about who holds each socket is `ss -tanpH` run in
+//! it while the sockets are alive, and every row of every socket is checked
+//! against it: states, pid, process name, "queued", thread name.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tcptrace_tests::{Life, Netns, Peer, TempDir, Tracer, life, tcptrace, unique_port};
+
+const CLIENT_CLOSES: &str = "CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE";
+const SERVER_PASSIVE: &str = "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE";
+/// A server socket still held in CLOSE_WAIT when tracing stopped.
+const LEAKED: &str = "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT";
+
+/// A process holding a socket, as `ss -p` names it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Holder {
+    comm: String,
+    pid: u32,
+}
+
+/// One line of `ss -tanpH`.
+#[derive(Debug)]
+struct SsSocket {
+    state: String,
+    local: String,
+    users: Vec<Holder>,
+}
+
+/// Every TCP socket of the namespace and who holds it, now.
+fn ss(ns: &Netns) -> Vec<SsSocket> {
+    let out = ns
+        .spawn(
+            Command::new("ss")
+                .args(["-tanpH"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .wait_with_output()
+        .expect("ss runs");
+    assert!(out.status.success(), "ss failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 5 {
+                return None;
+            }
+            Some(SsSocket {
+                state: cols[0].to_string(),
+                local: cols[3].to_string(),
+                users: users(&cols[5..].join(" ")),
+            })
+        })
+        .collect()
+}
+
+/// `users:(("name",pid=N,fd=M),...)` as holders, one per process, sorted.
+fn users(text: &str) -> Vec<Holder> {
+    let mut found = BTreeSet::new();
+    for part in text.split("((").flat_map(|p| p.split("),(")) {
+        let Some(rest) = part.strip_prefix('"') else {
+            continue;
+        };
+        let Some((comm, rest)) = rest.split_once("\",pid=") else {
+            continue;
+        };
+        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        found.insert(Holder {
+            comm: comm.to_string(),
+            pid: pid.parse().expect("pid is a number"),
+        });
+    }
+    found.into_iter().collect()
+}
+
+/// Polls `ss` (up to 10 s) until a socket matches; returns its holders.
+fn holders_when(ns: &Netns, what: &str, matches: impl Fn(&SsSocket) -> bool) -> Vec<Holder> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = ss(ns);
+        if let Some(s) = now.iter().find(|s| matches(s)) {
+            return s.users.clone();
+        }
+        assert!(Instant::now() < deadline, "never saw {what} in ss: {now:?}");
+        sleep(Duration::from_millis(20));
+    }
+}
+
+/// The holders of the one socket in `state` with local port `port`.
+fn holders_of(ns: &Netns, state: &str, port: u16) -> Vec<Holder> {
+    let suffix = format!(":{port}");
+    holders_when(ns, &format!("{state} on port {port}"), |s| {
+        s.state == state && s.local.ends_with(&suffix)
+    })
+}
+
+/// One expected row: the change, who the row names, "queued", and the
+/// calling thread's name where it is not the process's.
+struct Want<'a> {
+    change: String,
+    who: &'a Holder,
+    queued: bool,
+    thread: Option<&'a str>,
+}
+
+fn want<'a>(change: &str, who: &'a Holder) -> Want<'a> {
+    Want {
+        change: change.to_string(),
+        who,
+        queued: false,
+        thread: None,
+    }
+}
+
+fn queued<'a>(change: &str, who: &'a Holder) -> Want<'a> {
+    Want {
+        queued: true,
+        ..want(change, who)
+    }
+}
+
+/// Asserts every row of `life`, in order.
+fn assert_rows(life: &Life, wanted: &[Want]) {
+    let shown = |r: &Value| {
+        format!(
+            "{}>{} pid={} comm={} queued={} thread={}",
+            r["old"].as_str().unwrap_or("?"),
+            r["new"].as_str().unwrap_or("?"),
+            r["pid"],
+            r["comm"],
+            r.get("queued").map_or("-".into(), Value::to_string),
+            r.get("thread").map_or("-".into(), Value::to_string),
+        )
+    };
+    let got: Vec<String> = life.rows.iter().map(shown).collect();
+    let expected: Vec<String> = wanted
+        .iter()
+        .map(|w| {
+            format!(
+                "{} pid={} comm={:?} queued={} thread={}",
+                w.change,
+                w.who.pid,
+                w.who.comm,
+                if w.queued { "true" } else { "-" },
+                w.thread.map_or("-".into(), |t| format!("{t:?}")),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        expected,
+        "rows of socket {} ({})",
+        life.sock,
+        life.path()
+    );
+}
+
+/// A row without what differs between two tracers watching the same
+/// thing: timestamps and socket ids.
+fn without_time(row: &Value) -> Value {
+    let mut row = row.clone();
+    let fields = row.as_object_mut().expect("a row is an object");
+    for k in ["ts_ns", "time", "sock", "ms"] {
+        fields.remove(k);
+    }
+    row
+}
+
+/// Every row of a socket names one process.
+fn all_rows<'a>(life: &Life, who: &'a Holder) -> Vec<Want<'a>> {
+    life.rows
+        .iter()
+        .map(|r| {
+            let change = format!(
+                "{}>{}",
+                r["old"].as_str().unwrap(),
+                r["new"].as_str().unwrap()
+            );
+            want(&change, who)
+        })
+        .collect()
+}
+
+/// The holders a `--stuck` warning names for the socket with local port
+/// `lport` and remote port `rport`: "pid N (comm), pid M (comm), ...".
+fn stuck_names(stderr: &str, lport: u16, rport: u64) -> Vec<Holder> {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("tcptrace: stuck: "))
+        .filter(|l| l.contains(&format!(":{lport} -> ")) && l.contains(&format!(":{rport} in ")))
+        .collect();
+    assert_eq!(lines.len(), 1, "one stuck warning for :{lport}: {stderr}");
+    let who = lines[0]
+        .trim_start_matches("tcptrace: stuck: ")
+        .split(", ")
+        .take_while(|p| p.starts_with("pid "))
+        .map(|p| {
+            let (pid, comm) = p
+                .trim_start_matches("pid ")
+                .split_once(" (")
+                .expect("pid N (comm)");
+            Holder {
+                comm: comm.trim_end_matches(')').to_string(),
+                pid: pid.parse().expect("pid"),
+            }
+        })
+        .collect::<BTreeSet<_>>();
+    who.into_iter().collect()
+}
+
+/// Waits (up to 10 s) until tcptrace has warned about a stuck socket.
+fn wait_for_stuck(tracer: &Tracer) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tracer.stderr_so_far().contains("tcptrace: stuck: ") {
+        assert!(
+            Instant::now() < deadline,
+            "no stuck warning: {}",
+            tracer.stderr_so_far()
+        );
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// `tcptrace report --format json` of a recording.
+fn report(file: &str) -> Value {
+    let out = tcptrace(&["report", "--format", "json", file]);
+    assert!(out.status.success(), "report failed: {}", out.stderr);
+    serde_json::from_str(&out.stdout).expect("report is JSON")
+}
+
+/// The report's still-open table: one socket, in `state`, held by `holders`.
+fn assert_still_open(report: &Value, state: &str, lport: u16, holders: &[Holder]) {
+    let open = report["still_open"].as_array().expect("still_open");
+    assert_eq!(open.len(), 1, "one socket still open: {open:?}");
+    let s = &open[0];
+    assert_eq!(s["state"], state);
+    assert!(
+        s["local"].as_str().unwrap().ends_with(&format!(":{lport}")),
+        "{s}"
+    );
+    let mut named: Vec<Holder> = s["holders"]
+        .as_array()
+        .expect("holders")
+        .iter()
+        .map(|h| Holder {
+            comm: h["comm"].as_str().unwrap().to_string(),
+            pid: h["pid"].as_u64().unwrap() as u32,
+        })
+        .collect();
+    named.sort();
+    assert_eq!(named, holders, "still open: {s}");
+    assert_eq!(s["pid"].as_u64(), Some(u64::from(holders[0].pid)), "{s}");
+}
+
+/// The report's busiest processes, as (pid, comm) -> connections.
+fn connections_by_process(report: &Value) -> Vec<(Holder, u64)> {
+    let mut out: Vec<(Holder, u64)> = report["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .map(|p| {
+            (
+                Holder {
+                    comm: p["comm"].as_str().unwrap().to_string(),
+                    pid: p["pid"].as_u64().unwrap() as u32,
+                },
+                p["connections"].as_u64().unwrap(),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    out.sort();
+    out
+}
+
+fn json_tracer(ns: &Netns, port: u16, extra: &[&str]) -> Tracer {
+    let port = port.to_string();
+    let netns = ns.path();
+    let mut args = vec![
+        "--port", &port, "--netns", &netns, "--format", "json", "--time", "none",
+    ];
+    args.extend_from_slice(extra);
+    Tracer::start(&args)
+}
+
+fn client_of(ns: &Netns, addr: &str, hold_ms: u32) -> (Peer, Holder) {
+    let client = ns.peer(&[
+        "client",
+        addr,
+        "--mode",
+        "close",
+        "--hold-ms",
+        &hold_ms.to_string(),
+    ]);
+    let who = Holder {
+        comm: "tt-client".into(),
+        pid: client.pid,
+    };
+    (client, who)
+}
+
+/// A socket's holders from ss must be exactly one process.
+fn only(holders: Vec<Holder>, what: &str) -> Holder {
+    assert_eq!(
+        holders.len(),
+        1,
+        "{what}: one holder in ss, got {holders:?}"
+    );
+    holders.into_iter().next().unwrap()
+}
+
+fn parent_of(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process alive");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("PPid line")
+}
+
+#[test]
+fn forked_child_leaks_the_socket_and_is_named_for_it() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let dir = TempDir::new("owners-leak");
+    let file = dir.path("leak.jsonl");
+    let tracer = json_tracer(&ns, port, &["--stuck", "1s", "-w", &file]);
+    let server = ns.peer(&["server", &addr, "--mode", "fork-leak", "--hold-ms", "4000"]);
+    let parent = only(holders_of(&ns, "LISTEN", port), "listener");
+    assert_eq!(parent.pid, server.pid);
+    let (client_peer, client) = client_of(&ns, &addr, 300);
+
+    // The client has closed; the child the parent forked keeps the socket.
+    let child = only(holders_of(&ns, "CLOSE-WAIT", port), "leaked socket");
+    assert_ne!(child.pid, parent.pid);
+    assert_eq!(
+        parent_of(child.pid),
+        parent.pid,
+        "the leak is the fork's child"
+    );
+    client_peer.finish();
+    wait_for_stuck(&tracer);
+    // Still the child's when the warning came and when tracing stops.
+    assert_eq!(only(holders_of(&ns, "CLOSE-WAIT", port), "leak"), child);
+    let out = tracer.stop();
+    assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+    server.finish();
+
+    let lives = out.lives();
+    assert_eq!(lives.len(), 3, "{lives:?}");
+    let listener = life(&lives, "CLOSE>LISTEN");
+    assert_rows(listener, &all_rows(listener, &parent));
+    let c = life(&lives, CLIENT_CLOSES);
+    assert_rows(c, &all_rows(c, &client));
+    let leaked = life(&lives, LEAKED);
+    assert_rows(
+        leaked,
+        &[
+            queued("LISTEN>SYN_RECV", &parent),
+            queued("SYN_RECV>ESTABLISHED", &parent),
+            want("ESTABLISHED>CLOSE_WAIT", &child),
+        ],
+    );
+    assert_eq!(
+        stuck_names(&out.stderr, port, c.lport()),
+        std::slice::from_ref(&child)
+    );
+
+    let report = report(&file);
+    assert_still_open(&report, "CLOSE_WAIT", port, std::slice::from_ref(&child));
+    let mut want_conns = vec![(client.clone(), 1), (child.clone(), 1)];
+    want_conns.sort();
+    assert_eq!(connections_by_process(&report), want_conns);
+}
+
+#[test]
+fn named_threads_keep_the_process_name_and_say_their_own() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let all = json_tracer(&ns, port, &[]);
+    let by_comm = json_tracer(&ns, port, &["--comm", "tt-threads"]);
+    let server = ns.peer(&[
+        "server",
+        &addr,
+        "--mode",
+        "threads",
+        "--name",
+        "tt-threads",
+        "--hold-ms",
+        "600",
+    ]);
+    let process = only(holders_of(&ns, "LISTEN", port), "listener");
+    assert_eq!(
+        process,
+        Holder {
+            comm: "tt-threads".into(),
+            pid: server.pid
+        }
+    );
+    let (client_peer, client) = client_of(&ns, &addr, 300);
+    // While the closing thread holds the socket, ss names the process; its
+    // threads are called what the scenario named them.
+    assert_eq!(
+        only(holders_of(&ns, "CLOSE-WAIT", port), "accepted socket"),
+        process
+    );
+    let threads: BTreeSet<String> = std::fs::read_dir(format!("/proc/{}/task", server.pid))
+        .expect("task dir")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    assert_eq!(
+        threads,
+        ["tt-acceptor", "tt-closer", "tt-threads"]
+            .map(String::from)
+            .into(),
+    );
+    client_peer.finish();
+    server.finish();
+    let out = all.stop();
+    let filtered = by_comm.stop();
+    assert!(out.status.success() && filtered.status.success());
+
+    let lives = out.lives();
+    assert_eq!(lives.len(), 3, "{lives:?}");
+    let c = life(&lives, CLIENT_CLOSES);
+    assert_rows(c, &all_rows(c, &client));
+    // Listening and closing the listener are the main thread's.
+    let listener = life(&lives, "CLOSE>LISTEN>CLOSE");
+    assert_rows(listener, &all_rows(listener, &process));
+    let accepted = life(&lives, SERVER_PASSIVE);
+    assert_rows(
+        accepted,
+        &[
+            queued("LISTEN>SYN_RECV", &process),
+            queued("SYN_RECV>ESTABLISHED", &process),
+            want("ESTABLISHED>CLOSE_WAIT", &process),
+            Want {
+                thread: Some("tt-closer"),
+                ..want("CLOSE_WAIT>LAST_ACK", &process)
+            },
+            want("LAST_ACK>CLOSE", &process),
+        ],
+    );
+
+    // --comm names the process: it keeps every row of its sockets.
+    let kept: Vec<Value> = filtered.rows();
+    let server_rows: Vec<Value> = listener
+        .rows
+        .iter()
+        .chain(&accepted.rows)
+        .cloned()
+        .collect();
+    // Another tracer, so other timestamps: the rows' order and content.
+    let by_time = |rows: &[Value]| {
+        let mut rows = rows.to_vec();
+        rows.sort_by_key(|r| r["ts_ns"].as_u64());
+        rows.iter().map(without_time).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        by_time(&kept),
+        by_time(&server_rows),
+        "--comm tt-threads keeps the server's rows, all of them"
+    );
+}
+
+#[test]
+fn socket_passed_over_a_unix_socket_is_named_for_its_receiver() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let dir = TempDir::new("owners-passfd");
+    let file = dir.path("pass.jsonl");
+    let tracer = json_tracer(&ns, port, &["--stuck", "2s", "-w", &file]);
+    let server = ns.peer(&["server", &addr, "--mode", "pass-fd", "--hold-ms", "5000"]);
+    let sender = only(holders_of(&ns, "LISTEN", port), "listener");
+    assert_eq!(sender.pid, server.pid);
+    // The client closes after a second: the sender has long handed over.
+    let (client_peer, client) = client_of(&ns, &addr, 1000);
+    let receiver = only(
+        holders_when(&ns, "the passed socket held by one process", |s| {
+            s.state == "ESTAB"
+                && s.local.ends_with(&format!(":{port}"))
+                && s.users.len() == 1
+                && s.users[0].pid != sender.pid
+        }),
+        "passed socket",
+    );
+    assert_eq!(receiver.comm, "tt-receiver");
+    client_peer.finish();
+    assert_eq!(
+        only(holders_of(&ns, "CLOSE-WAIT", port), "passed socket"),
+        receiver
+    );
+    wait_for_stuck(&tracer);
+    assert_eq!(
+        only(holders_of(&ns, "CLOSE-WAIT", port), "passed socket"),
+        receiver
+    );
+    let out = tracer.stop();
+    assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+    server.finish();
+
+    let lives = out.lives();
+    assert_eq!(lives.len(), 3, "{lives:?}");
+    let c = life(&lives, CLIENT_CLOSES);
+    assert_rows(c, &all_rows(c, &client));
+    let listener = life(&lives, "CLOSE>LISTEN>CLOSE");
+    assert_rows(listener, &all_rows(listener, &sender));
+    let passed = life(&lives, LEAKED);
+    assert_rows(
+        passed,
+        &[
+            queued("LISTEN>SYN_RECV", &sender),
+            queued("SYN_RECV>ESTABLISHED", &sender),
+            want("ESTABLISHED>CLOSE_WAIT", &receiver),
+        ],
+    );
+    assert_eq!(
+        stuck_names(&out.stderr, port, c.lport()),
+        std::slice::from_ref(&receiver)
+    );
+    let report = report(&file);
+    assert_still_open(&report, "CLOSE_WAIT", port, std::slice::from_ref(&receiver));
+    let mut want_conns = vec![(client.clone(), 1), (receiver.clone(), 1)];
+    want_conns.sort();
+    assert_eq!(connections_by_process(&report), want_conns);
+}
+
+#[test]
+fn rows_before_accept_carry_the_listeners_owner_as_queued() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let tracer = json_tracer(&ns, port, &[]);
+    let server = ns.peer(&[
+        "server",
+        &addr,
+        "--mode",
+        "wait-peer-close",
+        "--delay-accept-ms",
+        "1000",
+        "--hold-ms",
+        "500",
+    ]);
+    let owner = only(holders_of(&ns, "LISTEN", port), "listener");
+    assert_eq!(owner.pid, server.pid);
+    // The client connects and closes at once: its socket is in the queue,
+    // held by no process, when the FIN turns it CLOSE_WAIT.
+    let (client_peer, client) = client_of(&ns, &addr, 0);
+    client_peer.finish();
+    let in_queue = holders_of(&ns, "CLOSE-WAIT", port);
+    assert!(in_queue.is_empty(), "not accepted yet: {in_queue:?}");
+    assert_eq!(only(holders_of(&ns, "LISTEN", port), "listener"), owner);
+    // Then accepted: the server's until it closes.
+    let accepter = only(
+        holders_when(&ns, "the accepted socket", |s| {
+            s.state == "CLOSE-WAIT" && s.local.ends_with(&format!(":{port}")) && !s.users.is_empty()
+        }),
+        "accepted",
+    );
+    assert_eq!(accepter, owner);
+    server.finish();
+    let out = tracer.stop();
+    assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+
+    let lives = out.lives();
+    assert_eq!(lives.len(), 3, "{lives:?}");
+    let c = life(&lives, CLIENT_CLOSES);
+    assert_rows(c, &all_rows(c, &client));
+    let listener = life(&lives, "CLOSE>LISTEN>CLOSE");
+    assert_rows(listener, &all_rows(listener, &owner));
+    assert_rows(
+        life(&lives, SERVER_PASSIVE),
+        &[
+            queued("LISTEN>SYN_RECV", &owner),
+            queued("SYN_RECV>ESTABLISHED", &owner),
+            queued("ESTABLISHED>CLOSE_WAIT", &owner),
+            want("CLOSE_WAIT>LAST_ACK", &accepter),
+            want("LAST_ACK>CLOSE", &accepter),
+        ],
+    );
+}
+
+/// A cgroup v2 directory of the test's own, removed on drop.
+struct TestCgroup {
+    dir: PathBuf,
+    /// As /proc/PID/cgroup shows it: `/tcptrace-test.slice/NAME.service`.
+    path: String,
+}
+
+impl TestCgroup {
+    fn new(service: &str) -> Option<TestCgroup> {
+        let root = cgroup2_mount()?;
+        let path = format!("/tcptrace-test.slice/{service}.service");
+        let dir = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).expect("create the test's cgroup");
+        Some(TestCgroup { dir, path })
+    }
+
+    fn procs(&self) -> String {
+        self.dir.join("cgroup.procs").to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        // The slice only once no other test's service is in it.
+        if let Some(slice) = self.dir.parent() {
+            let _ = std::fs::remove_dir(slice);
+        }
+    }
+}
+
+/// Where cgroup v2 is mounted, from /proc/self/mountinfo.
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let mount = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(mount))
+    })
+}
+
+/// The cgroup v2 path of a process, as the kernel shows it.
+fn cgroup_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .expect("process alive")
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line")
+        .to_string()
+}
+
+#[test]
+fn unit_and_cgroup_filters_keep_the_service_and_only_it() {
+    let service = format!("tt-owner-{}", std::process::id());
+    let Some(cg) = TestCgroup::new(&service) else {
+        println!("skipped: no cgroup2 mount on this host (/proc/self/mountinfo)");
+        return;
+    };
+    assert!(Path::new(&cg.procs()).exists());
+    let ns = Netns::new();
+    let (port, other_port) = (unique_port(), unique_port());
+    let (addr, other_addr) = (
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{other_port}"),
+    );
+    let dir = TempDir::new("owners-unit");
+    let file = dir.path("unit.jsonl");
+    let netns = ns.path();
+    let ports = format!("{port},{other_port}");
+    let base = [
+        "--port", &ports, "--netns", &netns, "--format", "json", "--time", "none",
+    ];
+    let start = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        Tracer::start(&args)
+    };
+    let by_unit = start(&["--unit", &service]);
+    let by_cgroup = start(&["--cgroup", &cg.path]);
+    let everything = start(&["-w", &file]);
+
+    let procs = cg.procs();
+    let server = ns.peer(&[
+        "server",
+        &addr,
+        "--mode",
+        "wait-peer-close",
+        "--hold-ms",
+        "200",
+        "--cgroup-procs",
+        &procs,
+        "--name",
+        "tt-unit",
+    ]);
+    let other = ns.peer(&[
+        "server",
+        &other_addr,
+        "--mode",
+        "wait-peer-close",
+        "--hold-ms",
+        "200",
+    ]);
+    let in_unit = only(holders_of(&ns, "LISTEN", port), "the unit's listener");
+    assert_eq!(in_unit.pid, server.pid);
+    assert_eq!(cgroup_of(server.pid), cg.path);
+    let outside = only(holders_of(&ns, "LISTEN", other_port), "the other listener");
+    assert_ne!(cgroup_of(other.pid), cg.path);
+    let (c1, client1) = client_of(&ns, &addr, 100);
+    let (c2, client2) = client_of(&ns, &other_addr, 100);
+    for c in [c1, c2] {
+        c.finish();
+    }
+    server.finish();
+    other.finish();
+    let unit_out = by_unit.stop();
+    let cgroup_out = by_cgroup.stop();
+    let all_out = everything.stop();
+    for o in [&unit_out, &cgroup_out, &all_out] {
+        assert!(o.status.success(), "tcptrace failed: {}", o.stderr);
+    }
+
+    // Unfiltered: both servers and both clients, each as ss named them.
+    let lives = all_out.lives();
+    assert_eq!(lives.len(), 6, "{lives:?}");
+    let on =
+        |p: u16| -> Vec<&Life> { lives.iter().filter(|l| l.lport() == u64::from(p)).collect() };
+    for (p, who, client) in [(port, &in_unit, &client1), (other_port, &outside, &client2)] {
+        let server_side = on(p);
+        assert_eq!(server_side.len(), 2);
+        for l in &server_side {
+            if l.path() == "CLOSE>LISTEN>CLOSE" {
+                assert_rows(l, &all_rows(l, who));
+            } else {
+                assert_eq!(l.path(), SERVER_PASSIVE);
+                assert_rows(
+                    l,
+                    &[
+                        queued("LISTEN>SYN_RECV", who),
+                        queued("SYN_RECV>ESTABLISHED", who),
+                        want("ESTABLISHED>CLOSE_WAIT", who),
+                        want("CLOSE_WAIT>LAST_ACK", who),
+                        want("LAST_ACK>CLOSE", who),
+                    ],
+                );
+            }
+        }
+        let client_side: Vec<&Life> = lives
+            .iter()
+            .filter(|l| l.rport() == u64::from(p) && l.path() == CLIENT_CLOSES)
+            .collect();
+        assert_eq!(client_side.len(), 1);
+        assert_rows(client_side[0], &all_rows(client_side[0], client));
+    }
+    let unit_name = format!("{service}.service");
+    for row in all_out.rows() {
+        let ours = row["pid"] == in_unit.pid;
+        assert_eq!(
+            (
+                row["unit"] == unit_name.as_str(),
+                row["cgroup"] == cg.path.as_str()
+            ),
+            (ours, ours),
+            "unit and cgroup of {row}"
+        );
+    }
+
+    // --unit and --cgroup, live: the unit's sockets, every row, nothing else.
+    let ours: Vec<Value> = all_out
+        .rows()
+        .into_iter()
+        .filter(|r| r["pid"] == in_unit.pid)
+        .collect();
+    assert_eq!(
+        ours.len(),
+        7,
+        "2 of the listener, 5 of the accepted socket: {ours:?}"
+    );
+    // Other tracers, so other timestamps and socket ids: the rest agrees.
+    let expect: Vec<Value> = ours.iter().map(without_time).collect();
+    for (flag, out) in [("--unit", &unit_out), ("--cgroup", &cgroup_out)] {
+        let got: Vec<Value> = out.rows().iter().map(without_time).collect();
+        assert_eq!(got, expect, "{flag} live");
+    }
+    // The same filters on the recording: exactly its rows of the unit.
+    for filter in [["--unit", service.as_str()], ["--cgroup", cg.path.as_str()]] {
+        let read = tcptrace(&[
+            "read", "--format", "json", "--time", "none", filter[0], filter[1], &file,
+        ]);
+        assert!(read.status.success(), "read failed: {}", read.stderr);
+        assert_eq!(read.rows(), ours, "read {filter:?}");
+    }
+}
+
+#[test]
+fn a_daemons_launcher_is_never_named_after_it_exited() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let tracer = json_tracer(&ns, port, &[]);
+    let launcher = ns.peer(&[
+        "server",
+        &addr,
+        "--mode",
+        "daemon",
+        "--conns",
+        "2",
+        "--hold-ms",
+        "200",
+    ]);
+    let launcher_pid = launcher.pid;
+    launcher.finish();
+    let launcher = Holder {
+        comm: "tt-server".into(),
+        pid: launcher_pid,
+    };
+    // Once the launcher is gone, only the daemon holds the listener.
+    let daemon = only(
+        holders_when(&ns, "the listener held by the daemon alone", |s| {
+            s.state == "LISTEN"
+                && s.local.ends_with(&format!(":{port}"))
+                && s.users.iter().all(|u| u.comm == "tt-daemon")
+        }),
+        "listener",
+    );
+    assert_ne!(daemon.pid, launcher.pid);
+    assert!(!Path::new(&format!("/proc/{launcher_pid}")).exists());
+    let (c1, client1) = client_of(&ns, &addr, 300);
+    c1.finish();
+    let (c2, client2) = client_of(&ns, &addr, 300);
+    c2.finish();
+    // The daemon serves both and exits by itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ss(&ns).iter().any(|s| s.state == "LISTEN") {
+        assert!(Instant::now() < deadline, "the daemon did not exit");
+        sleep(Duration::from_millis(20));
+    }
+    let out = tracer.stop();
+    assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+
+    let lives = out.lives();
+    assert_eq!(lives.len(), 5, "{lives:?}");
+    assert_rows(
+        life(&lives, "CLOSE>LISTEN>CLOSE"),
+        &[
+            want("CLOSE>LISTEN", &launcher),
+            want("LISTEN>CLOSE", &daemon),
+        ],
+    );
+    for client in [&client1, &client2] {
+        let l = lives
+            .iter()
+            .find(|l| l.rows[0]["pid"] == client.pid)
+            .expect("client socket");
+        assert_eq!(l.path(), CLIENT_CLOSES);
+        assert_rows(l, &all_rows(l, client));
+    }
+    let served: Vec<&Life> = lives
+        .iter()
+        .filter(|l| l.path() == SERVER_PASSIVE)
+        .collect();
+    assert_eq!(served.len(), 2);
+    for l in served {
+        assert_rows(
+            l,
+            &[
+                queued("LISTEN>SYN_RECV", &daemon),
+                queued("SYN_RECV>ESTABLISHED", &daemon),
+                want("ESTABLISHED>CLOSE_WAIT", &daemon),
+                want("CLOSE_WAIT>LAST_ACK", &daemon),
+                want("LAST_ACK>CLOSE", &daemon),
+            ],
+        );
+    }
+    let launcher_rows = out
+        .rows()
+        .iter()
+        .filter(|r| r["pid"] == launcher_pid)
+        .count();
+    assert_eq!(launcher_rows, 1, "only the launcher's own listen names it");
+}
