@@ -16,6 +16,7 @@ mod bench;
 mod dist;
 mod floor;
 mod fuzz;
+mod kernels;
 mod soak;
 
 /// bpf-linker 0.11 and later default to LLVM 23, which this nightly is not.
@@ -113,6 +114,13 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         retries: u32,
     },
+    /// Boot Debian 12's kernels under QEMU and run the real-kernel
+    /// scenarios there with the static binary (needs root).
+    TestKernels {
+        /// Debian kernel packages, releases, or 6.1 / 6.12 for the newest
+        /// of a series (default: 6.1 and 6.12).
+        kernels: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -198,6 +206,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "tcptrace-tests",
             ])?;
             soak::run(&root, minutes, clients).map(|()| ExitCode::SUCCESS)
+        }
+        Cmd::TestKernels { kernels } => {
+            setup()?;
+            kernels::run(&root, &kernels).map(|()| ExitCode::SUCCESS)
         }
     }
 }
@@ -403,7 +415,10 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
             );
         }
     }
-    tally(cmd)
+    let host = tally(cmd);
+    // The same scenarios on the kernels users have.
+    let matrix = kernels::run(root, &[]);
+    host.and(matrix)
 }
 
 /// Runs the tests, passing their output through, and ends with one line

@@ -1,0 +1,875 @@
+//! `cargo xtask test-kernels`: the real-kernel scenarios on the kernels users
+//! have, not only on the one this machine runs.
+//!
+//! Debian 12's own kernels are downloaded (never installed on this machine)
+//! and booted under QEMU's software emulation: /dev/kvm on these machines
+//! cannot run a stock kernel. A small busybox initramfs loads the modules
+//! that reach this machine's root over 9p, shares it read-only with a tmpfs
+//! over it for writes, and runs the compiled integration tests there against
+//! the static tcptrace: the guest sees the same checkout, binaries and tools
+//! as this machine, and only the kernel differs. One boot per kernel.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The scenarios each kernel runs: test binary, then exact test names.
+const SCENARIOS: &[(&str, &[&str])] = &[
+    (
+        "live",
+        &[
+            "client_closes_first",
+            "server_closes_first",
+            "client_resets_with_so_linger_zero",
+            "server_resets_and_the_text_says_who_reset_whom",
+            "connection_refused",
+            "ipv6_client_closes_first",
+            "port_filter_excludes_other_traffic_on_the_same_host",
+            "follow_shows_exactly_one_connection_including_its_connect",
+            "json_rows_carry_every_field_typed",
+        ],
+    ),
+    (
+        "record",
+        &[
+            "read_reproduces_the_live_text_output_byte_for_byte",
+            "read_reproduces_relative_times_json_and_filters",
+        ],
+    ),
+    ("hardening", &["cap_net_admin_adds_the_socket_callback"]),
+    (
+        "cli",
+        &["unprivileged_user_is_told_which_capabilities_are_missing"],
+    ),
+];
+
+/// Modules the initramfs loads (with what they need) to reach the root.
+const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
+
+/// A boot that has not powered off by then is stuck.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(9 * 60);
+
+/// Where the guest finds this machine's root, and mounts its writable view.
+const NEWROOT: &str = "/newroot";
+
+/// Counts, in a running tcptrace (pid in $pid), the BPF programs it loaded
+/// and the ones it attached (those a link holds), then stops it. Its stderr
+/// is in $err. The same text runs on this machine, for reference, and in
+/// the guest.
+const PROBE: &str = r#"
+"$TCPTRACE_BIN" --port 9 >/dev/null 2>"$err" &
+pid=$!
+i=0
+until grep -q 'tracing' "$err" || [ $i -ge 600 ] || ! kill -0 $pid 2>/dev/null; do
+    sleep 0.1; i=$((i+1))
+done
+loaded=0
+links=""
+for f in /proc/$pid/fd/*; do
+    case "$(readlink "$f")" in
+    anon_inode:bpf-prog) loaded=$((loaded+1)) ;;
+    anon_inode:bpf_link) links="$links $(sed -n 's/^prog_id:[[:space:]]*//p' /proc/$pid/fdinfo/${f##*/})" ;;
+    esac
+done
+kill -INT $pid 2>/dev/null
+wait $pid
+attached=$(for l in $links; do echo $l; done | sort -u | grep -c .)
+echo "@@ programs loaded=$loaded attached=$attached"
+grep -v -e '^tcptrace: tracing' -e '^tcptrace: .* transitions shown' "$err" | sed 's/^/@@ stderr /'
+"#;
+
+/// One kernel of the matrix, unpacked under target/kernels.
+struct Kernel {
+    /// The package's kernel release (`uname -r` in the guest).
+    release: String,
+    /// The unpacked package.
+    root: PathBuf,
+}
+
+impl Kernel {
+    fn vmlinuz(&self) -> PathBuf {
+        self.root.join(format!("boot/vmlinuz-{}", self.release))
+    }
+
+    fn modules(&self) -> PathBuf {
+        self.root.join(format!("lib/modules/{}", self.release))
+    }
+}
+
+/// What one kernel's boot showed.
+struct Outcome {
+    release: String,
+    programs: String,
+    passed: Vec<String>,
+    failed: Vec<String>,
+    /// Why the run failed besides its scenarios (a refused program, a
+    /// boot that did not finish).
+    problems: Vec<String>,
+    log: PathBuf,
+    seconds: u64,
+}
+
+/// Runs the scenarios on each kernel in `wanted` (Debian package names,
+/// kernel releases, or `6.1` / `6.12` for the newest of a series; default:
+/// the newest 6.1 and 6.12), prints a table and fails if any scenario or
+/// program failed.
+pub fn run(root: &Path, wanted: &[String]) -> Result<()> {
+    let started = Instant::now();
+    ensure_packages()?;
+    let packages = if wanted.is_empty() {
+        packages(&["6.1", "6.12"])?
+    } else {
+        packages(wanted)?
+    };
+    // What a production host runs: the release's static binary.
+    let tcptrace = root.join(crate::dist::build_static()?);
+    let tests = test_binaries()?;
+    let dir = root.join("target/kernels");
+    fs::create_dir_all(&dir)?;
+
+    let reference = probe_here(&tcptrace)?;
+    let script = dir.join("guest.sh");
+    fs::write(&script, guest_script(root, &tcptrace, &tests))?;
+
+    let mut outcomes = Vec::new();
+    for package in &packages {
+        let kernel = unpack(&dir, package)?;
+        outcomes.push(boot(&dir, &kernel, &script, &reference)?);
+    }
+
+    println!();
+    println!(
+        "kernel matrix ({} s in all; the programs this machine's kernel attaches: {})",
+        started.elapsed().as_secs(),
+        reference.0
+    );
+    let width = outcomes
+        .iter()
+        .map(|o| o.release.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!(
+        "{:width$}  {:26}  {:>9}  time",
+        "kernel", "programs", "scenarios"
+    );
+    for o in &outcomes {
+        println!(
+            "{:width$}  {:26}  {:>4}/{:<4}  {} s",
+            o.release,
+            o.programs,
+            o.passed.len(),
+            o.passed.len() + o.failed.len(),
+            o.seconds
+        );
+    }
+    let mut bad = false;
+    for o in &outcomes {
+        for f in &o.failed {
+            println!("{}: FAILED {f}", o.release);
+        }
+        for p in &o.problems {
+            println!("{}: {p}", o.release);
+        }
+        if !o.failed.is_empty() || !o.problems.is_empty() {
+            bad = true;
+            println!(
+                "{}: the guest's console is in {}",
+                o.release,
+                o.log.display()
+            );
+        }
+    }
+    if bad {
+        bail!("the kernel matrix failed");
+    }
+    Ok(())
+}
+
+/// QEMU, a static busybox for the initramfs, and depmod/modprobe.
+fn ensure_packages() -> Result<()> {
+    let missing: Vec<&str> = [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("busybox", "busybox-static"),
+        ("depmod", "kmod"),
+    ]
+    .iter()
+    .filter(|(program, _)| !crate::which(program) && !Path::new("/sbin").join(program).exists())
+    .map(|(_, package)| *package)
+    .collect();
+    // A dynamically linked busybox would not run in the initramfs.
+    let static_busybox = Path::new("/bin/busybox").exists()
+        && crate::output("dpkg-query", &["-W", "-f=${Status}", "busybox-static"])
+            .is_ok_and(|s| s.contains("installed"));
+    let mut missing = missing;
+    if !static_busybox && !missing.contains(&"busybox-static") {
+        missing.push("busybox-static");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!(
+            "the kernel matrix needs {}: apt-get install them as root",
+            missing.join(", ")
+        );
+    }
+    eprintln!(
+        "xtask: installing {} (for the kernel matrix)",
+        missing.join(", ")
+    );
+    let _ = crate::status("apt-get", &["update", "-qq"]);
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend(&missing);
+    crate::status("apt-get", &args)
+}
+
+/// The Debian packages meant by `wanted`.
+fn packages(wanted: &[impl AsRef<str>]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut available: Option<Vec<String>> = None;
+    for w in wanted {
+        let w = w.as_ref();
+        if w.starts_with("linux-image-") {
+            out.push(w.to_string());
+            continue;
+        }
+        let prefix = match w {
+            "6.1" => "linux-image-6.1.0-",
+            "6.12" => "linux-image-6.12.",
+            _ => {
+                out.push(format!("linux-image-{w}"));
+                continue;
+            }
+        };
+        if available.is_none() {
+            available = Some(kernel_packages()?);
+        }
+        let newest = available
+            .as_ref()
+            .expect("listed just above")
+            .iter()
+            .filter(|p| p.starts_with(prefix) && p.ends_with("-amd64"))
+            .max_by_key(|p| numbers(p))
+            .with_context(|| format!("apt-cache lists no {prefix}*-amd64 package"))?;
+        out.push(newest.clone());
+    }
+    Ok(out)
+}
+
+/// Debian 12's signed amd64 kernel images, as apt-cache lists them
+/// (after an `apt-get update` if it lists none).
+fn kernel_packages() -> Result<Vec<String>> {
+    let list = || -> Result<Vec<String>> {
+        let text = crate::output(
+            "apt-cache",
+            &[
+                "search",
+                "--names-only",
+                r"^linux-image-6\.[0-9.]+(-[0-9]+)?(\+deb12)?-amd64$",
+            ],
+        )?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect())
+    };
+    let found = list()?;
+    if !found.is_empty() {
+        return Ok(found);
+    }
+    let _ = crate::status("apt-get", &["update", "-qq"]);
+    list()
+}
+
+/// The numbers in a package name, in order, for comparing versions.
+fn numbers(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap_or(0))
+        .collect()
+}
+
+/// The kernel package unpacked under `dir`, downloaded the first time only.
+fn unpack(dir: &Path, package: &str) -> Result<Kernel> {
+    let release = package
+        .strip_prefix("linux-image-")
+        .with_context(|| format!("{package} is not a linux-image package"))?
+        .to_string();
+    let kdir = dir.join(&release);
+    let kernel = Kernel {
+        release: release.clone(),
+        root: kdir.join("root"),
+    };
+    let ready = kdir.join("ready");
+    if ready.exists() {
+        return Ok(kernel);
+    }
+    eprintln!("xtask: downloading and unpacking {package}");
+    let _ = fs::remove_dir_all(&kdir);
+    fs::create_dir_all(&kdir)?;
+    let mut download = Command::new("apt-get");
+    download
+        .args(["download", "-qq", package])
+        .current_dir(&kdir);
+    crate::check(download).with_context(|| format!("cannot download {package}"))?;
+    let deb = fs::read_dir(&kdir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download left no .deb of {package}"))?;
+    crate::status(
+        "dpkg-deb",
+        &["-x", &deb.to_string_lossy(), &kernel.root.to_string_lossy()],
+    )?;
+    // Merged /usr: newer packages put the modules under usr/lib.
+    let usr_modules = kernel.root.join(format!("usr/lib/modules/{release}"));
+    if !kernel.modules().exists() && usr_modules.exists() {
+        fs::create_dir_all(kernel.root.join("lib/modules"))?;
+        fs::rename(&usr_modules, kernel.modules())?;
+    }
+    if !kernel.vmlinuz().exists() || !kernel.modules().exists() {
+        bail!("{package} has no boot/vmlinuz-{release} or lib/modules/{release}");
+    }
+    // The package leaves modules.dep to its postinst.
+    crate::status("depmod", &["-b", &kernel.root.to_string_lossy(), &release])?;
+    fs::remove_file(&deb)?;
+    fs::write(&ready, package)?;
+    Ok(kernel)
+}
+
+/// The integration test binaries as cargo built them last (building them
+/// if needed), by name ("live", ...).
+fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
+    let out = Command::new(crate::cargo_bin())
+        .args([
+            "test",
+            "--package",
+            "tcptrace-tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("cargo test --no-run failed");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let Some(exe) = json_string(line, "\"executable\":\"") else {
+            continue;
+        };
+        let name = Path::new(&exe)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.rsplit_once('-'))
+            .map(|(n, _)| n.to_string());
+        if let Some(name) = name
+            && SCENARIOS.iter().any(|(s, _)| *s == name)
+        {
+            found.push((name, PathBuf::from(exe)));
+        }
+    }
+    for (name, _) in SCENARIOS {
+        if !found.iter().any(|(n, _)| n == name) {
+            bail!("cargo built no test binary {name}");
+        }
+    }
+    Ok(found)
+}
+
+/// The string value after `key` in one line of cargo's JSON messages (paths
+/// there hold no quotes or escapes).
+fn json_string(line: &str, key: &str) -> Option<String> {
+    let start = line.find(key)? + key.len();
+    let len = line[start..].find('"')?;
+    Some(line[start..start + len].to_string())
+}
+
+/// What the probe finds on this machine's kernel: the programs line and
+/// the number attached, the reference for the guests.
+fn probe_here(tcptrace: &Path) -> Result<(String, u32)> {
+    let err = std::env::temp_dir().join(format!("tcptrace-probe-{}", std::process::id()));
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(PROBE)
+        .env("TCPTRACE_BIN", tcptrace)
+        .env("err", &err)
+        .output()
+        .context("cannot run the probe")?;
+    let _ = fs::remove_file(&err);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (programs, attached, _) = programs(&text);
+    match (programs, attached) {
+        (Some(p), Some(n)) if n > 0 => Ok((p, n)),
+        _ => bail!("tcptrace attached nothing on this machine: {text}"),
+    }
+}
+
+/// The probe's line ("loaded=9 attached=9"), the number attached, and the
+/// stderr lines it saw besides the usual two.
+fn programs(console: &str) -> (Option<String>, Option<u32>, Vec<String>) {
+    let mut line = None;
+    let mut attached = None;
+    let mut stderr = Vec::new();
+    for l in console.lines().map(str::trim_end) {
+        if let Some(rest) = l.strip_prefix("@@ programs ") {
+            line = Some(rest.to_string());
+            attached = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("attached="))
+                .and_then(|n| n.parse().ok());
+        } else if let Some(rest) = l.strip_prefix("@@ stderr ") {
+            stderr.push(rest.to_string());
+        }
+    }
+    (line, attached, stderr)
+}
+
+/// The script the guest runs in this machine's root: the probe, then each
+/// test binary with its scenarios, then it returns for the power-off.
+fn guest_script(root: &Path, tcptrace: &Path, tests: &[(String, PathBuf)]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+         HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1 TCPTRACE_BIN={}",
+        tcptrace.display()
+    );
+    let _ = writeln!(s, "cd {} || exit 1", root.display());
+    s.push_str("echo \"@@ kernel $(uname -r)\"\nerr=/tmp/probe.err\n");
+    s.push_str(PROBE);
+    for (name, names) in SCENARIOS {
+        let Some((_, bin)) = tests.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        let _ = writeln!(s, "echo '@@ binary {name}'");
+        let _ = writeln!(
+            s,
+            "timeout 300 {} --test-threads=1 --color never --exact {} 2>&1",
+            bin.display(),
+            names.join(" ")
+        );
+        let _ = writeln!(s, "echo \"@@ exit {name} $?\"");
+    }
+    s.push_str("echo '@@ done'\n");
+    s
+}
+
+/// The initramfs's /init: modules, this machine's root over 9p with a
+/// tmpfs over it, the kernel's file systems, then the script; power-off.
+fn init_script(modules: &[String], script: &Path) -> String {
+    let mut s = String::from("#!/bin/busybox sh\n/bin/busybox --install -s /bin\n");
+    s.push_str("mount -t proc proc /proc\nmount -t sysfs sysfs /sys\nmount -t devtmpfs dev /dev\n");
+    for m in modules {
+        let _ = writeln!(
+            s,
+            "insmod /modules/{m} || echo '@@ problem cannot load {m}'"
+        );
+    }
+    let _ = write!(
+        s,
+        r#"
+R={NEWROOT}
+mkdir -p /lower /rw $R
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /lower || echo '@@ problem no 9p root'
+mount -t tmpfs -o size=1200m rw /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay $R || echo '@@ problem no overlay'
+mount -t proc proc $R/proc
+mount -t sysfs sysfs $R/sys
+mount -t devtmpfs dev $R/dev
+mkdir -p $R/dev/pts $R/dev/shm
+mount -t devpts devpts $R/dev/pts
+mount -t tmpfs shm $R/dev/shm
+for d in run tmp; do mount -t tmpfs $d $R/$d; done
+chmod 1777 $R/tmp
+mount -t tracefs tracefs $R/sys/kernel/tracing
+mount -t cgroup2 cgroup2 $R/sys/fs/cgroup
+mount -t bpf bpf $R/sys/fs/bpf
+# The kernel runs its module helper from this root, not the guest's.
+printf '#!/bin/busybox sh\nexec /bin/busybox chroot {NEWROOT} /sbin/modprobe "$@"\n' >/sbin-modprobe
+chmod 755 /sbin-modprobe
+echo /sbin-modprobe >/proc/sys/kernel/modprobe
+release=$(uname -r)
+mkdir -p $R/lib/modules/$release
+mount --bind $R/$(cat /modules-dir) $R/lib/modules/$release
+chroot $R ip link set lo up
+chroot $R /bin/sh {script}
+echo "@@ guest exit $?"
+sync
+poweroff -f
+"#,
+        script = script.display()
+    );
+    s
+}
+
+/// Boots `kernel` with the scenarios and reads what its console shows.
+fn boot(dir: &Path, kernel: &Kernel, script: &Path, reference: &(String, u32)) -> Result<Outcome> {
+    let started = Instant::now();
+    let initramfs = dir.join(format!("{}.cpio", kernel.release));
+    fs::write(&initramfs, initramfs_image(kernel, script)?)?;
+    let log = dir.join(format!("{}.log", kernel.release));
+    eprintln!(
+        "xtask: booting {} under QEMU (software emulation); console in {}",
+        kernel.release,
+        log.display()
+    );
+    let fsdev = "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap";
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2"])
+        .args(["-m", "2048", "-nodefaults", "-no-user-config", "-no-reboot"])
+        .args(["-display", "none", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(kernel.vmlinuz())
+        .arg("-initrd")
+        .arg(&initramfs)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init",
+        ])
+        .args(["-fsdev", fsdev])
+        .args(["-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = qemu.spawn().context("cannot start qemu-system-x86_64")?;
+    let console = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let console = Arc::clone(&console);
+        let stdout = child.stdout.take().expect("piped");
+        let mut file = fs::File::create(&log)?;
+        let release = kernel.release.clone();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            while lines.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+                let line = String::from_utf8_lossy(&buf).replace('\r', "");
+                let _ = file.write_all(line.as_bytes());
+                if line.starts_with("@@ ") || line.starts_with("test ") {
+                    print!("[{release}] {line}");
+                }
+                console.lock().expect("not poisoned").push_str(&line);
+                buf.clear();
+            }
+        })
+    };
+    let stderr = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
+        s
+    });
+    let mut problems = Vec::new();
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if started.elapsed() > BOOT_TIMEOUT {
+            problems.push(format!(
+                "the guest did not power off within {} s",
+                BOOT_TIMEOUT.as_secs()
+            ));
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = reader.join();
+    let qemu_errors = errors.join().unwrap_or_default();
+    let console = console.lock().expect("not poisoned").clone();
+    Ok(outcome(
+        kernel,
+        &console,
+        &qemu_errors,
+        reference,
+        problems,
+        log,
+        started,
+    ))
+}
+
+/// Reads the scenarios' results and the probe's off the console.
+fn outcome(
+    kernel: &Kernel,
+    console: &str,
+    qemu_errors: &str,
+    reference: &(String, u32),
+    mut problems: Vec<String>,
+    log: PathBuf,
+    started: Instant,
+) -> Outcome {
+    for l in console.lines() {
+        if let Some(p) = l.strip_prefix("@@ problem ") {
+            problems.push(p.to_string());
+        }
+    }
+    if !console.contains("@@ done") {
+        problems.push("the guest did not finish its scenarios".to_string());
+        if !qemu_errors.trim().is_empty() {
+            problems.push(format!("qemu: {}", qemu_errors.trim()));
+        }
+    }
+    let (line, attached, stderr) = programs(console);
+    let programs = line.unwrap_or_else(|| "not probed".to_string());
+    match attached {
+        Some(n) if n >= reference.1 => {}
+        Some(n) => problems.push(format!(
+            "{n} programs attached where this machine attaches {}",
+            reference.1
+        )),
+        None => problems.push("no program count".to_string()),
+    }
+    // Any stderr line besides "tracing" and the counts names a program the
+    // kernel refused or something else that is not as it should be.
+    for l in stderr {
+        problems.push(format!("tcptrace said: {l}"));
+    }
+    let mut passed = Vec::new();
+    let mut failed = Vec::new();
+    for (binary, names) in SCENARIOS {
+        for name in *names {
+            let label = format!("{binary}::{name}");
+            let marker = format!("test {name} ... ");
+            // Output of the test's children may come between the name and
+            // the verdict; the verdict is the first word that is one.
+            let verdict = console.find(&marker).and_then(|at| {
+                console[at + marker.len()..]
+                    .split_whitespace()
+                    .find(|w| *w == "ok" || *w == "FAILED")
+            });
+            if verdict == Some("ok") {
+                passed.push(label);
+            } else {
+                failed.push(label);
+            }
+        }
+    }
+    Outcome {
+        release: kernel.release.clone(),
+        programs,
+        passed,
+        failed,
+        problems,
+        log,
+        seconds: started.elapsed().as_secs(),
+    }
+}
+
+/// The initramfs: busybox, the boot modules (uncompressed, in load order),
+/// /init and a console device.
+fn initramfs_image(kernel: &Kernel, script: &Path) -> Result<Vec<u8>> {
+    let order = boot_modules(&kernel.modules())?;
+    let mut cpio = Cpio::default();
+    for d in [
+        "bin", "dev", "proc", "sys", "modules", "lower", "rw", "newroot", "tmp",
+    ] {
+        cpio.dir(d);
+    }
+    // The kernel opens /dev/console for init before any devtmpfs exists.
+    cpio.node("dev/console", 0o020600, (5, 1));
+    cpio.file("bin/busybox", 0o755, &fs::read("/bin/busybox")?);
+    let mut names = Vec::new();
+    for path in &order {
+        let name = module_name(path) + ".ko";
+        cpio.file(&format!("modules/{name}"), 0o644, &decompressed(path)?);
+        names.push(name);
+    }
+    let modules_dir = kernel
+        .modules()
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .to_string();
+    cpio.file("modules-dir", 0o644, modules_dir.as_bytes());
+    cpio.file("init", 0o755, init_script(&names, script).as_bytes());
+    Ok(cpio.finish())
+}
+
+/// The files of [`BOOT_MODULES`] and the modules they need, each after
+/// what it needs; built-in ones are left out.
+fn boot_modules(modules: &Path) -> Result<Vec<PathBuf>> {
+    let dep = fs::read_to_string(modules.join("modules.dep"))
+        .with_context(|| format!("no modules.dep in {}", modules.display()))?;
+    let builtin = fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
+    let deps: Vec<(String, Vec<String>)> = dep
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(m, d)| {
+            (
+                m.to_string(),
+                d.split_whitespace().map(str::to_string).collect(),
+            )
+        })
+        .collect();
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    for wanted in BOOT_MODULES {
+        let Some((file, needs)) = deps
+            .iter()
+            .find(|(m, _)| module_name(Path::new(m)) == *wanted)
+        else {
+            if builtin
+                .lines()
+                .any(|l| module_name(Path::new(l)) == *wanted)
+            {
+                continue;
+            }
+            bail!("the kernel has no module {wanted}");
+        };
+        // modules.dep lists what a module needs, the deepest last.
+        for f in needs.iter().rev().chain(std::iter::once(file)) {
+            if seen.insert(f.clone()) {
+                order.push(modules.join(f));
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// "kernel/fs/9p/9p.ko.xz" -> "9p"; modprobe treats - and _ alike.
+fn module_name(path: &Path) -> String {
+    let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
+}
+
+fn decompressed(path: &Path) -> Result<Vec<u8>> {
+    let tool = match path.extension().and_then(|e| e.to_str()) {
+        Some("xz") => "xz",
+        Some("zst") => "zstd",
+        Some("gz") => "gzip",
+        _ => return fs::read(path).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let out = Command::new(tool)
+        .arg("-dc")
+        .arg(path)
+        .output()
+        .with_context(|| format!("cannot run {tool}"))?;
+    if !out.status.success() {
+        bail!("{tool} -dc {} failed", path.display());
+    }
+    Ok(out.stdout)
+}
+
+/// A "newc" cpio archive, the format the kernel unpacks an initramfs from.
+#[derive(Default)]
+struct Cpio {
+    data: Vec<u8>,
+    inode: u32,
+}
+
+impl Cpio {
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040755, (0, 0), &[]);
+    }
+
+    fn file(&mut self, name: &str, perm: u32, content: &[u8]) {
+        self.entry(name, 0o100000 | perm, (0, 0), content);
+    }
+
+    fn node(&mut self, name: &str, mode: u32, dev: (u32, u32)) {
+        self.entry(name, mode, dev, &[]);
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), content: &[u8]) {
+        self.inode += 1;
+        let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
+        let fields = [
+            self.inode,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            content.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        self.data.extend_from_slice(b"070701");
+        for f in fields {
+            self.data.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        self.data.extend_from_slice(name.as_bytes());
+        self.data.push(0);
+        self.pad();
+        self.data.extend_from_slice(content);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.data.len().is_multiple_of(4) {
+            self.data.push(0);
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        self.data
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(console: &str) -> Outcome {
+        let kernel = Kernel {
+            release: "6.1.0-57-amd64".into(),
+            root: PathBuf::new(),
+        };
+        let reference = ("loaded=9 attached=9".to_string(), 9);
+        outcome(
+            &kernel,
+            console,
+            "",
+            &reference,
+            Vec::new(),
+            PathBuf::new(),
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn a_refused_program_fails_the_kernel_even_when_every_scenario_passes() {
+        let mut console = String::from("@@ programs loaded=8 attached=8\n");
+        console.push_str("@@ stderr [WARN ] the socket callback is not attached (refused)\n");
+        for (_, names) in SCENARIOS {
+            for name in *names {
+                console.push_str(&format!("test {name} ... ok\n"));
+            }
+        }
+        console.push_str("@@ done\n");
+        let o = read(&console);
+        assert!(o.failed.is_empty());
+        assert_eq!(o.problems.len(), 2, "{:?}", o.problems);
+        assert!(o.problems[0].contains("8 programs attached where this machine attaches 9"));
+        assert!(o.problems[1].contains("socket callback is not attached"));
+    }
+
+    #[test]
+    fn a_scenario_that_did_not_report_counts_as_failed() {
+        let console = "@@ programs loaded=9 attached=9\n\
+                       test client_closes_first ... tt-peer: noise\nFAILED\n\
+                       test server_closes_first ... ok\n";
+        let o = read(console);
+        assert_eq!(o.passed, ["live::server_closes_first"]);
+        assert!(o.failed.contains(&"live::client_closes_first".to_string()));
+        let all: usize = SCENARIOS.iter().map(|(_, n)| n.len()).sum();
+        assert_eq!(o.failed.len(), all - 1);
+        assert_eq!(o.problems, ["the guest did not finish its scenarios"]);
+    }
+}
