@@ -87,8 +87,65 @@ struct Open {
     connection: bool,
     local: SocketAddr,
     remote: SocketAddr,
-    /// Key of the endpoint table this socket counts in.
-    endpoint: Option<String>,
+    /// Opened by accept (true) or connect (false); None when opened before
+    /// the recording.
+    passive: Option<bool>,
+    /// The service endpoint it counts for (see `Analysis::service`).
+    service: String,
+    /// Waiting in its listener's queue at its last transition (no process
+    /// had accepted it then; rows do not say when it is accepted).
+    queued: bool,
+}
+
+/// A connection in the kernel's time-wait table, after its socket closed.
+#[derive(Debug)]
+struct TimeWaitSock {
+    /// Its substate: FIN_WAIT2 (waiting for the peer's FIN) or TIME_WAIT.
+    state: State,
+    service: String,
+}
+
+/// The restart window after the listener closes in which the children it
+/// resets count as reset by that close: the kernel resets queued children
+/// inside the close itself, and a process that exits closes its accepted
+/// connections right after its listener.
+const CLOSE_RESETS_WITHIN_NS: u64 = 1_000_000_000;
+
+/// One listening socket's life.
+#[derive(Debug)]
+struct Listener {
+    addr: SocketAddr,
+    owner: Option<Task>,
+    /// None: listening before the recording began (a snapshot row).
+    from_ns: Option<u64>,
+    to_ns: Option<u64>,
+    /// The first child to complete its handshake.
+    first_ns: Option<u64>,
+    connections: u64,
+    reset_queued: u64,
+    reset_open: u64,
+}
+
+/// A local port that something listened on.
+#[derive(Debug, Default)]
+struct PortTrack {
+    /// Indices into `Analysis::listeners`.
+    lives: Vec<usize>,
+    /// Listeners up now.
+    up: u32,
+    windows: Vec<Window>,
+    refused: u64,
+}
+
+/// A time with nothing listening on a port.
+#[derive(Debug)]
+struct Window {
+    /// None: down since before the recording (refused before any listener).
+    start_ns: Option<u64>,
+    end_ns: Option<u64>,
+    refused: u64,
+    old: Option<usize>,
+    new: Option<usize>,
 }
 
 #[derive(Default, Debug, Clone, Serialize)]
@@ -99,6 +156,9 @@ pub struct Counts {
     pub reset_received: u64,
     pub refused: u64,
     pub aborted: u64,
+    /// Connections handed to the kernel's time-wait table (our side closed
+    /// first).
+    pub time_wait: u64,
 }
 
 impl Counts {
@@ -112,7 +172,7 @@ impl Counts {
         } += 1;
     }
 
-    fn columns(&self) -> [u64; 6] {
+    fn columns(&self) -> [u64; 7] {
         [
             self.opened,
             self.orderly,
@@ -120,15 +180,16 @@ impl Counts {
             self.reset_received,
             self.refused,
             self.aborted,
+            self.time_wait,
         ]
     }
 }
 
-const COUNT_HEADS: [&str; 6] = [
-    "opened", "orderly", "rst sent", "rst rcvd", "refused", "aborted",
+const COUNT_HEADS: [&str; 7] = [
+    "opened", "orderly", "rst sent", "rst rcvd", "refused", "aborted", "timewait",
 ];
 
-fn count_line(o: &mut String, label: &str, width: usize, values: [String; 6]) {
+fn count_line(o: &mut String, label: &str, width: usize, values: [String; 7]) {
     let _ = write!(o, "  {label:<width$}");
     for v in values {
         let _ = write!(o, " {v:>8}");
@@ -153,7 +214,8 @@ pub struct Analysis {
     last_ns: u64,
     active: Counts,
     passive: Counts,
-    /// "local port 6389" / "remote 10.0.0.5:5432" -> counts.
+    /// Service endpoint ("127.0.0.1:6389": the listening side's address)
+    /// -> counts of both sides' sockets.
     endpoints: BTreeMap<String, Counts>,
     dwell: BTreeMap<State, Histogram<u64>>,
     open: FastMap<u64, Open>,
@@ -162,6 +224,18 @@ pub struct Analysis {
     ended_unseen: FastSet<u64>,
     processes: FastMap<u32, ProcessTally>,
     time_wait: BTreeMap<String, u64>,
+    /// Connections in the kernel's time-wait table, by socket id.
+    in_time_wait: FastMap<u64, TimeWaitSock>,
+    /// Whether the recording followed the time-wait table (it has rows
+    /// from it).
+    followed_time_wait: bool,
+    listeners: Vec<Listener>,
+    /// Listening sockets now up -> index in `listeners`.
+    listening: FastMap<u64, usize>,
+    /// Children (accepted or queued) -> their listener's index.
+    child_of: FastMap<u64, usize>,
+    /// (netns, port) of everything that listened, or was refused.
+    ports: BTreeMap<(u32, u16), PortTrack>,
 }
 
 impl Default for Analysis {
@@ -186,6 +260,12 @@ impl Analysis {
             ended_unseen: FastSet::default(),
             processes: FastMap::default(),
             time_wait: BTreeMap::new(),
+            in_time_wait: FastMap::default(),
+            followed_time_wait: false,
+            listeners: Vec::new(),
+            listening: FastMap::default(),
+            child_of: FastMap::default(),
+            ports: BTreeMap::new(),
         }
     }
 
@@ -201,6 +281,11 @@ impl Analysis {
                 if let Some(open) = self.open.get_mut(&h.sock) {
                     open.holders = h.tasks();
                     open.owner = open.holders.first().copied().or(open.owner);
+                    // A socket in the accept queue has no descriptor: one
+                    // that processes hold was accepted.
+                    if !open.holders.is_empty() {
+                        open.queued = false;
+                    }
                 }
             }
         }
@@ -223,10 +308,29 @@ impl Analysis {
         self.first_ns.get_or_insert(t.ts_ns);
         self.last_ns = self.last_ns.max(t.ts_ns);
         if r.origin == Origin::TimeWait {
+            self.followed_time_wait = true;
             // After the socket's CLOSE: only the time spent in TIME_WAIT is
             // new (FIN_WAIT2 was counted from the tracepoint).
             if let (Some(ns), State::TIME_WAIT) = (r.dwell_ns, t.old) {
                 self.record_dwell(t.old, ns);
+            }
+            // A time-wait socket the snapshot found was open until now.
+            let snapshot = self.open.remove(&r.sock);
+            if t.new == State::CLOSE {
+                self.in_time_wait.remove(&r.sock);
+            } else {
+                let service = match (self.in_time_wait.remove(&r.sock), snapshot) {
+                    (Some(w), _) => w.service,
+                    (None, Some(o)) => o.service,
+                    (None, None) => self.service(t.netns, t.local, t.remote, None),
+                };
+                self.in_time_wait.insert(
+                    r.sock,
+                    TimeWaitSock {
+                        state: t.new,
+                        service,
+                    },
+                );
             }
             return;
         }
@@ -244,6 +348,23 @@ impl Analysis {
             }
             p.cgroup = p.cgroup.or(o.cgroup);
         }
+        if t.new == State::LISTEN {
+            self.listen(r);
+        }
+        if t.old == State::SYN_SENT && r.close == Some(Close::Refused) {
+            self.refused(t.netns, t.remote);
+        }
+        if r.origin == Origin::Snapshot && t.new == State::TIME_WAIT {
+            let service = self.service(t.netns, t.local, t.remote, None);
+            self.in_time_wait.insert(
+                r.sock,
+                TimeWaitSock {
+                    state: t.new,
+                    service,
+                },
+            );
+            return;
+        }
 
         let opened = match (t.old, t.new) {
             (State::CLOSE, State::SYN_SENT) => Some(false),
@@ -251,18 +372,17 @@ impl Analysis {
             _ => None,
         };
         if let Some(passive) = opened {
-            let endpoint = if passive {
-                format!("local port {}", t.local.port())
-            } else {
-                format!("remote {}", t.remote)
-            };
+            if let (true, Some(&l)) = (passive, self.listener_for(t.netns, t.local)) {
+                self.child_of.insert(r.sock, l);
+            }
+            let service = self.service(t.netns, t.local, t.remote, Some(passive));
             let counts = if passive {
                 &mut self.passive
             } else {
                 &mut self.active
             };
             counts.opened += 1;
-            self.endpoints.entry(endpoint.clone()).or_default().opened += 1;
+            self.endpoints.entry(service.clone()).or_default().opened += 1;
             self.open.insert(
                 r.sock,
                 Open {
@@ -273,42 +393,96 @@ impl Analysis {
                     connection: true,
                     local: t.local,
                     remote: t.remote,
-                    endpoint: Some(endpoint),
+                    passive: Some(passive),
+                    service,
+                    queued: r.queued,
                 },
             );
             return;
         }
-
-        if enters_time_wait(t.old, t.new) {
-            *self.time_wait.entry(t.remote.to_string()).or_default() += 1;
+        if let ((State::SYN_RECV, State::ESTABLISHED), Some(&l)) =
+            ((t.old, t.new), self.child_of.get(&r.sock))
+        {
+            let l = &mut self.listeners[l];
+            l.connections += 1;
+            l.first_ns.get_or_insert(t.ts_ns);
         }
+
         if t.new == State::CLOSE {
+            if t.old == State::LISTEN {
+                self.unlisten(r);
+            }
             let was = self.open.remove(&r.sock);
             if let Some(o) = was.as_ref().filter(|o| o.connection) {
                 self.count_connection(r.owner.or(o.owner));
             }
+            let service = match &was {
+                Some(o) => o.service.clone(),
+                None => self.service(t.netns, t.local, t.remote, None),
+            };
+            // The side is known from how the socket was opened; a socket
+            // opened before the recording counts by its ports.
+            let passive = was
+                .as_ref()
+                .and_then(|o| o.passive)
+                .unwrap_or_else(|| service == t.local.to_string());
+            let child_of = self.child_of.remove(&r.sock);
             if let Some(e) = ending(r) {
-                // The side is known from how the socket was opened; a socket
-                // opened before the recording counts by its ports.
-                let passive = match &was {
-                    Some(o) => o
-                        .endpoint
-                        .as_deref()
-                        .is_some_and(|e| e.starts_with("local")),
-                    None => t.local.port() < t.remote.port(),
-                };
                 let counts = if passive {
                     &mut self.passive
                 } else {
                     &mut self.active
                 };
                 counts.end(e);
-                if let Some(ep) = was.and_then(|o| o.endpoint) {
-                    self.endpoints.entry(ep).or_default().end(e);
+                if t.old != State::LISTEN {
+                    self.endpoints.entry(service.clone()).or_default().end(e);
                 }
+                if let (Some(l), Ending::ResetSent | Ending::Aborted) = (child_of, e) {
+                    let l = &mut self.listeners[l];
+                    if l.to_ns
+                        .is_some_and(|to| t.ts_ns.saturating_sub(to) <= CLOSE_RESETS_WITHIN_NS)
+                    {
+                        if r.queued {
+                            l.reset_queued += 1;
+                        } else {
+                            l.reset_open += 1;
+                        }
+                    }
+                }
+            }
+            if enters_time_wait(t.old, t.new) && r.close.is_none() {
+                let counts = if passive {
+                    &mut self.passive
+                } else {
+                    &mut self.active
+                };
+                counts.time_wait += 1;
+                self.endpoints.entry(service.clone()).or_default().time_wait += 1;
+                *self.time_wait.entry(service.clone()).or_default() += 1;
+            }
+            // As the tracer follows it (timewait.rs): the connection lives
+            // on in the time-wait table.
+            if r.close.is_none()
+                && matches!(t.old, State::FIN_WAIT2 | State::CLOSING | State::FIN_WAIT1)
+            {
+                self.in_time_wait.insert(
+                    r.sock,
+                    TimeWaitSock {
+                        state: if t.old == State::CLOSING {
+                            State::TIME_WAIT
+                        } else {
+                            State::FIN_WAIT2
+                        },
+                        service,
+                    },
+                );
             }
             return;
         }
+        let service = match self.open.get(&r.sock) {
+            Some(o) => o.service.clone(),
+            None => self.service(t.netns, t.local, t.remote, None),
+        };
         let entry = self.open.entry(r.sock).or_insert_with(|| Open {
             state: t.new,
             since_ns: t.ts_ns,
@@ -317,10 +491,13 @@ impl Analysis {
             connection: false,
             local: t.local,
             remote: t.remote,
-            endpoint: None,
+            passive: None,
+            service: String::new(),
+            queued: r.queued,
         });
         entry.state = t.new;
         entry.since_ns = t.ts_ns;
+        entry.queued = r.queued;
         if r.owner.is_some() {
             // Rows after a holders note carry its owner already.
             entry.owner = r.owner;
@@ -328,6 +505,125 @@ impl Analysis {
         }
         entry.local = t.local;
         entry.remote = t.remote;
+        // A connect's first row has local port 0; a later row may show a
+        // known listener's port.
+        entry.service = service;
+    }
+
+    /// The endpoint a socket counts for: the listening side's address and
+    /// port, whichever side this socket is. Client ephemeral ports would
+    /// give one row per connection.
+    fn service(
+        &self,
+        netns: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+        passive: Option<bool>,
+    ) -> String {
+        let local_serves = match passive {
+            Some(p) => p,
+            None => {
+                self.ports
+                    .get(&(netns, local.port()))
+                    .is_some_and(|p| !p.lives.is_empty())
+                    || (!self.ports.contains_key(&(netns, remote.port()))
+                        && local.port() < remote.port())
+            }
+        };
+        if local_serves { local } else { remote }.to_string()
+    }
+
+    /// The listener now up whose children have local address `local`.
+    fn listener_for(&self, netns: u32, local: SocketAddr) -> Option<&usize> {
+        let port = self.ports.get(&(netns, local.port()))?;
+        let up = || {
+            port.lives
+                .iter()
+                .filter(|&&l| self.listeners[l].to_ns.is_none())
+        };
+        up().find(|&&l| self.listeners[l].addr.ip() == local.ip())
+            .or_else(|| up().find(|&&l| self.listeners[l].addr.ip().is_unspecified()))
+            .or_else(|| up().next())
+    }
+
+    fn listen(&mut self, r: &Row) {
+        let t = &r.t;
+        let from_ns = (r.origin == Origin::Tracepoint).then_some(t.ts_ns);
+        if self.listening.contains_key(&r.sock) {
+            return;
+        }
+        let i = self.listeners.len();
+        self.listeners.push(Listener {
+            addr: t.local,
+            owner: r.owner,
+            from_ns,
+            to_ns: None,
+            first_ns: None,
+            connections: 0,
+            reset_queued: 0,
+            reset_open: 0,
+        });
+        self.listening.insert(r.sock, i);
+        let port = self.ports.entry((t.netns, t.local.port())).or_default();
+        port.lives.push(i);
+        port.up += 1;
+        if let Some(w) = port.windows.last_mut().filter(|w| w.end_ns.is_none()) {
+            w.end_ns = Some(t.ts_ns);
+            w.new = Some(i);
+        }
+    }
+
+    fn unlisten(&mut self, r: &Row) {
+        let t = &r.t;
+        let Some(i) = self.listening.remove(&r.sock) else {
+            return;
+        };
+        let l = &mut self.listeners[i];
+        l.to_ns = Some(t.ts_ns);
+        if l.owner.is_none() {
+            l.owner = r.owner;
+        }
+        let port = self.ports.entry((t.netns, l.addr.port())).or_default();
+        port.up = port.up.saturating_sub(1);
+        if port.up == 0 {
+            port.windows.push(Window {
+                start_ns: Some(t.ts_ns),
+                end_ns: None,
+                refused: 0,
+                old: Some(i),
+                new: None,
+            });
+        }
+    }
+
+    /// A connect to `remote` refused: counted for that port's window when
+    /// something listened on it here.
+    fn refused(&mut self, netns: u32, remote: SocketAddr) {
+        let listeners = &self.listeners;
+        let port = self.ports.entry((netns, remote.port())).or_default();
+        // Another host's port of the same number is not ours.
+        if !port.lives.is_empty()
+            && !port.lives.iter().any(|&l| {
+                let a = listeners[l].addr.ip();
+                a.is_unspecified() || a == remote.ip()
+            })
+        {
+            return;
+        }
+        port.refused += 1;
+        if port.up > 0 {
+            return;
+        }
+        match port.windows.last_mut().filter(|w| w.end_ns.is_none()) {
+            Some(w) => w.refused += 1,
+            None => port.windows.push(Window {
+                start_ns: None,
+                end_ns: None,
+                refused: 1,
+                old: None,
+                new: None,
+            }),
+        }
     }
 
     fn record_dwell(&mut self, state: State, ns: u64) {
@@ -335,6 +631,142 @@ impl Analysis {
             Histogram::new_with_bounds(1, 24 * 3600 * 1_000_000, 3).expect("valid bounds")
         });
         h.saturating_record((ns / 1000).max(1));
+    }
+
+    /// Sockets left at the end, counted by state and service.
+    fn still_open_summary(&self, open: &[&Open], top: usize) -> StillOpen {
+        let mut summary = StillOpen::default();
+        let mut states: BTreeMap<(u8, State, bool), u64> = BTreeMap::new();
+        let mut services: BTreeMap<&str, BTreeMap<(u8, State, bool), u64>> = BTreeMap::new();
+        let held = open
+            .iter()
+            .filter(|o| o.state != State::LISTEN)
+            .map(|o| (o.state, false, o.service.as_str(), o.queued));
+        let followed = self.followed_time_wait;
+        let tw = self
+            .in_time_wait
+            .iter()
+            .filter(|(sock, _)| followed && !self.ended_unseen.contains(sock))
+            .map(|(_, w)| (w.state, true, w.service.as_str(), false));
+        for (state, in_table, service, queued) in held.chain(tw) {
+            summary.total += 1;
+            summary.in_time_wait_table += u64::from(in_table);
+            summary.not_accepted += u64::from(queued);
+            // Sockets processes hold before the time-wait table's.
+            let key = (concern(state) + u8::from(in_table) * 8, state, in_table);
+            *states.entry(key).or_default() += 1;
+            *services.entry(service).or_default().entry(key).or_default() += 1;
+        }
+        if !followed {
+            summary.time_wait_not_followed = self.in_time_wait.len() as u64;
+        }
+        let counts = |m: &BTreeMap<(u8, State, bool), u64>| {
+            m.iter()
+                .map(|(&(_, state, time_wait_table), &count)| StateCount {
+                    state,
+                    time_wait_table,
+                    count,
+                })
+                .collect::<Vec<_>>()
+        };
+        summary.by_state = counts(&states);
+        let mut by_service: Vec<ServiceOpen> = services
+            .iter()
+            .map(|(service, m)| ServiceOpen {
+                service: (*service).to_string(),
+                count: m.values().sum(),
+                by_state: counts(m),
+            })
+            .collect();
+        by_service.sort_by(|a, b| b.count.cmp(&a.count).then(a.service.cmp(&b.service)));
+        by_service.truncate(top);
+        summary.by_service = by_service;
+        summary
+    }
+
+    /// The listening ports: each listener's life and each window with
+    /// nothing listening.
+    fn listener_report(
+        &self,
+        first_ns: u64,
+        end_ns: u64,
+        wall: &dyn Fn(u64) -> Option<String>,
+    ) -> Vec<ListenPort> {
+        let rel = |ns: u64| ns.saturating_sub(first_ns) as f64 / 1e9;
+        let ms = |ns: u64| ns as f64 / 1e6;
+        let owner = |i: Option<usize>| {
+            i.and_then(|i| self.listeners[i].owner)
+                .map(|t| (t.pid, t.comm.as_str().into_owned()))
+                .unzip()
+        };
+        let first_connection = |i: Option<usize>| {
+            let l = &self.listeners[i?];
+            Some(ms(l.first_ns?.saturating_sub(l.from_ns?)))
+        };
+        self.ports
+            .iter()
+            .filter(|(_, p)| !p.lives.is_empty())
+            .map(|(&(netns, port), p)| ListenPort {
+                port,
+                netns: (netns != 0).then_some(netns),
+                refused: p.refused,
+                listeners: p
+                    .lives
+                    .iter()
+                    .map(|&i| {
+                        let l = &self.listeners[i];
+                        let (pid, comm) = owner(Some(i));
+                        ListenerRow {
+                            addr: l.addr.to_string(),
+                            pid,
+                            comm,
+                            from: l.from_ns.and_then(wall),
+                            from_s: l.from_ns.map(rel),
+                            to: l.to_ns.and_then(wall),
+                            to_s: l.to_ns.map(rel),
+                            connections: l.connections,
+                            first_connection_ms: first_connection(Some(i)),
+                            reset_in_queue: l.reset_queued,
+                            reset_open: l.reset_open,
+                            from_ns: l.from_ns,
+                            to_ns: l.to_ns,
+                        }
+                    })
+                    .collect(),
+                down: p
+                    .windows
+                    .iter()
+                    .map(|w| {
+                        let (old_pid, old_comm) = owner(w.old);
+                        let (new_pid, new_comm) = owner(w.new);
+                        let (reset_in_queue, reset_open) = w
+                            .old
+                            .map(|i| &self.listeners[i])
+                            .map_or((0, 0), |l| (l.reset_queued, l.reset_open));
+                        DownRow {
+                            from: w.start_ns.and_then(wall),
+                            from_s: w.start_ns.map(rel),
+                            to: w.end_ns.and_then(wall),
+                            to_s: w.end_ns.map(rel),
+                            duration_ms: ms(w
+                                .end_ns
+                                .unwrap_or(end_ns)
+                                .saturating_sub(w.start_ns.unwrap_or(first_ns))),
+                            refused: w.refused,
+                            reset_in_queue,
+                            reset_open,
+                            old_pid,
+                            old_comm,
+                            new_pid,
+                            new_comm,
+                            first_connection_ms: first_connection(w.new),
+                            start_ns: w.start_ns,
+                            end_ns: w.end_ns,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
     }
 
     /// The report as a serializable value.
@@ -380,7 +812,14 @@ impl Analysis {
         ports.sort_by_key(|(k, c)| (std::cmp::Reverse(c.opened), (*k).clone()));
         let mut tw: Vec<(&String, &u64)> = self.time_wait.iter().collect();
         tw.sort_by_key(|(k, n)| (std::cmp::Reverse(**n), (*k).clone()));
+        let first_ns = self.first_ns.unwrap_or(0);
+        let still_open_summary = self.still_open_summary(&open, top);
+        let listeners = self.listener_report(first_ns, end_ns, &wall);
         Report {
+            first_ns,
+            end_ns,
+            listeners,
+            still_open_summary,
             host: self.headers.first().map(|h| h.host.clone()),
             kernel: self.headers.first().map(|h| h.kernel.clone()),
             files: self.headers.len(),
@@ -420,6 +859,7 @@ impl Analysis {
             still_open: open
                 .into_iter()
                 .filter(|o| o.state != State::LISTEN)
+                .take(top)
                 .map(|o| OpenRow {
                     state: o.state,
                     age_s: end_ns.saturating_sub(o.since_ns) as f64 / 1e9,
@@ -432,7 +872,18 @@ impl Analysis {
                     },
                     local: o.local.to_string(),
                     remote: o.remote.to_string(),
-                    meaning: o.state.meaning(),
+                    queued: o.queued,
+                    meaning: if o.queued {
+                        // Accepting makes no transition: one accepted after
+                        // its last row still reads as queued.
+                        format!(
+                            "not accepted by the process yet (backlog) at its last transition; \
+                             if accepted since: {}",
+                            o.state.meaning()
+                        )
+                    } else {
+                        o.state.meaning().to_string()
+                    },
                 })
                 .collect(),
             processes: processes
@@ -454,7 +905,7 @@ impl Analysis {
                 .into_iter()
                 .take(top)
                 .map(|(k, n)| TimeWaitRow {
-                    remote: k.clone(),
+                    service: k.clone(),
                     count: *n,
                     per_s: if span_s > 0.0 {
                         *n as f64 / span_s
@@ -493,6 +944,118 @@ pub struct Report {
     pub still_open: Vec<OpenRow>,
     pub processes: Vec<ProcessRow>,
     pub time_wait: Vec<TimeWaitRow>,
+    /// Every socket left at the end, counted: `still_open` lists only the
+    /// worst of those processes hold.
+    pub still_open_summary: StillOpen,
+    /// Each local port something listened on: its listeners and the
+    /// windows with nothing listening.
+    pub listeners: Vec<ListenPort>,
+    /// Monotonic times of the first row and of the end, for pictures.
+    #[serde(skip)]
+    pub first_ns: u64,
+    #[serde(skip)]
+    pub end_ns: u64,
+}
+
+#[derive(Serialize, Debug, Default)]
+pub struct StillOpen {
+    /// Sockets left at the end, those in the time-wait table included.
+    pub total: u64,
+    /// Of them, connections in the kernel's time-wait table (their sockets
+    /// closed; TIME_WAIT, or FIN_WAIT2 orphans waiting for the peer's FIN).
+    pub in_time_wait_table: u64,
+    /// Of them, connections waiting in a listener's queue at their last
+    /// transition (not accepted by the process yet, as far as rows tell).
+    pub not_accepted: u64,
+    /// Worst first.
+    pub by_state: Vec<StateCount>,
+    /// Most first (at most `top`).
+    pub by_service: Vec<ServiceOpen>,
+    /// Connections that entered time-wait in a recording that did not
+    /// follow the time-wait table (`--no-timewait`): not counted, their end
+    /// unknown.
+    pub time_wait_not_followed: u64,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StateCount {
+    pub state: State,
+    /// In the kernel's time-wait table rather than a socket a process holds.
+    pub time_wait_table: bool,
+    pub count: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ServiceOpen {
+    pub service: String,
+    pub count: u64,
+    pub by_state: Vec<StateCount>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ListenPort {
+    pub port: u16,
+    /// The network namespace's inode; null when not known.
+    pub netns: Option<u32>,
+    /// Connects refused on this port in all.
+    pub refused: u64,
+    pub listeners: Vec<ListenerRow>,
+    /// Windows with nothing listening on the port, in time order.
+    pub down: Vec<DownRow>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ListenerRow {
+    pub addr: String,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// Null: listening before the recording began.
+    pub from: Option<String>,
+    /// Seconds from the recording's first row.
+    pub from_s: Option<f64>,
+    /// Null: still listening at the end.
+    pub to: Option<String>,
+    pub to_s: Option<f64>,
+    /// Connections that completed the handshake on it.
+    pub connections: u64,
+    /// From listen() to the first connection's handshake completing.
+    pub first_connection_ms: Option<f64>,
+    /// Children reset within a second after it closed: waiting in its
+    /// queue, and accepted.
+    pub reset_in_queue: u64,
+    pub reset_open: u64,
+    #[serde(skip)]
+    pub from_ns: Option<u64>,
+    #[serde(skip)]
+    pub to_ns: Option<u64>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct DownRow {
+    /// Null: nothing listened from before the recording (connects were
+    /// refused before the first listener came).
+    pub from: Option<String>,
+    pub from_s: Option<f64>,
+    /// Null: still down at the end.
+    pub to: Option<String>,
+    pub to_s: Option<f64>,
+    /// To the end of the recording when still down.
+    pub duration_ms: f64,
+    /// Connects refused in the window.
+    pub refused: u64,
+    /// Connections the closing listener reset (in its queue, accepted).
+    pub reset_in_queue: u64,
+    pub reset_open: u64,
+    pub old_pid: Option<u32>,
+    pub old_comm: Option<String>,
+    pub new_pid: Option<u32>,
+    pub new_comm: Option<String>,
+    /// From the new listener's listen() to its first connection.
+    pub first_connection_ms: Option<f64>,
+    #[serde(skip)]
+    pub start_ns: Option<u64>,
+    #[serde(skip)]
+    pub end_ns: Option<u64>,
 }
 
 #[derive(Serialize, Debug)]
@@ -524,7 +1087,10 @@ pub struct OpenRow {
     pub holders: Vec<HolderRow>,
     pub local: String,
     pub remote: String,
-    pub meaning: &'static str,
+    /// Waiting in its listener's queue at its last transition: no process
+    /// had accepted it then.
+    pub queued: bool,
+    pub meaning: String,
 }
 
 #[derive(Serialize, Debug)]
@@ -555,12 +1121,181 @@ pub struct ProcessRow {
 
 #[derive(Serialize, Debug)]
 pub struct TimeWaitRow {
-    pub remote: String,
+    /// The service endpoint (listening side's address:port).
+    pub service: String,
     pub count: u64,
     pub per_s: f64,
 }
 
+/// "1 socket", "2 sockets".
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// The listening ports as text: who listened when, and each window with
+/// nothing listening (what clients found during a restart).
+pub fn listeners_text(report: &Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "Listeners (what clients found on each listening port)");
+    if report.listeners.is_empty() {
+        let _ = writeln!(o, "  none seen");
+    }
+    // Wall time of day when the recording says, else seconds from its start.
+    let at = |wall: &Option<String>, s: Option<f64>, none: &str| match (wall, s) {
+        (Some(w), _) => w
+            .split_once('T')
+            .map_or(w.clone(), |(_, t)| t.trim_end_matches('Z').to_string()),
+        (None, Some(s)) => format!("+{s:.6} s"),
+        (None, None) => none.to_string(),
+    };
+    let who = |pid: Option<u32>, comm: &Option<String>| match (pid, comm) {
+        (Some(p), Some(c)) => {
+            let mut esc = String::new();
+            crate::format::escape_comm(c, &mut esc);
+            format!("{p} {esc}")
+        }
+        _ => "- (owner unknown)".into(),
+    };
+    for p in &report.listeners {
+        let ns = p.netns.map(|n| format!(" (netns {n})")).unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "  port {}{ns}: {}, {} down, {} refused in all",
+            p.port,
+            plural(p.listeners.len() as u64, "listener", "listeners"),
+            plural(p.down.len() as u64, "time", "times"),
+            plural(p.refused, "connect", "connects"),
+        );
+        // Listeners and windows interleaved in time.
+        let mut lines: Vec<(f64, String)> = Vec::new();
+        for l in &p.listeners {
+            let first = l
+                .first_connection_ms
+                .map(|ms| format!(", first {ms:.3} ms after listen"))
+                .unwrap_or_default();
+            lines.push((
+                l.from_s.unwrap_or(f64::MIN),
+                format!(
+                    "    listening  {} .. {}  {}  {}: {}{first}",
+                    at(&l.from, l.from_s, "(before)"),
+                    at(&l.to, l.to_s, "(end)"),
+                    l.addr,
+                    who(l.pid, &l.comm),
+                    plural(l.connections, "connection", "connections"),
+                ),
+            ));
+        }
+        for d in &p.down {
+            let mut text = format!(
+                "    DOWN       {} .. {}  {:.3} ms, {} refused",
+                at(&d.from, d.from_s, "(before)"),
+                at(&d.to, d.to_s, "(end)"),
+                d.duration_ms,
+                plural(d.refused, "connect", "connects"),
+            );
+            if d.reset_in_queue + d.reset_open > 0 {
+                let _ = write!(
+                    text,
+                    ", {} reset by the closing listener ({} in its queue, {} accepted)",
+                    plural(d.reset_in_queue + d.reset_open, "connection", "connections"),
+                    d.reset_in_queue,
+                    d.reset_open
+                );
+            }
+            if d.old_pid.is_some() || d.new_pid.is_some() {
+                let _ = write!(
+                    text,
+                    "\n               {} -> {}",
+                    if d.from_s.is_some() {
+                        who(d.old_pid, &d.old_comm)
+                    } else {
+                        "-".into()
+                    },
+                    if d.to_s.is_some() {
+                        who(d.new_pid, &d.new_comm)
+                    } else {
+                        "nothing (still down at the end)".into()
+                    }
+                );
+                if let Some(ms) = d.first_connection_ms {
+                    let _ = write!(text, ", first connection {ms:.3} ms after the new listen");
+                }
+            }
+            // A window starts as its listener ends: after it in the list.
+            lines.push((d.from_s.map_or(f64::MIN, |s| s + 1e-12), text));
+        }
+        lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (_, l) in lines {
+            let _ = writeln!(o, "{l}");
+        }
+    }
+    o
+}
+
 impl Report {
+    /// Sockets left at the end, counted; then the worst of those processes
+    /// hold, one by one.
+    fn still_open_text(&self) -> String {
+        let mut o = String::new();
+        let s = &self.still_open_summary;
+        let _ = writeln!(
+            o,
+            "\nStill open at the end: {}",
+            if s.total == 0 {
+                "none".to_string()
+            } else {
+                plural(s.total, "socket", "sockets")
+            }
+        );
+        let name = |c: &StateCount| {
+            if !c.time_wait_table {
+                c.state.to_string()
+            } else if c.state == State::FIN_WAIT2 {
+                "FIN_WAIT2 (orphan, time-wait table)".to_string()
+            } else {
+                format!("{} (time-wait table)", c.state)
+            }
+        };
+        for c in &s.by_state {
+            let _ = writeln!(o, "  {:<36} {:>8}", name(c), c.count);
+        }
+        if s.not_accepted > 0 {
+            let _ = writeln!(
+                o,
+                "  {} not accepted by the process yet (backlog) at their last transition",
+                plural(s.not_accepted, "connection", "connections")
+            );
+        }
+        if s.time_wait_not_followed > 0 {
+            let _ = writeln!(
+                o,
+                "  {} entered time-wait; the recording did not follow the time-wait table (not counted)",
+                plural(s.time_wait_not_followed, "connection", "connections")
+            );
+        }
+        if !s.by_service.is_empty() {
+            let _ = writeln!(o, "  by service");
+            for svc in &s.by_service {
+                let states: Vec<String> = svc
+                    .by_state
+                    .iter()
+                    .map(|c| format!("{} {}", c.count, name(c)))
+                    .collect();
+                let _ = writeln!(
+                    o,
+                    "    {:<30} {:>8}  {}",
+                    svc.service,
+                    svc.count,
+                    states.join(", ")
+                );
+            }
+        }
+        if !self.still_open.is_empty() {
+            let _ = writeln!(o, "  held by processes (worst first)");
+        }
+        o
+    }
+
     pub fn text(&self) -> String {
         let mut o = String::new();
         let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
@@ -573,12 +1308,11 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "  span            {} .. {} ({:.3} s, {} file{})",
+            "  span            {} .. {} ({:.3} s, {})",
             dash(&self.first),
             dash(&self.last),
             self.span_s,
-            self.files,
-            if self.files == 1 { "" } else { "s" }
+            plural(self.files as u64, "file", "files")
         );
         let _ = writeln!(o, "  transitions     {}", self.events);
         match (self.lost_ring, self.lost_output, self.missed_kernel) {
@@ -590,7 +1324,8 @@ impl Report {
                 if let Some(g) = self.gaps.filter(|&g| g > 0) {
                     let _ = writeln!(
                         o,
-                        "  gaps            {g} sockets skipped states: transitions between them never arrived"
+                        "  gaps            {} skipped states: transitions between them never arrived",
+                        plural(g, "socket", "sockets")
                     );
                 }
             }
@@ -604,9 +1339,8 @@ impl Report {
         if self.ended_unseen > 0 {
             let _ = writeln!(
                 o,
-                "  ended unseen    {} socket{} closed without the kernel reporting how; not listed as open",
-                self.ended_unseen,
-                if self.ended_unseen == 1 { "" } else { "s" }
+                "  ended unseen    {} closed without the kernel reporting how; not listed as open",
+                plural(self.ended_unseen, "socket", "sockets")
             );
         }
         if let Some(f) = &self.filters {
@@ -624,7 +1358,7 @@ impl Report {
         }
         if !self.endpoints.is_empty() {
             o.push('\n');
-            count_line(&mut o, "By endpoint", 30, heads());
+            count_line(&mut o, "By service (both sides)", 30, heads());
             for e in &self.endpoints {
                 count_line(
                     &mut o,
@@ -652,10 +1386,7 @@ impl Report {
             );
         }
 
-        let _ = writeln!(o, "\nStill open at the end (worst first)");
-        if self.still_open.is_empty() {
-            let _ = writeln!(o, "  none");
-        }
+        o.push_str(&self.still_open_text());
         for s in &self.still_open {
             let owner = if s.holders.is_empty() {
                 "- (owner unknown)".to_string()
@@ -681,6 +1412,17 @@ impl Report {
                 s.meaning
             );
         }
+        let held = self
+            .still_open_summary
+            .total
+            .saturating_sub(self.still_open_summary.in_time_wait_table);
+        if held > self.still_open.len() as u64 {
+            let _ = writeln!(
+                o,
+                "  ... and {} more",
+                plural(held - self.still_open.len() as u64, "socket", "sockets")
+            );
+        }
 
         let _ = writeln!(o, "\nBusiest processes      transitions  connections  unit");
         for p in &self.processes {
@@ -700,14 +1442,102 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "\nEntering time-wait, by remote endpoint       count      per s"
+            "\nEntering time-wait, by service               count      per s"
         );
         if self.time_wait.is_empty() {
             let _ = writeln!(o, "  none");
         }
         for t in &self.time_wait {
-            let _ = writeln!(o, "  {:<42} {:>5} {:>10.3}", t.remote, t.count, t.per_s);
+            let _ = writeln!(o, "  {:<42} {:>5} {:>10.3}", t.service, t.count, t.per_s);
         }
+        o.push('\n');
+        o.push_str(&listeners_text(self));
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::parse_line;
+
+    /// A row of port 80's service in the recording's JSON.
+    fn row(sock: u64, ts_ms: u64, old: &str, new: &str, extra: &str) -> String {
+        let (laddr, lport, rport) = if old == "SYN_SENT" || new == "SYN_SENT" {
+            ("127.0.0.1", 40000 + sock, 80)
+        } else {
+            ("127.0.0.1", 80, 40000 + sock)
+        };
+        format!(
+            r#"{{"ts_ns":{},"sock":{sock},"pid":7,"comm":"srv","family":"ipv4","netns":5,"laddr":"{laddr}","lport":{lport},"raddr":"127.0.0.1","rport":{rport},"old":"{old}","new":"{new}","ms":null{extra}}}"#,
+            ts_ms * 1_000_000
+        )
+    }
+
+    fn analyse(lines: &[String]) -> Report {
+        let mut a = Analysis::new();
+        for l in lines {
+            a.add(parse_line(l.as_bytes()).unwrap());
+        }
+        a.report(10)
+    }
+
+    #[test]
+    fn a_connection_left_in_the_queue_reads_as_backlog_until_someone_holds_it() {
+        let rows = [
+            row(1, 0, "CLOSE", "LISTEN", ""),
+            row(2, 10, "LISTEN", "SYN_RECV", r#","queued":true"#),
+            row(2, 11, "SYN_RECV", "ESTABLISHED", r#","queued":true"#),
+            row(2, 12, "ESTABLISHED", "CLOSE_WAIT", r#","queued":true"#),
+        ];
+        let r = analyse(&rows);
+        assert_eq!(r.still_open.len(), 1);
+        assert!(
+            r.still_open[0]
+                .meaning
+                .starts_with("not accepted by the process yet (backlog)"),
+            "{}",
+            r.still_open[0].meaning
+        );
+        assert_eq!(r.still_open_summary.not_accepted, 1);
+        let text = r.text();
+        assert!(text.contains("Still open at the end: 1 socket\n"), "{text}");
+        // Someone holds it: accepted (a queued socket has no descriptor).
+        let mut held = rows.to_vec();
+        held.push(
+            r#"{"type":"holders","ts_ns":13000000,"sock":2,"holders":[{"pid":8,"comm":"worker"}]}"#
+                .into(),
+        );
+        let r = analyse(&held);
+        assert!(r.still_open[0].meaning.contains("often a descriptor leak"));
+        assert_eq!(r.still_open_summary.not_accepted, 0);
+    }
+
+    #[test]
+    fn a_restart_is_a_window_with_its_refusals_and_the_owners_on_both_sides() {
+        let rows = [
+            row(1, 0, "CLOSE", "LISTEN", ""),
+            row(1, 100, "LISTEN", "CLOSE", ""),
+            row(2, 120, "SYN_SENT", "CLOSE", r#","close":"refused""#),
+            row(3, 130, "SYN_SENT", "CLOSE", r#","close":"refused""#),
+            row(4, 150, "CLOSE", "LISTEN", "").replace(r#""pid":7"#, r#""pid":9"#),
+            row(5, 152, "LISTEN", "SYN_RECV", ""),
+            row(5, 153, "SYN_RECV", "ESTABLISHED", ""),
+        ];
+        let r = analyse(&rows);
+        assert_eq!(r.listeners.len(), 1);
+        let p = &r.listeners[0];
+        assert_eq!((p.port, p.refused, p.listeners.len()), (80, 2, 2));
+        let d = &p.down[..];
+        assert_eq!(d.len(), 1);
+        assert_eq!((d[0].duration_ms, d[0].refused), (50.0, 2));
+        assert_eq!((d[0].old_pid, d[0].new_pid), (Some(7), Some(9)));
+        assert_eq!(d[0].first_connection_ms, Some(3.0));
+        let text = listeners_text(&r);
+        assert!(text.contains("50.000 ms, 2 connects refused"), "{text}");
+        assert!(
+            text.contains("7 srv -> 9 srv, first connection 3.000 ms"),
+            "{text}"
+        );
     }
 }

@@ -5,19 +5,27 @@
 //! time-in-state histograms.
 //!
 //! Gathered in the report's one streaming pass, in bounded memory: the time
-//! series is thinned as it grows, and lifelines are kept for the first
-//! sockets only.
+//! series is thinned as it grows, lifelines are kept for the first sockets
+//! only, and refused connects are kept as counts per time slot.
+//!
+//! Above them, one availability band per listening port (from the report's
+//! listener section): when something listened, when nothing did, and the
+//! connects refused.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
-use crate::attribute::{Origin, Row};
+use crate::analyse::Report;
+use crate::attribute::{Close, Origin, Row};
 use crate::state::{Phase, State};
 
 const STATES: usize = 16;
 /// Samples of the time series kept at most (thinned by half when full).
 const MAX_SAMPLES: usize = 2048;
 const MAX_LIFELINES: usize = 120;
+/// Refused connects are remembered per port as (time, count) slots; when a
+/// port has this many, neighbours merge.
+const MAX_REFUSED_SLOTS: usize = 1024;
 /// Time-in-state buckets: below 0.1 ms, 1 ms, 10 ms, ... 100 s, and above.
 const BUCKET_LABELS: [&str; 8] = [
     "<0.1ms", "<1ms", "<10ms", "<100ms", "<1s", "<10s", "<100s", "≥100s",
@@ -45,6 +53,10 @@ pub struct Pictures {
     dwell: BTreeMap<State, [u64; 8]>,
     first_ns: Option<u64>,
     last_ns: u64,
+    /// (netns, port) -> refused connects as (first time, count) slots.
+    refused: BTreeMap<(u32, u16), Vec<(u64, u64)>>,
+    /// Minimum time a refused slot spans; doubles at each merge.
+    refused_gap_ns: u64,
 }
 
 fn slot(s: State) -> usize {
@@ -69,6 +81,9 @@ impl Pictures {
             self.state_of.insert(r.sock, t.new);
         }
         self.sample(t.ts_ns);
+        if r.close == Some(Close::Refused) {
+            self.refuse(t.netns, t.remote.port(), t.ts_ns);
+        }
 
         if let (Some(ns), true) = (
             r.dwell_ns,
@@ -112,6 +127,23 @@ impl Pictures {
         }
     }
 
+    fn refuse(&mut self, netns: u32, port: u16, ts: u64) {
+        let gap = self.refused_gap_ns;
+        let slots = self.refused.entry((netns, port)).or_default();
+        match slots.last_mut() {
+            Some((start, n)) if ts < *start + gap => *n += 1,
+            _ => slots.push((ts, 1)),
+        }
+        if slots.len() >= MAX_REFUSED_SLOTS {
+            let merged: Vec<(u64, u64)> = slots
+                .chunks(2)
+                .map(|c| (c[0].0, c.iter().map(|s| s.1).sum()))
+                .collect();
+            *slots = merged;
+            self.refused_gap_ns = (gap * 2).max(1_000_000);
+        }
+    }
+
     fn sample(&mut self, ts: u64) {
         if self
             .samples
@@ -132,8 +164,8 @@ impl Pictures {
         }
     }
 
-    /// The page, with the text report's tables above the pictures.
-    pub fn page(&self, title: &str, report_text: &str) -> String {
+    /// The page: the pictures, then the text report.
+    pub fn page(&self, title: &str, report: &Report) -> String {
         let mut h = String::new();
         let _ = write!(
             h,
@@ -144,7 +176,11 @@ impl Pictures {
             escape(title),
             escape(title)
         );
-        h.push_str("<h2>Sockets per state over time</h2>\n");
+        if !report.listeners.is_empty() {
+            h.push_str("<h2>Availability of the listening ports</h2>\n");
+            h.push_str(&self.availability_svg(report));
+        }
+        h.push_str("<h2>Sockets per state over time (log scale)</h2>\n");
         h.push_str(&self.series_svg());
         h.push_str("<h2>Connection lifelines</h2>\n");
         h.push_str(&self.lifelines_svg());
@@ -153,7 +189,7 @@ impl Pictures {
         let _ = write!(
             h,
             "<h2>Report</h2>\n<pre>{}</pre>\n</body></html>\n",
-            escape(report_text)
+            escape(&report.text())
         );
         h
     }
@@ -175,9 +211,12 @@ impl Pictures {
             .unwrap_or(0)
             .max(1);
         let x = |t: u64| pad + (t - t0) as f64 / (t1 - t0) as f64 * (w - 2.0 * pad);
-        let y = |n: u32| hgt - pad - f64::from(n) / f64::from(max) * (hgt - 2.0 * pad);
+        // Log scale: one LISTEN socket stays visible next to thousands in
+        // TIME_WAIT. log(1 + n) keeps 0 on the axis.
+        let scale = (1.0 + f64::from(max)).log10();
+        let y = |n: u32| hgt - pad - (1.0 + f64::from(n)).log10() / scale * (hgt - 2.0 * pad);
         let mut s = format!(
-            "<svg id=\"sockets-over-time\" width=\"{w}\" height=\"{hgt}\" viewBox=\"0 0 {w} {hgt}\" xmlns=\"http://www.w3.org/2000/svg\">"
+            "<svg id=\"sockets-over-time\" data-scale=\"log\" width=\"{w}\" height=\"{hgt}\" viewBox=\"0 0 {w} {hgt}\" xmlns=\"http://www.w3.org/2000/svg\">"
         );
         axes(
             &mut s,
@@ -187,6 +226,19 @@ impl Pictures {
             &format!("{max}"),
             &format!("{:.3} s", (t1 - t0) as f64 / 1e9),
         );
+        let mut tick = 1u32;
+        while tick < max {
+            let _ = write!(
+                s,
+                "<line class=\"tick\" x1=\"{}\" y1=\"{:.1}\" x2=\"{}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"4\" y=\"{:.1}\" font-size=\"10\">{tick}</text>",
+                pad,
+                y(tick),
+                w - pad,
+                y(tick),
+                y(tick) + 3.0
+            );
+            tick = tick.saturating_mul(10);
+        }
         let mut legend = Vec::new();
         for st in 1..STATES {
             if self.samples.iter().all(|(_, c)| c[st] == 0) {
@@ -222,6 +274,76 @@ impl Pictures {
                 lx + 14.0,
                 ly
             );
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+
+    /// One band per listening port: up (a listener's life), down (nothing
+    /// listening), and a mark per time slot with refused connects, on the
+    /// state chart's time axis.
+    fn availability_svg(&self, report: &Report) -> String {
+        let (w, row, pad, label_w) = (900.0, 26.0, 20.0, 150.0);
+        let hgt = pad * 2.0 + row * report.listeners.len() as f64;
+        let (t0, t1) = self.span();
+        let x = |t: u64| {
+            label_w + (t.clamp(t0, t1) - t0) as f64 / (t1 - t0) as f64 * (w - label_w - pad)
+        };
+        let mut s = format!(
+            "<svg id=\"availability\" width=\"{w}\" height=\"{hgt}\" viewBox=\"0 0 {w} {hgt}\" xmlns=\"http://www.w3.org/2000/svg\">"
+        );
+        for (i, p) in report.listeners.iter().enumerate() {
+            let y = pad + i as f64 * row;
+            let _ = write!(
+                s,
+                "<g class=\"port\" data-port=\"{}\"><text x=\"4\" y=\"{}\" font-size=\"11\">port {} ({} refused)</text>",
+                p.port,
+                y + row / 2.0 + 4.0,
+                p.port,
+                p.refused
+            );
+            for l in &p.listeners {
+                let (a, b) = (x(l.from_ns.unwrap_or(t0)), x(l.to_ns.unwrap_or(t1)));
+                let _ = write!(
+                    s,
+                    "<rect class=\"up\" x=\"{a:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#2ca02c\"><title>{}</title></rect>",
+                    y + 4.0,
+                    (b - a).max(1.0),
+                    row - 8.0,
+                    escape(&format!(
+                        "listening {} {} {}",
+                        l.addr,
+                        l.pid.map(|p| p.to_string()).unwrap_or_default(),
+                        l.comm.as_deref().unwrap_or("")
+                    ))
+                );
+            }
+            for d in &p.down {
+                let (a, b) = (x(d.start_ns.unwrap_or(t0)), x(d.end_ns.unwrap_or(t1)));
+                let _ = write!(
+                    s,
+                    "<rect class=\"down\" data-refused=\"{}\" data-ms=\"{:.3}\" x=\"{a:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#d62728\"><title>nothing listening for {:.3} ms, {} refused</title></rect>",
+                    d.refused,
+                    d.duration_ms,
+                    y + 4.0,
+                    (b - a).max(2.0),
+                    row - 8.0,
+                    d.duration_ms,
+                    d.refused
+                );
+            }
+            let key = (p.netns.unwrap_or(0), p.port);
+            for (ts, n) in self.refused.get(&key).into_iter().flatten() {
+                let _ = write!(
+                    s,
+                    "<line class=\"refused\" data-count=\"{n}\" x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#000\"/>",
+                    x(*ts),
+                    y,
+                    x(*ts),
+                    y + 6.0
+                );
+            }
+            s.push_str("</g>");
         }
         s.push_str("</svg>\n");
         s

@@ -168,7 +168,7 @@ pub fn report(args: ReportArgs) -> Result<(), Failure> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        std::fs::write(path, p.page(&title, &report.text()))
+        std::fs::write(path, p.page(&title, &report))
             .map_err(|e| Failure::Other(anyhow!("cannot write {}: {e}", path.display())))?;
     }
     let text = match args.format {
