@@ -102,8 +102,16 @@ struct Open {
 struct TimeWaitSock {
     /// Its substate: FIN_WAIT2 (waiting for the peer's FIN) or TIME_WAIT.
     state: State,
+    /// When it entered that substate.
+    since_ns: u64,
     service: String,
 }
+
+/// The longest a connection stays in one time-wait substate: TIME_WAIT is
+/// 60 s (TCP_TIMEWAIT_LEN), and the kernel hands a FIN_WAIT2 orphan to the
+/// time-wait table only for a tcp_fin_timeout of at most that. The tracer
+/// reads the table every 250 ms or more: a little slack.
+const TIME_WAIT_SUBSTATE_NS: u64 = 62_000_000_000;
 
 /// The restart window after the listener closes in which the children it
 /// resets count as reset by that close: the kernel resets queued children
@@ -229,6 +237,8 @@ pub struct Analysis {
     /// Whether the recording followed the time-wait table (it has rows
     /// from it).
     followed_time_wait: bool,
+    /// When `in_time_wait` is next rid of connections surely gone.
+    prune_time_wait_ns: u64,
     listeners: Vec<Listener>,
     /// Listening sockets now up -> index in `listeners`.
     listening: FastMap<u64, usize>,
@@ -262,6 +272,7 @@ impl Analysis {
             time_wait: BTreeMap::new(),
             in_time_wait: FastMap::default(),
             followed_time_wait: false,
+            prune_time_wait_ns: 0,
             listeners: Vec::new(),
             listening: FastMap::default(),
             child_of: FastMap::default(),
@@ -271,7 +282,7 @@ impl Analysis {
 
     pub fn add(&mut self, item: Item) {
         match item {
-            Item::Header(h) => self.headers.push(h),
+            Item::Header(h) => self.headers.push(*h),
             Item::Stats(s) => self.stats.push(s),
             Item::Row(r) => self.row(&r),
             Item::Gap(g) => {
@@ -307,6 +318,14 @@ impl Analysis {
         let t = &r.t;
         self.first_ns.get_or_insert(t.ts_ns);
         self.last_ns = self.last_ns.max(t.ts_ns);
+        if t.ts_ns >= self.prune_time_wait_ns {
+            // Memory follows the kernel's table: a connection whose two
+            // substates have both run out is gone, followed or not.
+            let now = t.ts_ns;
+            self.in_time_wait
+                .retain(|_, w| now.saturating_sub(w.since_ns) <= 2 * TIME_WAIT_SUBSTATE_NS);
+            self.prune_time_wait_ns = now + 10_000_000_000;
+        }
         if r.origin == Origin::TimeWait {
             self.followed_time_wait = true;
             // After the socket's CLOSE: only the time spent in TIME_WAIT is
@@ -328,6 +347,7 @@ impl Analysis {
                     r.sock,
                     TimeWaitSock {
                         state: t.new,
+                        since_ns: t.ts_ns,
                         service,
                     },
                 );
@@ -360,6 +380,7 @@ impl Analysis {
                 r.sock,
                 TimeWaitSock {
                     state: t.new,
+                    since_ns: t.ts_ns,
                     service,
                 },
             );
@@ -473,6 +494,7 @@ impl Analysis {
                         } else {
                             State::FIN_WAIT2
                         },
+                        since_ns: t.ts_ns,
                         service,
                     },
                 );
@@ -634,7 +656,7 @@ impl Analysis {
     }
 
     /// Sockets left at the end, counted by state and service.
-    fn still_open_summary(&self, open: &[&Open], top: usize) -> StillOpen {
+    fn still_open_summary(&self, open: &[&Open], top: usize, end_ns: u64) -> StillOpen {
         let mut summary = StillOpen::default();
         let mut states: BTreeMap<(u8, State, bool), u64> = BTreeMap::new();
         let mut services: BTreeMap<&str, BTreeMap<(u8, State, bool), u64>> = BTreeMap::new();
@@ -643,10 +665,20 @@ impl Analysis {
             .filter(|o| o.state != State::LISTEN)
             .map(|o| (o.state, false, o.service.as_str(), o.queued));
         let followed = self.followed_time_wait;
-        let tw = self
-            .in_time_wait
-            .iter()
-            .filter(|(sock, _)| followed && !self.ended_unseen.contains(sock))
+        // Followed, a connection leaves its substate with a row; without
+        // one for longer than a substate lasts, the tracer lost it.
+        let in_table = self.in_time_wait.iter().filter(|(sock, w)| {
+            !self.ended_unseen.contains(sock)
+                && end_ns.saturating_sub(w.since_ns)
+                    <= if followed {
+                        TIME_WAIT_SUBSTATE_NS
+                    } else {
+                        2 * TIME_WAIT_SUBSTATE_NS
+                    }
+        });
+        let tw = in_table
+            .clone()
+            .filter(|_| followed)
             .map(|(_, w)| (w.state, true, w.service.as_str(), false));
         for (state, in_table, service, queued) in held.chain(tw) {
             summary.total += 1;
@@ -658,7 +690,7 @@ impl Analysis {
             *services.entry(service).or_default().entry(key).or_default() += 1;
         }
         if !followed {
-            summary.time_wait_not_followed = self.in_time_wait.len() as u64;
+            summary.time_wait_not_followed = in_table.count() as u64;
         }
         let counts = |m: &BTreeMap<(u8, State, bool), u64>| {
             m.iter()
@@ -813,7 +845,7 @@ impl Analysis {
         let mut tw: Vec<(&String, &u64)> = self.time_wait.iter().collect();
         tw.sort_by_key(|(k, n)| (std::cmp::Reverse(**n), (*k).clone()));
         let first_ns = self.first_ns.unwrap_or(0);
-        let still_open_summary = self.still_open_summary(&open, top);
+        let still_open_summary = self.still_open_summary(&open, top, end_ns);
         let listeners = self.listener_report(first_ns, end_ns, &wall);
         Report {
             first_ns,
@@ -1511,6 +1543,40 @@ mod tests {
         let r = analyse(&held);
         assert!(r.still_open[0].meaning.contains("often a descriptor leak"));
         assert_eq!(r.still_open_summary.not_accepted, 0);
+    }
+
+    #[test]
+    fn connections_in_the_time_wait_table_are_still_open_when_it_was_followed() {
+        let tw = r#","origin":"timewait""#;
+        let closed = |sock| row(sock, 10, "FIN_WAIT2", "CLOSE", "");
+        let rows = [
+            // An orphan: the peer never sends its FIN.
+            closed(2),
+            closed(3),
+            row(3, 300, "FIN_WAIT2", "TIME_WAIT", tw),
+            closed(4),
+            row(4, 300, "FIN_WAIT2", "TIME_WAIT", tw),
+            row(4, 900, "TIME_WAIT", "CLOSE", tw),
+        ];
+        let r = analyse(&rows);
+        let s = &r.still_open_summary;
+        assert_eq!((s.total, s.in_time_wait_table), (2, 2));
+        let states: Vec<(State, bool, u64)> = s
+            .by_state
+            .iter()
+            .map(|c| (c.state, c.time_wait_table, c.count))
+            .collect();
+        assert_eq!(
+            states,
+            [(State::FIN_WAIT2, true, 1), (State::TIME_WAIT, true, 1)]
+        );
+        assert_eq!(s.by_service.len(), 1, "one service: {:?}", s.by_service);
+        assert_eq!(s.by_service[0].service, "127.0.0.1:80");
+        assert!(r.still_open.is_empty(), "no process holds them");
+        // Without a row from the table, nothing says what became of them.
+        let r = analyse(&[closed(2)]);
+        assert_eq!(r.still_open_summary.total, 0);
+        assert_eq!(r.still_open_summary.time_wait_not_followed, 1);
     }
 
     #[test]
