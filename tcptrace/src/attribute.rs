@@ -152,6 +152,9 @@ struct Sock {
     last: Transition,
     /// `--stuck` already warned about it in its current state.
     warned: bool,
+    /// The process that accepted it, until a process acts on it: a fork
+    /// then hands it to the child (see [`Attributor::forked`]).
+    accepted_by: Option<u32>,
 }
 
 /// The processes holding a socket: the owner first (the one that made it,
@@ -482,11 +485,13 @@ impl Attributor {
                     since_ns: None,
                     last: *t,
                     warned: false,
+                    accepted_by: None,
                 })
             }
         };
         if in_owner_context(t.old, t.new) {
             sock.queued = false;
+            sock.accepted_by = None;
             if !sock.holders.contains(t.task.pid) {
                 self.by_pid.entry(t.task.pid).or_default().insert(t.skaddr);
             }
@@ -602,6 +607,7 @@ impl Attributor {
         };
         let before = std::mem::replace(&mut sock.holders, Holders::only(task));
         sock.queued = false;
+        sock.accepted_by = Some(task.pid);
         self.unindex(skaddr, &before);
         self.by_pid.entry(task.pid).or_default().insert(skaddr);
     }
@@ -619,7 +625,16 @@ impl Attributor {
         for skaddr in &held {
             if let Some(sock) = self.socks.get_mut(skaddr) {
                 let as_parent = sock.holders.all().find(|t| t.pid == parent).copied();
-                if let Some(p) = as_parent {
+                let Some(p) = as_parent else { continue };
+                if sock.accepted_by.take() == Some(parent) {
+                    // A forking server: the child serves the connection its
+                    // parent just accepted, while the parent may take a
+                    // while to close its copy (PostgreSQL's postmaster ran
+                    // after its backend had served a whole session, 12 ms).
+                    // A fork for anything else (a helper run on the side)
+                    // gives way again when the child exits.
+                    sock.holders.promote(Task { pid: child, ..p });
+                } else {
                     sock.holders.add(Task { pid: child, ..p });
                 }
             }
@@ -1742,9 +1757,10 @@ mod tests {
         queued_child(&mut a, parent);
         a.accepted(CHILD, parent);
         a.forked(20, 21);
-        // Both hold it until the parent's close() of its copy.
+        // Both hold it until the parent's close() of its copy, the child
+        // first: it serves the connection.
         let both: Vec<u32> = a.holders(CHILD).unwrap().all().map(|t| t.pid).collect();
-        assert_eq!(both, [20, 21]);
+        assert_eq!(both, [21, 20]);
         a.released(CHILD, 20);
         let after = softirq_close_wait(&mut a);
         assert_eq!(after.owner, Some(child));
@@ -1755,6 +1771,53 @@ mod tests {
             a.take_unverified().is_empty(),
             "every step was told by an event"
         );
+    }
+
+    #[test]
+    fn a_forking_server_child_owns_the_socket_before_the_parent_closes_its_copy() {
+        let (parent, child) = (task(20, "postgres"), task(21, "postgres"));
+        let mut a = Attributor::new();
+        queued_child(&mut a, parent);
+        a.accepted(CHILD, parent);
+        a.forked(20, 21);
+        // The client is done before the parent got round to its close().
+        assert_eq!(softirq_close_wait(&mut a).owner, Some(child));
+        a.released(CHILD, 20);
+        assert_eq!(a.holders(CHILD).unwrap().all().count(), 1);
+        // A second fork of the parent's (the next connection's backend)
+        // takes nothing more of this one.
+        let mut b = Attributor::new();
+        queued_child(&mut b, parent);
+        b.accepted(CHILD, parent);
+        b.forked(20, 21);
+        b.forked(20, 22);
+        let all: Vec<u32> = b.holders(CHILD).unwrap().all().map(|t| t.pid).collect();
+        assert_eq!(all, [21, 20, 22]);
+    }
+
+    #[test]
+    fn a_helper_forked_by_a_server_that_uses_the_socket_takes_nothing() {
+        let server = task(10, "server");
+        let mut a = Attributor::new();
+        queued_child(&mut a, server);
+        a.accepted(CHILD, server);
+        // The server writes its answer and shuts the sending side down
+        // (process context) before it runs a helper.
+        a.observe_row(&tr(
+            20,
+            CHILD,
+            server,
+            State::ESTABLISHED,
+            State::FIN_WAIT1,
+            "127.0.0.1:80",
+            "127.0.0.1:5000",
+        ));
+        a.forked(10, 11);
+        let all: Vec<u32> = a.holders(CHILD).unwrap().all().map(|t| t.pid).collect();
+        assert_eq!(all, [10, 11]);
+        a.exited(11);
+        assert_eq!(a.holders(CHILD).unwrap().owner(), Some(server));
+        assert_eq!(a.holders(CHILD).unwrap().all().count(), 1);
     }
 
     #[test]

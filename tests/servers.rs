@@ -1,0 +1,1346 @@
+//! Owners on Debian's own multi-process servers, each in a fresh network
+//! namespace: nginx (a daemonizing launcher, a master, two workers, then a
+//! reload), PostgreSQL (a postmaster forking a backend per connection) and
+//! Redis (threads with names of their own). The truth is what `ss -tanp`
+//! shows holding each socket while the load runs, sampled from inside the
+//! namespace, and the servers' own logs; never what tcptrace learned.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tcptrace_tests::{Life, Netns, TempDir, Tracer, tcptrace, unique_port};
+
+/// CLOCK_MONOTONIC, the clock of tcptrace's `ts_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One socket as `ss -tanpH` listed it, with the processes holding it.
+#[derive(Debug, Clone)]
+struct SsSocket {
+    state: String,
+    local: String,
+    peer: String,
+    holders: Vec<(u32, String)>,
+}
+
+/// One run of `ss`, between two instants.
+#[derive(Debug)]
+struct Sample {
+    from_ns: u64,
+    to_ns: u64,
+    sockets: Vec<SsSocket>,
+}
+
+fn parse_ss(text: &str) -> Vec<SsSocket> {
+    text.lines()
+        .filter_map(|line| {
+            let mut cols = line.split_whitespace();
+            let state = cols.next()?.to_string();
+            let (_recvq, _sendq) = (cols.next()?, cols.next()?);
+            let local = cols.next()?.to_string();
+            let peer = cols.next()?.to_string();
+            let rest: Vec<&str> = cols.collect();
+            let rest = rest.join(" ");
+            // users:(("nginx",pid=12,fd=6),("nginx",pid=13,fd=6))
+            let mut holders = Vec::new();
+            for part in rest.split("((").chain(rest.split("),(")).skip(1) {
+                let Some(name) = part.strip_prefix('"').and_then(|p| p.split('"').next()) else {
+                    continue;
+                };
+                let pid = part
+                    .split(",pid=")
+                    .nth(1)
+                    .and_then(|p| p.split(|c: char| !c.is_ascii_digit()).next())
+                    .and_then(|p| p.parse().ok());
+                if let Some(pid) = pid
+                    && !holders.contains(&(pid, name.to_string()))
+                {
+                    holders.push((pid, name.to_string()));
+                }
+            }
+            Some(SsSocket {
+                state,
+                local,
+                peer,
+                holders,
+            })
+        })
+        .collect()
+}
+
+/// `ss -tanpH` run inside the namespace every `every`, from start to
+/// finish, while the load is on.
+struct SsWatch {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Vec<Sample>>,
+}
+
+impl SsWatch {
+    fn start(ns: &Netns, every: Duration) -> SsWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let path = ns.path();
+        let handle = thread::spawn(move || {
+            let mut samples = Vec::new();
+            // Bounded whatever the test does: no load here lasts a minute.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let from_ns = monotonic_ns();
+                let out = Command::new("nsenter")
+                    .arg(format!("--net={path}"))
+                    .args(["ss", "-tanpH"])
+                    .output()
+                    .expect("ss runs");
+                let to_ns = monotonic_ns();
+                samples.push(Sample {
+                    from_ns,
+                    to_ns,
+                    sockets: parse_ss(&String::from_utf8_lossy(&out.stdout)),
+                });
+                thread::sleep(every);
+            }
+            samples
+        });
+        SsWatch { stop, handle }
+    }
+
+    fn finish(self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        Seen(self.handle.join().expect("ss sampler"))
+    }
+}
+
+/// Everything `ss` showed during a run.
+struct Seen(Vec<Sample>);
+
+impl Seen {
+    /// The processes `ss` showed holding the connection `local`-`peer`
+    /// at some sample taken while it lived (between `from_ns` and
+    /// `to_ns`).
+    fn holders(
+        &self,
+        local: &str,
+        peer: &str,
+        from_ns: u64,
+        to_ns: u64,
+    ) -> BTreeSet<(u32, String)> {
+        self.0
+            .iter()
+            .filter(|s| s.to_ns >= from_ns && s.from_ns <= to_ns)
+            .flat_map(|s| &s.sockets)
+            .filter(|k| k.local == local && k.peer == peer)
+            .flat_map(|k| k.holders.iter().cloned())
+            .collect()
+    }
+
+    /// The listener's holders in each sample that shows it.
+    fn listener_holders(&self, local: &str) -> Vec<BTreeSet<u32>> {
+        self.0
+            .iter()
+            .filter_map(|s| {
+                s.sockets
+                    .iter()
+                    .find(|k| k.state == "LISTEN" && k.local == local)
+                    .map(|k| k.holders.iter().map(|h| h.0).collect())
+            })
+            .collect()
+    }
+
+    /// Processes holding the listener in every sample: the one that lasts.
+    fn listener_always(&self, local: &str) -> BTreeSet<u32> {
+        let all = self.listener_holders(local);
+        let mut it = all.into_iter();
+        let first = it.next().unwrap_or_default();
+        it.fold(first, |acc, s| acc.intersection(&s).copied().collect())
+    }
+
+    /// When `ss` first showed the connection held by a process, so
+    /// accepted (a socket in the listener's queue has no descriptor).
+    fn first_held_ns(&self, local: &str, peer: &str, from_ns: u64, to_ns: u64) -> Option<u64> {
+        self.0
+            .iter()
+            .filter(|s| s.to_ns >= from_ns && s.from_ns <= to_ns)
+            .find(|s| {
+                s.sockets
+                    .iter()
+                    .any(|k| k.local == local && k.peer == peer && !k.holders.is_empty())
+            })
+            .map(|s| s.to_ns)
+    }
+
+    /// Distinct connections `ss` saw held by a process (time-wait and
+    /// orphaned ones have none).
+    fn held_connections(&self) -> usize {
+        self.0
+            .iter()
+            .flat_map(|s| &s.sockets)
+            .filter(|k| k.state != "LISTEN" && !k.holders.is_empty())
+            .map(|k| (&k.local, &k.peer))
+            .collect::<BTreeSet<_>>()
+            .len()
+    }
+}
+
+/// Every process in a network namespace, killed when this is dropped:
+/// a failed test leaves no server, worker or daemonized leftover behind.
+struct Procs<'a> {
+    ns: &'a Netns,
+    children: Vec<Child>,
+}
+
+impl<'a> Procs<'a> {
+    fn new(ns: &'a Netns) -> Procs<'a> {
+        Procs {
+            ns,
+            children: Vec::new(),
+        }
+    }
+
+    /// Starts `cmd` in the namespace; it is killed at the end at the latest.
+    fn spawn(&mut self, cmd: &mut Command) -> u32 {
+        let child = self.ns.spawn(cmd);
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Waits (bounded) for a child started here to exit; its status.
+    fn wait(&mut self, pid: u32, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        let child = self
+            .children
+            .iter_mut()
+            .find(|c| c.id() == pid)
+            .expect("a child of ours");
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pid {pid} still runs after {limit:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Pids of the processes in the namespace now.
+    fn in_namespace(&self) -> Vec<u32> {
+        let want = format!("net:[{}]", self.ns.inode());
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/ns/net"))
+                    .is_ok_and(|l| l.to_string_lossy() == want)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Procs<'_> {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            let left = self.in_namespace();
+            if left.is_empty() {
+                break;
+            }
+            for pid in left {
+                // SAFETY: kill on a pid seen in our own namespace.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+}
+
+/// Waits (bounded) until `what` holds.
+fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}: not after {limit:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ss_now(ns: &Netns) -> Vec<SsSocket> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path()))
+        .args(["ss", "-tanpH"])
+        .output()
+        .expect("ss runs");
+    parse_ss(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn tracer(ns: &Netns, port: u16, extra: &[&str]) -> Tracer {
+    let port = port.to_string();
+    let netns = ns.path();
+    let mut args = vec![
+        "--port", &port, "--netns", &netns, "--format", "json", "--time", "none",
+    ];
+    args.extend(extra);
+    Tracer::start(&args)
+}
+
+/// A socket's rows and where it sat: its two ends as `ss` writes them
+/// and the time it lived.
+struct Sock<'a> {
+    life: &'a Life,
+    local: String,
+    peer: String,
+    from_ns: u64,
+    to_ns: u64,
+}
+
+impl<'a> Sock<'a> {
+    fn new(life: &'a Life) -> Sock<'a> {
+        let ts = |r: &Value| r["ts_ns"].as_u64().expect("ts_ns");
+        let last = life.rows.last().expect("a row");
+        let laddr = life
+            .rows
+            .iter()
+            .rev()
+            .find_map(|r| r["laddr"].as_str())
+            .unwrap_or("?");
+        let raddr = life
+            .rows
+            .iter()
+            .rev()
+            .find_map(|r| r["raddr"].as_str())
+            .unwrap_or("?");
+        Sock {
+            life,
+            local: format!("{laddr}:{}", life.lport()),
+            peer: format!("{raddr}:{}", life.rport()),
+            from_ns: ts(&life.rows[0]),
+            to_ns: if last["new"] == "CLOSE" {
+                ts(last)
+            } else {
+                u64::MAX
+            },
+        }
+    }
+
+    fn first(&self) -> (&str, &str) {
+        let r = &self.life.rows[0];
+        (
+            r["old"].as_str().unwrap_or("?"),
+            r["new"].as_str().unwrap_or("?"),
+        )
+    }
+
+    fn is_listener(&self) -> bool {
+        self.first() == ("CLOSE", "LISTEN")
+    }
+
+    fn is_accepted(&self) -> bool {
+        self.first() == ("LISTEN", "SYN_RECV")
+    }
+
+    fn is_client(&self) -> bool {
+        self.first() == ("CLOSE", "SYN_SENT")
+    }
+
+    /// Rows made while it sat in the listener's queue (the first ones),
+    /// and the rest, once a process had accepted it. None is queued after
+    /// `ss` saw a process holding it.
+    fn queued_then_accepted(&self, seen: &Seen) -> (&'a [Value], &'a [Value]) {
+        let rows = &self.life.rows;
+        let n = rows.iter().take_while(|r| r["queued"] == true).count();
+        assert!(
+            rows[n..].iter().all(|r| r.get("queued").is_none()),
+            "socket {} {}: a queued row after an accepted one: {rows:#?}",
+            self.life.sock,
+            self.life.path()
+        );
+        if let Some(held) = seen.first_held_ns(&self.local, &self.peer, self.from_ns, self.to_ns) {
+            for r in &rows[..n] {
+                assert!(
+                    r["ts_ns"].as_u64() <= Some(held),
+                    "socket {} {}: queued after ss saw it accepted: {r}",
+                    self.life.sock,
+                    self.life.path()
+                );
+            }
+        }
+        rows.split_at(n)
+    }
+}
+
+fn pid_of(r: &Value) -> u32 {
+    r["pid"].as_u64().unwrap_or_else(|| panic!("no pid in {r}")) as u32
+}
+
+/// A connection from this test process, made inside the namespace (setns
+/// moves only the thread that calls it).
+fn connect_in(ns: &Netns, addr: &str) -> TcpStream {
+    let (path, addr) = (ns.path(), addr.to_string());
+    thread::spawn(move || {
+        let file = std::fs::File::open(path).expect("the namespace");
+        // SAFETY: setns on a descriptor we hold, for this thread only.
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let c = TcpStream::connect(addr).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        c
+    })
+    .join()
+    .expect("connect thread")
+}
+
+/// One keep-alive request, read to the end of its answer.
+fn http_get(c: &mut TcpStream) -> std::io::Result<()> {
+    c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"\r\n\r\nok\n") {
+        match c.read(&mut buf)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    Ok(())
+}
+
+/// The kernel's own record of the transitions on one port, from an ftrace
+/// instance on the same tracepoint: which process made each one when it
+/// ran in process context (close, connect; not softirq). Removed on drop.
+struct Ftrace(String);
+
+impl Ftrace {
+    fn start(port: u16) -> Ftrace {
+        let dir = format!(
+            "/sys/kernel/tracing/instances/tcptrace-servers-{}-{port}",
+            std::process::id()
+        );
+        std::fs::create_dir(&dir).expect("an ftrace instance (tcptrace mounted tracefs)");
+        let f = Ftrace(dir);
+        let event = format!("{}/events/sock/inet_sock_set_state", f.0);
+        std::fs::write(format!("{}/buffer_size_kb", f.0), "8192").expect("buffer size");
+        std::fs::write(format!("{event}/filter"), format!("sport == {port}")).expect("filter");
+        std::fs::write(format!("{event}/enable"), "1").expect("enable");
+        f
+    }
+
+    /// (remote port, old, new) -> the pids that made it in process context.
+    fn process_context(&self) -> BTreeMap<(u64, String, String), BTreeSet<u32>> {
+        let text = std::fs::read_to_string(format!("{}/trace", self.0)).expect("trace");
+        let mut out: BTreeMap<_, BTreeSet<u32>> = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            // "  postgres-19379   [000] .....   965.040022: inet_sock_set_state: ..."
+            let Some((task, rest)) = line.split_once(" [") else {
+                continue;
+            };
+            let pid = task
+                .rsplit_once('-')
+                .and_then(|(_, p)| p.trim().parse().ok());
+            let flags = rest.split_whitespace().nth(1).unwrap_or("");
+            let field = |name: &str| {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .map(|v| v.trim_start_matches("TCP_").to_string())
+            };
+            let (Some(pid), Some(dport), Some(old), Some(new)) =
+                (pid, field("dport="), field("oldstate="), field("newstate="))
+            else {
+                continue;
+            };
+            if flags.contains('s') || flags.contains('h') {
+                continue;
+            }
+            let dport = dport.parse().unwrap_or(0);
+            out.entry((dport, old, new)).or_default().insert(pid);
+        }
+        out
+    }
+}
+
+impl Drop for Ftrace {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            format!("{}/events/sock/inet_sock_set_state/enable", self.0),
+            "0",
+        );
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------- nginx
+
+fn nginx_conf(dir: &TempDir, port: u16) -> String {
+    let d = dir.0.display();
+    let conf = format!(
+        "worker_processes 2;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    keepalive_timeout 60s;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 \"ok\\n\"; }}
+    }}
+}}
+"
+    );
+    let path = dir.path("nginx.conf");
+    std::fs::write(&path, conf).expect("write nginx.conf");
+    path
+}
+
+fn nginx(dir: &TempDir, conf: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new("/usr/sbin/nginx");
+    cmd.args([
+        "-p",
+        &dir.path(""),
+        "-c",
+        conf,
+        "-e",
+        &dir.path("error.log"),
+    ])
+    .args(extra)
+    .stdin(Stdio::null());
+    cmd
+}
+
+fn wrk(port: u16, seconds: u32) -> Command {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t2", "-c8", &format!("-d{seconds}s"), "--timeout", "2s"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .stdout(Stdio::null());
+    cmd
+}
+
+#[test]
+fn nginx_workers_own_what_they_accept_through_a_reload() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let dir = TempDir::new("nginx");
+    let conf = nginx_conf(&dir, port);
+    let listen_at = format!("127.0.0.1:{port}");
+    let tracer = tracer(&ns, port, &[]);
+    let mut procs = Procs::new(&ns);
+
+    // Started the usual way: the launcher opens the listener, forks the
+    // master and exits.
+    let launcher = procs.spawn(&mut nginx(&dir, &conf, &[]));
+    let st = procs.wait(launcher, Duration::from_secs(10));
+    assert!(
+        st.success(),
+        "nginx failed: {:?}",
+        std::fs::read_to_string(dir.path("error.log"))
+    );
+    let master: u32 = std::fs::read_to_string(dir.path("nginx.pid"))
+        .expect("nginx.pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    wait_until(
+        "master and two workers on the listener",
+        Duration::from_secs(10),
+        || {
+            ss_now(&ns)
+                .iter()
+                .any(|k| k.state == "LISTEN" && k.local == listen_at && k.holders.len() == 3)
+        },
+    );
+
+    let watch = SsWatch::start(&ns, Duration::from_millis(100));
+    let load = procs.spawn(&mut wrk(port, 2));
+    assert!(
+        procs.wait(load, Duration::from_secs(15)).success(),
+        "wrk failed"
+    );
+    // Idle keep-alive connections, which the old workers close at once on
+    // the reload: the rest of those sockets' lives (the ACK of their FIN,
+    // the move to time-wait) happens in softirq, held by no process.
+    let mut idle: Vec<TcpStream> = (0..2).map(|_| connect_in(&ns, &listen_at)).collect();
+    for c in &mut idle {
+        http_get(c).expect("a keep-alive answer");
+    }
+    // The old workers hold what was accepted before this.
+    let second_load_ns = monotonic_ns();
+    let load = procs.spawn(&mut wrk(port, 3));
+    thread::sleep(Duration::from_secs(1));
+    let reload = procs.spawn(&mut nginx(&dir, &conf, &["-s", "reload"]));
+    assert!(
+        procs.wait(reload, Duration::from_secs(10)).success(),
+        "nginx -s reload failed"
+    );
+    for mut c in idle {
+        let mut buf = [0u8; 64];
+        assert!(
+            matches!(c.read(&mut buf), Ok(0)),
+            "the old worker closed the idle connection"
+        );
+    }
+    assert!(
+        procs.wait(load, Duration::from_secs(15)).success(),
+        "wrk failed"
+    );
+    // The old workers leave once their connections are gone.
+    thread::sleep(Duration::from_millis(500));
+    let seen = watch.finish();
+    // A graceful stop, so that the listener's close is traced.
+    // SAFETY: kill on the master's pid, a process of this test.
+    unsafe { libc::kill(master as i32, libc::SIGQUIT) };
+    wait_until("nginx master gone", Duration::from_secs(10), || {
+        !alive(master)
+    });
+    let out = tracer.stop();
+    assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+    drop(procs);
+
+    let lives = out.lives();
+    let socks: Vec<Sock> = lives.iter().map(Sock::new).collect();
+    let listener_always = seen.listener_always(&listen_at);
+    assert_eq!(
+        listener_always,
+        BTreeSet::from([master]),
+        "ss: only the master holds the listener throughout"
+    );
+    let workers: BTreeSet<u32> = seen
+        .listener_holders(&listen_at)
+        .into_iter()
+        .flatten()
+        .filter(|&p| p != master)
+        .collect();
+    assert!(
+        workers.len() >= 4,
+        "ss saw two workers before the reload and two after: {workers:?}"
+    );
+
+    // The listener: opened by the launcher, before it forked; closed by
+    // whichever of its holders went last.
+    let listeners: Vec<&Sock> = socks.iter().filter(|s| s.is_listener()).collect();
+    assert_eq!(
+        listeners.len(),
+        1,
+        "one listener: {:?}",
+        lives.iter().map(Life::path).collect::<Vec<_>>()
+    );
+    assert_eq!(listeners[0].life.path(), "CLOSE>LISTEN>CLOSE");
+    assert_eq!(
+        pid_of(&listeners[0].life.rows[0]),
+        launcher,
+        "listen() ran in the launcher"
+    );
+    // On a graceful stop the master and the workers each close their copy:
+    // the last to go is one of those holding it before the stop.
+    let last_holders = seen.listener_holders(&listen_at).pop().unwrap_or_default();
+    let closer = pid_of(&listeners[0].life.rows[1]);
+    assert!(
+        last_holders.contains(&closer),
+        "the listener's close names {closer}, ss's last holders {last_holders:?}"
+    );
+
+    let old_workers: BTreeSet<u32> = seen
+        .0
+        .iter()
+        .filter(|s| s.to_ns < second_load_ns)
+        .flat_map(|s| &s.sockets)
+        .filter(|k| k.state == "LISTEN" && k.local == listen_at)
+        .flat_map(|k| k.holders.iter().map(|h| h.0))
+        .filter(|&p| p != master)
+        .collect();
+    assert_eq!(old_workers.len(), 2, "ss: two workers before the reload");
+    let (mut rows, mut matched, mut queued, mut queued_closes, mut after_reload) = (0, 0, 0, 0, 0);
+    let mut old_worker_closes = 0;
+    // Resets sent, by whether an old worker (true) or a new one made them.
+    let mut resets: BTreeMap<bool, usize> = BTreeMap::new();
+    let mut by_worker: BTreeMap<u32, usize> = BTreeMap::new();
+    for s in socks.iter().filter(|s| s.is_accepted()) {
+        assert_eq!(s.local, listen_at);
+        let (before, after) = s.queued_then_accepted(&seen);
+        assert!(
+            before.len() >= 2,
+            "LISTEN -> SYN_RECV and SYN_RECV -> ESTABLISHED are made before any accept: {:#?}",
+            s.life.rows
+        );
+        for r in before {
+            assert!(
+                listener_always.contains(&pid_of(r)),
+                "a queued row names the listener's owner (ss: {listener_always:?}): {r}"
+            );
+            assert_eq!(r["comm"], "nginx");
+        }
+        let held = seen.holders(&s.local, &s.peer, s.from_ns, s.to_ns);
+        let worker = match held.iter().map(|h| h.0).collect::<Vec<_>>()[..] {
+            [w] => {
+                matched += 1;
+                w
+            }
+            [] => {
+                // Too short-lived for a sample: one of the workers, all the same.
+                let w = after.first().map(pid_of).unwrap_or(0);
+                assert!(
+                    after.is_empty() || workers.contains(&w),
+                    "socket {} is owned by a worker ({workers:?}): {:#?}",
+                    s.life.sock,
+                    s.life.rows
+                );
+                w
+            }
+            _ => panic!(
+                "ss shows several holders of {} -> {}: {held:?}",
+                s.local, s.peer
+            ),
+        };
+        assert!(
+            workers.contains(&worker) && worker != master && worker != launcher,
+            "ss: a worker holds it"
+        );
+        for r in after {
+            assert_eq!(
+                (pid_of(r), r["comm"].as_str()),
+                (worker, Some("nginx")),
+                "socket {} {}: {r}",
+                s.life.sock,
+                s.life.path()
+            );
+            assert!(
+                r.get("thread").is_none(),
+                "one thread, named as the process: {r}"
+            );
+            if r["close"] == "reset sent" {
+                *resets.entry(old_workers.contains(&worker)).or_default() += 1;
+            }
+            old_worker_closes +=
+                usize::from(r["new"] == "FIN_WAIT1" && old_workers.contains(&worker));
+        }
+        rows += s.life.rows.len();
+        queued += before.len();
+        // wrk's first connection only checks the address: closed before a
+        // worker could accept it.
+        queued_closes += usize::from(before.len() > 2);
+        after_reload += usize::from(s.from_ns > second_load_ns + 1_000_000_000);
+        *by_worker.entry(worker).or_default() += 1;
+    }
+    let clients: Vec<&Sock> = socks.iter().filter(|s| s.is_client()).collect();
+    let mut client_matched = 0;
+    for s in &clients {
+        let held = seen.holders(&s.local, &s.peer, s.from_ns, s.to_ns);
+        for r in &s.life.rows {
+            // Those ss did not see are wrk's first connection, which only
+            // checks the address.
+            assert!(
+                held.iter()
+                    .any(|h| (h.0, Some(h.1.as_str())) == (pid_of(r), r["comm"].as_str()))
+                    || (held.is_empty() && r["comm"] == "wrk"),
+                "ss: {held:?}, row {r}"
+            );
+        }
+        client_matched += usize::from(!held.is_empty());
+    }
+    assert_eq!(
+        socks.iter().filter(|s| s.is_accepted()).count(),
+        clients.len(),
+        "as many accepted sockets as connections made"
+    );
+    assert!(
+        matched >= 16,
+        "ss saw at least wrk's 8 connections before and 8 after the reload held: {matched}"
+    );
+    assert!(
+        old_worker_closes >= 2,
+        "the old workers closed the idle connections, and their sockets' last rows (softirq) name them: {old_worker_closes}"
+    );
+    assert!(
+        after_reload >= 1 && by_worker.len() >= 3,
+        "the new workers accepted connections: {by_worker:?}"
+    );
+    // No row after the launcher's exit names it.
+    let launcher_rows = out.rows().iter().filter(|r| pid_of(r) == launcher).count();
+    assert_eq!(launcher_rows, 1, "only the listen() names the launcher");
+    eprintln!(
+        "nginx: {} sockets ({} accepted, {matched} matched against ss, {} clients, {client_matched} matched), {rows} accepted-side rows ({queued} queued, {queued_closes} closed by the client while queued), resets sent by old/new workers {resets:?}, {old_worker_closes} closed first by an old worker, {} ss samples, {} connections held in ss, per worker {by_worker:?}, master {master}, launcher {launcher}",
+        socks.len(),
+        socks.iter().filter(|s| s.is_accepted()).count(),
+        clients.len(),
+        seen.0.len(),
+        seen.held_connections()
+    );
+}
+
+// ----------------------------------------------------------- PostgreSQL
+
+fn postgres_bin(name: &str) -> String {
+    let dir = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("Debian's postgresql is installed (cargo xtask test installs it)")
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .find(|d| d.join("postgres").is_file())
+        .expect("a postgres under /usr/lib/postgresql/*/bin");
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+/// `cmd` as the postgres user: PostgreSQL refuses to run as root.
+fn as_postgres(program: &str) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid",
+        "postgres",
+        "--regid",
+        "postgres",
+        "--init-groups",
+        "--",
+    ])
+    .arg(program);
+    cmd
+}
+
+/// The backend of each connection, from PostgreSQL's own log
+/// (log_connections, each line prefixed by the pid): client port -> pids,
+/// in the order the connections came.
+fn pg_backends(log: &str) -> BTreeMap<u16, Vec<u32>> {
+    let mut by_port: BTreeMap<u16, Vec<u32>> = BTreeMap::new();
+    for line in log.lines() {
+        let Some((pid, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some(port) = rest
+            .split_once("connection received: host=127.0.0.1 port=")
+            .map(|(_, p)| p.trim())
+        else {
+            continue;
+        };
+        if let (Ok(pid), Ok(port)) = (pid.parse(), port.parse()) {
+            by_port.entry(port).or_default().push(pid);
+        }
+    }
+    by_port
+}
+
+#[test]
+fn postgres_backends_own_their_connections_not_the_postmaster() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let dir = TempDir::new("pg");
+    let run_ok = |cmd: &mut Command, what: &str| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run_ok(
+        Command::new("chown").args(["postgres:postgres", &dir.path("")]),
+        "chown",
+    );
+    let data = dir.path("data");
+    run_ok(
+        as_postgres(&postgres_bin("initdb")).args([
+            "-D",
+            &data,
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+        ]),
+        "initdb",
+    );
+    let log = dir.path("postgres.log");
+    let recording = dir.path("pgbench.jsonl");
+    let listen_at = format!("127.0.0.1:{port}");
+    let tracer = tracer(&ns, port, &["-w", &recording]);
+    let ftrace = Ftrace::start(port);
+    let mut procs = Procs::new(&ns);
+    let port_s = port.to_string();
+    let postmaster = procs.spawn(
+        as_postgres(&postgres_bin("postgres"))
+            .args([
+                "-D",
+                &data,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port_s,
+                "-k",
+                &dir.path(""),
+            ])
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
+            .args(["-c", "log_connections=on", "-c", "log_line_prefix=%p "])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file")),
+    );
+    wait_until("postgres listening", Duration::from_secs(30), || {
+        ss_now(&ns)
+            .iter()
+            .any(|k| k.state == "LISTEN" && k.local == listen_at)
+    });
+
+    let watch = SsWatch::start(&ns, Duration::from_millis(50));
+    let pgbench = |extra: &[&str]| {
+        let mut cmd = as_postgres("pgbench");
+        cmd.args(["-h", "127.0.0.1", "-p", &port_s, "-U", "postgres"])
+            .args(extra)
+            .arg("postgres")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    };
+    let init = procs.spawn(&mut pgbench(&["-i", "-q", "-s", "1"]));
+    assert!(
+        procs.wait(init, Duration::from_secs(60)).success(),
+        "pgbench -i failed"
+    );
+    // A connection per transaction, for two seconds.
+    let bench = procs.spawn(&mut pgbench(&["-C", "-S", "-T", "2", "-c", "2", "-j", "2"]));
+    assert!(
+        procs.wait(bench, Duration::from_secs(20)).success(),
+        "pgbench -C failed"
+    );
+    thread::sleep(Duration::from_millis(300));
+    let seen = watch.finish();
+    // SAFETY: kill on the postmaster's pid, a process of this test.
+    unsafe { libc::kill(postmaster as i32, libc::SIGINT) };
+    wait_until("postmaster gone", Duration::from_secs(20), || {
+        !alive(postmaster)
+    });
+    let out = tracer.stop();
+    assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+    drop(procs);
+
+    let made_by = ftrace.process_context();
+    let mut backends = pg_backends(&std::fs::read_to_string(&log).expect("postgres log"));
+    let lives = out.lives();
+    let socks: Vec<Sock> = lives.iter().map(Sock::new).collect();
+    assert_eq!(
+        seen.listener_always(&listen_at),
+        BTreeSet::from([postmaster]),
+        "ss: the postmaster holds the listener"
+    );
+    let listeners: Vec<&Sock> = socks.iter().filter(|s| s.is_listener()).collect();
+    assert_eq!(listeners.len(), 1);
+    assert_eq!(listeners[0].life.path(), "CLOSE>LISTEN>CLOSE");
+    for r in &listeners[0].life.rows {
+        assert_eq!(
+            (pid_of(r), r["comm"].as_str()),
+            (postmaster, Some("postgres")),
+            "{r}"
+        );
+    }
+
+    let (mut rows, mut matched, mut close_waits, mut postmaster_closes) = (0, 0, 0, 0);
+    // Who held each connection last: the report counts it for them.
+    let mut held_last: BTreeMap<u32, u64> = BTreeMap::from([(postmaster, 0)]);
+    let mut accepted: Vec<&Sock> = socks.iter().filter(|s| s.is_accepted()).collect();
+    accepted.sort_by_key(|s| s.from_ns);
+    for s in &accepted {
+        let client_port = s.life.rport() as u16;
+        let list = backends
+            .get_mut(&client_port)
+            .unwrap_or_else(|| panic!("postgres logged no connection from port {client_port}"));
+        assert!(
+            !list.is_empty(),
+            "more sockets from port {client_port} than logged"
+        );
+        let backend = list.remove(0);
+        assert_ne!(backend, postmaster, "a backend of its own");
+        let (before, after) = s.queued_then_accepted(&seen);
+        assert_eq!(
+            before.iter().map(|r| r["new"].as_str()).collect::<Vec<_>>(),
+            [Some("SYN_RECV"), Some("ESTABLISHED")],
+            "queued until the postmaster accepts it: {:#?}",
+            s.life.rows
+        );
+        for r in before {
+            assert_eq!(
+                pid_of(r),
+                postmaster,
+                "the listener's owner while queued: {r}"
+            );
+        }
+        for r in s.life.rows.iter() {
+            assert_eq!(r["comm"], "postgres", "the process's name: {r}");
+            assert!(
+                r.get("thread").is_none(),
+                "one thread, named as the process: {r}"
+            );
+        }
+        // The backend's, unless the postmaster, slow to close its copy
+        // after the fork, dropped the last reference: the kernel then made
+        // the close in the postmaster, which held the socket last.
+        let mut expected = backend;
+        for r in after {
+            let key = (
+                s.life.rport(),
+                r["old"].as_str().unwrap_or("?").to_string(),
+                r["new"].as_str().unwrap_or("?").to_string(),
+            );
+            if let Some(makers) = made_by.get(&key) {
+                let maker = *makers.iter().find(|&&p| p == backend || p == postmaster).unwrap_or_else(|| {
+                    panic!("{key:?} made by {makers:?}, neither backend {backend} nor the postmaster")
+                });
+                postmaster_closes += usize::from(maker == postmaster);
+                expected = maker;
+            }
+            assert_eq!(
+                pid_of(r),
+                expected,
+                "socket {} {}: the backend's: {r}",
+                s.life.sock,
+                s.life.path()
+            );
+            close_waits += usize::from(r["new"] == "CLOSE_WAIT");
+        }
+        *held_last.entry(expected).or_default() += 1;
+        // ss: the backend holds it (the postmaster too, between its
+        // accept and its close after the fork).
+        let held: BTreeSet<u32> = seen
+            .holders(&s.local, &s.peer, s.from_ns, s.to_ns)
+            .iter()
+            .map(|h| h.0)
+            .collect();
+        assert!(
+            held.is_subset(&BTreeSet::from([backend, postmaster])),
+            "ss: {held:?} hold {} -> {}, backend {backend}",
+            s.local,
+            s.peer
+        );
+        if held.contains(&backend) {
+            matched += 1;
+        }
+        rows += s.life.rows.len();
+    }
+    let clients: Vec<&Sock> = socks.iter().filter(|s| s.is_client()).collect();
+    assert_eq!(clients.len(), accepted.len(), "pgbench's sockets");
+    for r in clients.iter().flat_map(|s| &s.life.rows) {
+        assert!(
+            [init, bench].contains(&pid_of(r)) && r["comm"] == "pgbench",
+            "pgbench's: {r}"
+        );
+    }
+    let unmatched: usize = backends.values().map(Vec::len).sum();
+    assert_eq!(
+        unmatched, 0,
+        "postgres logged connections tcptrace did not show: {backends:?}"
+    );
+    assert!(
+        accepted.len() >= 20,
+        "pgbench -C made connections: {}",
+        accepted.len()
+    );
+    assert!(
+        close_waits * 10 >= accepted.len() * 9,
+        "ESTABLISHED -> CLOSE_WAIT on nearly every connection: {close_waits} of {}",
+        accepted.len()
+    );
+    assert!(
+        matched >= 1,
+        "ss caught at least one backend holding its connection"
+    );
+
+    // The report counts each connection for its backend.
+    let report = tcptrace(&["report", &recording, "--format", "json", "--top", "100000"]);
+    assert!(report.status.success(), "report failed: {}", report.stderr);
+    let report: Value = serde_json::from_str(&report.stdout).expect("report JSON");
+    let processes = report["processes"].as_array().expect("processes");
+    let connections = |pid: u32| {
+        processes
+            .iter()
+            .find(|p| p["pid"] == pid)
+            .and_then(|p| p["connections"].as_u64())
+            .unwrap_or(0)
+    };
+    for (&pid, &n) in &held_last {
+        assert_eq!(
+            connections(pid),
+            n,
+            "connections of {pid} (postmaster {postmaster}): {processes:#?}"
+        );
+    }
+    eprintln!(
+        "postgres: {} connections, {rows} server-side rows, {close_waits} ESTABLISHED -> CLOSE_WAIT, {matched} backends seen holding their socket by ss ({} samples), {postmaster_closes} closes made by the postmaster, {} processes in the report, postmaster {postmaster}",
+        accepted.len(),
+        seen.0.len(),
+        processes.len()
+    );
+}
+
+// ---------------------------------------------------------------- Redis
+
+/// The names of a process's threads now, from /proc.
+fn thread_names(pid: u32) -> BTreeSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim_end().to_string())
+        .collect()
+}
+
+#[test]
+fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
+    let ns = Netns::new();
+    let (port, replica_port) = (unique_port(), unique_port());
+    let dir = TempDir::new("redis");
+    let listen_at = format!("127.0.0.1:{port}");
+    let all = tracer(&ns, port, &[]);
+    let named = tracer(&ns, port, &["--comm", "redis-server"]);
+    let mut procs = Procs::new(&ns);
+    let redis = |port: u16, sub: &str, extra: &[&str]| {
+        let d = dir.path(sub);
+        std::fs::create_dir_all(&d).expect("redis dir");
+        let mut cmd = Command::new("redis-server");
+        // Background threads busy with an fsync per write, and I/O
+        // threads: a close at exit may run in any of them.
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            &d,
+        ])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
+        .args([
+            "--io-threads",
+            "2",
+            "--io-threads-do-reads",
+            "yes",
+            "--daemonize",
+            "no",
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+        cmd
+    };
+    let master = procs.spawn(&mut redis(port, "master", &[]));
+    wait_until("redis listening", Duration::from_secs(10), || {
+        ss_now(&ns)
+            .iter()
+            .any(|k| k.state == "LISTEN" && k.local == listen_at)
+    });
+    let replica = procs.spawn(&mut redis(
+        replica_port,
+        "replica",
+        &["--replicaof", "127.0.0.1", &port.to_string()],
+    ));
+    let watch = SsWatch::start(&ns, Duration::from_millis(50));
+    wait_until(
+        "the replica's link to its master",
+        Duration::from_secs(10),
+        || {
+            ss_now(&ns).iter().any(|k| {
+                k.state == "ESTAB"
+                    && k.peer == listen_at
+                    && k.holders.iter().any(|h| h.0 == replica)
+            })
+        },
+    );
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    };
+    // Clients that close first, and two that wait (bounded) in BLPOP until
+    // the server goes.
+    for i in 0..5 {
+        let c = procs.spawn(&mut cli(&["set", &format!("k{i}"), "v"]));
+        assert!(
+            procs.wait(c, Duration::from_secs(10)).success(),
+            "redis-cli set"
+        );
+    }
+    let waiting: Vec<u32> = (0..2)
+        .map(|_| procs.spawn(&mut cli(&["blpop", "nothing", "20"])))
+        .collect();
+    wait_until("two clients waiting", Duration::from_secs(10), || {
+        ss_now(&ns)
+            .iter()
+            .filter(|k| k.local == listen_at && k.state == "ESTAB")
+            .count()
+            >= 3
+    });
+    let threads: BTreeMap<u32, BTreeSet<String>> = [master, replica]
+        .into_iter()
+        .map(|p| (p, thread_names(p)))
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    // Stopped the way a service manager stops them: the sockets they
+    // still hold close as their threads exit.
+    for pid in [replica, master] {
+        // SAFETY: kill on a pid of this test's.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        assert!(
+            procs.wait(pid, Duration::from_secs(10)).success(),
+            "redis {pid} stops"
+        );
+    }
+    for c in waiting {
+        procs.wait(c, Duration::from_secs(10));
+    }
+    let seen = watch.finish();
+    let (all, named) = (all.stop(), named.stop());
+    assert!(
+        all.status.success() && named.status.success(),
+        "tcptrace failed: {} {}",
+        all.stderr,
+        named.stderr
+    );
+    drop(procs);
+
+    assert_eq!(
+        seen.listener_always(&listen_at),
+        BTreeSet::from([master]),
+        "ss: the master holds its listener"
+    );
+    // Each tracer reads its own clock: a socket is told by its ends, the
+    // states it went through and who made each step.
+    let key = |life: &Life| {
+        let s = Sock::new(life);
+        let owners: Vec<u32> = life.rows.iter().map(pid_of).collect();
+        (s.local, s.peer, life.path(), owners)
+    };
+    let named_lives = named.lives();
+    let kept: BTreeSet<_> = named_lives.iter().map(key).collect();
+    let lives = all.lives();
+    let mut server_socks = 0;
+    let (mut server_rows, mut with_thread, mut cli_rows) = (0, 0, 0);
+    let mut thread_seen = BTreeSet::new();
+    for life in &lives {
+        let s = Sock::new(life);
+        let held = seen.holders(&s.local, &s.peer, s.from_ns, s.to_ns);
+        // The server's side of a client's connection, its listener, the
+        // replica's link: held by a redis-server (ss; the short clients'
+        // accepted sockets are the master's, the one process accepting).
+        let holder = if s.local == listen_at {
+            master
+        } else if let [(pid, name)] = &held.iter().cloned().collect::<Vec<_>>()[..] {
+            assert!(name == "redis-cli" || *pid == replica, "ss: {held:?}");
+            *pid
+        } else {
+            assert!(held.is_empty(), "ss: several holders {held:?}");
+            // A short `redis-cli set`.
+            assert!(
+                life.rows.iter().all(|r| r["comm"] == "redis-cli"),
+                "{:#?}",
+                life.rows
+            );
+            cli_rows += life.rows.len();
+            continue;
+        };
+        for h in &held {
+            assert_eq!(
+                h.0, holder,
+                "ss holders of {} -> {}: {held:?}",
+                s.local, s.peer
+            );
+        }
+        if holder != master && holder != replica {
+            for r in &life.rows {
+                assert_eq!(
+                    (pid_of(r), r["comm"].as_str()),
+                    (holder, Some("redis-cli")),
+                    "{r}"
+                );
+            }
+            cli_rows += life.rows.len();
+            continue;
+        }
+        let (_, after) = if s.is_accepted() {
+            s.queued_then_accepted(&seen)
+        } else {
+            (&life.rows[..0], &life.rows[..])
+        };
+        for r in after {
+            assert_eq!(
+                (pid_of(r), r["comm"].as_str()),
+                (holder, Some("redis-server")),
+                "the process's name: {r}"
+            );
+            if let Some(t) = r.get("thread").and_then(Value::as_str) {
+                assert!(
+                    t != "redis-server" && threads[&holder].contains(t),
+                    "thread {t:?} of {holder}: {:?}",
+                    threads[&holder]
+                );
+                with_thread += 1;
+                thread_seen.insert(t.to_string());
+            }
+        }
+        assert!(
+            kept.contains(&key(life)),
+            "--comm redis-server dropped rows of {holder}'s: {:#?}\nkept: {:#?}",
+            life.rows,
+            named_lives.iter().find(|l| Sock::new(l).peer == s.peer)
+        );
+        server_rows += life.rows.len();
+        server_socks += 1;
+    }
+    assert_eq!(
+        kept.len(),
+        server_socks,
+        "--comm redis-server kept exactly the redis-server sockets"
+    );
+    assert_eq!(named.rows().len(), server_rows, "and all their rows");
+    assert!(
+        server_rows >= 5 * 6,
+        "the server side of every connection: {server_rows}"
+    );
+    eprintln!(
+        "redis: {} sockets, {server_rows} redis-server rows all kept by --comm ({with_thread} made by a thread of another name: {thread_seen:?}), {cli_rows} redis-cli rows, {} ss samples, threads {threads:?}",
+        lives.len(),
+        seen.0.len()
+    );
+}
