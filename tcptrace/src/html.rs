@@ -23,6 +23,8 @@ const STATES: usize = 16;
 /// Samples of the time series kept at most (thinned by half when full).
 const MAX_SAMPLES: usize = 2048;
 const MAX_LIFELINES: usize = 120;
+/// Left and right margins of the state chart (its time axis).
+const SERIES_PAD: f64 = 40.0;
 /// Refused connects are remembered per port as (time, count) slots; when a
 /// port has this many, neighbours merge.
 const MAX_REFUSED_SLOTS: usize = 1024;
@@ -200,7 +202,7 @@ impl Pictures {
     }
 
     fn series_svg(&self) -> String {
-        let (w, hgt, pad) = (900.0, 300.0, 40.0);
+        let (w, hgt, pad) = (900.0, 300.0, SERIES_PAD);
         let (t0, t1) = self.span();
         let max = self
             .samples
@@ -227,7 +229,8 @@ impl Pictures {
             &format!("{:.3} s", (t1 - t0) as f64 / 1e9),
         );
         let mut tick = 1u32;
-        while tick < max {
+        // Up to the top label, not over it.
+        while tick < max && y(tick) - y(max) > 12.0 {
             let _ = write!(
                 s,
                 "<line class=\"tick\" x1=\"{}\" y1=\"{:.1}\" x2=\"{}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"4\" y=\"{:.1}\" font-size=\"10\">{tick}</text>",
@@ -283,33 +286,34 @@ impl Pictures {
     /// listening), and a mark per time slot with refused connects, on the
     /// state chart's time axis.
     fn availability_svg(&self, report: &Report) -> String {
-        let (w, row, pad, label_w) = (900.0, 26.0, 20.0, 150.0);
-        let hgt = pad * 2.0 + row * report.listeners.len() as f64;
+        // The state chart's time axis, so that a window lines up with what
+        // the sockets did in it.
+        let (w, row, pad, top) = (900.0, 44.0, SERIES_PAD, 10.0);
+        let hgt = top * 2.0 + row * report.listeners.len() as f64;
         let (t0, t1) = self.span();
-        let x = |t: u64| {
-            label_w + (t.clamp(t0, t1) - t0) as f64 / (t1 - t0) as f64 * (w - label_w - pad)
-        };
+        let x = |t: u64| pad + (t.clamp(t0, t1) - t0) as f64 / (t1 - t0) as f64 * (w - 2.0 * pad);
         let mut s = format!(
             "<svg id=\"availability\" width=\"{w}\" height=\"{hgt}\" viewBox=\"0 0 {w} {hgt}\" xmlns=\"http://www.w3.org/2000/svg\">"
         );
         for (i, p) in report.listeners.iter().enumerate() {
-            let y = pad + i as f64 * row;
+            let y = top + i as f64 * row + 12.0;
             let _ = write!(
                 s,
-                "<g class=\"port\" data-port=\"{}\"><text x=\"4\" y=\"{}\" font-size=\"11\">port {} ({} refused)</text>",
+                "<g class=\"port\" data-port=\"{}\"><text x=\"{pad}\" y=\"{}\" font-size=\"11\">port {}: up (green), nothing listening (red), {} connects refused (ticks)</text>",
                 p.port,
-                y + row / 2.0 + 4.0,
+                y - 2.0,
                 p.port,
                 p.refused
             );
+            let band = 20.0;
             for l in &p.listeners {
                 let (a, b) = (x(l.from_ns.unwrap_or(t0)), x(l.to_ns.unwrap_or(t1)));
                 let _ = write!(
                     s,
                     "<rect class=\"up\" x=\"{a:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#2ca02c\"><title>{}</title></rect>",
-                    y + 4.0,
+                    y + 2.0,
                     (b - a).max(1.0),
-                    row - 8.0,
+                    band,
                     escape(&format!(
                         "listening {} {} {}",
                         l.addr,
@@ -325,9 +329,9 @@ impl Pictures {
                     "<rect class=\"down\" data-refused=\"{}\" data-ms=\"{:.3}\" x=\"{a:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#d62728\"><title>nothing listening for {:.3} ms, {} refused</title></rect>",
                     d.refused,
                     d.duration_ms,
-                    y + 4.0,
+                    y + 2.0,
                     (b - a).max(2.0),
-                    row - 8.0,
+                    band,
                     d.duration_ms,
                     d.refused
                 );
@@ -338,9 +342,9 @@ impl Pictures {
                     s,
                     "<line class=\"refused\" data-count=\"{n}\" x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#000\"/>",
                     x(*ts),
-                    y,
+                    y + band + 3.0,
                     x(*ts),
-                    y + 6.0
+                    y + band + 9.0
                 );
             }
             s.push_str("</g>");
