@@ -597,8 +597,27 @@ impl Analysis {
 
     fn unlisten(&mut self, r: &Row) {
         let t = &r.t;
-        let Some(i) = self.listening.remove(&r.sock) else {
-            return;
+        let i = match self.listening.remove(&r.sock) {
+            Some(i) => i,
+            None => {
+                // Listening since before the recording, which had no
+                // snapshot: its close is the first we see of it.
+                let i = self.listeners.len();
+                self.listeners.push(Listener {
+                    addr: t.local,
+                    owner: r.owner,
+                    from_ns: None,
+                    to_ns: None,
+                    first_ns: None,
+                    connections: 0,
+                    reset_queued: 0,
+                    reset_open: 0,
+                });
+                let port = self.ports.entry((t.netns, t.local.port())).or_default();
+                port.lives.push(i);
+                port.up += 1;
+                i
+            }
         };
         let l = &mut self.listeners[i];
         l.to_ns = Some(t.ts_ns);
@@ -1577,6 +1596,22 @@ mod tests {
         let r = analyse(&[closed(2)]);
         assert_eq!(r.still_open_summary.total, 0);
         assert_eq!(r.still_open_summary.time_wait_not_followed, 1);
+    }
+
+    #[test]
+    fn a_listener_from_before_an_unsnapshotted_recording_still_opens_a_window() {
+        let rows = [
+            row(1, 100, "LISTEN", "CLOSE", ""),
+            row(2, 120, "SYN_SENT", "CLOSE", r#","close":"refused""#),
+        ];
+        let r = analyse(&rows);
+        let p = &r.listeners[0];
+        assert_eq!(
+            (p.listeners[0].from_s, p.listeners[0].to_s),
+            (None, Some(0.0))
+        );
+        assert_eq!((p.down.len(), p.down[0].refused), (1, 1));
+        assert_eq!(p.down[0].to_s, None, "still down at the end");
     }
 
     #[test]
