@@ -42,8 +42,10 @@ fn record_scenarios(file: &str, live_args: &[&str]) -> String {
 #[test]
 fn read_reproduces_the_live_text_output_byte_for_byte() {
     let dir = TempDir::new("read");
-    let file = dir.path("rec.jsonl");
+    // The default format: binary.
+    let file = dir.path("rec.tcpt");
     let live = record_scenarios(&file, &[]);
+    assert!(fs::read(&file).unwrap().starts_with(b"\x89TCPTR\r\n"));
     assert_eq!(live.lines().count(), 1 + 2 + 20 + 2, "{live}");
     let replay = tcptrace(&["read", &file]);
     assert!(replay.status.success(), "{}", replay.stderr);
@@ -280,7 +282,7 @@ fn report_follow_shows_one_connections_timeline() {
 fn a_rotation_set_reads_as_one_stream() {
     let ns = Netns::new();
     let dir = TempDir::new("rotate");
-    let file = dir.path("rot.jsonl");
+    let file = dir.path("rot.tcpt");
     let port = unique_port();
     let tracer = Tracer::start(&[
         "--port",
@@ -294,7 +296,8 @@ fn a_rotation_set_reads_as_one_stream() {
         "relative",
     ]);
     let addr = format!("127.0.0.1:{port}");
-    ns.connections(&addr, 8);
+    // Under 20 bytes a row: 700 rows fill two 4 KiB files and start a third.
+    ns.connections(&addr, 70);
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
     let mut files: Vec<String> = fs::read_dir(&dir.0)
@@ -302,14 +305,24 @@ fn a_rotation_set_reads_as_one_stream() {
         .map(|e| e.unwrap().path().to_string_lossy().into_owned())
         .collect();
     assert!(files.len() >= 3, "{files:?}");
+    let mut rows_alone = 0;
     for f in &files {
-        let text = fs::read_to_string(f).unwrap();
+        let bytes = fs::read(f).unwrap();
         assert!(
-            text.starts_with("{\"type\":\"header\""),
+            bytes.starts_with(b"\x89TCPTR\r\n"),
             "{f} starts with its own header"
         );
-        assert!(text.len() <= 4096 + 400, "{f} is {} bytes", text.len());
+        assert!(bytes.len() <= 4096, "{f} is {} bytes", bytes.len());
+        // Each file reads alone: its dictionaries are its own.
+        let alone = tcptrace(&["read", f, "--format", "json"]);
+        assert!(
+            alone.status.success() && alone.stderr.is_empty(),
+            "{f}: {}",
+            alone.stderr
+        );
+        rows_alone += alone.stdout.lines().count();
     }
+    assert_eq!(rows_alone, 2 + 700);
     // Given in any order, the set reads as the live run printed it.
     files.sort();
     files.reverse();
@@ -318,7 +331,7 @@ fn a_rotation_set_reads_as_one_stream() {
     let replay = tcptrace(&args);
     assert!(replay.status.success(), "{}", replay.stderr);
     assert_eq!(replay.stdout, out.stdout);
-    assert_eq!(replay.stdout.lines().count(), 1 + 2 + 80);
+    assert_eq!(replay.stdout.lines().count(), 1 + 2 + 700);
 }
 
 #[test]
@@ -488,7 +501,7 @@ fn a_recording_at_full_churn_is_exactly_the_rows_shown() {
     // for byte and in order.
     let ns = Netns::new();
     let dir = TempDir::new("churn");
-    let file = dir.path("rec.jsonl");
+    let file = dir.path("rec.tcpt");
     let port = unique_port();
     let tracer = Tracer::start(&[
         "--port",
@@ -504,27 +517,30 @@ fn a_recording_at_full_churn_is_exactly_the_rows_shown() {
     ns.churn(port, 1, &[]).expected();
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
-    let text = fs::read_to_string(&file).unwrap();
-    assert!(
-        text.len() > 8 << 20,
-        "{} bytes: a burst, not a trickle",
-        text.len()
-    );
-    let rows = whole_rows(&text);
     let (shown, _, _) = out.stats();
-    assert_eq!(rows.len() as u64, shown, "every row shown is in the file");
-    let body = text
-        .lines()
-        .filter(|l| !l.starts_with("{\"type\":"))
-        .flat_map(|l| [l, "\n"])
-        .collect::<String>();
+    assert!(shown > 100_000, "{shown} rows: a burst, not a trickle");
+    // The binary rows read back as the JSON the live run printed, byte for
+    // byte and in order.
+    let read = tcptrace(&["read", &file, "--format", "json", "--time", "utc"]);
     assert!(
-        body == out.stdout,
+        read.status.success() && read.stderr.is_empty(),
+        "{}",
+        read.stderr
+    );
+    assert_eq!(read.stdout.lines().count() as u64, shown);
+    assert!(
+        read.stdout == out.stdout,
         "the file's rows differ from the rows printed"
     );
-    let stats: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    assert_eq!(stats["type"], "stats");
-    assert_eq!(stats["events"].as_u64(), Some(shown));
+    let size = fs::metadata(&file).unwrap().len();
+    let per_row = size as f64 / shown as f64;
+    assert!(
+        per_row <= 64.0,
+        "{per_row:.1} bytes per transition ({size} bytes, {shown} rows)"
+    );
+    let report = tcptrace(&["report", &file, "--format", "json"]);
+    let report: Value = serde_json::from_str(&report.stdout).unwrap();
+    assert_eq!(report["events"].as_u64(), Some(shown), "{report}");
 }
 
 #[test]
@@ -564,7 +580,7 @@ fn a_full_disk_in_a_burst_keeps_every_whole_line() {
 fn a_recording_survives_kill_9_of_its_writer() {
     let ns = Netns::new();
     let dir = TempDir::new("kill9");
-    let file = dir.path("rec.jsonl");
+    let file = dir.path("rec.tcpt");
     let port = unique_port();
     let tracer = Tracer::start(&[
         "--port",
@@ -580,16 +596,20 @@ fn a_recording_survives_kill_9_of_its_writer() {
     std::thread::sleep(std::time::Duration::from_millis(600));
     let out = tracer.signal(libc::SIGKILL);
     assert!(!out.status.success());
-    let text = fs::read_to_string(&file).unwrap();
-    assert!(text.ends_with('\n'));
-    assert_eq!(
-        text.lines().count(),
-        1 + 2 + 50,
-        "header and every row, no stats"
-    );
+    // Every row made more than 200 ms before the kill, whole chunks only.
     let read = tcptrace(&["read", &file, "--format", "json"]);
-    assert!(read.status.success(), "{}", read.stderr);
-    assert_eq!(read.stdout.lines().count(), 52);
+    assert!(
+        read.status.success() && read.stderr.is_empty(),
+        "{}",
+        read.stderr
+    );
+    assert_eq!(read.stdout.lines().count(), 2 + 50);
+    let report = tcptrace(&["report", &file]);
+    assert!(
+        report.stdout.contains("did not end cleanly"),
+        "no stats record: {}",
+        report.stdout
+    );
 }
 
 #[test]
@@ -721,4 +741,222 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
+}
+
+/// A binary recording of rows in two batches 600 ms apart (so in two
+/// chunks at least), stopped cleanly. Returns the file and its rows as
+/// `read --format json` prints them.
+fn two_batches(dir: &TempDir) -> (String, Vec<String>) {
+    let ns = Netns::new();
+    let file = dir.path("rec.tcpt");
+    let port = unique_port();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "-w",
+        &file,
+        "-q",
+        "--no-timewait",
+    ]);
+    let addr = format!("127.0.0.1:{port}");
+    ns.connections(&addr, 3);
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    ns.connections(&addr, 2);
+    assert!(tracer.stop().status.success());
+    let read = tcptrace(&["read", &file, "--format", "json"]);
+    assert!(
+        read.status.success() && read.stderr.is_empty(),
+        "{}",
+        read.stderr
+    );
+    let rows: Vec<String> = read.stdout.lines().map(String::from).collect();
+    assert_eq!(rows.len(), 2 + 30 + 2 + 20);
+    (file, rows)
+}
+
+#[test]
+fn a_binary_recording_cut_short_reads_to_its_last_whole_chunk_with_a_warning() {
+    let dir = TempDir::new("bin-trunc");
+    let (file, rows) = two_batches(&dir);
+    let bytes = fs::read(&file).unwrap();
+    // As if killed mid-write: the last chunk loses its end.
+    fs::write(&file, &bytes[..bytes.len() - 3]).unwrap();
+    let out = tcptrace(&["read", &file, "--format", "json"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(": the recording is cut off at byte"),
+        "{}",
+        out.stderr
+    );
+    let got: Vec<&str> = out.stdout.lines().collect();
+    assert!(got.len() >= 2 + 30, "the first batch, written long before");
+    assert_eq!(
+        got[..],
+        rows[..got.len()],
+        "what is read is what was written"
+    );
+    let report = tcptrace(&["report", &file]);
+    assert!(report.status.success(), "{}", report.stderr);
+    assert!(
+        report.stdout.contains("did not end cleanly"),
+        "{}",
+        report.stdout
+    );
+}
+
+#[test]
+fn a_damaged_byte_in_a_binary_recording_is_an_error_naming_where() {
+    let dir = TempDir::new("bin-corrupt");
+    let (file, rows) = two_batches(&dir);
+    let mut bytes = fs::read(&file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    fs::write(&file, &bytes).unwrap();
+    for cmd in ["read", "report"] {
+        let out = tcptrace(&[cmd, &file]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", out.stderr);
+        assert!(out.stderr.contains("is damaged"), "{}", out.stderr);
+        // "FILE: byte A: the chunk of bytes A..B ..." (or a damaged chunk
+        // head at A): the damaged byte is in what it names.
+        let named = out.stderr.split(&format!("{file}: byte ")).nth(1);
+        let named = named.unwrap_or_else(|| panic!("no byte named: {}", out.stderr));
+        let start: usize = named.split(':').next().unwrap().parse().unwrap();
+        let end = match named.split("the chunk of bytes ").nth(1) {
+            Some(range) => range
+                .split(' ')
+                .next()
+                .unwrap()
+                .split("..")
+                .nth(1)
+                .unwrap()
+                .parse()
+                .unwrap(),
+            None => start + 10,
+        };
+        assert!(
+            (start..end).contains(&at),
+            "{at} in {start}..{end}: {}",
+            out.stderr
+        );
+    }
+    let lenient = tcptrace(&["read", &file, "--lenient", "--format", "json"]);
+    assert!(lenient.status.success(), "{}", lenient.stderr);
+    assert!(lenient.stderr.contains("skipped"), "{}", lenient.stderr);
+    assert!(lenient.stdout.lines().count() < rows.len());
+}
+
+#[test]
+fn a_full_disk_under_a_binary_recording_keeps_every_whole_chunk() {
+    let ns = Netns::new();
+    let dir = TempDir::new("bin-full");
+    let mnt = dir.path("small");
+    fs::create_dir_all(&mnt).unwrap();
+    let _mount = Tmpfs::mount(&mnt, "256k");
+    let file = format!("{mnt}/rec.tcpt");
+    let port = unique_port();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "-w",
+        &file,
+        "-q",
+        "--no-timewait",
+    ]);
+    ns.churn(port, 1, &[]).expected();
+    let out = tracer.wait();
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("No space left on device"),
+        "{}",
+        out.stderr
+    );
+    let read = tcptrace(&["read", &file, "--format", "json"]);
+    assert!(
+        read.status.success() && read.stderr.is_empty(),
+        "every chunk in the file is whole: {}",
+        read.stderr
+    );
+    let kept = read.stdout.lines().count();
+    assert!(kept > 5_000, "{kept} rows in 256 KiB");
+    let said = format!("the {kept} recorded before are in the file");
+    assert!(out.stderr.contains(&said), "{said:?} in {}", out.stderr);
+}
+
+#[test]
+fn read_tail_follows_a_growing_recording_through_its_rotation() {
+    use std::io::BufRead;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+    let ns = Netns::new();
+    let dir = TempDir::new("tail");
+    let file = dir.path("rec.tcpt");
+    let port = unique_port();
+    let tracer = Tracer::start(&[
+        "--port",
+        &port.to_string(),
+        "-w",
+        &file,
+        "-q",
+        "--no-timewait",
+        "--rotate-size",
+        "4K",
+    ]);
+    let mut follower = std::process::Command::new(tcptrace_tests::tcptrace_bin())
+        .args(["read", "--tail", &file, "--format", "json", "--time", "utc"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(fs::File::create(dir.path("tail.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(_) => panic!(
+                    "{} rows followed, {n} expected: {}",
+                    seen.len(),
+                    fs::read_to_string(dir.path("tail.err")).unwrap_or_default()
+                ),
+            }
+        }
+        seen.len()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    // Appended to the file the follower has open.
+    ns.connections(&addr, 3);
+    wait_for(2 + 30);
+    // Enough to rotate: the follower goes on in the new file.
+    ns.connections(&addr, 40);
+    let total = wait_for(2 + 30 + 2 + 400);
+    assert!(fs::metadata(format!("{file}.1")).is_ok(), "it rotated");
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    let _ = follower.kill();
+    let _ = follower.wait();
+    // What it followed is the rotation set, read whole.
+    let mut files: Vec<String> = fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().path().to_string_lossy().into_owned())
+        .filter(|f| f.contains("rec.tcpt"))
+        .collect();
+    files.sort();
+    let mut args = vec!["read", "--format", "json", "--time", "utc"];
+    args.extend(files.iter().map(String::as_str));
+    let whole = tcptrace(&args);
+    assert!(whole.status.success(), "{}", whole.stderr);
+    let whole: Vec<String> = whole.stdout.lines().map(String::from).collect();
+    assert_eq!(whole.len(), total);
+    assert!(seen == whole, "the follower's rows are the recording's");
 }

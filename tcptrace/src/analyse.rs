@@ -1211,10 +1211,14 @@ pub fn listeners_text(report: &Report) -> String {
         let ns = p.netns.map(|n| format!(" (netns {n})")).unwrap_or_default();
         let _ = writeln!(
             o,
-            "  port {}{ns}: {}, {} down, {} refused in all",
+            "  port {}{ns}: {}, {}, {} refused in all",
             p.port,
             plural(p.listeners.len() as u64, "listener", "listeners"),
-            plural(p.down.len() as u64, "time", "times"),
+            match p.down.len() {
+                0 => "never down".to_string(),
+                1 => "down once".to_string(),
+                n => format!("down {n} times"),
+            },
             plural(p.refused, "connect", "connects"),
         );
         // Listeners and windows interleaved in time.
@@ -1398,6 +1402,10 @@ impl Report {
             let _ = writeln!(o, "  filters         {}", f.describe());
         }
 
+        // What a restart did to the clients comes first.
+        o.push('\n');
+        o.push_str(&listeners_text(self));
+
         let heads = || COUNT_HEADS.map(String::from);
         o.push('\n');
         count_line(&mut o, "Connections", 18, heads());
@@ -1501,8 +1509,6 @@ impl Report {
         for t in &self.time_wait {
             let _ = writeln!(o, "  {:<42} {:>5} {:>10.3}", t.service, t.count, t.per_s);
         }
-        o.push('\n');
-        o.push_str(&listeners_text(self));
         o
     }
 }

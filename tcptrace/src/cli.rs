@@ -49,6 +49,8 @@ pub struct Cli {
     pub debug: bool,
 }
 
+// Parsed once per run: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print a recording made with --write, exactly as the live run would
@@ -163,10 +165,18 @@ pub struct LiveArgs {
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Recording")]
 pub struct RecordArgs {
-    /// Also record every transition shown to FILE, as JSON Lines (a header
-    /// object, one object per transition, a stats object at a clean exit).
+    /// Also record every transition shown to FILE (`tcptrace read` and
+    /// `tcptrace report` read it back). Compact binary, unless the name ends
+    /// in `.jsonl` or --write-format says otherwise.
     #[arg(short = 'w', long = "write", value_name = "FILE", value_parser = parse_output_path)]
     pub write: Option<PathBuf>,
+
+    /// How to write the recording: `binary` (about 20 bytes a transition),
+    /// or `json`: JSON Lines, one object per transition as `--format json`
+    /// prints it, for log shippers. Default: `json` for a FILE ending in
+    /// `.jsonl`, `binary` otherwise.
+    #[arg(long, value_enum, value_name = "FORMAT", requires = "write")]
+    pub write_format: Option<crate::record::WriteFormat>,
 
     /// Print nothing on stdout (with --write: only record).
     #[arg(short = 'q', long)]
@@ -200,10 +210,32 @@ pub struct ReadArgs {
     #[command(flatten)]
     pub output: OutputArgs,
 
-    /// Skip lines that are not valid records, with a warning, instead of
-    /// stopping at the first.
+    /// Skip lines that are not valid records (in a binary recording:
+    /// damaged chunks), with a warning, instead of stopping at the first.
     #[arg(long)]
     pub lenient: bool,
+
+    /// Keep reading, like `tail -F`: print FILE from its start, then what
+    /// is appended to it, and when the writer rotates it (or starts again),
+    /// go on with the new FILE. For log shippers, with `--format json`.
+    #[arg(long)]
+    pub tail: bool,
+
+    /// Instead of printing, record the rows (those the filters keep) and
+    /// notes to FILE, as `--write` does: converts between the binary format
+    /// and JSON Lines, joins a rotation set into one file.
+    #[arg(short = 'w', long = "write", value_name = "FILE", value_parser = parse_output_path,
+          conflicts_with = "tail")]
+    pub write: Option<PathBuf>,
+
+    /// Format of the --write FILE: `binary`, or `json` (JSON Lines).
+    /// Default: `json` for a FILE ending in `.jsonl`, `binary` otherwise.
+    #[arg(long, value_enum, value_name = "FORMAT", requires = "write")]
+    pub write_format: Option<crate::record::WriteFormat>,
+
+    /// Overwrite the --write FILE if it exists.
+    #[arg(long, requires = "write")]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]

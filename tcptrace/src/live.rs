@@ -154,6 +154,7 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
                     force: args.record.force,
                     rotate_size: args.record.rotate_size,
                     rotate_keep: args.record.rotate_keep,
+                    format: args.record.write_format,
                 },
                 Header::new(clock, spec.clone()),
             )

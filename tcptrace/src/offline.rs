@@ -11,6 +11,7 @@ use crate::cli::{ReadArgs, ReportArgs};
 use crate::filter::{Admit, Filter, Spec};
 use crate::format::{Clock, OutputFormat, Printer, Style, TimeFormat};
 use crate::html::Pictures;
+use crate::record::{self, Recorder, Stats};
 use crate::replay::{self, Item};
 
 /// Prints recorded rows as the live run printed them.
@@ -18,30 +19,60 @@ pub fn read(args: ReadArgs) -> Result<(), Failure> {
     let mut filter = Filter::new(args.filter.spec());
     let style = args.output.style();
     let header_line = style.format == OutputFormat::Text && !args.output.no_header;
-    print_rows(&args.files, args.lenient, &mut filter, style, header_line)
+    if args.tail && (args.files.len() != 1 || args.files[0].as_os_str() == "-") {
+        return Err(Failure::BadInput(anyhow!(
+            "--tail follows one file (the newest of a rotation), not {}",
+            if args.files.len() == 1 {
+                "stdin".to_string()
+            } else {
+                format!("{} files", args.files.len())
+            }
+        )));
+    }
+    if let Some(path) = &args.write {
+        return rewrite(&args, path, &mut filter);
+    }
+    let source = if args.tail {
+        Source::Tail(&args.files[0])
+    } else {
+        Source::Files(&args.files)
+    };
+    print_rows(source, args.lenient, &mut filter, style, header_line)
+}
+
+enum Source<'a> {
+    Files(&'a [std::path::PathBuf]),
+    /// One file, followed as it grows and rotates.
+    Tail(&'a std::path::Path),
 }
 
 /// Streams the rows of `files` that pass `filter` to stdout.
 fn print_rows(
-    files: &[std::path::PathBuf],
+    source: Source,
     lenient: bool,
     filter: &mut Filter,
     style: Style,
     header_line: bool,
 ) -> Result<(), Failure> {
     let stdout = io::stdout();
-    let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    // Shared with the follower, which flushes it before it waits.
+    let out = std::cell::RefCell::new(io::BufWriter::with_capacity(1 << 16, stdout.lock()));
     let mut printer: Option<Printer> = None;
     let mut warned_no_header = false;
-    let bar = progress_bar(files, ProgressFor::Read);
-    let result = replay::read(files, lenient, bar.as_ref(), |item| -> io::Result<()> {
+    let bar = match source {
+        Source::Files(files) => progress_bar(files, ProgressFor::Read),
+        Source::Tail(_) => None,
+    };
+    let sink = |item| -> io::Result<()> {
+        let mut out = out.borrow_mut();
+        let out = &mut *out;
         match item {
             Item::Header(h) => match &mut printer {
                 Some(p) => p.set_clock(h.clock()),
                 None => {
                     let p = Printer::new(style, h.clock());
                     if header_line {
-                        p.header(&mut out)?;
+                        p.header(out)?;
                     }
                     printer = Some(p);
                 }
@@ -61,25 +92,107 @@ fn print_rows(
                 });
                 if let Admit::Show(held) = filter.admit(&row) {
                     for r in held.as_deref().into_iter().chain(std::iter::once(&row)) {
-                        p.row(&mut out, r)?;
+                        p.row(out, r)?;
                     }
                 }
             }
         }
         Ok(())
-    });
+    };
+    let result = match source {
+        Source::Files(files) => replay::read(files, lenient, bar.as_ref(), sink),
+        Source::Tail(path) => {
+            let mut idle = || {
+                let _ = out.borrow_mut().flush();
+            };
+            replay::tail(path, lenient, &mut idle, sink)
+        }
+    };
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
     let written = match result {
         Err(bad) => return Err(Failure::BadInput(anyhow!(bad.0))),
-        Ok(r) => r.and_then(|()| out.flush()),
+        Ok(r) => r.and_then(|()| out.borrow_mut().flush()),
     };
     match written {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(Failure::Other(anyhow!("cannot write to stdout: {e}"))),
         Ok(()) => Ok(()),
     }
+}
+
+/// `read -w`: the rows the filter keeps, and the notes, recorded again
+/// (in the other format, or the files of a rotation as one).
+fn rewrite(args: &ReadArgs, path: &std::path::Path, filter: &mut Filter) -> Result<(), Failure> {
+    let mut recorder: Option<Recorder> = None;
+    let mut stats: Option<Stats> = None;
+    let mut failed: Option<String> = None;
+    let opts = record::Options {
+        path: path.to_path_buf(),
+        force: args.force,
+        rotate_size: None,
+        rotate_keep: None,
+        format: args.write_format,
+    };
+    let bar = progress_bar(&args.files, ProgressFor::Report);
+    let result = replay::read(&args.files, args.lenient, bar.as_ref(), |item| {
+        let r = match (item, &mut recorder) {
+            (Item::Header(mut h), None) => {
+                // One file now, whatever the parts were.
+                h.part = 0;
+                recorder = Some(Recorder::create(opts.clone(), *h)?);
+                return Ok(());
+            }
+            (Item::Header(_), Some(_)) => return Ok(()),
+            (_, None) => {
+                return Err(anyhow!(
+                    "the recording has no header: rows without one cannot be recorded again"
+                ));
+            }
+            (Item::Row(row), Some(r)) => match filter.admit(&row) {
+                Admit::Show(held) => held
+                    .as_deref()
+                    .into_iter()
+                    .chain(std::iter::once(&row))
+                    .try_for_each(|row| r.row(row)),
+                _ => Ok(()),
+            },
+            (Item::Gap(g), Some(r)) => r.note(&g),
+            (Item::Holders(h), Some(r)) => r.note(&h),
+            (Item::Stats(s), Some(_)) => {
+                stats = Some(s);
+                Ok(())
+            }
+        };
+        r.map_err(|f| {
+            failed = Some(f.message.clone());
+            anyhow!(f.message)
+        })
+    });
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let result = result.map_err(|bad| Failure::BadInput(anyhow!(bad.0)))?;
+    if let Err(e) = result {
+        return Err(if failed.is_some() {
+            Failure::Other(e)
+        } else {
+            Failure::BadInput(e)
+        });
+    }
+    let Some(r) = recorder else {
+        return Err(Failure::BadInput(anyhow!("the recording has no header")));
+    };
+    let done = match stats {
+        Some(mut s) => {
+            // What this file holds, once filtered.
+            s.events = r.events;
+            r.finish(s)
+        }
+        None => r.close(),
+    };
+    done.map_err(|f| Failure::Other(anyhow!(f.message)))
 }
 
 #[derive(PartialEq)]
@@ -132,7 +245,7 @@ pub fn report(args: ReportArgs) -> Result<(), Failure> {
             color: false,
         };
         return print_rows(
-            &args.files,
+            Source::Files(&args.files),
             args.lenient,
             &mut filter,
             style,

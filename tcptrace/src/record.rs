@@ -1,13 +1,17 @@
-//! Record: write transitions to a file as JSON Lines that survive their
-//! writer.
+//! Record: write transitions to a file that survives its writer.
 //!
-//! A recording is a header object, one object per transition (exactly what
-//! `--format json --time utc` prints), and, on a clean exit, a stats object.
-//! Lines reach the file whole: rows are collected in a buffer and written
-//! at least every 200 ms; if a write fails, the file is cut back to its last
-//! whole line, so everything in it stays readable. At high rates most bytes
-//! go past the page cache ([`direct`]).
+//! Two formats: the compact binary one ([`binary`], the default; see
+//! docs/recording-format.md), and JSON Lines, for log shippers (`--write-format
+//! json`, or a file name ending in `.jsonl`). Both hold the same things: a
+//! header, one record per transition (exactly what `--format json --time
+//! utc` prints), notes about sockets, and on a clean exit a stats record.
+//! Records reach the file whole: they are collected in a buffer and written
+//! at least every 200 ms (a JSON line, or a checksummed binary chunk, at a
+//! time); if a write fails, the file is cut back to its last whole one, so
+//! everything in it stays readable. At high rates most bytes go past the
+//! page cache ([`direct`]).
 
+pub mod binary;
 mod direct;
 
 use std::fs::{self, File, OpenOptions};
@@ -177,6 +181,45 @@ pub struct Stats {
     pub duration_s: f64,
 }
 
+/// How a recording is written (`--write-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WriteFormat {
+    /// Compact binary: about 20 bytes a transition; `tcptrace read` turns it
+    /// into text or JSON Lines.
+    Binary,
+    /// JSON Lines, as `--format json --time utc` prints rows.
+    Json,
+}
+
+impl WriteFormat {
+    /// The format a file name asks for: JSON Lines for `.jsonl`, binary
+    /// otherwise.
+    pub fn for_path(path: &Path) -> WriteFormat {
+        if path.extension().is_some_and(|e| e == "jsonl") {
+            WriteFormat::Json
+        } else {
+            WriteFormat::Binary
+        }
+    }
+}
+
+/// Notes that go into a recording between rows.
+pub trait Note: Serialize {
+    fn encode(&self, enc: &mut binary::Encoder, buf: &mut Vec<u8>);
+}
+
+impl Note for Gap {
+    fn encode(&self, enc: &mut binary::Encoder, buf: &mut Vec<u8>) {
+        enc.gap(buf, self);
+    }
+}
+
+impl Note for HoldersNote {
+    fn encode(&self, enc: &mut binary::Encoder, buf: &mut Vec<u8>) {
+        enc.holders(buf, self);
+    }
+}
+
 /// Where and how to record.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -184,12 +227,30 @@ pub struct Options {
     pub force: bool,
     pub rotate_size: Option<u64>,
     pub rotate_keep: Option<u32>,
+    /// `None`: as the file name says ([`WriteFormat::for_path`]).
+    pub format: Option<WriteFormat>,
+}
+
+enum Encoding {
+    Json(Printer),
+    Binary {
+        enc: binary::Encoder,
+        /// Where the open chunk starts in the buffer, if one is open.
+        chunk: Option<usize>,
+        /// Sealed chunks among the pending bytes: where each ends (from the
+        /// start of the pending bytes) and the rows in it.
+        sealed: Vec<(usize, u64)>,
+        /// Rows in the open chunk.
+        chunk_rows: u64,
+        /// Rows in the current file.
+        file_rows: u64,
+    },
 }
 
 pub struct Recorder {
     opts: Options,
     header: Header,
-    printer: Printer,
+    encoding: Encoding,
     out: direct::Output,
     /// Rows among the pending bytes.
     buffered_rows: u64,
@@ -208,26 +269,39 @@ pub struct WriteFailure {
 impl Recorder {
     pub fn create(opts: Options, header: Header) -> Result<Recorder> {
         let file = create_file(&opts.path, opts.force)?;
-        let printer = Printer::new(
-            Style {
-                format: OutputFormat::Json,
-                time: TimeFormat::Utc,
-                show_skaddr: false,
-                wide: false,
-                color: false,
+        let format = opts
+            .format
+            .unwrap_or_else(|| WriteFormat::for_path(&opts.path));
+        let encoding = match format {
+            WriteFormat::Json => Encoding::Json(Printer::new(
+                Style {
+                    format: OutputFormat::Json,
+                    time: TimeFormat::Utc,
+                    show_skaddr: false,
+                    wide: false,
+                    color: false,
+                },
+                header.clock(),
+            )),
+            WriteFormat::Binary => Encoding::Binary {
+                enc: binary::Encoder::default(),
+                chunk: None,
+                sealed: Vec::new(),
+                chunk_rows: 0,
+                file_rows: 0,
             },
-            header.clock(),
-        );
+        };
         let mut r = Recorder {
             opts,
             header,
-            printer,
+            encoding,
             out: direct::Output::new(file, BUFFER_LIMIT * 2),
             buffered_rows: 0,
             last_flush: Instant::now(),
             events: 0,
         };
-        r.write_header()?;
+        r.write_header();
+        r.flush().map_err(|f| anyhow!(f.message))?;
         Ok(r)
     }
 
@@ -235,22 +309,61 @@ impl Recorder {
         &self.opts.path
     }
 
-    fn write_header(&mut self) -> Result<()> {
-        serde_json::to_writer(self.out.buf(), &self.header)?;
-        self.out.buf().push(b'\n');
-        self.flush().map_err(|f| anyhow!(f.message))
+    /// Appends the current file's header to the buffer.
+    fn write_header(&mut self) {
+        let buf = self.out.buf();
+        match &mut self.encoding {
+            Encoding::Json(_) => {
+                serde_json::to_writer(&mut *buf, &self.header).expect("header serializes");
+                buf.push(b'\n');
+            }
+            Encoding::Binary { enc, chunk, .. } => {
+                enc.reset();
+                binary::preamble(buf);
+                let at = *chunk.get_or_insert_with(|| binary::open_chunk(buf));
+                debug_assert_eq!(at + binary::CHUNK_HEAD, buf.len());
+                enc.header(buf, &self.header);
+            }
+        }
+    }
+
+    /// Opens a chunk if none is (binary).
+    fn chunk_open(&mut self) {
+        if let Encoding::Binary { chunk, .. } = &mut self.encoding
+            && chunk.is_none()
+        {
+            *chunk = Some(binary::open_chunk(self.out.buf()));
+        }
     }
 
     pub fn row(&mut self, row: &Row) -> Result<(), WriteFailure> {
-        let before = self.out.pending().len();
-        self.printer.row_into(self.out.buf(), row);
+        self.chunk_open();
+        let before = self.out.buf().len();
+        let pending_before = self.out.pending().len();
+        self.encode_row(row);
         self.buffered_rows += 1;
         self.events += 1;
         if let Some(limit) = self.opts.rotate_size
             && self.out.committed() + self.out.pending().len() as u64 > limit
-            && self.out.committed() + before as u64 > 0
+            && self.has_rows(pending_before)
         {
-            self.rotate(before)?;
+            // The row starts the next file: it is encoded again there,
+            // with that file's dictionaries.
+            self.out.buf().truncate(before);
+            self.buffered_rows -= 1;
+            self.rotate()?;
+            self.chunk_open();
+            self.encode_row(row);
+            self.buffered_rows += 1;
+        }
+        if let Encoding::Binary {
+            chunk_rows,
+            file_rows,
+            ..
+        } = &mut self.encoding
+        {
+            *chunk_rows += 1;
+            *file_rows += 1;
         }
         if self.out.pending().len() >= BUFFER_LIMIT {
             self.flush()?;
@@ -258,11 +371,35 @@ impl Recorder {
         Ok(())
     }
 
+    fn encode_row(&mut self, row: &Row) {
+        let buf = self.out.buf();
+        match &mut self.encoding {
+            Encoding::Json(p) => p.row_into(buf, row),
+            Encoding::Binary { enc, .. } => enc.row(buf, row),
+        }
+    }
+
+    /// Whether the current file holds a row before this one (a file is
+    /// never rotated away empty, however large a row).
+    fn has_rows(&self, pending_before: usize) -> bool {
+        match &self.encoding {
+            Encoding::Json(_) => self.out.committed() + pending_before as u64 > 0,
+            Encoding::Binary { file_rows, .. } => *file_rows > 0,
+        }
+    }
+
     /// Notes a socket whose end never arrived ([`Gap`]), or who holds a
     /// socket ([`HoldersNote`]).
-    pub fn note(&mut self, note: &impl Serialize) -> Result<(), WriteFailure> {
-        let _ = serde_json::to_writer(self.out.buf(), note);
-        self.out.buf().push(b'\n');
+    pub fn note(&mut self, note: &impl Note) -> Result<(), WriteFailure> {
+        self.chunk_open();
+        let buf = self.out.buf();
+        match &mut self.encoding {
+            Encoding::Json(_) => {
+                let _ = serde_json::to_writer(&mut *buf, note);
+                buf.push(b'\n');
+            }
+            Encoding::Binary { enc, .. } => note.encode(enc, buf),
+        }
         if self.out.pending().len() >= BUFFER_LIMIT {
             self.flush()?;
         }
@@ -277,19 +414,56 @@ impl Recorder {
         Ok(())
     }
 
-    /// Writes the stats object and everything before it.
+    /// Writes the stats record and everything before it.
     pub fn finish(mut self, stats: Stats) -> Result<(), WriteFailure> {
-        let _ = serde_json::to_writer(self.out.buf(), &stats);
-        self.out.buf().push(b'\n');
+        self.chunk_open();
+        let buf = self.out.buf();
+        match &mut self.encoding {
+            Encoding::Json(_) => {
+                let _ = serde_json::to_writer(&mut *buf, &stats);
+                buf.push(b'\n');
+            }
+            Encoding::Binary { enc, .. } => enc.stats(buf, &stats),
+        }
         self.flush()?;
         self.out.sync_data().map_err(|e| self.failure(&e, 0))
     }
 
+    /// Writes everything before it, with no stats record: a recording
+    /// copied from one that did not end cleanly does not either.
+    pub fn close(mut self) -> Result<(), WriteFailure> {
+        self.flush()?;
+        self.out.sync_data().map_err(|e| self.failure(&e, 0))
+    }
+
+    /// Seals the open chunk (binary): its bytes become whole.
+    fn seal(&mut self) {
+        let pending_start = self.out.buf().len() - self.out.pending().len();
+        let buf = self.out.buf();
+        if let Encoding::Binary {
+            chunk,
+            sealed,
+            chunk_rows,
+            ..
+        } = &mut self.encoding
+            && let Some(at) = chunk.take()
+        {
+            if binary::seal_chunk(buf, at) {
+                sealed.push((buf.len() - pending_start, *chunk_rows));
+            }
+            *chunk_rows = 0;
+        }
+    }
+
     fn flush(&mut self) -> Result<(), WriteFailure> {
         self.last_flush = Instant::now();
+        self.seal();
         match self.out.write_out() {
             Ok(()) => {
                 self.buffered_rows = 0;
+                if let Encoding::Binary { sealed, .. } = &mut self.encoding {
+                    sealed.clear();
+                }
                 Ok(())
             }
             Err(p) => Err(self.cut_back(p.kept, &p.error)),
@@ -297,19 +471,31 @@ impl Recorder {
     }
 
     /// After a failed write of `written` pending bytes: keeps the whole
-    /// lines that reached the file and cuts off the rest, so the file stays
-    /// readable to its last line.
+    /// lines or chunks that reached the file and cuts off the rest, so the
+    /// file stays readable to its end.
     fn cut_back(&mut self, written: usize, e: &io::Error) -> WriteFailure {
         let pending = self.out.pending();
-        let whole = pending[..written]
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |i| i + 1);
-        // Rows are the lines that are not a header or a gap note.
-        let rows = pending[..whole]
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty() && !l.starts_with(b"{\"type\":"))
-            .count() as u64;
+        let (whole, rows) = match &mut self.encoding {
+            Encoding::Json(_) => {
+                let whole = pending[..written]
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |i| i + 1);
+                // Rows are the lines that are not a header or a note.
+                let rows = pending[..whole]
+                    .split(|&b| b == b'\n')
+                    .filter(|l| !l.is_empty() && !l.starts_with(b"{\"type\":"))
+                    .count() as u64;
+                (whole, rows)
+            }
+            Encoding::Binary { sealed, .. } => {
+                let kept = sealed.iter().take_while(|(end, _)| *end <= written);
+                let whole = kept.clone().last().map_or(0, |(end, _)| *end);
+                let rows = kept.map(|(_, rows)| rows).sum();
+                sealed.clear();
+                (whole, rows)
+            }
+        };
         self.out.cut(whole);
         let lost = self.buffered_rows.saturating_sub(rows);
         self.failure(e, lost)
@@ -329,11 +515,11 @@ impl Recorder {
         }
     }
 
-    /// Moves to a new file; the row starting at `split` goes into it.
-    fn rotate(&mut self, split: usize) -> Result<(), WriteFailure> {
-        let tail = self.out.split_off(split);
+    /// Moves to a new file, which starts with its own header (and, binary,
+    /// its own dictionaries).
+    fn rotate(&mut self) -> Result<(), WriteFailure> {
+        // The row that did not fit, to be written again in the new file.
         let moved_rows = 1;
-        self.buffered_rows -= moved_rows;
         self.flush()?;
         let path = self.opts.path.clone();
         let numbered = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
@@ -362,12 +548,10 @@ impl Recorder {
         })?;
         self.out.replace_file(file);
         self.header.part += 1;
-        let header = serde_json::to_vec(&self.header).expect("header serializes");
-        let buf = self.out.buf();
-        buf.extend_from_slice(&header);
-        buf.push(b'\n');
-        buf.extend_from_slice(&tail);
-        self.buffered_rows = moved_rows;
+        if let Encoding::Binary { file_rows, .. } = &mut self.encoding {
+            *file_rows = 0;
+        }
+        self.write_header();
         Ok(())
     }
 }
@@ -430,6 +614,7 @@ mod tests {
             force: false,
             rotate_size: None,
             rotate_keep: None,
+            format: None,
         }
     }
 

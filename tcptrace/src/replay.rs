@@ -1,6 +1,7 @@
 //! Replay: read recordings back into the rows the live run produced.
 //!
-//! Streaming: one line at a time, whatever the file's size. The files of a
+//! Streaming: one line or chunk at a time, whatever the file's size. Each
+//! file's first bytes say its format (binary or JSON Lines). The files of a
 //! rotation are put in order by their headers and read as one stream.
 
 use std::borrow::Cow;
@@ -15,12 +16,14 @@ use crate::attribute::{Close, Origin, Row};
 use crate::cli::io_reason;
 use crate::decode::{Comm, Family, Task, Transition};
 use crate::format::{Hex, JsonRow};
+use crate::record::binary::{self, CHUNK_HEAD, Decoder, PREAMBLE};
 use crate::record::{Gap, Header, HoldersNote, Stats};
 use crate::state::State;
 
 /// One line of a recording.
 pub enum Item {
-    Header(Header),
+    /// Boxed: items are moved for every row, and a header is twice a row.
+    Header(Box<Header>),
     Row(Row),
     /// A socket whose end the kernel never reported.
     Gap(Gap),
@@ -48,11 +51,252 @@ pub fn read<E>(
     mut sink: impl FnMut(Item) -> Result<(), E>,
 ) -> Result<Result<(), E>, BadInput> {
     for (name, reader) in ordered(files)? {
-        if let Err(e) = read_one(&name, reader, lenient, progress, &mut sink)? {
+        if let Err(e) = read_source(&name, reader, lenient, progress, &mut sink)? {
             return Ok(Err(e));
         }
     }
     Ok(Ok(()))
+}
+
+/// Reads one file in the format its first bytes say.
+fn read_source<E>(
+    name: &str,
+    mut reader: impl BufRead,
+    lenient: bool,
+    progress: Option<&ProgressBar>,
+    sink: &mut impl FnMut(Item) -> Result<(), E>,
+) -> Result<Result<(), E>, BadInput> {
+    let first = reader
+        .fill_buf()
+        .map_err(|e| BadInput(format!("cannot read {name}: {}", io_reason(&e))))?;
+    // JSON starts with text; the magic with a byte text never starts with.
+    if first.first() == Some(&binary::MAGIC[0]) {
+        read_binary(name, reader, lenient, progress, sink)
+    } else {
+        read_one(name, reader, lenient, progress, sink)
+    }
+}
+
+/// Reads from `reader` until `buf` is full or the input ends: how much was
+/// read.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn cut_off(name: &str, at: u64, bytes: usize) {
+    eprintln!(
+        "tcptrace: warning: {name}: the recording is cut off at byte {at} (it was interrupted \
+         while writing); the last {bytes} bytes are an incomplete chunk, ignored"
+    );
+}
+
+/// Reads a binary recording chunk by chunk (docs/recording-format.md).
+/// A chunk the input ends inside is a cut-off end: a warning. A chunk that
+/// does not add up is damage: an error naming the byte, or with `lenient`
+/// a warning and the next chunk.
+fn read_binary<E>(
+    name: &str,
+    mut reader: impl BufRead,
+    lenient: bool,
+    progress: Option<&ProgressBar>,
+    sink: &mut impl FnMut(Item) -> Result<(), E>,
+) -> Result<Result<(), E>, BadInput> {
+    let io_err = |e: io::Error| BadInput(format!("cannot read {name}: {}", io_reason(&e)));
+    let mut pre = [0u8; PREAMBLE];
+    let n = read_full(&mut reader, &mut pre).map_err(io_err)?;
+    if n < PREAMBLE && binary::MAGIC.starts_with(&pre[..n.min(binary::MAGIC.len())]) {
+        cut_off(name, 0, n);
+        return Ok(Ok(()));
+    }
+    if !binary::is_binary(&pre) {
+        return Err(BadInput(format!(
+            "{name}: not a tcptrace recording (it starts with neither the binary format's \
+             magic nor a JSON object)"
+        )));
+    }
+    let version = u16::from_le_bytes([pre[8], pre[9]]);
+    if version != binary::VERSION {
+        return Err(BadInput(format!(
+            "{name}: binary recording format version {version}; this tcptrace reads version {} \
+             (a newer tcptrace wrote it?)",
+            binary::VERSION
+        )));
+    }
+    let mut at = PREAMBLE as u64;
+    let mut decoder = Decoder::default();
+    let mut payload = Vec::new();
+    let damaged = |what: String| -> Result<(), BadInput> {
+        if lenient {
+            eprintln!("tcptrace: warning: {name}: {what}; skipped");
+            Ok(())
+        } else {
+            Err(BadInput(format!(
+                "{name}: {what} (the recording is damaged; --lenient skips damaged chunks)"
+            )))
+        }
+    };
+    loop {
+        let mut head = [0u8; CHUNK_HEAD];
+        let n = read_full(&mut reader, &mut head).map_err(io_err)?;
+        if n == 0 {
+            return Ok(Ok(()));
+        }
+        if n < CHUNK_HEAD {
+            cut_off(name, at, n);
+            return Ok(Ok(()));
+        }
+        let (len, crc) = match binary::parse_head(&head) {
+            Ok(h) => h,
+            Err(what) => {
+                // Nothing says where the next chunk starts.
+                damaged(format!("byte {at}: {what}"))?;
+                return Ok(Ok(()));
+            }
+        };
+        payload.resize(len, 0);
+        let n = read_full(&mut reader, &mut payload).map_err(io_err)?;
+        if n < len {
+            cut_off(name, at, CHUNK_HEAD + n);
+            return Ok(Ok(()));
+        }
+        let end = at + (CHUNK_HEAD + len) as u64;
+        if crc32fast::hash(&payload) != crc {
+            damaged(format!(
+                "byte {at}: the chunk of bytes {at}..{end} does not match its checksum"
+            ))?;
+        } else {
+            match decoder.chunk(&payload, sink) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Ok(Err(e)),
+                Err(bad) => damaged(format!(
+                    "byte {}: {} (in the chunk of bytes {at}..{end})",
+                    at + (CHUNK_HEAD + bad.at) as u64,
+                    bad.what
+                ))?,
+            }
+        }
+        if let Some(p) = progress {
+            p.inc(end - at);
+        }
+        at = end;
+    }
+}
+
+/// Like `tail -F`: reads the file at `path` from its start and keeps
+/// reading what is appended; when a new file takes the name (a rotation, or
+/// the writer started again), finishes the old one and goes on with the
+/// next. Files a fast rotation renamed before they were reached (FILE.2,
+/// FILE.1, ...) are read in turn, not skipped. Never returns, unless reading
+/// fails or `sink` does. `idle` runs before each wait (to flush the output).
+pub fn tail<E>(
+    path: &Path,
+    lenient: bool,
+    idle: &mut dyn FnMut(),
+    mut sink: impl FnMut(Item) -> Result<(), E>,
+) -> Result<Result<(), E>, BadInput> {
+    use std::os::unix::fs::MetadataExt;
+    let name = path.display().to_string();
+    let mut done: Option<u64> = None;
+    loop {
+        let (file, shown) = loop {
+            let next = successor(path, done);
+            match File::open(&next) {
+                // A rotation between finding the name and opening it: look
+                // again.
+                Ok(_) if successor(path, done) != next => continue,
+                Ok(f) => break (f, next.display().to_string()),
+                // Between a rotation's rename and its new file.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    idle();
+                    std::thread::sleep(TAIL_POLL);
+                }
+                Err(e) => return Err(BadInput(format!("cannot open {name}: {}", io_reason(&e)))),
+            }
+        };
+        let ino = file
+            .metadata()
+            .map_err(|e| BadInput(format!("cannot read {shown}: {}", io_reason(&e))))?
+            .ino();
+        let follower = Follower {
+            file,
+            path,
+            ino,
+            pos: 0,
+            ended: false,
+            idle: &mut *idle,
+        };
+        let reader = BufReader::with_capacity(1 << 16, follower);
+        if let Err(e) = read_source(&shown, reader, lenient, None, &mut sink)? {
+            return Ok(Err(e));
+        }
+        done = Some(ino);
+    }
+}
+
+/// The file that follows the one with inode `done` in a rotation: the one
+/// numbered just below where it is now (FILE.3 -> FILE.2, FILE.1 -> FILE);
+/// FILE when it is not found (deleted by --rotate-keep, or the first).
+fn successor(path: &Path, done: Option<u64>) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let numbered = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
+    if let Some(done) = done {
+        let mut n = 1;
+        while let Ok(m) = std::fs::metadata(numbered(n)) {
+            if m.ino() == done {
+                return if n == 1 {
+                    path.to_path_buf()
+                } else {
+                    numbered(n - 1)
+                };
+            }
+            n += 1;
+        }
+    }
+    path.to_path_buf()
+}
+
+/// How often `tail` looks for more.
+const TAIL_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A file that does not end until another file takes its name.
+struct Follower<'a> {
+    file: File,
+    path: &'a Path,
+    ino: u64,
+    pos: u64,
+    ended: bool,
+    idle: &'a mut dyn FnMut(),
+}
+
+impl Read for Follower<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::MetadataExt;
+        loop {
+            let n = self.file.read(buf)?;
+            if n > 0 || self.ended {
+                self.pos += n as u64;
+                return Ok(n);
+            }
+            // Replaced, or cut back (`--force`): one last read for what
+            // was written before, then this file is done.
+            if std::fs::metadata(self.path).is_ok_and(|m| m.ino() != self.ino || m.len() < self.pos)
+            {
+                self.ended = true;
+                continue;
+            }
+            (self.idle)();
+            std::thread::sleep(TAIL_POLL);
+        }
+    }
 }
 
 type Source = (String, Box<dyn BufRead>);
@@ -80,8 +324,13 @@ fn ordered(files: &[PathBuf]) -> Result<Vec<Source>, BadInput> {
             let head = reader
                 .fill_buf()
                 .map_err(|e| BadInput(format!("cannot read {name}: {}", io_reason(&e))))?;
-            let first = head.split(|&b| b == b'\n').next().unwrap_or(&[]);
-            serde_json::from_slice::<Header>(first)
+            let header = if binary::is_binary(head) {
+                binary::peek_header(head)
+            } else {
+                let first = head.split(|&b| b == b'\n').next().unwrap_or(&[]);
+                serde_json::from_slice::<Header>(first).ok()
+            };
+            header
                 .map(|h| (h.clock().wall_ns(h.start_ns), h.part))
                 .unwrap_or((i64::MAX, i as u32))
         };
@@ -93,7 +342,7 @@ fn ordered(files: &[PathBuf]) -> Result<Vec<Source>, BadInput> {
 
 fn read_one<E>(
     name: &str,
-    mut reader: Box<dyn BufRead>,
+    mut reader: impl BufRead,
     lenient: bool,
     progress: Option<&ProgressBar>,
     sink: &mut impl FnMut(Item) -> Result<(), E>,
@@ -156,7 +405,7 @@ fn read_one<E>(
     }
 }
 
-fn at_eof(reader: &mut Box<dyn BufRead>) -> bool {
+fn at_eof(reader: &mut impl BufRead) -> bool {
     reader.fill_buf().map(|b| b.is_empty()).unwrap_or(true)
 }
 
@@ -169,7 +418,7 @@ fn trim_newline(line: &[u8]) -> &[u8] {
 pub fn parse_line(text: &[u8]) -> Result<Item, String> {
     if text.starts_with(b"{\"type\":\"header\"") {
         return serde_json::from_slice(text)
-            .map(Item::Header)
+            .map(|h| Item::Header(Box::new(h)))
             .map_err(|e| e.to_string());
     }
     if text.starts_with(b"{\"type\":\"gap\"") {

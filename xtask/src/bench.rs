@@ -14,7 +14,9 @@
 //! time stops growing), read its BPF program statistics, CPU time and peak
 //! RSS from /proc, stop it with SIGINT and read its closing stats line.
 //! Then `tcptrace read` and `tcptrace report` go through the largest
-//! recording, timed, with their peak RSS from wait4.
+//! recording (the default binary format), timed, with their peak RSS from
+//! wait4, and through the same events converted to JSON Lines (`tcptrace
+//! read -w FILE.jsonl`): the two formats side by side.
 //!
 //! On 2 CPUs any other work skews everything: a run starts once the machine
 //! has been idle for a second, and a run during which another tcptrace or
@@ -55,6 +57,14 @@ const GOAL_RATE_RATIO: f64 = 0.85;
 const GOAL_BPF_NS: f64 = 300.0;
 const GOAL_USER_NS: f64 = 500.0;
 const GOAL_OFFLINE_EPS: f64 = 1e6;
+/// The binary recording against JSON Lines, same events: read and report
+/// at least this many times as fast...
+const GOAL_BINARY_SPEEDUP: f64 = 3.0;
+/// ... in at most this many bytes a transition.
+const GOAL_BYTES_PER_EVENT: f64 = 64.0;
+/// Recording may cost the churn at most this much more than printing text
+/// (a share of untraced conn/s).
+const GOAL_RECORD_VS_TEXT: f64 = 0.03;
 /// "Far ahead of tcpstates": at least this many times its traced rate.
 const GOAL_VS_TCPSTATES: f64 = 2.0;
 
@@ -207,6 +217,10 @@ impl Sample {
 }
 
 struct Offline {
+    /// "binary" or "JSON Lines".
+    format: &'static str,
+    /// "read" or "report".
+    what: &'static str,
     command: String,
     events: u64,
     bytes: u64,
@@ -708,7 +722,8 @@ fn run_one(
             Some(spawn_tracer(cmd)?)
         }
         "record" => {
-            let file = TempFile(std::env::temp_dir().join(format!("tcptrace-bench-{tag}.jsonl")));
+            // The default format (binary).
+            let file = TempFile(std::env::temp_dir().join(format!("tcptrace-bench-{tag}.tcpt")));
             let _ = fs::remove_file(&file.0);
             let mut cmd = Command::new(&env.tcptrace);
             cmd.args(["--port", &port, "-q", "-w"])
@@ -956,7 +971,7 @@ pub(crate) fn parse_stats_line(line: &str) -> Option<StatsLine> {
             "lost" => lost = lost.or(n),
             "missed" => missed = missed.or(n),
             // "N existing sockets" pairs N with "existing", not "sockets".
-            "sockets" => gaps = gaps.or(n),
+            "sockets" | "socket" => gaps = gaps.or(n),
             _ => {}
         }
     }
@@ -1085,29 +1100,49 @@ fn file_size(p: &Path) -> u64 {
     fs::metadata(p).map_or(0, |m| m.len())
 }
 
-/// Events of a recording, from its closing stats object.
+/// Events of a recording, from its closing stats record: a JSON object in
+/// either format (in the binary one, inside the last chunk).
 fn recording_events(p: &Path) -> Option<u64> {
     let mut f = File::open(p).ok()?;
     let len = f.metadata().ok()?.len();
     f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
-    let mut tail = String::new();
-    f.read_to_string(&mut tail).ok()?;
-    let last = tail.lines().rev().find(|l| l.contains("\"stats\""))?;
-    json_number(last, "events").map(|n| n as u64)
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).ok()?;
+    let tail = String::from_utf8_lossy(&tail);
+    let at = tail.rfind("{\"type\":\"stats\"")?;
+    json_number(&tail[at..], "events").map(|n| n as u64)
 }
 
-/// `tcptrace read` and `tcptrace report` over a recording.
+/// `tcptrace read` and `tcptrace report` over a binary recording, and over
+/// the same events as JSON Lines.
 fn offline(env: &Env, rec: &Path) -> Result<Vec<Offline>> {
+    let json = TempFile(rec.with_extension("jsonl"));
+    let _ = fs::remove_file(&json.0);
+    run_quiet(
+        Command::new(&env.tcptrace)
+            .arg("read")
+            .arg(rec)
+            .arg("-w")
+            .arg(&json.0),
+    )?;
+    let mut out = Vec::new();
+    for (format, file) in [("JSON Lines", &json.0), ("binary", &rec.to_path_buf())] {
+        out.extend(offline_one(env, format, file)?);
+    }
+    Ok(out)
+}
+
+fn offline_one(env: &Env, format: &'static str, rec: &Path) -> Result<Vec<Offline>> {
     let events =
-        recording_events(rec).ok_or_else(|| anyhow!("{} has no stats line", rec.display()))?;
+        recording_events(rec).ok_or_else(|| anyhow!("{} has no stats record", rec.display()))?;
     let bytes = file_size(rec);
     let rec_s = rec.to_string_lossy();
-    let runs: [Vec<&str>; 2] = [
-        vec!["read", &rec_s, "--format", "json"],
-        vec!["report", &rec_s],
+    let runs: [(&'static str, Vec<&str>); 2] = [
+        ("read", vec!["read", &rec_s, "--format", "json"]),
+        ("report", vec!["report", &rec_s]),
     ];
     let mut out = Vec::new();
-    for args in runs {
+    for (what, args) in runs {
         check_interrupted()?;
         // Read the file once so both runs start with it in the page cache.
         let mut f = File::open(rec)?;
@@ -1145,6 +1180,8 @@ fn offline(env: &Env, rec: &Path) -> Result<Vec<Offline>> {
         }
         let cpu_s = (ru.utime[0] + ru.stime[0]) as f64 + (ru.utime[1] + ru.stime[1]) as f64 / 1e6;
         out.push(Offline {
+            format,
+            what,
             command: format!("tcptrace {} > /dev/null", args.join(" ")),
             events,
             bytes,
@@ -1550,6 +1587,47 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
             ),
         ));
     }
+    if let (Some(text), Some(record)) = (get("vs untraced", "text"), get("vs untraced", "record")) {
+        goals.push((
+            format!(
+                "record: within {:.0} points of text (share of untraced conn/s)",
+                GOAL_RECORD_VS_TEXT * 100.0
+            ),
+            Some(record.median >= text.median - GOAL_RECORD_VS_TEXT),
+            format!(
+                "record {} vs text {} (medians)",
+                pct(record.median),
+                pct(text.median)
+            ),
+        ));
+    }
+    if let Some(b) = get("recorded bytes/event", "record") {
+        goals.push((
+            format!("record: <= {GOAL_BYTES_PER_EVENT:.0} bytes/event (default format)"),
+            Some(b.median <= GOAL_BYTES_PER_EVENT),
+            format!("median {:.1} bytes", b.median),
+        ));
+    }
+    for what in ["read", "report"] {
+        let find = |f: &str| offline.iter().find(|o| o.what == what && o.format == f);
+        if let (Some(json), Some(bin)) = (find("JSON Lines"), find("binary")) {
+            goals.push((
+                format!(
+                    "offline: {what} of the binary recording >= {GOAL_BINARY_SPEEDUP:.0}x JSON \
+                     Lines' events/s"
+                ),
+                Some(json.ok && bin.ok && bin.eps() >= GOAL_BINARY_SPEEDUP * json.eps()),
+                format!(
+                    "{:.1}x: {} vs {} events/s ({:.1} vs {:.1} bytes/event)",
+                    bin.eps() / json.eps(),
+                    group(bin.eps()),
+                    group(json.eps()),
+                    bin.bytes as f64 / bin.events.max(1) as f64,
+                    json.bytes as f64 / json.events.max(1) as f64,
+                ),
+            ));
+        }
+    }
     for o in offline {
         goals.push((
             format!("offline: {} >= 1M events/s", o.command),
@@ -1686,8 +1764,9 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
     for (k, o) in offline.iter().enumerate() {
         let _ = write!(
             j,
-            "    {{\"command\": {}, \"events\": {}, \"bytes\": {}, \"wall_s\": {}, \"cpu_s\": {}, \
-             \"events_per_s\": {}, \"peak_rss_kb\": {}, \"ok\": {}}}",
+            "    {{\"format\": {}, \"command\": {}, \"events\": {}, \"bytes\": {}, \"wall_s\": {}, \
+             \"cpu_s\": {}, \"events_per_s\": {}, \"peak_rss_kb\": {}, \"ok\": {}}}",
+            jstr(o.format),
             jstr(&o.command),
             o.events,
             o.bytes,

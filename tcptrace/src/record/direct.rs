@@ -9,7 +9,8 @@
 //! block, so the buffer's data starts on an aligned address and at a file
 //! offset (`base`) that is a multiple of the block. What does not fill a
 //! block goes through the page cache, so the file always ends with the last
-//! whole line; the bytes stay in the buffer until their block is full.
+//! whole line or chunk; the bytes stay in the buffer until their block is
+//! full.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -78,11 +79,6 @@ impl Output {
     /// Length of the file: whole lines, all of them written.
     pub fn committed(&self) -> u64 {
         self.base + self.on_file as u64
-    }
-
-    /// Takes the pending bytes from `at` on out of the buffer.
-    pub fn split_off(&mut self, at: usize) -> Vec<u8> {
-        self.buf.split_off(self.start + self.on_file + at)
     }
 
     /// Writes every pending byte.
