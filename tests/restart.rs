@@ -268,7 +268,19 @@ fn windows_from_rows(rows: &[Value], port: u16) -> (Vec<Window>, Vec<u64>) {
 fn report_json(file: &str) -> Value {
     let out = tcptrace(&["report", "--format", "json", file]);
     assert!(out.status.success(), "{}", out.stderr);
-    serde_json::from_str(&out.stdout).expect("report is JSON")
+    let report: Value = serde_json::from_str(&out.stdout).expect("report is JSON");
+    // The client's and ss's counts are matched against rows: none may be
+    // missing.
+    assert_eq!(
+        (
+            &report["lost_ring"],
+            &report["missed_kernel"],
+            &report["gaps"]
+        ),
+        (&0.into(), &0.into(), &0.into()),
+        "transitions were lost or skipped by the kernel"
+    );
+    report
 }
 
 fn ms(ns: u64) -> f64 {
