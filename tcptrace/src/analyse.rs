@@ -1621,6 +1621,30 @@ mod tests {
     }
 
     #[test]
+    fn a_port_is_down_only_when_its_last_listener_closes() {
+        // nginx's way: one listener on 0.0.0.0:80, one on [::]:80.
+        let v6 = |r: String| {
+            r.replace(r#""family":"ipv4""#, r#""family":"ipv6""#)
+                .replace(r#""laddr":"127.0.0.1""#, r#""laddr":"::""#)
+        };
+        let rows = [
+            row(1, 0, "CLOSE", "LISTEN", ""),
+            v6(row(2, 0, "CLOSE", "LISTEN", "")),
+            row(1, 100, "LISTEN", "CLOSE", ""),
+            row(3, 110, "SYN_SENT", "CLOSE", r#","close":"refused""#),
+            v6(row(2, 120, "LISTEN", "CLOSE", "")),
+            row(4, 130, "SYN_SENT", "CLOSE", r#","close":"refused""#),
+            v6(row(5, 170, "CLOSE", "LISTEN", "")),
+        ];
+        let r = analyse(&rows);
+        let p = &r.listeners[0];
+        assert_eq!(p.listeners.len(), 3);
+        assert_eq!(p.down.len(), 1, "{:?}", p.down);
+        assert_eq!((p.down[0].duration_ms, p.down[0].refused), (50.0, 1));
+        assert_eq!(p.refused, 2, "one refused while a listener was up");
+    }
+
+    #[test]
     fn a_restart_is_a_window_with_its_refusals_and_the_owners_on_both_sides() {
         let rows = [
             row(1, 0, "CLOSE", "LISTEN", ""),
