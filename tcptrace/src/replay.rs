@@ -58,6 +58,17 @@ pub fn read<E>(
     Ok(Ok(()))
 }
 
+/// Reads one recording (a file's contents, in either format) from `reader`,
+/// `name` naming it in messages.
+pub fn read_reader<E>(
+    name: &str,
+    reader: impl BufRead,
+    lenient: bool,
+    mut sink: impl FnMut(Item) -> Result<(), E>,
+) -> Result<Result<(), E>, BadInput> {
+    read_source(name, reader, lenient, None, &mut sink)
+}
+
 /// Reads one file in the format its first bytes say.
 fn read_source<E>(
     name: &str,

@@ -1,10 +1,14 @@
 //! Recordings come from files anyone may have edited: every line, and the
 //! streaming reader around it, must give a row, a header, a stats object or
-//! an error, never a panic. The analysis takes whatever parses.
+//! an error, never a panic. The analysis takes whatever parses. Binary
+//! recordings too: the whole reader (framing, checksums, cut-off ends), and
+//! the record decoder alone, which random bytes rarely reach past a
+//! checksum.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tcptrace::analyse::Analysis;
+use tcptrace::record::binary::Decoder;
 use tcptrace::replay;
 
 fuzz_target!(|data: &[u8]| {
@@ -14,6 +18,14 @@ fuzz_target!(|data: &[u8]| {
             analysis.add(item);
         }
     }
+    let _ = replay::read_reader("fuzz", data, true, |item| -> Result<(), ()> {
+        analysis.add(item);
+        Ok(())
+    });
+    let _ = Decoder::default().chunk(data, &mut |item| -> Result<(), ()> {
+        analysis.add(item);
+        Ok(())
+    });
     let report = analysis.report(5);
     let _ = report.text();
     // The kernel-facing parsers read files too (tracefs format, BTF).

@@ -942,6 +942,72 @@ mod tests {
         assert_eq!(i, n);
     }
 
+    /// A small recording as the writer frames it: preamble, a header
+    /// chunk, a chunk of rows and notes.
+    fn framed() -> Vec<u8> {
+        let mut b = Vec::new();
+        preamble(&mut b);
+        let mut enc = Encoder::default();
+        let at = open_chunk(&mut b);
+        let header = Header::new(
+            crate::format::Clock {
+                offset_ns: 1,
+                start_ns: 2,
+            },
+            crate::filter::Spec::default(),
+        );
+        enc.header(&mut b, &header);
+        seal_chunk(&mut b, at);
+        let at = open_chunk(&mut b);
+        enc.gap(
+            &mut b,
+            &Gap {
+                kind: "gap".into(),
+                sock: 1,
+                state: "FIN_WAIT1".into(),
+                ts_ns: 3,
+            },
+        );
+        let line = br#"{"ts_ns":9,"sock":3,"pid":5,"comm":"c","family":"ipv6","laddr":"::1","lport":1,"raddr":"::2","rport":2,"old":"SYN_SENT","new":"ESTABLISHED","ms":1.5,"netns":7}"#;
+        let Ok(Item::Row(sample)) = crate::replay::parse_line(line) else {
+            panic!("a row");
+        };
+        for _ in 0..3 {
+            enc.row(&mut b, &sample);
+        }
+        seal_chunk(&mut b, at);
+        b
+    }
+
+    /// Every byte changed, and every length cut: the reader gives rows, a
+    /// warning or an error, never a panic; a cut is never called damage.
+    #[test]
+    fn damaged_or_cut_recordings_are_errors_or_warnings_never_panics() {
+        let good = framed();
+        let read = |data: &[u8], lenient: bool| {
+            let mut rows = 0;
+            let r = crate::replay::read_reader("t", data, lenient, |item| -> Result<(), ()> {
+                rows += matches!(item, Item::Row(_)) as usize;
+                Ok(())
+            });
+            (r.is_ok(), rows)
+        };
+        assert_eq!(read(&good, false), (true, 3));
+        for cut in 0..good.len() {
+            let (ok, _) = read(&good[..cut], false);
+            assert!(ok, "a recording cut at {cut} is not damaged");
+        }
+        for i in 0..good.len() {
+            for bit in [0x01, 0x80] {
+                let mut bad = good.clone();
+                bad[i] ^= bit;
+                let _ = read(&bad, false);
+                let _ = read(&bad, true);
+                let _ = Decoder::default().chunk(&bad, &mut |_| -> Result<(), ()> { Ok(()) });
+            }
+        }
+    }
+
     #[test]
     fn a_damaged_chunk_head_is_damage() {
         let mut b = Vec::new();
