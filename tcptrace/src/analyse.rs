@@ -501,10 +501,9 @@ impl Analysis {
             }
             return;
         }
-        let service = match self.open.get(&r.sock) {
-            Some(o) => o.service.clone(),
-            None => self.service(t.netns, t.local, t.remote, None),
-        };
+        // A socket first seen mid-life (opened before the recording).
+        let service = (!self.open.contains_key(&r.sock))
+            .then(|| self.service(t.netns, t.local, t.remote, None));
         let entry = self.open.entry(r.sock).or_insert_with(|| Open {
             state: t.new,
             since_ns: t.ts_ns,
@@ -514,7 +513,7 @@ impl Analysis {
             local: t.local,
             remote: t.remote,
             passive: None,
-            service: String::new(),
+            service: service.unwrap_or_default(),
             queued: r.queued,
         });
         entry.state = t.new;
@@ -527,9 +526,6 @@ impl Analysis {
         }
         entry.local = t.local;
         entry.remote = t.remote;
-        // A connect's first row has local port 0; a later row may show a
-        // known listener's port.
-        entry.service = service;
     }
 
     /// The endpoint a socket counts for: the listening side's address and
