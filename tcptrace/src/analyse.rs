@@ -1458,7 +1458,7 @@ impl Report {
             };
             let _ = writeln!(
                 o,
-                "  {:<11} {:>9.3} s  {:<24} {} -> {}  {}",
+                "    {:<11} {:>9.3} s  {:<24} {} -> {}  {}",
                 s.state.to_string(),
                 s.age_s,
                 owner,
@@ -1474,7 +1474,7 @@ impl Report {
         if held > self.still_open.len() as u64 {
             let _ = writeln!(
                 o,
-                "  ... and {} more",
+                "    ... and {} more",
                 plural(held - self.still_open.len() as u64, "socket", "sockets")
             );
         }
