@@ -237,14 +237,26 @@ enum Encoding {
         enc: binary::Encoder,
         /// Where the open chunk starts in the buffer, if one is open.
         chunk: Option<usize>,
-        /// Sealed chunks among the pending bytes: where each ends (from the
-        /// start of the pending bytes) and the rows in it.
-        sealed: Vec<(usize, u64)>,
+        /// Sealed chunks among the pending bytes.
+        sealed: Vec<Sealed>,
         /// Rows in the open chunk.
         chunk_rows: u64,
+        /// Where each record (with the dictionary records before it) ends
+        /// in the open chunk's payload, and the rows up to there: a write
+        /// that stops inside a chunk keeps the whole records that fit.
+        marks: Vec<(u32, u32)>,
         /// Rows in the current file.
         file_rows: u64,
     },
+}
+
+/// A chunk written or to be written: offsets from the start of the pending
+/// bytes.
+struct Sealed {
+    start: usize,
+    end: usize,
+    rows: u64,
+    marks: Vec<(u32, u32)>,
 }
 
 pub struct Recorder {
@@ -288,6 +300,7 @@ impl Recorder {
                 chunk: None,
                 sealed: Vec::new(),
                 chunk_rows: 0,
+                marks: Vec::new(),
                 file_rows: 0,
             },
         };
@@ -324,6 +337,21 @@ impl Recorder {
                 debug_assert_eq!(at + binary::CHUNK_HEAD, buf.len());
                 enc.header(buf, &self.header);
             }
+        }
+        self.mark();
+    }
+
+    /// Notes that a record ends here (binary).
+    fn mark(&mut self) {
+        let len = self.out.buf().len();
+        if let Encoding::Binary {
+            chunk: Some(at),
+            marks,
+            chunk_rows,
+            ..
+        } = &mut self.encoding
+        {
+            marks.push(((len - *at - binary::CHUNK_HEAD) as u32, *chunk_rows as u32));
         }
     }
 
@@ -365,6 +393,7 @@ impl Recorder {
             *chunk_rows += 1;
             *file_rows += 1;
         }
+        self.mark();
         if self.out.pending().len() >= BUFFER_LIMIT {
             self.flush()?;
         }
@@ -400,6 +429,7 @@ impl Recorder {
             }
             Encoding::Binary { enc, .. } => note.encode(enc, buf),
         }
+        self.mark();
         if self.out.pending().len() >= BUFFER_LIMIT {
             self.flush()?;
         }
@@ -425,6 +455,7 @@ impl Recorder {
             }
             Encoding::Binary { enc, .. } => enc.stats(buf, &stats),
         }
+        self.mark();
         self.flush()?;
         self.out.sync_data().map_err(|e| self.failure(&e, 0))
     }
@@ -444,13 +475,20 @@ impl Recorder {
             chunk,
             sealed,
             chunk_rows,
+            marks,
             ..
         } = &mut self.encoding
             && let Some(at) = chunk.take()
         {
             if binary::seal_chunk(buf, at) {
-                sealed.push((buf.len() - pending_start, *chunk_rows));
+                sealed.push(Sealed {
+                    start: at - pending_start,
+                    end: buf.len() - pending_start,
+                    rows: *chunk_rows,
+                    marks: std::mem::take(marks),
+                });
             }
+            marks.clear();
             *chunk_rows = 0;
         }
     }
@@ -489,10 +527,32 @@ impl Recorder {
                 (whole, rows)
             }
             Encoding::Binary { sealed, .. } => {
-                let kept = sealed.iter().take_while(|(end, _)| *end <= written);
-                let whole = kept.clone().last().map_or(0, |(end, _)| *end);
-                let rows = kept.map(|(_, rows)| rows).sum();
+                let (mut whole, mut rows) = (0, 0);
+                let mut shorter = None;
+                for u in sealed.iter() {
+                    if u.end <= written {
+                        (whole, rows) = (u.end, rows + u.rows);
+                        continue;
+                    }
+                    // The chunk the write stopped in: the whole records that
+                    // reached the file make a shorter chunk.
+                    let room = written.saturating_sub(u.start + binary::CHUNK_HEAD);
+                    if let Some(&(len, r)) = u.marks.iter().rev().find(|m| m.0 as usize <= room)
+                        && len > 0
+                    {
+                        shorter = Some((u.start, len as usize, u64::from(r)));
+                    }
+                    break;
+                }
                 sealed.clear();
+                if let Some((start, len, r)) = shorter {
+                    let head = binary::chunk_head(&pending[start + binary::CHUNK_HEAD..][..len]);
+                    // A pipe cannot be patched: then only whole chunks stay.
+                    if self.out.patch(start, &head).is_ok() {
+                        whole = start + binary::CHUNK_HEAD + len;
+                        rows += r;
+                    }
+                }
                 (whole, rows)
             }
         };

@@ -91,19 +91,25 @@ pub fn open_chunk(buf: &mut Vec<u8>) -> usize {
 /// of `buf`; an empty chunk is taken back instead. Returns whether a chunk
 /// was sealed.
 pub fn seal_chunk(buf: &mut Vec<u8>, at: usize) -> bool {
-    let len = buf.len() - at - CHUNK_HEAD;
-    if len == 0 {
+    if buf.len() == at + CHUNK_HEAD {
         buf.truncate(at);
         return false;
     }
-    let crc = crc32fast::hash(&buf[at + CHUNK_HEAD..]);
-    let len = len as u32;
-    let head = &mut buf[at..at + CHUNK_HEAD];
+    let head = chunk_head(&buf[at + CHUNK_HEAD..]);
+    buf[at..at + CHUNK_HEAD].copy_from_slice(&head);
+    true
+}
+
+/// The head of a chunk with this payload.
+pub fn chunk_head(payload: &[u8]) -> [u8; CHUNK_HEAD] {
+    let crc = crc32fast::hash(payload);
+    let len = payload.len() as u32;
+    let mut head = [0u8; CHUNK_HEAD];
     head[0] = CHUNK_TAG;
     head[1..5].copy_from_slice(&len.to_le_bytes());
     head[5..9].copy_from_slice(&crc.to_le_bytes());
     head[9] = head_check(len, crc);
-    true
+    head
 }
 
 fn put_varint(b: &mut Vec<u8>, mut n: u64) {

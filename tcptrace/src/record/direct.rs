@@ -124,6 +124,19 @@ impl Output {
         Ok(())
     }
 
+    /// Overwrites pending bytes from `at` on that already reached the file,
+    /// in the buffer and in the file (a chunk's head, after a write that
+    /// stopped inside the chunk). Not possible on a stream.
+    pub fn patch(&mut self, at: usize, bytes: &[u8]) -> io::Result<()> {
+        if self.stream {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let from = self.on_file + at;
+        self.file.write_all_at(bytes, self.base + from as u64)?;
+        self.buf[self.start + from..][..bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+
     /// After a failed write: keeps `whole` bytes of what was pending in the
     /// file and drops the rest, from the file and from the buffer.
     pub fn cut(&mut self, whole: usize) {
