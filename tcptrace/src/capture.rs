@@ -46,7 +46,7 @@ const BATCH: usize = 16384;
 /// ring (an interrupt or the hypervisor can stop a CPU between the
 /// program's clock read and its commit). Events younger than this wait for
 /// the next read, so that the merge of the rings stays in time order.
-const SETTLE_NS: u64 = 5_000_000;
+pub const SETTLE_NS: u64 = 5_000_000;
 
 /// An attached tracer. Dropping it detaches the program.
 pub struct Capture {
@@ -258,7 +258,9 @@ impl Capture {
     /// everything.
     pub fn read(&mut self, out: &mut Vec<Event>, all: bool) -> bool {
         if self.rings.len() == 1 {
-            let (n, _) = drain_ring(&mut self.rings[0], out, &mut self.undecodable);
+            let start = out.len();
+            let n = drain_ring(&mut self.rings[0], out, &mut self.undecodable);
+            in_time_order(&mut out[start..]);
             return n == BATCH;
         }
         let mut cutoff = if all {
@@ -274,7 +276,9 @@ impl Capture {
         self.fresh.append(&mut self.held);
         for (ring, run) in self.rings.iter_mut().zip(&mut bounds[1..]) {
             let start = self.fresh.len();
-            let (n, last_ts) = drain_ring(ring, &mut self.fresh, &mut self.undecodable);
+            let n = drain_ring(ring, &mut self.fresh, &mut self.undecodable);
+            in_time_order(&mut self.fresh[start..]);
+            let last_ts = self.fresh[start..].last().map(|e| e.ts_ns);
             if n == BATCH {
                 more = true;
                 // The rest of this ring is newer than what was read of it.
@@ -468,23 +472,24 @@ fn recursion_misses(program_fd: i32) -> u64 {
 
 /// Appends up to [`BATCH`] events of `ring` to `out`; returns how many and
 /// the time of the last.
-fn drain_ring(
-    ring: &mut Ring,
-    out: &mut Vec<Event>,
-    undecodable: &mut u64,
-) -> (usize, Option<u64>) {
-    let mut last_ts = None;
-    let n = ring.drain(BATCH, |bytes| match decode::event(bytes) {
-        Ok(e) => {
-            last_ts = Some(e.ts_ns);
-            out.push(e);
-        }
+fn drain_ring(ring: &mut Ring, out: &mut Vec<Event>, undecodable: &mut u64) -> usize {
+    ring.drain(BATCH, |bytes| match decode::event(bytes) {
+        Ok(e) => out.push(e),
         Err(e) => {
             log::warn!("{e}");
             *undecodable += 1;
         }
-    });
-    (n, last_ts)
+    })
+}
+
+/// One CPU's ring is in the order its events were committed, which is
+/// time order but for a program that an interrupt's program overtook between
+/// its clock read and its commit (a softirq's transition during a connect,
+/// seen up to half a millisecond apart under churn). Rare: check, then sort.
+fn in_time_order(run: &mut [Event]) {
+    if !run.is_sorted_by_key(|e| e.ts_ns) {
+        run.sort_by_key(|e| e.ts_ns);
+    }
 }
 
 /// Merges the sorted runs `events[start..end]` of `runs`: events older than

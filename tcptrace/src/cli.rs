@@ -1,6 +1,7 @@
 //! The command line. Each flag is documented where it is defined; the value
 //! parsers below turn bad input into one sentence naming the problem.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,8 +9,9 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Parser, Subcommand};
 
 use crate::decode::Family;
-use crate::filter::{Spec, Tuple};
+use crate::filter::{Net, Spec, Tuple};
 use crate::format::{ColorChoice, OutputFormat, Style, TimeFormat};
+use crate::state::State;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -122,8 +124,24 @@ pub struct LiveArgs {
     pub record: RecordArgs,
 
     /// Stop after this long (for example 30s, 5m, 1h30m; a bare number is seconds).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+          conflicts_with = "command")]
     pub duration: Option<Duration>,
+
+    /// With a COMMAND: keep tracing this long after it has ended, for the
+    /// connections a restart closes and the clients that come back after
+    /// it returns [default: 3s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_any_duration,
+          requires = "command")]
+    pub linger: Option<Duration>,
+
+    /// Trace while COMMAND runs, then `--linger` more; print on stderr what
+    /// happened to the listening ports (when nothing listened, connects
+    /// refused) and exit with COMMAND's exit status. COMMAND runs as the
+    /// user who invoked tcptrace (under sudo: the sudo caller), and is
+    /// started once tracing has begun.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
 
     /// Stop after this many transitions have been shown.
     #[arg(short = 'c', long, value_name = "N", value_parser = parse_count)]
@@ -132,7 +150,7 @@ pub struct LiveArgs {
     /// Warn (once per socket, on stderr) when a socket stays longer than
     /// DURATION in CLOSE_WAIT, FIN_WAIT2, LAST_ACK, SYN_SENT or SYN_RECV,
     /// naming its owner and what the state means.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_stuck)]
     pub stuck: Option<Duration>,
 
     /// Serve Prometheus/OpenMetrics counters at http://ADDR/metrics
@@ -336,6 +354,30 @@ pub struct FilterArgs {
     /// Only sockets in the network namespace of this process.
     #[arg(long, value_name = "PID", value_parser = parse_netns_of)]
     pub netns_of: Option<u32>,
+
+    /// Only transitions entering or leaving one of these states (names as
+    /// shown: CLOSE_WAIT, TIME_WAIT, ...; comma-separated or repeated).
+    #[arg(long = "state", value_name = "STATE", value_delimiter = ',',
+          value_parser = parse_state, action = ArgAction::Append)]
+    pub states: Vec<State>,
+
+    /// Only sockets whose local address is ADDR, or within ADDR/PREFIX
+    /// (IPv4 or IPv6 CIDR, e.g. 10.0.0.0/8 or fd00::/8). Repeatable.
+    #[arg(long = "laddr", value_name = "ADDR[/PREFIX]", value_delimiter = ',',
+          value_parser = parse_net, action = ArgAction::Append)]
+    pub laddrs: Vec<Net>,
+
+    /// Only sockets whose remote address is ADDR, or within ADDR/PREFIX.
+    /// Repeatable.
+    #[arg(long = "raddr", value_name = "ADDR[/PREFIX]", value_delimiter = ',',
+          value_parser = parse_net, action = ArgAction::Append)]
+    pub raddrs: Vec<Net>,
+
+    /// Only sockets with either address ADDR, or within ADDR/PREFIX.
+    /// Repeatable.
+    #[arg(long = "addr", value_name = "ADDR[/PREFIX]", value_delimiter = ',',
+          value_parser = parse_net, action = ArgAction::Append)]
+    pub addrs: Vec<Net>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -385,6 +427,10 @@ impl FilterArgs {
             cgroups: self.cgroups.clone(),
             follow: self.follow,
             netns: self.netns.or(self.netns_of),
+            states: self.states.clone(),
+            laddrs: self.laddrs.clone(),
+            raddrs: self.raddrs.clone(),
+            addrs: self.addrs.clone(),
         }
     }
 }
@@ -399,6 +445,25 @@ impl OutputArgs {
             color: self.color.enabled(1),
         }
     }
+}
+
+fn parse_state(s: &str) -> Result<State, String> {
+    let name = s.trim().to_ascii_uppercase().replace('-', "_");
+    State::from_name(&name)
+        .filter(|st| st.0 != 0 && !st.name().is_empty())
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is not a TCP state; the states are {}",
+                State::all()
+                    .map(|st| st.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+fn parse_net(s: &str) -> Result<Net, String> {
+    s.trim().parse()
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -465,17 +530,34 @@ fn parse_count(s: &str) -> Result<u64, String> {
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let d = match s.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        Err(_) => humantime::parse_duration(s).map_err(|e| {
-            format!("{s:?} is not a duration ({e}); write it like 30s, 5m or 1h30m")
-        })?,
-    };
+    let d = parse_any_duration(s)?;
     if d.is_zero() {
         return Err("a duration of 0 would stop at once; give a positive duration".into());
     }
     Ok(d)
+}
+
+/// `--stuck`'s threshold: 0 would call every socket stuck.
+fn parse_stuck(s: &str) -> Result<Duration, String> {
+    let d = parse_any_duration(s)?;
+    if d.is_zero() {
+        return Err(
+            "a threshold of 0 would call every socket stuck; give how long a socket may \
+             stay in one state, like 30s"
+                .into(),
+        );
+    }
+    Ok(d)
+}
+
+/// A duration, 0 included (a bare number is seconds).
+fn parse_any_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    match s.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration ({e}); write it like 30s, 5m or 1h30m")),
+    }
 }
 
 /// SIZE in bytes: a number with an optional K, M or G (powers of 1024).

@@ -5,7 +5,7 @@
 //! are checked again here so that replaying a recording filters the same way.
 //! Process filters need the owner, which only userspace knows.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +37,116 @@ pub struct Spec {
     pub follow: Option<Tuple>,
     /// Inode of the one network namespace to watch.
     pub netns: Option<u32>,
+    /// Rows entering or leaving one of these states.
+    #[serde(with = "state_names")]
+    pub states: Vec<State>,
+    /// Local address within one of these networks.
+    pub laddrs: Vec<Net>,
+    /// Remote address within one of these networks.
+    pub raddrs: Vec<Net>,
+    /// Either address within one of these networks.
+    pub addrs: Vec<Net>,
+}
+
+/// An address with a prefix length: `10.0.0.0/8`, `::1/128`, or a bare
+/// address (the whole length).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct Net {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Net {
+    /// Whether `ip` is in the network; an IPv4-mapped IPv6 address (a
+    /// dual-stack socket talking IPv4) counts as its IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Net {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Net, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?;
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => {
+                    return Err(format!(
+                        "{p:?} is not a prefix length for {addr}; it is 0 to {max}"
+                    ));
+                }
+            },
+        };
+        Ok(Net { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl From<Net> for String {
+    fn from(n: Net) -> String {
+        n.to_string()
+    }
+}
+
+impl TryFrom<String> for Net {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Net, String> {
+        s.parse()
+    }
+}
+
+mod state_names {
+    use super::State;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(states: &[State], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(states.iter().map(|st| st.to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<State>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|n| {
+                State::from_name(n)
+                    .ok_or_else(|| serde::de::Error::custom(format!("unknown state {n:?}")))
+            })
+            .collect()
+    }
 }
 
 impl Spec {
@@ -77,6 +187,20 @@ impl Spec {
         }
         if let Some(n) = self.netns {
             parts.push(format!("network namespace {n}"));
+        }
+        if !self.states.is_empty() {
+            let names: Vec<&str> = self.states.iter().map(|s| s.name()).collect();
+            parts.push(format!("entering or leaving {}", names.join(",")));
+        }
+        let nets = |v: &[Net]| v.iter().map(Net::to_string).collect::<Vec<_>>().join(",");
+        for (list, what) in [
+            (&self.laddrs, "local address"),
+            (&self.raddrs, "remote address"),
+            (&self.addrs, "address"),
+        ] {
+            if !list.is_empty() {
+                parts.push(format!("{what} {}", nets(list)));
+            }
         }
         if parts.is_empty() {
             "all TCP sockets".into()
@@ -283,6 +407,18 @@ impl Filter {
                 || spec.cgroups.iter().any(|w| cgroup::is_within(cgroup, w)))
     }
 
+    /// The state and address filters, which need nothing but the row.
+    fn row_passes(&self, row: &Row) -> bool {
+        let (spec, t) = (&self.spec, &row.t);
+        let within = |nets: &[Net], ip: IpAddr| nets.iter().any(|n| n.contains(ip));
+        (spec.states.is_empty() || spec.states.contains(&t.old) || spec.states.contains(&t.new))
+            && (spec.laddrs.is_empty() || within(&spec.laddrs, t.local.ip()))
+            && (spec.raddrs.is_empty() || within(&spec.raddrs, t.remote.ip()))
+            && (spec.addrs.is_empty()
+                || within(&spec.addrs, t.local.ip())
+                || within(&spec.addrs, t.remote.ip()))
+    }
+
     /// Whether the filters (follow included, held connects aside) let a
     /// socket's row through: for reports about a socket, such as `--stuck`.
     pub fn passes(&self, row: &Row) -> bool {
@@ -291,6 +427,7 @@ impl Filter {
             && self.spec.netns.is_none_or(|n| n == t.netns)
             && self.ports_pass(t.local.port(), t.remote.port())
             && self.owner_passes(row)
+            && self.row_passes(row)
             && self
                 .spec
                 .follow
@@ -302,7 +439,8 @@ impl Filter {
         let stateless = self.spec.family.is_none_or(|f| f == t.family)
             && self.spec.netns.is_none_or(|n| n == t.netns)
             && self.ports_pass(t.local.port(), t.remote.port())
-            && self.owner_passes(row);
+            && self.owner_passes(row)
+            && self.row_passes(row);
         let Some(follow) = self.spec.follow else {
             return if stateless {
                 Admit::Show(None)
@@ -388,6 +526,62 @@ mod tests {
         assert_eq!(
             bits.marked().collect::<Vec<_>>(),
             [(80, 1), (443, 1), (5000, 2)]
+        );
+    }
+
+    #[test]
+    fn networks_contain_their_addresses_in_either_family() {
+        let net = |s: &str| s.parse::<Net>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(net("10.0.0.0/8").contains(ip("10.200.3.4")));
+        assert!(!net("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(net("0.0.0.0/0").contains(ip("192.0.2.1")));
+        assert!(net("127.0.0.1").contains(ip("127.0.0.1")));
+        assert!(!net("127.0.0.1").contains(ip("127.0.0.2")));
+        // A dual-stack socket talking IPv4 shows a mapped address.
+        assert!(net("127.0.0.0/8").contains(ip("::ffff:127.0.0.9")));
+        assert!(net("fd00::/8").contains(ip("fdab::1")));
+        assert!(!net("fd00::/8").contains(ip("fe80::1")));
+        assert!(net("[::1]").contains(ip("::1")));
+        assert!(!net("::1/128").contains(ip("127.0.0.1")));
+        assert_eq!(net("10.1.2.3/8").to_string(), "10.1.2.3/8");
+        assert_eq!(
+            "10.0.0.0/33".parse::<Net>().unwrap_err(),
+            "\"33\" is not a prefix length for 10.0.0.0; it is 0 to 32"
+        );
+        assert_eq!(
+            "localhost".parse::<Net>().unwrap_err(),
+            "\"localhost\" is not an IPv4 or IPv6 address"
+        );
+    }
+
+    #[test]
+    fn state_and_address_filters_keep_rows_entering_or_leaving_and_within() {
+        let mut f = Filter::new(Spec {
+            states: vec![State::CLOSE_WAIT],
+            raddrs: vec!["127.0.0.0/8".parse().unwrap()],
+            ..Spec::default()
+        });
+        let mut shown = |old, new, remote| {
+            matches!(
+                f.admit(&row(1, old, new, "127.0.0.1:80", remote, Some(1))),
+                Admit::Show(_)
+            )
+        };
+        let est = State::ESTABLISHED;
+        assert!(shown(est, State::CLOSE_WAIT, "127.0.0.2:4000"));
+        assert!(shown(State::CLOSE_WAIT, State::LAST_ACK, "127.0.0.2:4000"));
+        assert!(!shown(State::SYN_RECV, est, "127.0.0.2:4000"));
+        assert!(!shown(est, State::CLOSE_WAIT, "[::1]:4000"));
+        // Recordings keep the filters by name.
+        let spec = f.spec().clone();
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains(r#""states":["CLOSE_WAIT"]"#), "{json}");
+        assert!(json.contains(r#""raddrs":["127.0.0.0/8"]"#), "{json}");
+        assert_eq!(serde_json::from_str::<Spec>(&json).unwrap(), spec);
+        assert_eq!(
+            spec.describe(),
+            "entering or leaving CLOSE_WAIT, remote address 127.0.0.0/8"
         );
     }
 

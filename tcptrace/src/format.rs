@@ -64,6 +64,11 @@ impl Clock {
     }
 }
 
+/// `n` and the noun that goes with it: "1 socket", "2 sockets".
+pub fn counted(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// CLOCK_MONOTONIC now, the clock of the kernel's timestamps.
 pub fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC) as u64

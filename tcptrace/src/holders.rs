@@ -12,11 +12,12 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
-use crate::attribute::Unverified;
+use crate::attribute::{Row, Unverified};
 use crate::cgroup::Cgroups;
 use crate::decode::{Comm, Task};
 use crate::snapshot::Namespace;
 use crate::sockdiag::{self, Query};
+use crate::state::State;
 
 /// The holders of each socket in `sockets` that could be found, by socket
 /// address (`Unverified::skaddr`). A socket not found (closed meanwhile, a
@@ -91,4 +92,61 @@ pub fn process(pid: u32, cgroups: &mut Cgroups) -> Option<Task> {
         comm: Comm::from_bytes(comm.as_bytes()),
         cgroup: cgroups.of_pid(pid),
     })
+}
+
+/// The kernel reports a connect's `CLOSE -> SYN_SENT` before it picks the
+/// local port, and nothing more until the handshake ends: a socket stuck
+/// in SYN_SENT would show `:0` and match no socket by its addresses. The
+/// local addresses it may have, from sock_diag: the SYN_SENT sockets with
+/// its remote end and local address, narrowed to those its owner holds.
+/// One address where that tells; several where it cannot (one process
+/// with several identical connects pending), by `Row::sock`.
+pub fn connecting_ends(
+    namespaces: &mut [Namespace],
+    rows: &[Row],
+) -> HashMap<u64, Vec<SocketAddr>> {
+    let mut out = HashMap::new();
+    for row in rows
+        .iter()
+        .filter(|r| r.t.new == State::SYN_SENT && r.t.local.port() == 0)
+    {
+        let t = &row.t;
+        let Some(ns) = namespaces
+            .iter_mut()
+            .find(|n| n.inode == t.netns || t.netns == 0)
+        else {
+            continue;
+        };
+        let query = Query {
+            states: Query::mask(&[State::SYN_SENT]),
+            ports: vec![t.remote.port()],
+        };
+        let Ok(found) = ns.dumper.dump(&query) else {
+            continue;
+        };
+        let mut same_ends: Vec<_> = found
+            .iter()
+            .filter(|d| {
+                d.remote == t.remote
+                    && (t.local.ip().is_unspecified() || d.local.ip() == t.local.ip())
+            })
+            .collect();
+        if same_ends.len() > 1
+            && let Some(owner) = row.owner
+        {
+            let inodes: HashSet<u32> = same_ends.iter().map(|d| d.inode).collect();
+            let holders = sockdiag::owners(&inodes);
+            same_ends.retain(|d| {
+                holders
+                    .get(&d.inode)
+                    .is_some_and(|h| h.iter().any(|(pid, _)| *pid == owner.pid))
+            });
+        }
+        let mut ends: Vec<SocketAddr> = same_ends.iter().map(|d| d.local).collect();
+        ends.sort_unstable();
+        if !ends.is_empty() {
+            out.insert(row.sock, ends);
+        }
+    }
+    out
 }

@@ -10,6 +10,7 @@ pub mod btf;
 pub mod capture;
 pub mod cgroup;
 pub mod cli;
+pub mod command;
 pub mod decode;
 pub mod fasthash;
 pub mod filter;

@@ -17,12 +17,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, sleep, sleep_until};
 
 use crate::Failure;
+use crate::analyse::{self, Analysis};
 use crate::attribute::{
     Attributor, Close, Holders, Origin, Row, UnseenEnd, Unverified, intern, may_await_sent_reset,
 };
-use crate::capture::{Capture, Counters, StartError};
+use crate::capture::{Capture, Counters, SETTLE_NS, StartError};
 use crate::cgroup::Cgroups;
 use crate::cli::LiveArgs;
+use crate::command;
 use crate::decode::{Decoded, classify};
 use crate::filter::{Admit, Filter};
 use crate::format::{self, Clock, OutputFormat, Printer};
@@ -30,6 +32,7 @@ use crate::holders;
 use crate::metrics::{self, Metrics};
 use crate::privileges;
 use crate::record::{self, Gap, Header, HoldersNote, Recorder, Stats};
+use crate::replay::Item;
 use crate::snapshot;
 use crate::state::State;
 use crate::timewait::TimeWait;
@@ -139,7 +142,14 @@ fn write_stdout(buf: &[u8]) -> io::Result<()> {
     f.write_all(buf)
 }
 
-pub async fn run(args: LiveArgs) -> Result<(), Failure> {
+/// Traces until told to stop; the exit status is 0, or the traced
+/// command's.
+pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
+    let command = if args.command.is_empty() {
+        None
+    } else {
+        Some(command::Prepared::new(&args.command).map_err(Failure::BadInput)?)
+    };
     let spec = args.filter.spec();
     let filter = Filter::new(spec.clone());
     // One clock for the terminal and the recording, so that a replay's
@@ -221,7 +231,16 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     }
     // Attached, files open: nothing ahead needs a capability but reading
     // other processes' descriptor tables, to tell who holds a socket.
-    if let Err(e) = privileges::drop_all_but(privileges::CAP_SYS_PTRACE) {
+    // Starting the command as the sudo caller needs two more, until then.
+    let keep_for_command: &[u32] = match &command {
+        Some(c) if c.needs_setuid() => &[
+            privileges::CAP_SYS_PTRACE,
+            privileges::CAP_SETUID,
+            privileges::CAP_SETGID,
+        ],
+        _ => &[privileges::CAP_SYS_PTRACE],
+    };
+    if let Err(e) = privileges::drop_all_but(keep_for_command) {
         log::warn!("cannot drop capabilities: {e}");
     }
     let printer = Printer::new(args.output.style(), clock);
@@ -254,6 +273,14 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         cgroups,
         lookups,
         next_lookup: Instant::now(),
+        analysis: command.as_ref().map(|_| {
+            // The header gives the summary wall-clock times.
+            let mut a = Analysis::new();
+            a.add(Item::Header(Box::new(Header::new(clock, spec.clone()))));
+            a
+        }),
+        timewait_rows: VecDeque::new(),
+        ring_read_to: 0,
     };
     if let Some(found) = existing {
         for row in found.rows {
@@ -282,7 +309,21 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
     );
     let started = Instant::now();
 
-    let deadline = args.duration.map(|d| Instant::now() + d);
+    let mut deadline = args.duration.map(|d| Instant::now() + d);
+    let mut traced = Traced::default();
+    if let Some(c) = &command {
+        match c.start() {
+            Ok(running) => traced.running = Some(running),
+            Err(e) => {
+                eprintln!("tcptrace: {e:#}");
+                traced.status = Some(COMMAND_NOT_STARTED);
+                deadline = Some(Instant::now());
+            }
+        }
+        if let Err(e) = privileges::drop_all_but(&[privileges::CAP_SYS_PTRACE]) {
+            log::warn!("cannot drop capabilities: {e}");
+        }
+    }
     let mut stuck = args.stuck.map(|threshold| StuckWatch {
         threshold,
         every: (threshold / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
@@ -315,6 +356,19 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
             if let Err(stop) = pipe.note_holders(&unverified, false) {
                 break stop;
             }
+        }
+        if let Some(status) = traced.running.as_mut().and_then(command::Running::ended) {
+            let linger = args.linger.unwrap_or(DEFAULT_LINGER);
+            if let Some(running) = traced.running.take() {
+                eprintln!(
+                    "tcptrace: {} {}; tracing {} more",
+                    running.shown(),
+                    command::describe(status),
+                    humantime::format_duration(linger)
+                );
+            }
+            traced.status = Some(command::exit_code(status));
+            deadline = Some(Instant::now() + linger);
         }
         if Instant::now() >= next_loss_check {
             next_loss_check = Instant::now() + LOSS_CHECK;
@@ -375,13 +429,18 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         mut outputs,
         tally,
         timewait,
+        analysis,
         ..
     } = pipe;
     if timewait.missed > 0 {
         eprintln!(
-            "tcptrace: warning: {} closed connections were not followed into the time-wait \
-             table (more than 65536 at once, or in a namespace tcptrace could not open)",
-            timewait.missed
+            "tcptrace: warning: {} not followed into the time-wait table (more than 65536 at \
+             once, or in a namespace tcptrace could not open)",
+            format::counted(
+                timewait.missed,
+                "closed connection was",
+                "closed connections were"
+            )
         );
     }
     // Rows of the last batch (a --count reached mid-batch, a failed
@@ -429,16 +488,19 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         ));
     }
     if tally.snapshot > 0 {
-        extra.push_str(&format!(", {} existing sockets", tally.snapshot));
+        extra.push_str(&format!(
+            ", {}",
+            format::counted(tally.snapshot, "existing socket", "existing sockets")
+        ));
     }
     if tally.timewait > 0 {
         extra.push_str(&format!(
-            ", {} changes from the time-wait table",
-            tally.timewait
+            ", {} from the time-wait table",
+            format::counted(tally.timewait, "change", "changes")
         ));
     }
     let gaps = if gaps > 0 {
-        format!(", {gaps} sockets with gaps")
+        format!(", {} with gaps", format::counted(gaps, "socket", "sockets"))
     } else {
         String::new()
     };
@@ -449,10 +511,49 @@ pub async fn run(args: LiveArgs) -> Result<(), Failure> {
         counters.lost,
         counters.missed
     );
+    if let Some(analysis) = &analysis {
+        eprint!("{}", restart_summary(analysis));
+    }
+    if let Some(running) = &traced.running {
+        eprintln!(
+            "tcptrace: stopped while {} (pid {}) was still running",
+            running.shown(),
+            running.pid()
+        );
+    }
     match failure {
         Some(message) => Err(Failure::Other(anyhow!(message))),
-        None => Ok(()),
+        None => Ok(traced.exit_code()),
     }
+}
+
+/// With `-- COMMAND`, how long to go on tracing after it has ended.
+const DEFAULT_LINGER: Duration = Duration::from_secs(3);
+/// A command that could not be started, as a shell says it.
+const COMMAND_NOT_STARTED: u8 = 127;
+/// Stopped by a signal while the command still ran.
+const INTERRUPTED: u8 = 130;
+
+/// The command of `tcptrace -- COMMAND`, while it runs and once it ended.
+#[derive(Default)]
+struct Traced {
+    running: Option<command::Running>,
+    status: Option<u8>,
+}
+
+impl Traced {
+    fn exit_code(&self) -> u8 {
+        match (&self.running, self.status) {
+            (Some(_), _) => INTERRUPTED,
+            (None, Some(code)) => code,
+            (None, None) => 0,
+        }
+    }
+}
+
+/// What the traced command did to the listening ports, for stderr.
+fn restart_summary(analysis: &Analysis) -> String {
+    analyse::listeners_text(&analysis.report(10))
 }
 
 /// Everything between the ring and the outputs.
@@ -478,6 +579,13 @@ struct Pipeline {
     /// Namespaces to look up holders in (see `holders`).
     lookups: Vec<snapshot::Namespace>,
     next_lookup: Instant,
+    /// With `-- COMMAND`: the rows shown, for the summary at the end.
+    analysis: Option<Analysis>,
+    /// Rows the time-wait table gave, waiting for the ring events that
+    /// happened before them.
+    timewait_rows: VecDeque<Row>,
+    /// Every ring event stamped before this has been read.
+    ring_read_to: u64,
 }
 
 struct Pending {
@@ -491,12 +599,7 @@ impl Pipeline {
     /// says when it is due; `last` releases every row.
     fn drain(&mut self, capture: &mut Capture, last: bool) -> Result<(), Stop> {
         if self.timewait.due() {
-            for row in self.timewait.poll() {
-                self.pending.push_back(Pending {
-                    row,
-                    waits_since: None,
-                });
-            }
+            self.timewait_rows.extend(self.timewait.poll());
         }
         let mut batch = std::mem::take(&mut self.batch);
         let result = self.process(capture, &mut batch, last);
@@ -515,7 +618,13 @@ impl Pipeline {
     ) -> Result<(), Stop> {
         loop {
             batch.clear();
+            let reading_from = format::monotonic_ns();
             let more = capture.read(batch, last);
+            if !more {
+                // The rings hand out an event up to `SETTLE_NS` after its
+                // time: every event older than this has been read now.
+                self.ring_read_to = reading_from.saturating_sub(SETTLE_NS);
+            }
             self.tally.undecodable = capture.undecodable();
             for e in batch.iter() {
                 self.tally.seen += 1;
@@ -596,6 +705,9 @@ impl Pipeline {
                     if let Some(m) = &mut self.metrics {
                         m.count(r);
                     }
+                    if let Some(a) = &mut self.analysis {
+                        a.add(Item::Row(*r));
+                    }
                     match r.origin {
                         Origin::Tracepoint => self.tally.shown += 1,
                         Origin::Snapshot => self.tally.snapshot += 1,
@@ -622,7 +734,24 @@ impl Pipeline {
     }
 
     fn release_from(&mut self, pending: &mut VecDeque<Pending>, all: bool) -> Result<(), Stop> {
-        while let Some(front) = pending.front() {
+        // The time-wait table's rows join the ring's in time order: before
+        // the first ring row after them, or, with none waiting, once every
+        // ring event older than them has been read.
+        loop {
+            if let Some(tw) = self.timewait_rows.front() {
+                let due = match pending.front() {
+                    Some(front) => tw.t.ts_ns <= front.row.t.ts_ns,
+                    None => all || tw.t.ts_ns <= self.ring_read_to,
+                };
+                if due {
+                    let row = self.timewait_rows.pop_front().expect("front exists");
+                    self.show(&row)?;
+                    continue;
+                }
+            }
+            let Some(front) = pending.front() else {
+                break;
+            };
             if !all && front.waits_since == Some(self.cycle) {
                 break;
             }
@@ -747,17 +876,28 @@ impl StuckWatch {
     /// that holds each now (looked up, as `ss -p` would show them).
     fn check(&mut self, pipe: &mut Pipeline) -> Result<(), Stop> {
         let now = format::monotonic_ns();
+        let threshold = self.threshold.as_nanos() as u64;
         let stuck: Vec<Row> = pipe
             .attributor
-            .newly_stuck(now, self.threshold.as_nanos() as u64)
+            .newly_stuck(now, threshold)
             .into_iter()
+            .chain(pipe.timewait.newly_stuck(now, threshold))
             .filter(|row| pipe.filter.passes(row))
             .collect();
         if stuck.is_empty() {
             return Ok(());
         }
+        let mut stuck = stuck;
+        let connecting = holders::connecting_ends(&mut pipe.lookups, &stuck);
+        for row in &mut stuck {
+            if let Some([one]) = connecting.get(&row.sock).map(Vec::as_slice) {
+                row.t.local = *one;
+            }
+        }
+        // Orphans in the time-wait table have no holder to look up.
         let sockets: Vec<Unverified> = stuck
             .iter()
+            .filter(|r| r.origin != Origin::TimeWait)
             .map(|r| Unverified {
                 skaddr: r.t.skaddr,
                 sock: r.sock,
@@ -777,23 +917,47 @@ impl StuckWatch {
                     (o.pid, comm)
                 })
                 .collect();
-            let who = if named.is_empty() {
-                "owner unknown".to_string()
+            let listed = named
+                .iter()
+                .map(|(pid, comm)| format!("pid {pid} ({comm})"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let orphan = row.origin == Origin::TimeWait;
+            let who = match (orphan, named.is_empty()) {
+                (true, true) => "no process holds it".to_string(),
+                (true, false) => format!("no process holds it (closed by {listed})"),
+                (false, true) => "owner unknown".to_string(),
+                (false, false) => listed,
+            };
+            let meaning = if orphan {
+                "orphaned: closed by its process, and the peer has not closed its side \
+                 (the kernel drops it after net.ipv4.tcp_fin_timeout)"
+            } else if row.queued {
+                "not accepted by the process yet (backlog)"
             } else {
-                named
-                    .iter()
-                    .map(|(pid, comm)| format!("pid {pid} ({comm})"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                row.t.new.meaning()
             };
             let t = &row.t;
+            // Several identical connects of one process pending: which
+            // port is whose, nothing tells.
+            let local = match connecting.get(&row.sock) {
+                Some(ends) if ends.len() > 1 => format!(
+                    "{}:(one of {})",
+                    std::net::SocketAddr::new(t.local.ip(), 0)
+                        .to_string()
+                        .trim_end_matches(":0"),
+                    ends.iter()
+                        .map(|e| e.port().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                _ => t.local.to_string(),
+            };
             eprintln!(
-                "tcptrace: stuck: {who}, {} -> {} in {} for {:.1} s: {} (sock {})",
-                t.local,
+                "tcptrace: stuck: {who}, {local} -> {} in {} for {:.1} s: {meaning} (sock {})",
                 t.remote,
                 t.new,
                 row.dwell_ns.unwrap_or(0) as f64 / 1e9,
-                t.new.meaning(),
                 row.sock
             );
             *self.by_owner.entry(named.into_iter().next()).or_default() += 1;
@@ -839,9 +1003,9 @@ fn reason_names(table: &[(u8, String)]) -> Vec<Option<&'static str>> {
 fn warn_gaps(now: u64, reported: u64) -> u64 {
     if now > reported {
         eprintln!(
-            "tcptrace: warning: {} sockets skipped states: transitions between them never \
-             arrived ({now} in all)",
-            now - reported
+            "tcptrace: warning: {} states: transitions between them never arrived ({now} in \
+             all)",
+            format::counted(now - reported, "socket skipped", "sockets skipped")
         );
     }
     now.max(reported)

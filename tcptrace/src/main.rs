@@ -31,13 +31,14 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         None => runtime.block_on(live::run(cli.live)),
-        Some(Command::Read(args)) => offline::read(args),
-        Some(Command::Report(args)) => offline::report(args),
+        Some(Command::Read(args)) => offline::read(args).map(|()| 0),
+        Some(Command::Report(args)) => offline::report(args).map(|()| 0),
         Some(Command::Generate { what }) => tcptrace::cli::generate(what, &mut std::io::stdout())
+            .map(|()| 0)
             .map_err(|e| Failure::Other(anyhow::anyhow!("cannot write to stdout: {e}"))),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         Err(Failure::BadInput(e)) => {
             eprintln!("tcptrace: {e:#}");
             ExitCode::from(EXIT_USAGE)

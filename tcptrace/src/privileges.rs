@@ -3,6 +3,8 @@
 
 use std::fs;
 
+pub const CAP_SETGID: u32 = 6;
+pub const CAP_SETUID: u32 = 7;
 pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SYS_ADMIN: u32 = 21;
@@ -59,12 +61,12 @@ pub fn prioritize(nice: i32) -> std::io::Result<()> {
 }
 
 /// Gives up every capability for good (effective, permitted, inheritable,
-/// ambient) but `keep`, and that one only if held now. Called once the
+/// ambient) but those in `keep`, and those only if held now. Called once the
 /// program is attached and the files are open: from then on the process
 /// only reads what it already holds, and `/proc/PID/fd` of other
 /// processes (CAP_SYS_PTRACE, to tell who holds a socket), so a bug in the
 /// rest of the run cannot be used to do more.
-pub fn drop_all_but(keep: u32) -> std::io::Result<()> {
+pub fn drop_all_but(keep: &[u32]) -> std::io::Result<()> {
     // SAFETY: prctl with constant arguments.
     unsafe {
         libc::prctl(
@@ -92,7 +94,7 @@ pub fn drop_all_but(keep: u32) -> std::io::Result<()> {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let kept = effective() & (1 << keep);
+    let kept = effective() & keep.iter().fold(0u64, |m, cap| m | 1 << cap);
     let word = |i: u32| (kept >> (32 * i)) as u32;
     let data = [
         Data {

@@ -113,7 +113,7 @@ impl State {
         )
     }
 
-    #[cfg(test)]
+    /// Every state the kernel names.
     pub fn all() -> impl Iterator<Item = State> {
         (1..NAMES.len() as u8).map(State)
     }

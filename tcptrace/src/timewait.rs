@@ -41,6 +41,8 @@ struct Watched {
     /// The time-wait socket's cookie, once seen: a socket with the same
     /// addresses but another cookie belongs to a later connection.
     cookie: Option<u64>,
+    /// `--stuck` already warned about it in FIN_WAIT2.
+    warned: bool,
 }
 
 pub struct TimeWait {
@@ -106,6 +108,7 @@ impl TimeWait {
                 state: from,
                 since_ns,
                 cookie: None,
+                warned: false,
             },
         );
     }
@@ -125,6 +128,26 @@ impl TimeWait {
         }
         let w = self.watched.remove(&(t.netns, t.local, t.remote))?;
         Some(ended(&w, t.netns, t.local, t.remote, t.ts_ns))
+    }
+
+    /// Connections orphaned in FIN_WAIT2 (closed by their process, the
+    /// peer's FIN still to come) for `threshold_ns` or longer, each once: the
+    /// row of the state they are stuck in, owner the process that closed.
+    pub fn newly_stuck(&mut self, now_ns: u64, threshold_ns: u64) -> Vec<Row> {
+        self.watched
+            .iter_mut()
+            .filter(|(_, w)| {
+                w.state == State::FIN_WAIT2
+                    && !w.warned
+                    && now_ns.saturating_sub(w.since_ns) >= threshold_ns
+            })
+            .map(|(&(netns, local, remote), w)| {
+                w.warned = true;
+                let mut row = ended(w, netns, local, remote, now_ns);
+                row.t.new = State::FIN_WAIT2;
+                row
+            })
+            .collect()
     }
 
     /// Whether the table should be read now.
