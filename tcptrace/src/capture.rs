@@ -93,8 +93,17 @@ impl Capture {
         if !missing.is_empty() {
             return Err(StartError::Privileges(privilege_message(&missing)));
         }
+        if let Some(release) = fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()
+            .and_then(|r| too_old(r.trim()))
+        {
+            return Err(StartError::Other(anyhow!(release)));
+        }
         let btf_data = fs::read(BTF_PATH).with_context(|| {
-            format!("cannot read the kernel's BTF ({BTF_PATH}); tcptrace needs a kernel built with CONFIG_DEBUG_INFO_BTF")
+            format!(
+                "cannot read the kernel's BTF ({BTF_PATH}); tracing needs a kernel built with \
+                 CONFIG_DEBUG_INFO_BTF (`tcptrace read` and `report` still work on recordings)"
+            )
         })?;
         let kernel_btf = Btf::parse(&btf_data).context(BTF_PATH)?;
         let sock = sock_layout(&kernel_btf)?;
@@ -673,6 +682,29 @@ fn reset_layouts() -> (ResetLayout, ResetLayout, Vec<(u8, String)>) {
 /// EPERM/EACCES from the loader mean missing privileges, whatever the
 /// capability check above concluded (a seccomp filter or a lockdown can
 /// still refuse): say so in the same words.
+/// The oldest kernel tcptrace traces on, and why: the BPF ring buffer
+/// (5.8) carries the events; BTF-typed tracepoint programs (5.5) read the
+/// socket; both came before it.
+const OLDEST_KERNEL: (u32, u32) = (5, 8);
+
+/// Why a kernel release (`uname -r`) is too old to trace on, in one line.
+fn too_old(release: &str) -> Option<String> {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+        return None;
+    };
+    ((major, minor) < OLDEST_KERNEL).then(|| {
+        format!(
+            "this kernel ({release}) is older than Linux {}.{}, which tracing needs (the BPF \
+             ring buffer, BTF-typed tracepoint programs); `tcptrace read` and `report` still \
+             work on recordings made elsewhere",
+            OLDEST_KERNEL.0, OLDEST_KERNEL.1
+        )
+    })
+}
+
 fn load_error(e: anyhow::Error) -> StartError {
     let denied = e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
@@ -709,6 +741,23 @@ mod tests {
 
     fn times(v: &[Event]) -> Vec<(u64, u64)> {
         v.iter().map(|e| (e.ts_ns, e.skaddr)).collect()
+    }
+
+    #[test]
+    fn a_kernel_before_5_8_is_named_with_what_it_lacks_and_what_still_works() {
+        let why = too_old("5.4.0-150-generic").unwrap();
+        assert!(why.starts_with("this kernel (5.4.0-150-generic) is older than Linux 5.8"));
+        assert!(why.contains("`tcptrace read` and `report` still work"));
+        assert!(too_old("4.19.0-27-amd64").is_some());
+        for fine in [
+            "5.8.0",
+            "5.10.0-30-amd64",
+            "6.1.0-57-amd64",
+            "6.18.44-fc-v1272",
+            "odd",
+        ] {
+            assert_eq!(too_old(fine), None, "{fine}");
+        }
     }
 
     #[test]
