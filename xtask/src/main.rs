@@ -16,6 +16,7 @@ mod bench;
 mod dist;
 mod floor;
 mod fuzz;
+mod hookcost;
 mod kernels;
 mod soak;
 
@@ -54,6 +55,16 @@ enum Cmd {
     },
     /// Only install the build prerequisites.
     Setup,
+    /// Measure what the holder-following hooks (close, fork/exit) cost
+    /// calls that involve no TCP socket: loops of each, untraced and under
+    /// tcptrace, interleaved (needs root).
+    HookCost {
+        /// Seconds per loop, configuration and round.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+    },
     /// Build the release for production hosts in target/dist/: a static
     /// x86_64 binary (musl) with the eBPF object inside, man pages,
     /// completions and a systemd unit, as a tarball and a .deb.
@@ -138,6 +149,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     env::set_current_dir(&root)?;
     match cli.command {
         Cmd::Setup => setup().map(|()| ExitCode::SUCCESS),
+        Cmd::HookCost { seconds, rounds } => {
+            setup()?;
+            cargo(&["build", "--release", "--package", "tcptrace"])?;
+            hookcost::run(&root.join("target/release/tcptrace"), seconds, rounds)
+                .map(|()| ExitCode::SUCCESS)
+        }
         Cmd::Dist => {
             setup()?;
             dist::run(&root).map(|_| ExitCode::SUCCESS)
