@@ -15,17 +15,19 @@ use crate::state::State;
 
 const EXAMPLES: &str = "\
 Examples:
-  Watch a service's port while restarting it:
-    sudo tcptrace --port 6389
+  Restart a service and see what its clients met (exit status: the command's):
+    sudo tcptrace --port 6379 -w restart.tcpt -- systemctl restart redis-server
+  Watch a service's sockets, by its systemd unit, while restarting it by hand:
+    sudo tcptrace --unit redis-server
   Follow one connection, both of its sockets, from its SYN on:
-    sudo tcptrace --follow 127.0.0.1:53525,127.0.0.1:6389
+    sudo tcptrace --follow 127.0.0.1:53525,127.0.0.1:6379
   Only the sockets a process owns, as JSON for jq:
     sudo tcptrace --pid 4242 --format json | jq .
-  Record a restart, rotating files at 100 MiB, keeping ten:
-    sudo tcptrace --port 6389 -w restart.jsonl --rotate-size 100M --rotate-keep 10
+  Record for days, rotating files at 100 MiB, keeping ten:
+    sudo tcptrace -q --port 6379 -w /var/log/tcptrace/redis.tcpt --rotate-size 100M --rotate-keep 10
   Investigate it afterwards:
-    tcptrace report restart.jsonl
-    tcptrace read restart.jsonl --pid 4242
+    tcptrace report /var/log/tcptrace/redis.tcpt --html report.html
+    tcptrace read /var/log/tcptrace/redis.tcpt --state CLOSE_WAIT
   Warn about sockets stuck in CLOSE_WAIT and friends for over 30 s:
     sudo tcptrace --stuck 30s -q
   Stop by itself after ten seconds:
