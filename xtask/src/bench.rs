@@ -3,8 +3,8 @@
 //! side with the same churn untraced and with libbpf-tools `tcpstates`.
 //!
 //! Each round runs every configuration once, interleaved (untraced,
-//! attached, text, record, tcpstates), so that a slow period of a noisy VM
-//! hits them alike. `attached` is tcptrace with a port filter no churn
+//! attached, text, record, tcpstates; and record-json, JSON Lines, when
+//! asked for), so that a slow period of a noisy VM hits them alike. `attached` is tcptrace with a port filter no churn
 //! socket matches: every program runs for every transition and the kernel
 //! dispatches them, but nothing is emitted and userspace has nothing to
 //! do. Between untraced and text it splits the cost of tracing into the
@@ -69,7 +69,17 @@ const GOAL_RECORD_VS_TEXT: f64 = 0.03;
 const GOAL_VS_TCPSTATES: f64 = 2.0;
 
 const MODES: [&str; 3] = ["client-closes-first", "server-closes-first", "reset"];
-pub const CONFIGS: [&str; 5] = ["untraced", "attached", "text", "record", "tcpstates"];
+/// `record` writes the default (binary) format; `record-json` JSON Lines
+/// (not run unless asked for with --configs: the format before the binary
+/// one, for comparison).
+pub const CONFIGS: [&str; 6] = [
+    "untraced",
+    "attached",
+    "text",
+    "record",
+    "record-json",
+    "tcpstates",
+];
 /// The port `attached` filters on: no churn socket uses it (`--port` may
 /// not be this one, and the clients' ports are ephemeral), so the programs
 /// run for every transition and drop each at the filter.
@@ -337,8 +347,9 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
                 );
             };
             println!("{}", sample_line(&sample, opts.rounds));
-            // Keep only the largest recording, for the offline measurements.
-            if let Some(rec) = recording {
+            // Keep only the largest binary recording, for the offline
+            // measurements (which convert it to JSON Lines themselves).
+            if let Some(rec) = recording.filter(|_| config == "record") {
                 let size = file_size(&rec.0);
                 if kept.as_ref().is_none_or(|k| file_size(&k.0) < size) {
                     kept = Some(rec);
@@ -721,9 +732,10 @@ fn run_one(
             cmd.args(["--port", &port]).stdout(Stdio::null());
             Some(spawn_tracer(cmd)?)
         }
-        "record" => {
-            // The default format (binary).
-            let file = TempFile(std::env::temp_dir().join(format!("tcptrace-bench-{tag}.tcpt")));
+        "record" | "record-json" => {
+            // The default format (binary), or JSON Lines by the file name.
+            let ext = if config == "record" { "tcpt" } else { "jsonl" };
+            let file = TempFile(std::env::temp_dir().join(format!("tcptrace-bench-{tag}.{ext}")));
             let _ = fs::remove_file(&file.0);
             let mut cmd = Command::new(&env.tcptrace);
             cmd.args(["--port", &port, "-q", "-w"])
@@ -1496,7 +1508,7 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
         let i = METRICS.iter().position(|m| m.0 == metric)?;
         table.get(&(i, c)).copied()
     };
-    for c in ["text", "record"] {
+    for c in ["text", "record", "record-json"] {
         let runs = of(c);
         if runs.is_empty() {
             continue;
@@ -1525,7 +1537,7 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
             ),
         ));
     }
-    for c in ["text", "record"] {
+    for c in ["text", "record", "record-json"] {
         if let Some(r) = get("vs untraced", c) {
             goals.push((
                 format!(
@@ -1539,7 +1551,7 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
     }
     // The programs' own time: the statistics' clock reads are the
     // instrument's, and both figures are shown.
-    for c in ["text", "record"] {
+    for c in ["text", "record", "record-json"] {
         let Some(raw) = get("BPF ns/event", c) else {
             continue;
         };
@@ -1587,15 +1599,18 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
             ),
         ));
     }
-    if let (Some(text), Some(record)) = (get("vs untraced", "text"), get("vs untraced", "record")) {
+    for (c, text, record) in ["record", "record-json"]
+        .into_iter()
+        .filter_map(|c| Some((c, get("vs untraced", "text")?, get("vs untraced", c)?)))
+    {
         goals.push((
             format!(
-                "record: within {:.0} points of text (share of untraced conn/s)",
+                "{c}: within {:.0} points of text (share of untraced conn/s)",
                 GOAL_RECORD_VS_TEXT * 100.0
             ),
             Some(record.median >= text.median - GOAL_RECORD_VS_TEXT),
             format!(
-                "record {} vs text {} (medians)",
+                "{c} {} vs text {} (medians)",
                 pct(record.median),
                 pct(text.median)
             ),

@@ -488,7 +488,21 @@ impl Decoder {
         let mut c = Cursor { data, at: 0 };
         while c.at < data.len() {
             let start = c.at;
-            let item = match self.record(&mut c) {
+            // Rows, nearly every record, go straight to the sink: each move
+            // of an item is a copy of a row.
+            if data[start] == K_ROW {
+                c.at += 1;
+                match self.row(&mut c, sink) {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => return Ok(Err(e)),
+                    Err(mut e) => {
+                        e.at = start;
+                        return Err(e);
+                    }
+                }
+            }
+            let item = self.record(&mut c);
+            let item = match item {
                 Ok(item) => item,
                 Err(mut e) => {
                     // Named by where the record starts, not where it broke.
@@ -508,7 +522,14 @@ impl Decoder {
     fn record(&mut self, c: &mut Cursor) -> Result<Option<Item>, Bad> {
         let kind = c.u8()?;
         Ok(Some(match kind {
-            K_ROW => Item::Row(self.row(c)?),
+            K_ROW => {
+                let mut row = None;
+                let _ = self.row(c, &mut |item| -> Result<(), ()> {
+                    row = Some(item);
+                    Ok(())
+                })?;
+                return Ok(row);
+            }
             K_STR => {
                 let bytes = c.bytes()?;
                 if self.strings.len() >= DICT_LIMIT {
@@ -598,7 +619,14 @@ impl Decoder {
         }))
     }
 
-    fn row(&mut self, c: &mut Cursor) -> Result<Row, Bad> {
+    /// Decodes a row and hands it to `sink` (built in the call: a row
+    /// returned up the stack is copied at each step).
+    #[inline(always)]
+    fn row<E>(
+        &mut self,
+        c: &mut Cursor,
+        sink: &mut impl FnMut(Item) -> Result<(), E>,
+    ) -> Result<Result<(), E>, Bad> {
         let flags = c.u8()?;
         let ext = if flags & F_EXT != 0 { c.u8()? } else { 0 };
         let ts_ns = self.prev_ts.wrapping_add(unzigzag(c.varint()?) as u64);
@@ -688,7 +716,7 @@ impl Decoder {
         if ext & !0x1f != 0 {
             return Err(c.bad("unknown row flags"));
         }
-        Ok(Row {
+        Ok(sink(Item::Row(Row {
             t: Transition {
                 ts_ns,
                 skaddr: 0,
@@ -711,7 +739,7 @@ impl Decoder {
             dwell_ns,
             origin,
             close,
-        })
+        })))
     }
 }
 
