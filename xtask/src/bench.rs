@@ -72,14 +72,21 @@ const MODES: [&str; 3] = ["client-closes-first", "server-closes-first", "reset"]
 /// `record` writes the default (binary) format; `record-json` JSON Lines
 /// (not run unless asked for with --configs: the format before the binary
 /// one, for comparison).
-pub const CONFIGS: [&str; 6] = [
+/// `NAME@base`: the same configuration with the build of `--against`.
+pub const CONFIGS: [&str; 9] = [
     "untraced",
     "attached",
+    "attached@base",
     "text",
+    "text@base",
     "record",
+    "record@base",
     "record-json",
     "tcpstates",
 ];
+/// A change may cost the churn at most this much against the build it is
+/// compared with (`--against`), as a share of untraced conn/s.
+const GOAL_VS_BASE: f64 = 0.02;
 /// The port `attached` filters on: no churn socket uses it (`--port` may
 /// not be this one, and the clients' ports are ephemeral), so the programs
 /// run for every transition and drop each at the filter.
@@ -95,6 +102,8 @@ pub struct Options {
     pub acceptors: u32,
     pub configs: Vec<String>,
     pub retries: u32,
+    /// The tcptrace to compare with (`--against REV`, built beforehand).
+    pub baseline: Option<PathBuf>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -249,6 +258,8 @@ impl Offline {
 struct Env {
     root: PathBuf,
     tcptrace: PathBuf,
+    /// The build the `@base` configurations run.
+    baseline: Option<PathBuf>,
     churn: PathBuf,
     tcpstates: Option<PathBuf>,
     clk_tck: u64,
@@ -272,7 +283,10 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             bail!("unknown configuration {c:?}; known: {}", CONFIGS.join(", "));
         }
     }
-    if opts.port == UNUSED_PORT && opts.configs.iter().any(|c| c == "attached") {
+    if opts.baseline.is_none() && opts.configs.iter().any(|c| c.ends_with("@base")) {
+        bail!("the @base configurations run the build of --against REV: give one");
+    }
+    if opts.port == UNUSED_PORT && opts.configs.iter().any(|c| c.starts_with("attached")) {
         bail!(
             "--port {UNUSED_PORT} is the port the attached configuration filters on, which the \
              churn must not use: pick another port"
@@ -285,6 +299,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         // Another build to compare (for example the last release's).
         tcptrace: std::env::var_os("TCPTRACE_BENCH_BIN")
             .map_or_else(|| root.join("target/release/tcptrace"), PathBuf::from),
+        baseline: opts.baseline.clone(),
         churn: root.join("target/release/tt-churn"),
         tcpstates: if opts.configs.iter().any(|c| c == "tcpstates") {
             find_tcpstates()
@@ -719,16 +734,22 @@ fn run_one(
     let port = opts.port.to_string();
     let mut recording = None;
     let mut tcpstates_out = None;
+    // The same configuration, run by the build compared with.
+    let label = config;
+    let (config, tcptrace) = match config.strip_suffix("@base") {
+        Some(c) => (c, env.baseline.as_ref().expect("checked in run")),
+        None => (config, &env.tcptrace),
+    };
     let mut tracer = match config {
         "untraced" => None,
         "attached" => {
-            let mut cmd = Command::new(&env.tcptrace);
+            let mut cmd = Command::new(tcptrace);
             cmd.args(["--port", &UNUSED_PORT.to_string()])
                 .stdout(Stdio::null());
             Some(spawn_tracer(cmd)?)
         }
         "text" => {
-            let mut cmd = Command::new(&env.tcptrace);
+            let mut cmd = Command::new(tcptrace);
             cmd.args(["--port", &port]).stdout(Stdio::null());
             Some(spawn_tracer(cmd)?)
         }
@@ -737,7 +758,7 @@ fn run_one(
             let ext = if config == "record" { "tcpt" } else { "jsonl" };
             let file = TempFile(std::env::temp_dir().join(format!("tcptrace-bench-{tag}.{ext}")));
             let _ = fs::remove_file(&file.0);
-            let mut cmd = Command::new(&env.tcptrace);
+            let mut cmd = Command::new(tcptrace);
             cmd.args(["--port", &port, "-q", "-w"])
                 .arg(&file.0)
                 .stdout(Stdio::null());
@@ -782,7 +803,7 @@ fn run_one(
     let others = other_tracers(tracer.as_ref().map(Tracer::pid));
 
     let mut sample = Sample {
-        config: config.into(),
+        config: label.into(),
         round,
         connections: churn.connections,
         seconds: churn.seconds,
@@ -1598,6 +1619,23 @@ fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options) -> Report 
                 frac(ts_miss)
             ),
         ));
+    }
+    for c in ["attached", "text", "record"] {
+        let base = format!("{c}@base");
+        if let (Some(now), Some(then)) = (get("vs untraced", c), get("vs untraced", &base)) {
+            goals.push((
+                format!(
+                    "{c}: within {:.0} points of the build compared with",
+                    GOAL_VS_BASE * 100.0
+                ),
+                Some(now.median >= then.median - GOAL_VS_BASE),
+                format!(
+                    "{c} {} vs {base} {} (medians, same run)",
+                    pct(now.median),
+                    pct(then.median)
+                ),
+            ));
+        }
     }
     for (c, text, record) in ["record", "record-json"]
         .into_iter()

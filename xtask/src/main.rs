@@ -12,6 +12,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod baseline;
 mod bench;
 mod dist;
 mod floor;
@@ -124,6 +125,11 @@ enum Cmd {
         /// machine) is repeated.
         #[arg(long, default_value_t = 2)]
         retries: u32,
+        /// Also run the attached, text and record configurations with the
+        /// tcptrace of this revision (`main`, a commit, a tag), built in
+        /// target/against/, interleaved with this build's in the same run.
+        #[arg(long, value_name = "REV")]
+        against: Option<String>,
     },
     /// Boot Debian 12's kernels under QEMU and run the real-kernel
     /// scenarios there with the static binary (needs root).
@@ -177,10 +183,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             port,
             clients,
             acceptors,
-            configs,
+            mut configs,
             retries,
+            against,
         } => {
             setup()?;
+            let baseline = match &against {
+                Some(rev) => {
+                    for c in ["attached", "text", "record"] {
+                        if configs.iter().any(|k| k == c) {
+                            configs.push(format!("{c}@base"));
+                        }
+                    }
+                    Some(baseline::build(&root, rev)?)
+                }
+                None => None,
+            };
             cargo(&[
                 "build",
                 "--release",
@@ -199,6 +217,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 acceptors,
                 configs,
                 retries,
+                baseline,
             };
             bench::run(&root, &opts).map(|()| ExitCode::SUCCESS)
         }
