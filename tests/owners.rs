@@ -601,8 +601,13 @@ struct TestCgroup {
 
 impl TestCgroup {
     fn new(service: &str) -> Option<TestCgroup> {
+        TestCgroup::leaf(&format!("{service}.service"))
+    }
+
+    /// `/tcptrace-test.slice/LEAF`: a service, or a container's scope.
+    fn leaf(leaf: &str) -> Option<TestCgroup> {
         let root = cgroup2_mount()?;
-        let path = format!("/tcptrace-test.slice/{service}.service");
+        let path = format!("/tcptrace-test.slice/{leaf}");
         let dir = root.join(path.trim_start_matches('/'));
         std::fs::create_dir_all(&dir).expect("create the test's cgroup");
         Some(TestCgroup { dir, path })
@@ -871,4 +876,97 @@ fn a_daemons_launcher_is_never_named_after_it_exited() {
         .filter(|r| r["pid"] == launcher_pid)
         .count();
     assert_eq!(launcher_rows, 1, "only the launcher's own listen names it");
+}
+
+#[test]
+fn a_containers_sockets_carry_the_name_its_runtime_gave_it() {
+    // A cgroup as Docker's systemd driver names a container's, and the
+    // runtime's state for it, in a directory tcptrace is pointed at (no
+    // container runtime runs here).
+    let id = format!(
+        "{:0>64x}",
+        0xc0ffee_u64 * 1000 + u64::from(std::process::id())
+    );
+    let Some(cg) = TestCgroup::leaf(&format!("docker-{id}.scope")) else {
+        println!("skipped: no cgroup2 mount on this host (/proc/self/mountinfo)");
+        return;
+    };
+    let runtime = TempDir::new("runtime");
+    let state = runtime.0.join(format!("var/lib/docker/containers/{id}"));
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(
+        state.join("config.v2.json"),
+        r#"{"ID":"x","Name":"/web-1"}"#,
+    )
+    .unwrap();
+
+    let ns = Netns::new();
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let dir = TempDir::new("container");
+    let file = dir.path("rec.tcpt");
+    let start = |args: &[&str]| {
+        let mut cmd = Command::new(tcptrace_tests::tcptrace_bin());
+        cmd.args(["--port", &port.to_string(), "--netns", &ns.path()])
+            .args(args)
+            .env("TCPTRACE_RUNTIME_ROOT", &runtime.0);
+        Tracer::start_cmd(cmd)
+    };
+    let json = start(&["--format", "json", "-w", &file]);
+    let wide = start(&["--wide", "--no-header"]);
+    let server = ns.peer(&[
+        "server",
+        &addr,
+        "--mode",
+        "wait-peer-close",
+        "--cgroup-procs",
+        &cg.procs(),
+    ]);
+    assert_eq!(cgroup_of(server.pid), cg.path);
+    let (client, _) = client_of(&ns, &addr, 50);
+    client.finish();
+    let server_pid = server.pid;
+    server.finish();
+    let (json, wide) = (json.stop(), wide.stop());
+
+    // Every row the server owns names its container, id and name.
+    let owned: Vec<Value> = json
+        .rows()
+        .into_iter()
+        .filter(|r| r["pid"] == server_pid)
+        .collect();
+    assert_eq!(owned.len(), 7, "listener 2, child 5: {}", json.stdout);
+    for r in &owned {
+        assert_eq!(
+            (&r["container"], &r["container_name"]),
+            (&id.as_str().into(), &"web-1".into()),
+            "{r}"
+        );
+    }
+    let text: Vec<&str> = wide
+        .stdout
+        .lines()
+        .filter(|l| l.contains(&format!(" {server_pid} ")))
+        .collect();
+    assert_eq!(text.len(), 7, "{}", wide.stdout);
+    assert!(
+        text.iter().all(|l| l.contains("container:web-1")),
+        "{}",
+        wide.stdout
+    );
+
+    // The report names it where the runtime's state is readable.
+    let mut cmd = Command::new(tcptrace_tests::tcptrace_bin());
+    cmd.args(["report", "--format", "json", &file])
+        .env("TCPTRACE_RUNTIME_ROOT", &runtime.0);
+    let out = cmd.output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).expect("report is JSON");
+    let server_row = report["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == server_pid)
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(server_row["container"], id.as_str());
+    assert_eq!(server_row["container_name"], "web-1");
 }

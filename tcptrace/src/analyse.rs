@@ -818,6 +818,7 @@ impl Analysis {
 
     /// The report as a serializable value.
     pub fn report(&self, top: usize) -> Report {
+        let mut names = crate::cgroup::ContainerNames::default();
         let wall = |ns: u64| {
             self.headers.first().map(|h| {
                 let w = h.clock().wall_ns(ns);
@@ -944,6 +945,7 @@ impl Analysis {
                         .cgroup
                         .and_then(crate::cgroup::container)
                         .map(str::to_string),
+                    container_name: p.cgroup.and_then(|c| names.of(c)).map(str::to_string),
                     transitions: p.transitions,
                     connections: p.connections,
                 })
@@ -1162,6 +1164,9 @@ pub struct ProcessRow {
     /// The process's systemd unit and container, from its cgroup.
     pub unit: Option<String>,
     pub container: Option<String>,
+    /// Its name, where the runtime's state on this host tells.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
     pub transitions: u64,
     pub connections: u64,
 }
@@ -1485,6 +1490,13 @@ impl Report {
             crate::format::escape_comm(&p.comm, &mut esc);
             let mut unit = String::new();
             match (&p.container, &p.unit) {
+                (Some(_), _) if p.container_name.is_some() => {
+                    unit.push_str("container ");
+                    crate::format::escape_comm(
+                        p.container_name.as_deref().unwrap_or(""),
+                        &mut unit,
+                    );
+                }
                 (Some(id), _) => unit = format!("container {}", &id[..12.min(id.len())]),
                 (None, Some(u)) => crate::format::escape_comm(u, &mut unit),
                 (None, None) => unit.push('-'),

@@ -165,6 +165,69 @@ pub fn container(path: &str) -> Option<&str> {
     })
 }
 
+/// Container names by cgroup path, from the container runtimes' own state
+/// on this host: Docker (`/var/lib/docker/containers/<id>/config.v2.json`),
+/// Podman run as root (`/var/lib/containers/storage/overlay-containers/
+/// containers.json`) and containerd's CRI (`pod/container` from the task's
+/// OCI annotations under `/run/containerd/io.containerd.runtime.v2.task/`).
+/// A container gone since, or a recording read on another host, has no
+/// name: its id is shown instead. Looked up once per cgroup path.
+#[derive(Default)]
+pub struct ContainerNames {
+    by_path: FastMap<usize, Option<&'static str>>,
+}
+
+impl ContainerNames {
+    /// The name of the container cgroup `path` (an interned path) is in.
+    pub fn of(&mut self, path: &'static str) -> Option<&'static str> {
+        *self
+            .by_path
+            .entry(path.as_ptr() as usize)
+            .or_insert_with(|| container(path).and_then(container_name))
+    }
+}
+
+/// Where the runtimes keep their state; tests point it elsewhere.
+fn runtime_root() -> PathBuf {
+    std::env::var_os("TCPTRACE_RUNTIME_ROOT").map_or_else(|| PathBuf::from("/"), PathBuf::from)
+}
+
+fn container_name(id: &str) -> Option<&'static str> {
+    let name = container_name_in(&runtime_root(), id)?;
+    Some(Box::leak(name.into_boxed_str()))
+}
+
+fn container_name_in(root: &std::path::Path, id: &str) -> Option<String> {
+    let json = |rel: String| -> Option<serde_json::Value> {
+        serde_json::from_slice(&fs::read(root.join(rel)).ok()?).ok()
+    };
+    let docker = || {
+        let v = json(format!("var/lib/docker/containers/{id}/config.v2.json"))?;
+        Some(v["Name"].as_str()?.trim_start_matches('/').to_string())
+    };
+    let podman = || {
+        let v = json("var/lib/containers/storage/overlay-containers/containers.json".into())?;
+        v.as_array()?.iter().find(|c| c["id"] == id)?["names"][0]
+            .as_str()
+            .map(str::to_string)
+    };
+    let cri = || {
+        let v = json(format!(
+            "run/containerd/io.containerd.runtime.v2.task/k8s.io/{id}/config.json"
+        ))?;
+        let a = &v["annotations"];
+        let container = a["io.kubernetes.cri.container-name"].as_str()?;
+        Some(match a["io.kubernetes.cri.sandbox-name"].as_str() {
+            Some(pod) => format!("{pod}/{container}"),
+            None => container.to_string(),
+        })
+    };
+    docker()
+        .or_else(podman)
+        .or_else(cri)
+        .filter(|n| !n.is_empty())
+}
+
 /// Whether `path` is the cgroup `wanted` or below it.
 pub fn is_within(path: &str, wanted: &str) -> bool {
     let wanted = wanted.trim_end_matches('/');
@@ -334,5 +397,36 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         assert_eq!(root_in(&v1_only), None);
+    }
+
+    #[test]
+    fn container_names_come_from_each_runtimes_state() {
+        let root = std::env::temp_dir().join(format!("tcptrace-runtime-{}", std::process::id()));
+        let put = |rel: &str, text: &str| {
+            let p = root.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, text).unwrap();
+        };
+        let (a, b, c) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        put(
+            &format!("var/lib/docker/containers/{a}/config.v2.json"),
+            r#"{"Name":"/web"}"#,
+        );
+        put(
+            "var/lib/containers/storage/overlay-containers/containers.json",
+            &format!(r#"[{{"id":"{b}","names":["db"]}}]"#),
+        );
+        put(
+            &format!("run/containerd/io.containerd.runtime.v2.task/k8s.io/{c}/config.json"),
+            r#"{"annotations":{"io.kubernetes.cri.container-name":"app","io.kubernetes.cri.sandbox-name":"shop-7d4"}}"#,
+        );
+        assert_eq!(container_name_in(&root, &a).as_deref(), Some("web"));
+        assert_eq!(container_name_in(&root, &b).as_deref(), Some("db"));
+        assert_eq!(
+            container_name_in(&root, &c).as_deref(),
+            Some("shop-7d4/app")
+        );
+        assert_eq!(container_name_in(&root, &"d".repeat(64)), None);
+        let _ = fs::remove_dir_all(&root);
     }
 }

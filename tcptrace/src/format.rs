@@ -151,6 +151,7 @@ pub struct Printer {
     scratch: String,
     /// A JSON row being built.
     line: Vec<u8>,
+    names: cgroup::ContainerNames,
 }
 
 impl Printer {
@@ -163,6 +164,7 @@ impl Printer {
             cached_zone: String::new(),
             line: Vec::with_capacity(512),
             scratch: String::with_capacity(64),
+            names: cgroup::ContainerNames::default(),
         }
     }
 
@@ -313,7 +315,14 @@ impl Printer {
             ) {
                 (Some(id), _) => {
                     put(b, b"container:");
-                    put(b, &id.as_bytes()[..12]);
+                    match cgroup.and_then(|p| self.names.of(p)) {
+                        Some(name) => {
+                            self.scratch.clear();
+                            escape_comm(name, &mut self.scratch);
+                            put(b, self.scratch.as_bytes());
+                        }
+                        None => put(b, &id.as_bytes()[..12]),
+                    }
                 }
                 (None, Some(unit)) => {
                     self.scratch.clear();
@@ -398,6 +407,10 @@ impl Printer {
                     if let Some(id) = cgroup::container(path) {
                         put(b, b",\"container\":");
                         push_json_string(b, id);
+                        if let Some(name) = self.names.of(path) {
+                            put(b, b",\"container_name\":");
+                            push_json_string(b, name);
+                        }
                     }
                 }
             }
