@@ -177,3 +177,82 @@ fn read_and_report_have_man_pages_of_their_own_naming_their_flags() {
         }
     }
 }
+
+/// The flags a `--help` text defines: its option lines (`-p, --port <PORT>`,
+/// `      --lport <PORT>`), not flags its prose or examples mention.
+fn defined_flags(help: &str) -> Vec<String> {
+    let mut flags: Vec<String> = help
+        .lines()
+        .filter(|l| l.starts_with("  ") && l.trim_start().starts_with('-'))
+        .flat_map(|l| {
+            l.split_whitespace()
+                // A lone "-" starts a possible value's line, not a flag.
+                .take_while(|w| w.starts_with('-') && w.len() > 1)
+                .map(|w| w.trim_end_matches(',').to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    flags.sort_unstable();
+    flags.dedup();
+    flags
+}
+
+/// The flags one section of docs/flags.md lists: the first column of its
+/// table rows (`| \`-p, --port PORT\` | ...`), every backquoted piece.
+fn documented_flags(section: &str) -> Vec<String> {
+    let mut flags: Vec<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .flat_map(|l| {
+            let cell = l.split(" | ").next().unwrap_or_default();
+            cell.split('`')
+                .step_by(2)
+                .flat_map(|piece| {
+                    piece
+                        .split([',', ' '])
+                        .filter(|w| w.starts_with('-'))
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    flags.sort_unstable();
+    flags.dedup();
+    flags
+}
+
+#[test]
+fn flags_page_lists_exactly_the_flags_of_each_help() {
+    let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/flags.md"))
+        .expect("docs/flags.md");
+    let sections: Vec<(&str, &str)> = page
+        .split("\n## ")
+        .skip(1)
+        .map(|s| s.split_once('\n').unwrap_or((s, "")))
+        .collect();
+    let names: Vec<&str> = sections.iter().map(|(name, _)| *name).collect();
+    assert_eq!(
+        names,
+        ["tcptrace", "tcptrace read", "tcptrace report"],
+        "one section per command"
+    );
+    for (name, section) in sections {
+        let args: Vec<&str> = name.split(' ').skip(1).chain(["--help"]).collect();
+        let (code, help, err) = run(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        let defined = defined_flags(&help);
+        assert!(defined.len() >= 7, "{name}: {defined:?}");
+        let documented = documented_flags(section);
+        let missing: Vec<_> = defined.iter().filter(|f| !documented.contains(f)).collect();
+        let unknown: Vec<_> = documented.iter().filter(|f| !defined.contains(f)).collect();
+        assert!(
+            missing.is_empty(),
+            "docs/flags.md, {name}: not in the table: {missing:?}"
+        );
+        assert!(
+            unknown.is_empty(),
+            "docs/flags.md, {name}: not in --help: {unknown:?}"
+        );
+    }
+}

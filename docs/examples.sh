@@ -1,0 +1,162 @@
+#!/bin/sh
+# Regenerates every example output quoted in README.md and docs/ into
+# docs/examples/, from the current build, against Debian's redis-server and
+# the test suite's tt-peer in a network namespace of its own.
+#
+#   cargo build -p tcptrace -p tcptrace-tests
+#   sudo docs/examples.sh            # needs root, redis-server, curl, jq
+#
+# Then copy what changed from docs/examples/*.txt into the pages that quote
+# them (each page names its file). Times, pids, ports and namespace inodes
+# differ from run to run; the shape of each output does not.
+#
+# tcptrace runs in the host's namespaces and filters on the example's
+# namespace (--netns): started through `ip netns exec` it would find no
+# cgroup2 mount, and so no socket callback.
+set -eu
+
+cd "$(dirname "$0")/.."
+BIN=${TCPTRACE_BIN:-$PWD/target/debug/tcptrace}
+PEER=${TT_PEER_BIN:-$PWD/target/debug/tt-peer}
+OUT=$PWD/docs/examples
+NS=tt-docs
+WORK=$(mktemp -d /tmp/tcptrace-docs.XXXXXX)
+mkdir -p "$OUT"
+
+in_ns() { ip netns exec "$NS" "$@"; }
+
+cleanup() {
+    for p in $(ip netns pids "$NS" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
+    sleep 0.2
+    ip netns del "$NS" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+ip netns add "$NS"
+in_ns ip link set lo up
+NETNS=/run/netns/$NS
+mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
+
+# Starts tcptrace in the background with its stdout and stderr in files
+# named after $1, and waits until it says it is tracing.
+start_tracer() {
+    name=$1; shift
+    "$BIN" --netns "$NETNS" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+    TRACER=$!
+    for _ in $(seq 100); do
+        grep -q '^tcptrace: tracing' "$WORK/$name.err" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "tcptrace did not start:" >&2; cat "$WORK/$name.err" >&2; exit 1
+}
+
+stop_tracer() { kill -INT "$TRACER"; wait "$TRACER" || true; }
+
+redis() { # port, extra args
+    port=$1; shift
+    in_ns redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+        --daemonize yes --logfile "$WORK/redis-$port.log" --pidfile "$WORK/redis-$port.pid" "$@"
+    until in_ns redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
+}
+
+# 1. What a line says: a server, two clients, the server's exit, a refused
+# connect.
+in_ns redis-server --port 6389 --bind 127.0.0.1 --save '' --appendonly no \
+    --logfile "$WORK/first.log" &
+until in_ns redis-cli -p 6389 ping >/dev/null 2>&1; do sleep 0.05; done
+start_tracer first --port 6389 --color never -w "$WORK/first.tcpt"
+sleep 0.3
+in_ns redis-cli -p 6389 set greeting hello >/dev/null
+sleep 0.1
+in_ns redis-cli -p 6389 get greeting >/dev/null
+sleep 0.1
+in_ns redis-cli -p 6389 shutdown nosave >/dev/null 2>&1 || true
+sleep 0.3
+in_ns redis-cli -p 6389 ping >/dev/null 2>&1 || true
+sleep 0.3
+stop_tracer
+{ echo '$ sudo tcptrace --port 6389'; cat "$WORK/first.out" "$WORK/first.err"; } >"$OUT/first.txt"
+{
+    echo '$ tcptrace read first.tcpt --format json --state CLOSE_WAIT'
+    "$BIN" read "$WORK/first.tcpt" --format json --state CLOSE_WAIT
+} >"$OUT/json.txt"
+
+# 2. A restart traced as a command, under a client connecting every 10 ms,
+# recorded with rotation.
+redis 6390
+(while :; do in_ns redis-cli -p 6390 ping >/dev/null 2>&1 || true; sleep 0.01; done) &
+LOAD=$!
+sleep 0.5
+cat >"$WORK/restart-redis" <<EOF
+#!/bin/sh
+ip netns exec $NS redis-cli -p 6390 shutdown nosave
+sleep 0.2
+ip netns exec $NS redis-server --port 6390 --bind 127.0.0.1 --save '' --appendonly no \\
+    --daemonize yes --logfile $WORK/redis-6390.log --pidfile $WORK/redis-6390.pid
+EOF
+chmod +x "$WORK/restart-redis"
+(
+    cd "$WORK"
+    "$BIN" --netns "$NETNS" --port 6390 --color never -q -w restart.tcpt \
+        --rotate-size 16K --rotate-keep 10 -- ./restart-redis >restart.out 2>restart.err || true
+)
+kill "$LOAD"; wait "$LOAD" 2>/dev/null || true
+{
+    echo '$ sudo tcptrace --port 6390 -q -w restart.tcpt --rotate-size 16K --rotate-keep 10 -- ./restart-redis'
+    cat "$WORK/restart.err"
+    echo '$ ls -l restart.tcpt*'
+    (cd "$WORK" && ls -l restart.tcpt*) | awk '{print $1, $5, $9}'
+} >"$OUT/restart.txt"
+{
+    echo '$ tcptrace report restart.tcpt*'
+    (cd "$WORK" && "$BIN" report restart.tcpt*)
+} >"$OUT/report.txt"
+
+# 3. One connection, both of its sockets: one the new server served.
+tuple() { # jq filter selecting a client row
+    (cd "$WORK" && "$BIN" read restart.tcpt* --format json) |
+        jq -r "select($1) | \"\(.laddr):\(.lport),\(.raddr):\(.rport)\"" | sed -n 50p
+}
+served=$(tuple '.lport != 6390 and .lport != 0 and .new == "FIN_WAIT1"')
+{
+    echo "\$ tcptrace report restart.tcpt* --follow $served"
+    (cd "$WORK" && "$BIN" report restart.tcpt* --follow "$served")
+    echo "\$ tcptrace read restart.tcpt* --follow $served"
+    (cd "$WORK" && "$BIN" read restart.tcpt* --color never --follow "$served")
+} >"$OUT/follow.txt"
+in_ns redis-cli -p 6390 shutdown nosave >/dev/null 2>&1 || true
+
+# 4. A CLOSE_WAIT leak: a server forks per connection, the parent closes its
+# copy, the child keeps the socket after the client has gone.
+start_tracer stuck --port 7000 --stuck 2s -q
+in_ns "$PEER" server 127.0.0.1:7000 --mode fork-leak --hold-ms 5000 --conns 2 --name leaky-app >/dev/null &
+SERVER=$!
+sleep 0.3
+in_ns "$PEER" client 127.0.0.1:7000 --mode close --repeat 2
+sleep 3
+in_ns ss -tanp state close-wait >"$WORK/ss.txt"
+wait "$SERVER" || true
+stop_tracer
+{
+    echo '$ sudo tcptrace --port 7000 --stuck 2s -q'
+    cat "$WORK/stuck.err"
+    echo '$ ss -tanp state close-wait    # while it was stuck'
+    cat "$WORK/ss.txt"
+} >"$OUT/stuck.txt"
+
+# 5. Prometheus metrics, after a few connections.
+redis 6391
+start_tracer metrics --port 6391 -q --metrics 127.0.0.1:9911
+for _ in 1 2 3; do in_ns redis-cli -p 6391 ping >/dev/null; done
+in_ns redis-cli -p 6391 blpop nothing 2 >/dev/null 2>&1 &
+sleep 0.5
+curl -s http://127.0.0.1:9911/metrics >"$WORK/metrics.txt"
+stop_tracer
+in_ns redis-cli -p 6391 shutdown nosave >/dev/null 2>&1 || true
+{
+    echo '$ curl -s http://127.0.0.1:9911/metrics'
+    cat "$WORK/metrics.txt"
+} >"$OUT/metrics.txt"
+
+echo "examples written to $OUT"
