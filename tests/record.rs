@@ -904,14 +904,25 @@ fn read_tail_follows_a_growing_recording_through_its_rotation() {
         "--rotate-size",
         "4K",
     ]);
-    let mut follower = std::process::Command::new(tcptrace_tests::tcptrace_bin())
-        .args(["read", "--tail", &file, "--format", "json", "--time", "utc"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(fs::File::create(dir.path("tail.err")).unwrap())
-        .spawn()
-        .unwrap();
+    /// The follower never ends by itself: killed when dropped, even by a
+    /// failing test.
+    struct Follower(std::process::Child);
+    impl Drop for Follower {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut follower = Follower(
+        std::process::Command::new(tcptrace_tests::tcptrace_bin())
+            .args(["read", "--tail", &file, "--format", "json", "--time", "utc"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(fs::File::create(dir.path("tail.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = mpsc::channel();
-    let stdout = follower.stdout.take().unwrap();
+    let stdout = follower.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout)
             .lines()
@@ -946,8 +957,7 @@ fn read_tail_follows_a_growing_recording_through_its_rotation() {
     assert!(fs::metadata(format!("{file}.1")).is_ok(), "it rotated");
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
-    let _ = follower.kill();
-    let _ = follower.wait();
+    drop(follower);
     // What it followed is the rotation set, read whole.
     let mut files: Vec<String> = fs::read_dir(&dir.0)
         .unwrap()

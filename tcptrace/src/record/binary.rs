@@ -137,12 +137,15 @@ fn put_bytes(b: &mut Vec<u8>, s: &[u8]) {
 /// defined, and the previous row's time and socket.
 #[derive(Default)]
 pub struct Encoder {
-    comms: FastMap<Comm, u32>,
+    /// Names by their 16 bytes as one number: one multiply to hash.
+    comms: FastMap<u128, u32>,
     /// Interned strings (cgroup paths, reset reasons), by address.
     statics: FastMap<usize, u32>,
     owned: HashMap<String, u32>,
     strings: u32,
-    addrs: FastMap<IpAddr, u32>,
+    /// Addresses as numbers (cheaper to hash than `IpAddr`); one numbering.
+    addrs4: FastMap<u32, u32>,
+    addrs6: FastMap<u128, u32>,
     netns: FastMap<u32, u32>,
     prev_ts: u64,
     prev_sock: u64,
@@ -165,7 +168,7 @@ impl Encoder {
     }
 
     fn full(&self) -> bool {
-        self.strings as usize + self.addrs.len() + self.netns.len() >= DICT_LIMIT
+        self.strings as usize + self.addrs() + self.netns.len() >= DICT_LIMIT
     }
 
     fn new_string(&mut self, b: &mut Vec<u8>, s: &[u8]) -> u32 {
@@ -176,12 +179,20 @@ impl Encoder {
     }
 
     fn comm(&mut self, b: &mut Vec<u8>, c: Comm) -> u32 {
-        if let Some(&id) = self.comms.get(&c) {
+        let mut raw = [0u8; 16];
+        let bytes = c.as_bytes();
+        raw[..bytes.len()].copy_from_slice(bytes);
+        let key = u128::from_ne_bytes(raw);
+        if let Some(&id) = self.comms.get(&key) {
             return id;
         }
-        let id = self.new_string(b, c.as_bytes());
-        self.comms.insert(c, id);
+        let id = self.new_string(b, bytes);
+        self.comms.insert(key, id);
         id
+    }
+
+    fn addrs(&self) -> usize {
+        self.addrs4.len() + self.addrs6.len()
     }
 
     fn interned(&mut self, b: &mut Vec<u8>, s: &'static str) -> u32 {
@@ -204,22 +215,19 @@ impl Encoder {
     }
 
     fn addr(&mut self, b: &mut Vec<u8>, ip: IpAddr) -> u32 {
-        if let Some(&id) = self.addrs.get(&ip) {
-            return id;
-        }
+        let next = self.addrs() as u32;
         match ip {
-            IpAddr::V4(a) => {
+            IpAddr::V4(a) => *self.addrs4.entry(a.to_bits()).or_insert_with(|| {
                 b.push(K_ADDR4);
                 b.extend_from_slice(&a.octets());
-            }
-            IpAddr::V6(a) => {
+                next
+            }),
+            IpAddr::V6(a) => *self.addrs6.entry(a.to_bits()).or_insert_with(|| {
                 b.push(K_ADDR6);
                 b.extend_from_slice(&a.octets());
-            }
+                next
+            }),
         }
-        let id = self.addrs.len() as u32;
-        self.addrs.insert(ip, id);
-        id
     }
 
     fn netns(&mut self, b: &mut Vec<u8>, n: u32) -> u32 {
