@@ -49,7 +49,7 @@ pub struct Cli {
 
     /// Show tcptrace's own diagnostics, and those of its eBPF program, on
     /// stderr (RUST_LOG=debug does the same).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = None)]
     pub debug: bool,
 }
 
@@ -60,8 +60,9 @@ pub enum Command {
     /// Print a recording made with --write, exactly as the live run would
     /// have printed it, with the same filters and formats.
     Read(ReadArgs),
-    /// Analyse a recording: connections, close reasons, time in each state,
-    /// sockets left stuck, busiest processes and ports.
+    /// Analyse a recording: what clients met on each listening port,
+    /// connections and how they ended, time in each state, sockets still
+    /// open and who held them, busiest processes.
     Report(ReportArgs),
     /// Write the man page or shell completions to stdout (used by `cargo
     /// xtask install`).
@@ -264,8 +265,9 @@ pub struct ReportArgs {
     #[arg(value_name = "FILE", required = true, value_parser = parse_input_path)]
     pub files: Vec<PathBuf>,
 
-    /// Report format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    /// Report format: `text` (tables), or `json` (the whole report as one
+    /// JSON document).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text, hide_possible_values = true)]
     pub format: OutputFormat,
 
     /// Instead of the summary, the full timeline of one connection, both
@@ -274,8 +276,8 @@ pub struct ReportArgs {
     pub follow: Option<Tuple>,
 
     /// Also write the report as a self-contained HTML page with pictures:
-    /// sockets per state over time, connection lifelines, time-in-state
-    /// histograms.
+    /// availability per listening port, sockets per state over time,
+    /// connection lifelines, time-in-state histograms.
     #[arg(long, value_name = "FILE.html", value_parser = parse_output_path)]
     pub html: Option<PathBuf>,
 

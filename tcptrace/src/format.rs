@@ -33,7 +33,7 @@ pub enum TimeFormat {
 pub enum OutputFormat {
     /// Aligned columns with a header line.
     Text,
-    /// One JSON object per line (fields in the README).
+    /// One JSON object per line (fields in docs/json.md).
     Json,
 }
 
