@@ -743,6 +743,55 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The same recording in both formats (the binary one converted with
+/// `read -w`): `read` and `report` tell them apart by their first bytes and
+/// give the same output from each; the JSON Lines rows are what `read
+/// --format json` prints from the binary one.
+#[test]
+fn read_and_report_take_either_format_without_being_told() {
+    let dir = TempDir::new("formats");
+    let binary = dir.path("rec.tcpt");
+    let live = record_scenarios(&binary, &["--format", "json", "--time", "utc"]);
+    let json = dir.path("converted.jsonl");
+    let convert = tcptrace(&["read", &binary, "-w", &json]);
+    assert!(convert.status.success(), "{}", convert.stderr);
+    let text = fs::read_to_string(&json).unwrap();
+    assert!(text.starts_with("{\"type\":\"header\""), "{text}");
+    assert!(
+        text.lines()
+            .last()
+            .unwrap()
+            .starts_with("{\"type\":\"stats\"")
+    );
+    let rows: String = text
+        .lines()
+        .filter(|l| !l.starts_with("{\"type\":"))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    assert_eq!(rows, live, "the JSON Lines rows are the rows shown live");
+    for args in [
+        &["read"][..],
+        &["read", "--format", "json", "--time", "relative"],
+        &["report"],
+        &["report", "--format", "json"],
+    ] {
+        let run = |file: &str| {
+            let mut a = args.to_vec();
+            a.insert(1, file);
+            let out = tcptrace(&a);
+            assert!(out.status.success(), "{a:?}: {}", out.stderr);
+            out.stdout
+        };
+        assert_eq!(run(&binary), run(&json), "{args:?}");
+    }
+    // And back: a binary recording again, the same rows.
+    let again = dir.path("again.tcpt");
+    assert!(tcptrace(&["read", &json, "-w", &again]).status.success());
+    assert!(fs::read(&again).unwrap().starts_with(b"\x89TCPTR\r\n"));
+    let back = tcptrace(&["read", &again, "--format", "json", "--time", "utc"]);
+    assert_eq!(back.stdout, live);
+}
+
 /// A binary recording of rows in two batches 600 ms apart (so in two
 /// chunks at least), stopped cleanly. Returns the file and its rows as
 /// `read --format json` prints them.
