@@ -20,23 +20,30 @@ fn moves(rows: &[Value]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// tcptrace on `port`, JSON rows on stdout and recorded to `file`, with
+/// `extra` flags; no snapshot, so only what the scenario makes shows.
+fn recording(port: u16, file: &str, extra: &[&str]) -> Tracer {
+    let port = port.to_string();
+    let mut args = vec![
+        "--format",
+        "json",
+        "--no-snapshot",
+        "--port",
+        &port,
+        "-w",
+        file,
+    ];
+    args.extend_from_slice(extra);
+    Tracer::start(&args)
+}
+
 #[test]
 fn a_state_filter_keeps_rows_entering_or_leaving_it_live_and_in_a_recording() {
     let ns = Netns::new();
     let port = unique_port();
     let dir = TempDir::new("state");
     let file = dir.path("rec.jsonl");
-    let tracer = Tracer::start(&[
-        "--format",
-        "json",
-        "--no-snapshot",
-        "--port",
-        &port.to_string(),
-        "--state",
-        "close_wait",
-        "-w",
-        &file,
-    ]);
+    let tracer = recording(port, &file, &["--state", "close_wait"]);
     ns.connections(&format!("127.0.0.1:{port}"), 2);
     ns.settle("last-ack");
     let out = tracer.stop();
@@ -75,17 +82,7 @@ fn address_filters_pick_connections_by_network_in_either_family() {
     let port = unique_port();
     let dir = TempDir::new("addr");
     let file = dir.path("rec.jsonl");
-    let tracer = Tracer::start(&[
-        "--format",
-        "json",
-        "--no-snapshot",
-        "--port",
-        &port.to_string(),
-        "--raddr",
-        "::1/128",
-        "-w",
-        &file,
-    ]);
+    let tracer = recording(port, &file, &["--raddr", "::1/128"]);
     ns.connections(&format!("127.0.0.1:{port}"), 1);
     ns.connections(&format!("[::1]:{port}"), 1);
     ns.settle("fin-wait-1");
@@ -132,15 +129,7 @@ fn rows_come_out_in_time_order_time_wait_table_rows_included() {
     let port = unique_port();
     let dir = TempDir::new("order");
     let file = dir.path("rec.jsonl");
-    let tracer = Tracer::start(&[
-        "--format",
-        "json",
-        "--no-snapshot",
-        "--port",
-        &port.to_string(),
-        "-w",
-        &file,
-    ]);
+    let tracer = recording(port, &file, &[]);
     // Connections as fast as the machine makes them, each closing into
     // time-wait, whose table tcptrace reads while the ring keeps bringing
     // transitions that happened before the read.

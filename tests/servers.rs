@@ -17,18 +17,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tcptrace_tests::{Life, Netns, TempDir, Tracer, tcptrace, unique_port};
-
-/// CLOCK_MONOTONIC, the clock of tcptrace's `ts_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+use tcptrace_tests::{Life, Netns, TempDir, Tracer, monotonic_ns, tcptrace, unique_port};
 
 /// One socket as `ss -tanpH` listed it, with the processes holding it.
 #[derive(Debug, Clone)]

@@ -44,6 +44,17 @@ pub fn peer_bin() -> PathBuf {
     dir.join("tt-peer")
 }
 
+/// CLOCK_MONOTONIC now: the clock of tcptrace's `ts_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A port for one test: below the default ephemeral range, so no host

@@ -18,6 +18,7 @@ use tcptrace_ebpf::{
 use crate::btf::Btf;
 use crate::decode;
 use crate::filter::Filter;
+use crate::format::monotonic_ns;
 use crate::ring::Ring;
 use crate::{cgroup, layout, object, privileges, tracefs};
 use tcptrace_ebpf::{
@@ -539,17 +540,6 @@ fn ring_sizes(cpus: usize) -> [u32; RINGS] {
     // The largest power of two within the share, and no less than 4 MiB.
     let each = (1u32 << (31 - share.leading_zeros())).max(4 << 20);
     std::array::from_fn(|i| if i < used { each } else { RING_UNUSED_BYTES })
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC is bpf_ktime_get_ns's
-    // clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Where this kernel keeps what the program reads of a TCP socket.
