@@ -7,7 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tcptrace_tests::{Netns, Tracer, life, loaded_bpf_programs, tcptrace_bin, unique_port};
+use tcptrace_tests::{
+    Netns, TempDir, Tracer, life, loaded_bpf_programs, tcptrace, tcptrace_bin, unique_port,
+};
 
 /// The kernel keeps the first 15 bytes of a program's name.
 const PROGRAM: &str = "inet_sock_set_s";
@@ -420,5 +422,68 @@ fn a_failing_stdout_is_an_error_not_a_closed_pipe() {
     assert!(
         err.contains("transitions shown"),
         "the stats line still comes: {err}"
+    );
+}
+
+#[test]
+fn a_recording_keeps_kernel_addresses_only_when_asked_and_read_shows_them() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let dir = TempDir::new("skaddr");
+    let (asked_bin, asked_json, plain) = (
+        dir.path("asked.tcpt"),
+        dir.path("asked.jsonl"),
+        dir.path("plain.tcpt"),
+    );
+    let p = port.to_string();
+    let live = Tracer::start(&[
+        "--port",
+        &p,
+        "--format",
+        "json",
+        "--show-skaddr",
+        "-w",
+        &asked_bin,
+    ]);
+    let live_json = Tracer::start(&[
+        "--port",
+        &p,
+        "--format",
+        "json",
+        "--show-skaddr",
+        "-w",
+        &asked_json,
+    ]);
+    let quiet = Tracer::start(&["--port", &p, "-q", "-w", &plain]);
+    ns.connections(&format!("127.0.0.1:{port}"), 1);
+    ns.settle("fin-wait-1");
+    let live = live.stop();
+    let live_json = live_json.stop();
+    quiet.stop();
+    let rows = live.rows();
+    assert_eq!(rows.len(), 12, "{}", live.stdout);
+    for r in &rows {
+        let a = r["skaddr"]
+            .as_str()
+            .expect("an address on every traced row");
+        assert!(a.starts_with("0xffff"), "{r}");
+    }
+    // Read back with --show-skaddr, both formats print the live rows.
+    for (file, shown) in [(&asked_bin, &live), (&asked_json, &live_json)] {
+        let read = tcptrace(&["read", "--format", "json", "--show-skaddr", file]);
+        assert!(read.status.success(), "{}", read.stderr);
+        assert_eq!(read.stdout, shown.stdout, "{file}");
+        // Without it, no address, as live.
+        let hidden = tcptrace(&["read", "--format", "json", file]);
+        assert!(!hidden.stdout.contains("skaddr"), "{}", hidden.stdout);
+    }
+    // Recorded without it: nothing to show, said as such, never 0x0.
+    let read = tcptrace(&["read", "--show-skaddr", "--no-header", &plain]);
+    assert!(read.status.success(), "{}", read.stderr);
+    assert!(!read.stdout.contains("0x"), "{}", read.stdout);
+    assert!(
+        read.stdout.lines().all(|l| l.contains("  -")),
+        "{}",
+        read.stdout
     );
 }

@@ -332,8 +332,14 @@ impl Printer {
                 (None, None) => b.push(b'-'),
             }
         }
+        // 0: no address known (a snapshot row, a recording made without it).
         if self.style.show_skaddr {
-            let _ = write!(b, "  {:#x}", t.skaddr);
+            match t.skaddr {
+                0 => put(b, b"  -"),
+                a => {
+                    let _ = write!(b, "  {a:#x}");
+                }
+            }
         }
         match row.origin {
             Origin::Tracepoint => {}
@@ -462,7 +468,12 @@ impl Printer {
         }
         push_field_str(b, "origin", row.origin.name());
         if self.style.show_skaddr {
-            let _ = write!(b, ",\"skaddr\":\"{:#x}\"", t.skaddr);
+            match t.skaddr {
+                0 => put(b, b",\"skaddr\":null"),
+                a => {
+                    let _ = write!(b, ",\"skaddr\":\"{a:#x}\"");
+                }
+            }
         }
         put(b, b"}\n");
     }

@@ -165,6 +165,7 @@ pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
                     rotate_size: args.record.rotate_size,
                     rotate_keep: args.record.rotate_keep,
                     format: args.record.write_format,
+                    skaddr: args.output.show_skaddr,
                 },
                 Header::new(clock, spec.clone()),
             )

@@ -134,6 +134,7 @@ fn rewrite(args: &ReadArgs, path: &std::path::Path, filter: &mut Filter) -> Resu
         rotate_size: None,
         rotate_keep: None,
         format: args.write_format,
+        skaddr: args.output.show_skaddr,
     };
     let bar = progress_bar(&args.files, ProgressFor::Report);
     let result = replay::read(&args.files, args.lenient, bar.as_ref(), |item| {

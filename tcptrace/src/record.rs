@@ -229,6 +229,9 @@ pub struct Options {
     pub rotate_keep: Option<u32>,
     /// `None`: as the file name says ([`WriteFormat::for_path`]).
     pub format: Option<WriteFormat>,
+    /// Keep each socket's kernel address (`--show-skaddr`): left out
+    /// otherwise, so that a recording shared is free of kernel pointers.
+    pub skaddr: bool,
 }
 
 enum Encoding {
@@ -289,14 +292,14 @@ impl Recorder {
                 Style {
                     format: OutputFormat::Json,
                     time: TimeFormat::Utc,
-                    show_skaddr: false,
+                    show_skaddr: opts.skaddr,
                     wide: false,
                     color: false,
                 },
                 header.clock(),
             )),
             WriteFormat::Binary => Encoding::Binary {
-                enc: binary::Encoder::default(),
+                enc: binary::Encoder::keeping_skaddr(opts.skaddr),
                 chunk: None,
                 sealed: Vec::new(),
                 chunk_rows: 0,
@@ -675,6 +678,7 @@ mod tests {
             rotate_size: None,
             rotate_keep: None,
             format: None,
+            skaddr: false,
         }
     }
 

@@ -577,6 +577,9 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
             "unit" => 20,
             "container" => 21,
             "queued" => 22,
+            // Derived from the cgroup and this host's container runtimes
+            // when shown: not read back.
+            "container_name" => 23,
             _ => return None,
         };
         if seen & bit(field) != 0 {
@@ -612,9 +615,14 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
             20 => row.unit = opt_str(number, text_value)?.map(Cow::Borrowed),
             21 => row.container = opt_str(number, text_value)?.map(Cow::Borrowed),
             22 => row.queued = truth,
+            23 => {}
             _ => {
-                let hex = text_value?.strip_prefix("0x")?;
-                row.skaddr = Some(Hex(u64::from_str_radix(hex, 16).ok()?));
+                row.skaddr = match (text_value, number) {
+                    (Some(v), _) => Some(Hex(u64::from_str_radix(v.strip_prefix("0x")?, 16).ok()?)),
+                    // null: no address known.
+                    (None, None) => None,
+                    (None, Some(_)) => return None,
+                }
             }
         }
         ws(&mut i);

@@ -62,6 +62,8 @@ const F_V6: u8 = 0x40;
 /// An extra byte follows: origin, close, reset reason.
 const F_EXT: u8 = 0x80;
 const E_REASON: u8 = 0x10;
+/// The socket's kernel address follows, 8 bytes (`--show-skaddr`).
+const E_SKADDR: u8 = 0x20;
 
 /// Dictionary entries a file may hold before the writer starts them over
 /// (a host with endless clients would otherwise grow them without bound).
@@ -149,12 +151,25 @@ pub struct Encoder {
     netns: FastMap<u32, u32>,
     prev_ts: u64,
     prev_sock: u64,
+    /// Keep each socket's kernel address: asked for with `--show-skaddr`.
+    skaddr: bool,
 }
 
 impl Encoder {
+    /// An encoder that keeps each row's kernel address, or leaves it out.
+    pub fn keeping_skaddr(skaddr: bool) -> Encoder {
+        Encoder {
+            skaddr,
+            ..Encoder::default()
+        }
+    }
+
     /// Starts over, as at the top of a new file.
     pub fn reset(&mut self) {
-        *self = Encoder::default();
+        *self = Encoder {
+            skaddr: self.skaddr,
+            ..Encoder::default()
+        };
     }
 
     pub fn header(&mut self, b: &mut Vec<u8>, h: &Header) {
@@ -302,6 +317,10 @@ impl Encoder {
         if reason.is_some() {
             ext |= E_REASON;
         }
+        let skaddr = (self.skaddr && t.skaddr != 0).then_some(t.skaddr);
+        if skaddr.is_some() {
+            ext |= E_SKADDR;
+        }
         if ext != 0 {
             flags |= F_EXT;
         }
@@ -348,6 +367,9 @@ impl Encoder {
         }
         if let Some(id) = reason {
             put_varint(b, u64::from(id));
+        }
+        if let Some(a) = skaddr {
+            b.extend_from_slice(&a.to_le_bytes());
         }
     }
 
@@ -457,6 +479,11 @@ impl<'a> Cursor<'a> {
     fn port(&mut self) -> Result<u16, Bad> {
         let b = self.take(2)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u64_le(&mut self) -> Result<u64, Bad> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
 
     fn bytes(&mut self) -> Result<&'a [u8], Bad> {
@@ -721,13 +748,14 @@ impl Decoder {
         if reason.is_some() && !matches!(close, Some(Close::ResetSent(_))) {
             return Err(c.bad("a reset reason without a reset sent"));
         }
-        if ext & !0x1f != 0 {
+        let skaddr = if ext & E_SKADDR != 0 { c.u64_le()? } else { 0 };
+        if ext & !0x3f != 0 {
             return Err(c.bad("unknown row flags"));
         }
         Ok(sink(Item::Row(Row {
             t: Transition {
                 ts_ns,
-                skaddr: 0,
+                skaddr,
                 task: owner.unwrap_or_default(),
                 thread,
                 old: State(old),
