@@ -15,7 +15,6 @@ use clap::{Parser, Subcommand};
 mod baseline;
 mod bench;
 mod dist;
-mod floor;
 mod fuzz;
 mod hookcost;
 mod kernels;

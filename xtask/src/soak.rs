@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{Netns, StatsLine, json_number, kill, parse_stats_line};
+use crate::bench::churn::{Netns, json_number};
+use crate::bench::sys::kill;
+use crate::bench::tracer::{StatsLine, parse_stats_line};
 
 const PORT: u16 = 24690;
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);

@@ -13,6 +13,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{Result, bail};
 
+use super::stats::fdinfo_field;
+
 unsafe extern "C" {
     fn syscall(number: i64, ...) -> i64;
     fn __errno_location() -> *mut i32;
@@ -60,7 +62,7 @@ impl EmptyProgram {
     pub fn stats(&self) -> Result<(u64, u64)> {
         let path = format!("/proc/self/fdinfo/{}", self.prog.as_raw_fd());
         let text = fs::read_to_string(&path)?;
-        let field = |key: &str| crate::bench::fdinfo_field(&text, key);
+        let field = |key: &str| fdinfo_field(&text, key);
         match (field("run_time_ns"), field("run_cnt")) {
             (Some(t), Some(c)) => Ok((t, c)),
             _ => bail!("{path} has no run_time_ns or run_cnt"),
