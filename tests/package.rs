@@ -8,7 +8,7 @@ use std::process::Command;
 use serde_json::Value;
 use tcptrace_tests::{Netns, Tracer, life, unique_port};
 
-const INSTALLED: [&str; 8] = [
+const INSTALLED: [&str; 9] = [
     "/usr/bin/tcptrace",
     "/usr/share/man/man1/tcptrace.1.gz",
     "/usr/share/man/man1/tcptrace-read.1.gz",
@@ -17,6 +17,7 @@ const INSTALLED: [&str; 8] = [
     "/usr/share/zsh/vendor-completions/_tcptrace",
     "/usr/share/fish/vendor_completions.d/tcptrace.fish",
     "/usr/lib/systemd/system/tcptrace.service",
+    "/usr/share/doc/tcptrace/docs/how-it-works.md",
 ];
 
 fn built(var: &str, suffix: &str) -> PathBuf {
@@ -180,6 +181,8 @@ fn the_tarball_holds_the_binary_its_pages_completions_unit_and_licences() {
         "completions/tcptrace.fish",
         "tcptrace.service",
         "README.md",
+        "docs/how-it-works.md",
+        "docs/recording-format.md",
         "LICENSE-MIT",
         "LICENSE-APACHE",
     ] {

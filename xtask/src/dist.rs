@@ -66,6 +66,7 @@ pub fn run(root: &Path) -> Result<Dist> {
             Some((dir, file)) if dir.contains("completions") || dir.contains("zsh") => {
                 format!("completions/{file}")
             }
+            Some((dir, file)) if dir.ends_with("/docs") => format!("docs/{file}"),
             Some((_, file)) => file.to_string(),
             None => item.path.clone(),
         };
@@ -169,6 +170,22 @@ fn items(root: &Path, bin: &Path) -> Result<Vec<Item>> {
         0o644,
         read("README.md")?,
     ));
+    // The README links to these pages: they keep their place beside it.
+    let mut pages: Vec<PathBuf> = fs::read_dir(root.join("docs"))
+        .context("cannot list docs/")?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    pages.sort();
+    for page in pages {
+        let name = page.file_name().unwrap_or_default().to_string_lossy();
+        items.push(file(
+            &format!("usr/share/doc/tcptrace/docs/{name}"),
+            0o644,
+            read(&format!("docs/{name}"))?,
+        ));
+    }
     let mut copyright =
         b"Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
 Upstream-Name: tcptrace\n\n\
