@@ -215,6 +215,11 @@ grep -m1 'time-wait table' "$OUT/first.txt" >"$OUT/timewait-line.txt"
 grep -m1 'snapshot' "$OUT/first.txt" >"$OUT/snapshot-line.txt"
 sed -n 2p "$OUT/json.txt" >"$OUT/json-row.txt"
 sed '/^\$ cat/,$d' "$OUT/restart.txt" >"$OUT/restart-summary.txt"
+{
+    sed -n '/^\$ ls/,$p' "$OUT/restart.txt"
+    echo '$ tcptrace report restart.tcpt* | head -4'
+    sed -n '2,5p' "$OUT/report.txt"
+} >"$OUT/rotation.txt"
 
 copy_into_pages
 echo "examples written to $OUT and copied into the pages that quote them"
