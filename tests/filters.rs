@@ -354,3 +354,21 @@ fn stuck_names_a_fin_wait2_orphan_that_only_the_time_wait_table_holds() {
         out.stderr
     );
 }
+
+#[test]
+fn counts_of_one_read_as_english() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    // One socket before tcptrace starts: the listener.
+    let server = ns.peer(&["server", &addr, "--mode", "listen-only", "--hold-ms", "800"]);
+    let tracer = Tracer::start(&["--port", &port.to_string(), "--netns", &ns.path()]);
+    let out = tracer.stop();
+    server.finish();
+    let stats = out
+        .stderr
+        .lines()
+        .find(|l| l.contains(" transitions shown"))
+        .unwrap_or_else(|| panic!("{}", out.stderr));
+    assert!(stats.contains(", 1 existing socket, "), "{stats}");
+}

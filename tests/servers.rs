@@ -1333,3 +1333,260 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
         seen.0.len()
     );
 }
+
+/// A window with nothing listening on a port, from the recorded rows
+/// alone: from the close that left no listener to the next listen, the
+/// connects refused in it, and the time from that listen to the first
+/// handshake completed on the port.
+#[derive(Debug)]
+struct DownWindow {
+    start_ns: u64,
+    end_ns: u64,
+    refused: u64,
+    first_connection_ns: Option<u64>,
+}
+
+fn down_windows(rows: &[Value], port: u16) -> Vec<DownWindow> {
+    let ts = |r: &Value| r["ts_ns"].as_u64().unwrap();
+    let sock = |r: &Value| r["sock"].as_u64().unwrap();
+    let listeners: BTreeSet<u64> = rows
+        .iter()
+        .filter(|r| r["new"] == "LISTEN" && r["lport"] == port)
+        .map(sock)
+        .collect();
+    let mut up = 0usize;
+    let mut windows: Vec<DownWindow> = Vec::new();
+    let mut open: Option<u64> = None;
+    for r in rows.iter().filter(|r| listeners.contains(&sock(r))) {
+        match (r["old"].as_str(), r["new"].as_str()) {
+            (_, Some("LISTEN")) => {
+                if up == 0
+                    && let Some(start_ns) = open.take()
+                {
+                    windows.push(DownWindow {
+                        start_ns,
+                        end_ns: ts(r),
+                        refused: 0,
+                        first_connection_ns: None,
+                    });
+                }
+                up += 1;
+            }
+            (Some("LISTEN"), Some("CLOSE")) => {
+                up -= 1;
+                if up == 0 {
+                    open = Some(ts(r));
+                }
+            }
+            _ => {}
+        }
+    }
+    for w in &mut windows {
+        w.refused = rows
+            .iter()
+            .filter(|r| {
+                r["close"] == "refused"
+                    && r["rport"] == port
+                    && (w.start_ns..=w.end_ns).contains(&ts(r))
+            })
+            .count() as u64;
+        w.first_connection_ns = rows
+            .iter()
+            .filter(|r| {
+                r["old"] == "SYN_RECV"
+                    && r["new"] == "ESTABLISHED"
+                    && r["lport"] == port
+                    && ts(r) >= w.end_ns
+            })
+            .map(ts)
+            .min()
+            .map(|t| t - w.end_ns);
+    }
+    windows
+}
+
+/// The report's listener section for `port` agrees with the rows: each
+/// window's length, its refused connects and the first connection after
+/// it. Returns the windows.
+fn assert_report_tells_the_restart(file: &str, port: u16) -> Vec<DownWindow> {
+    let read = tcptrace(&["read", "--format", "json", file]);
+    assert!(read.status.success(), "{}", read.stderr);
+    let rows: Vec<Value> = read
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON row"))
+        .collect();
+    let windows = down_windows(&rows, port);
+    let report = tcptrace(&["report", "--format", "json", file]);
+    assert!(report.status.success(), "{}", report.stderr);
+    let report: Value = serde_json::from_str(&report.stdout).expect("report is JSON");
+    let section = report["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == port)
+        .unwrap_or_else(|| panic!("no listener section for port {port}: {report}"));
+    // Windows that ended (the one still down at the end has no "to").
+    let down: Vec<&Value> = section["down"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| !d["to"].is_null())
+        .collect();
+    assert_eq!(down.len(), windows.len(), "{section}\nrows: {windows:?}");
+    for (d, w) in down.iter().zip(&windows) {
+        let ms = (w.end_ns - w.start_ns) as f64 / 1e6;
+        assert!(
+            (d["duration_ms"].as_f64().unwrap() - ms).abs() < 1e-3,
+            "{d}: {w:?}"
+        );
+        assert_eq!(d["refused"], w.refused, "{d}: {w:?}");
+        match w.first_connection_ns {
+            Some(ns) => assert!(
+                (d["first_connection_ms"].as_f64().unwrap() - ns as f64 / 1e6).abs() < 1e-3,
+                "{d}: {w:?}"
+            ),
+            None => assert!(d["first_connection_ms"].is_null(), "{d}"),
+        }
+    }
+    let total: u64 = rows
+        .iter()
+        .filter(|r| r["close"] == "refused" && r["rport"] == port)
+        .count() as u64;
+    assert_eq!(section["refused"], total, "{section}");
+    windows
+}
+
+#[test]
+fn nginx_stopped_and_started_under_wrk_is_down_as_the_rows_show() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let dir = TempDir::new("nginx-restart");
+    let conf = nginx_conf(&dir, port);
+    let recording = dir.path("restart.tcpt");
+    let tracer = tracer(&ns, port, &["-q", "-w", &recording]);
+    let mut procs = Procs::new(&ns);
+    let start = |procs: &mut Procs| {
+        let launcher = procs.spawn(&mut nginx(&dir, &conf, &[]));
+        assert!(
+            procs.wait(launcher, Duration::from_secs(10)).success(),
+            "nginx failed: {:?}",
+            std::fs::read_to_string(dir.path("error.log"))
+        );
+    };
+    start(&mut procs);
+    // Clients the whole time: some find nothing listening.
+    let load = procs.spawn(&mut wrk(port, 3));
+    thread::sleep(Duration::from_millis(800));
+    let stop = procs.spawn(&mut nginx(&dir, &conf, &["-s", "stop"]));
+    assert!(procs.wait(stop, Duration::from_secs(10)).success());
+    let listen_at = format!("127.0.0.1:{port}");
+    wait_until("nginx stopped", Duration::from_secs(10), || {
+        !ss_now(&ns)
+            .iter()
+            .any(|k| k.state == "LISTEN" && k.local == listen_at)
+    });
+    thread::sleep(Duration::from_millis(200));
+    start(&mut procs);
+    let _ = procs.wait(load, Duration::from_secs(15));
+    let stop = procs.spawn(&mut nginx(&dir, &conf, &["-s", "quit"]));
+    let _ = procs.wait(stop, Duration::from_secs(10));
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    drop(procs);
+    let windows = assert_report_tells_the_restart(&recording, port);
+    // The restart's window, at least 200 ms long, with clients refused.
+    assert!(
+        windows
+            .iter()
+            .any(|w| w.end_ns - w.start_ns >= 200_000_000 && w.refused > 0),
+        "{windows:?}"
+    );
+}
+
+#[test]
+fn postgres_restarted_fast_under_pgbench_is_down_as_the_rows_show() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let dir = TempDir::new("pg-restart");
+    let run_ok = |cmd: &mut Command, what: &str| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run_ok(
+        Command::new("chown").args(["postgres:postgres", &dir.path("")]),
+        "chown",
+    );
+    let data = dir.path("data");
+    run_ok(
+        as_postgres(&postgres_bin("initdb")).args([
+            "-D",
+            &data,
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+        ]),
+        "initdb",
+    );
+    let recording = dir.path("restart.tcpt");
+    let tracer = tracer(&ns, port, &["-q", "-w", &recording]);
+    let mut procs = Procs::new(&ns);
+    let port_s = port.to_string();
+    let options = format!(
+        "-h 127.0.0.1 -p {port} -k {} -c fsync=off -c synchronous_commit=off",
+        dir.path("")
+    );
+    let pg_ctl = |action: &str| {
+        let mut cmd = as_postgres(&postgres_bin("pg_ctl"));
+        cmd.args(["-D", &data, "-l", &dir.path("pg.log"), "-o", &options, "-w"])
+            .args(["-m", "fast", action])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        cmd
+    };
+    let started = procs.spawn(&mut pg_ctl("start"));
+    assert!(
+        procs.wait(started, Duration::from_secs(60)).success(),
+        "pg_ctl start"
+    );
+    let pgbench = |extra: &[&str]| {
+        let mut cmd = as_postgres("pgbench");
+        cmd.args(["-h", "127.0.0.1", "-p", &port_s, "-U", "postgres"])
+            .args(extra)
+            .arg("postgres")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    };
+    let init = procs.spawn(&mut pgbench(&["-i", "-q", "-s", "1"]));
+    assert!(
+        procs.wait(init, Duration::from_secs(60)).success(),
+        "pgbench -i"
+    );
+    // A connection per transaction; clients that meet the restart give up,
+    // so a few run, and the restart comes while they do.
+    let bench = procs.spawn(&mut pgbench(&["-C", "-S", "-T", "3", "-c", "4", "-j", "2"]));
+    thread::sleep(Duration::from_millis(700));
+    let restart = procs.spawn(&mut pg_ctl("restart"));
+    assert!(
+        procs.wait(restart, Duration::from_secs(60)).success(),
+        "pg_ctl restart"
+    );
+    let _ = procs.wait(bench, Duration::from_secs(20));
+    let stop = procs.spawn(&mut pg_ctl("stop"));
+    assert!(
+        procs.wait(stop, Duration::from_secs(60)).success(),
+        "pg_ctl stop"
+    );
+    let out = tracer.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    drop(procs);
+    let windows = assert_report_tells_the_restart(&recording, port);
+    assert_eq!(windows.len(), 1, "one restart: {windows:?}");
+}
