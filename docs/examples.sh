@@ -204,7 +204,45 @@ in_ns redis-cli -p 6391 shutdown nosave >/dev/null 2>&1 || true
     cat "$WORK/metrics.txt"
 } >"$OUT/metrics.txt"
 
-# 6. Without privileges.
+# 6. Owners on a multi-process server: nginx, a master and two workers.
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes 2;
+pid $WORK/nginx/nginx.pid;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/body;
+    server { listen 127.0.0.1:8080; location / { return 200 "hello"; } }
+}
+EOF
+nginx_in_ns() {
+    in_ns /usr/sbin/nginx -p "$WORK/nginx/" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" "$@"
+}
+nginx_in_ns
+sleep 0.3
+start_tracer owners --port 8080
+in_ns curl -s http://127.0.0.1:8080/ >/dev/null
+sleep 0.2
+in_ns bash -c 'exec 3<>/dev/tcp/127.0.0.1/8080; sleep 1.5' &
+HOLD=$!
+sleep 0.7
+in_ns ss -tanp state established '( sport = :8080 )' >"$WORK/owners-ss.txt"
+wait "$HOLD"
+sleep 0.3
+stop_tracer
+{
+    echo "# tcptrace --netns $NETNS --port 8080    (a curl, then a connection held open 1.5 s)"
+    cat "$WORK/owners.out"
+    master=$(cat "$WORK/nginx/nginx.pid")
+    echo '$ ps -o pid,ppid,args --pid $(cat nginx.pid) --ppid $(cat nginx.pid)'
+    ps -o pid,ppid,args --pid "$master" --ppid "$master"
+    echo "# ip netns exec $NS ss -tanp state established '( sport = :8080 )'    (while it was open)"
+    cat "$WORK/owners-ss.txt"
+} >"$OUT/owners.txt"
+nginx_in_ns -s stop
+
+# 7. Without privileges.
 {
     echo '$ tcptrace --port 6389    (as an unprivileged user)'
     setpriv --reuid=nobody --regid=nogroup --clear-groups "$BIN" --port 6389 2>&1 || echo "(exit status $?)"
