@@ -691,7 +691,7 @@ fn a_server_that_never_closes_is_reported_stuck_in_close_wait() {
         "{line}"
     );
     let summary =
-        format!("2 sockets stuck longer than 1s: 1 of pid {server_pid} (tt-server), 1 of pid");
+        format!("2 sockets stuck longer than 1s: 1 of pid {server_pid} (tt-server), 1 orphaned");
     assert!(out.stderr.contains(&summary), "{}", out.stderr);
 }
 

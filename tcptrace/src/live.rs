@@ -330,6 +330,7 @@ pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
         every: (threshold / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
         next: Instant::now(),
         by_owner: BTreeMap::new(),
+        orphans: 0,
     });
     let mut reported_lost = Counters::default();
     let mut reported_gaps = 0;
@@ -870,6 +871,8 @@ struct StuckWatch {
     next: Instant,
     /// Stuck sockets per owner, for the closing summary.
     by_owner: BTreeMap<Option<(u32, String)>, u64>,
+    /// Connections closed by their process and left in FIN_WAIT2.
+    orphans: u64,
 }
 
 impl StuckWatch {
@@ -961,17 +964,21 @@ impl StuckWatch {
                 row.dwell_ns.unwrap_or(0) as f64 / 1e9,
                 row.sock
             );
-            *self.by_owner.entry(named.into_iter().next()).or_default() += 1;
+            if orphan {
+                self.orphans += 1;
+            } else {
+                *self.by_owner.entry(named.into_iter().next()).or_default() += 1;
+            }
         }
         Ok(())
     }
 
     fn summary(&self) {
-        if self.by_owner.is_empty() {
+        let total: u64 = self.by_owner.values().sum::<u64>() + self.orphans;
+        if total == 0 {
             return;
         }
-        let total: u64 = self.by_owner.values().sum();
-        let parts: Vec<String> = self
+        let mut parts: Vec<String> = self
             .by_owner
             .iter()
             .map(|(owner, n)| match owner {
@@ -979,6 +986,9 @@ impl StuckWatch {
                 None => format!("{n} of unknown owners"),
             })
             .collect();
+        if self.orphans > 0 {
+            parts.push(format!("{} orphaned (no process holds it)", self.orphans));
+        }
         eprintln!(
             "tcptrace: {total} socket{} stuck longer than {}: {}",
             if total == 1 { "" } else { "s" },

@@ -491,7 +491,9 @@ mount -t devtmpfs dev $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs shm $R/dev/shm
-for d in run tmp; do mount -t tmpfs $d $R/$d; done
+# A fresh /run (the host's network namespaces and pid files are not the
+# guest's). /tmp stays the overlay's: the checkout may live under it.
+mount -t tmpfs run $R/run
 chmod 1777 $R/tmp
 mount -t tracefs tracefs $R/sys/kernel/tracing
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup
