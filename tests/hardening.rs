@@ -487,3 +487,40 @@ fn a_recording_keeps_kernel_addresses_only_when_asked_and_read_shows_them() {
         read.stdout
     );
 }
+
+#[test]
+fn no_owner_hooks_attaches_no_syscall_or_process_hook_and_still_traces() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let p = port.to_string();
+    let programs_of = |t: &Tracer| {
+        std::fs::read_dir(format!("/proc/{}/fdinfo", t.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+            .filter(|s| s.lines().any(|l| l.starts_with("prog_type:")))
+            .count()
+    };
+    let hooked = Tracer::start(&["--port", &p, "--format", "json"]);
+    let light = Tracer::start(&["--port", &p, "--format", "json", "--no-owner-hooks"]);
+    // accept (one program on two syscalls), close, fork and exit.
+    assert_eq!(programs_of(&hooked), programs_of(&light) + 4);
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
+    let server_pid = server.pid;
+    ns.peer(&["client", &addr, "--mode", "close"]).finish();
+    server.finish();
+    hooked.stop();
+    let out = light.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    let lives = out.lives();
+    let child = life(
+        &lives,
+        "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE",
+    );
+    // A single-process server: its rows name it all the same, and none
+    // claims to know the socket waited in the listener's queue.
+    for r in &child.rows {
+        assert_eq!(r["pid"], server_pid, "{r}");
+        assert!(r.get("queued").is_none(), "{r}");
+    }
+}

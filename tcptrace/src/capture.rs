@@ -89,7 +89,9 @@ fn privilege_message(missing: &[&str]) -> String {
 }
 
 impl Capture {
-    pub fn start(filter: &Filter) -> Result<Capture, StartError> {
+    /// `owner_hooks`: also attach the programs that follow who holds each
+    /// socket (accept, close, fork, exit).
+    pub fn start(filter: &Filter, owner_hooks: bool) -> Result<Capture, StartError> {
         let missing = privileges::missing_for_tracing(privileges::effective());
         if !missing.is_empty() {
             return Err(StartError::Privileges(privilege_message(&missing)));
@@ -211,7 +213,7 @@ impl Capture {
             }
         }
 
-        if task.is_some() {
+        if task.is_some() && owner_hooks {
             attach_holder_programs(&mut ebpf, &btf);
         }
 

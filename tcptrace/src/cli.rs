@@ -172,6 +172,15 @@ pub struct LiveArgs {
     #[arg(long)]
     pub no_timewait: bool,
 
+    /// Do not hook accept(), close(), fork and exit to follow who holds each
+    /// socket. While those hooks are attached every system call on the host
+    /// costs more (about 90 ns here, 180 ns for a close: `cargo xtask
+    /// hook-cost`). Without them a socket's owner is the process of its
+    /// last transition made in process context, and who holds it is looked
+    /// up (as `ss -p` does) for --stuck and at the end.
+    #[arg(long)]
+    pub no_owner_hooks: bool,
+
     /// Scheduling priority (nice value, -20 to 19) of the thread that reads
     /// the ring. The default, -5, puts it ahead of the traced workload: under
     /// a churn that keeps every CPU busy, an equal share of CPU was too little

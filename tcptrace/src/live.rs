@@ -173,7 +173,7 @@ pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
         ),
         None => None,
     };
-    let mut capture = Capture::start(&filter).map_err(|e| match e {
+    let mut capture = Capture::start(&filter, !args.no_owner_hooks).map_err(|e| match e {
         StartError::Privileges(m) => Failure::Privileges(m),
         StartError::Other(e) => Failure::Other(e),
     })?;
@@ -282,6 +282,7 @@ pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
         }),
         timewait_rows: VecDeque::new(),
         ring_read_to: 0,
+        owner_hooks: !args.no_owner_hooks,
     };
     if let Some(found) = existing {
         for row in found.rows {
@@ -588,6 +589,8 @@ struct Pipeline {
     timewait_rows: VecDeque<Row>,
     /// Every ring event stamped before this has been read.
     ring_read_to: u64,
+    /// The accept, close, fork and exit hooks are attached.
+    owner_hooks: bool,
 }
 
 struct Pending {
@@ -637,6 +640,9 @@ impl Pipeline {
                         }
                         match self.attributor.observe(&t) {
                             Some(mut row) => {
+                                // Without the accept hook nothing tells when
+                                // a queued child was accepted: say nothing.
+                                row.queued &= self.owner_hooks;
                                 if let Some(pid) = self.attributor.stale_owner(&row) {
                                     let task = holders::process(pid, &mut self.cgroups)
                                         .or(row.owner)
