@@ -114,11 +114,7 @@ fn cap_net_admin_adds_the_socket_callback() {
         &["--port", &port.to_string(), "--format", "json"],
     );
     const BPF_PROG_TYPE_SOCK_OPS: &str = "prog_type:\t13";
-    let sock_ops_held = std::fs::read_dir(format!("/proc/{}/fdinfo", tracer.pid()))
-        .unwrap()
-        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
-        .filter(|s| s.lines().any(|l| l == BPF_PROG_TYPE_SOCK_OPS))
-        .count();
+    let sock_ops_held = programs_held(&tracer, BPF_PROG_TYPE_SOCK_OPS);
     assert_eq!(sock_ops_held, 1, "one sock_ops program held");
     // By its name (the kernel keeps the first 15 bytes, all of this one).
     assert!(loaded_bpf_programs().iter().any(|n| n == "socket_callback"));
@@ -493,13 +489,7 @@ fn no_owner_hooks_attaches_no_syscall_or_process_hook_and_still_traces() {
     let ns = Netns::new();
     let port = unique_port();
     let p = port.to_string();
-    let programs_of = |t: &Tracer| {
-        std::fs::read_dir(format!("/proc/{}/fdinfo", t.pid()))
-            .unwrap()
-            .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
-            .filter(|s| s.lines().any(|l| l.starts_with("prog_type:")))
-            .count()
-    };
+    let programs_of = |t: &Tracer| programs_held(t, "prog_type:");
     let hooked = Tracer::start(&["--port", &p, "--format", "json"]);
     let light = Tracer::start(&["--port", &p, "--format", "json", "--no-owner-hooks"]);
     // accept (one program on two syscalls), close, fork and exit.
@@ -523,4 +513,17 @@ fn no_owner_hooks_attaches_no_syscall_or_process_hook_and_still_traces() {
         assert_eq!(r["pid"], server_pid, "{r}");
         assert!(r.get("queued").is_none(), "{r}");
     }
+}
+
+/// BPF programs the tracer holds whose fdinfo has a line that is `line`
+/// (`prog_type:\t13`: sock_ops) or, ending in `:`, starts with it.
+fn programs_held(t: &Tracer, line: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fdinfo", t.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+        .filter(|s| {
+            s.lines()
+                .any(|l| l == line || (line.ends_with(':') && l.starts_with(line)))
+        })
+        .count()
 }

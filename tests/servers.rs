@@ -837,11 +837,9 @@ fn pg_backends(log: &str) -> BTreeMap<u16, Vec<u32>> {
     by_port
 }
 
-#[test]
-fn postgres_backends_own_their_connections_not_the_postmaster() {
-    let ns = Netns::new();
-    let port = unique_port();
-    let dir = TempDir::new("pg");
+/// A new database cluster in `dir` (owned by postgres, as PostgreSQL
+/// requires); its data directory.
+fn pg_cluster(dir: &TempDir) -> String {
     let run_ok = |cmd: &mut Command, what: &str| {
         let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
         assert!(
@@ -867,6 +865,15 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
         ]),
         "initdb",
     );
+    data
+}
+
+#[test]
+fn postgres_backends_own_their_connections_not_the_postmaster() {
+    let ns = Netns::new();
+    let port = unique_port();
+    let dir = TempDir::new("pg");
+    let data = pg_cluster(&dir);
     let log = dir.path("postgres.log");
     let recording = dir.path("pgbench.jsonl");
     let listen_at = format!("127.0.0.1:{port}");
@@ -1509,31 +1516,7 @@ fn postgres_restarted_fast_under_pgbench_is_down_as_the_rows_show() {
     let ns = Netns::new();
     let port = unique_port();
     let dir = TempDir::new("pg-restart");
-    let run_ok = |cmd: &mut Command, what: &str| {
-        let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert!(
-            out.status.success(),
-            "{what}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run_ok(
-        Command::new("chown").args(["postgres:postgres", &dir.path("")]),
-        "chown",
-    );
-    let data = dir.path("data");
-    run_ok(
-        as_postgres(&postgres_bin("initdb")).args([
-            "-D",
-            &data,
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "--no-sync",
-        ]),
-        "initdb",
-    );
+    let data = pg_cluster(&dir);
     let recording = dir.path("restart.tcpt");
     let tracer = tracer(&ns, port, &["-q", "-w", &recording]);
     let mut procs = Procs::new(&ns);
