@@ -363,12 +363,17 @@ fn counts_of_one_read_as_english() {
     // One socket before tcptrace starts: the listener.
     let server = ns.peer(&["server", &addr, "--mode", "listen-only", "--hold-ms", "800"]);
     let tracer = Tracer::start(&["--port", &port.to_string(), "--netns", &ns.path()]);
-    let out = tracer.stop();
+    // Then one transition: the listener closes.
     server.finish();
+    let out = tracer.stop();
     let stats = out
         .stderr
         .lines()
-        .find(|l| l.contains(" transitions shown"))
+        .find(|l| tcptrace_tests::is_stats_line(l))
         .unwrap_or_else(|| panic!("{}", out.stderr));
-    assert!(stats.contains(", 1 existing socket, "), "{stats}");
+    assert!(
+        stats.starts_with("tcptrace: 1 transition shown, 1 existing socket, "),
+        "{stats}"
+    );
+    assert_eq!(out.stats().0, 1);
 }

@@ -491,7 +491,7 @@ impl Output {
     pub fn missed(&self) -> u64 {
         self.stderr
             .lines()
-            .find(|l| l.contains(" transitions shown"))
+            .find(|l| is_stats_line(l))
             .and_then(|l| {
                 l.split(", ")
                     .find_map(|p| p.strip_suffix(" missed by the kernel")?.parse().ok())
@@ -504,7 +504,7 @@ impl Output {
         let line = self
             .stderr
             .lines()
-            .find(|l| l.contains(" transitions shown"))
+            .find(|l| is_stats_line(l))
             .unwrap_or_else(|| panic!("no stats line in {:?}", self.stderr));
         // "N transitions shown (M delivered twice by the kernel, shown
         // once), ...": the note's comma separates nothing.
@@ -516,7 +516,13 @@ impl Output {
         let count = |label: &str| -> u64 {
             line.trim_start_matches("tcptrace: ")
                 .split(", ")
-                .find_map(|part| part.strip_suffix(label)?.trim().parse().ok())
+                .find_map(|part| {
+                    // "1 transition shown", "2 transitions shown".
+                    let n = part.strip_suffix(label).or_else(|| {
+                        part.strip_suffix(&label.replacen("transitions", "transition", 1))
+                    })?;
+                    n.trim().parse().ok()
+                })
                 .unwrap_or_else(|| panic!("no {label:?} in {line:?}"))
         };
         (
@@ -525,6 +531,11 @@ impl Output {
             count(" lost"),
         )
     }
+}
+
+/// Whether `line` is tcptrace's closing statistics line.
+pub fn is_stats_line(line: &str) -> bool {
+    line.starts_with("tcptrace: ") && line.contains(" filtered, ") && line.contains(" lost, ")
 }
 
 /// A running `tt-churn`.

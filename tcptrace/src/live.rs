@@ -508,8 +508,8 @@ pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
         String::new()
     };
     eprintln!(
-        "tcptrace: {} transitions shown{extra}, {} filtered, {} lost, {} missed by the kernel{gaps}",
-        tally.shown,
+        "tcptrace: {}{extra}, {} filtered, {} lost, {} missed by the kernel{gaps}",
+        format::counted(tally.shown, "transition shown", "transitions shown"),
         tally.hidden + counters.filtered,
         counters.lost,
         counters.missed

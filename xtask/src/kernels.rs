@@ -82,7 +82,7 @@ kill -INT $pid 2>/dev/null
 wait $pid
 attached=$(for l in $links; do echo $l; done | sort -u | grep -c .)
 echo "@@ programs loaded=$loaded attached=$attached"
-grep -v -e '^tcptrace: tracing' -e '^tcptrace: .* transitions shown' "$err" | sed 's/^/@@ stderr /'
+grep -v -e '^tcptrace: tracing' -e '^tcptrace: .* filtered, .* lost, ' "$err" | sed 's/^/@@ stderr /'
 "#;
 
 /// One kernel of the matrix, unpacked under target/kernels.

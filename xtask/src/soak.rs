@@ -148,7 +148,10 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
         number(&churn_json, "connections").unwrap_or(0)
     );
     println!("  expected transitions   {expected}");
-    if let Some(line) = stderr.lines().find(|l| l.contains(" transitions shown")) {
+    if let Some(line) = stderr
+        .lines()
+        .find(|l| l.contains(" filtered, ") && l.contains(" lost, "))
+    {
         println!("  tcptrace said          {line}");
     }
     println!("  shown                  {shown}");

@@ -183,7 +183,7 @@ pub(crate) fn parse_stats_line(line: &str) -> Option<StatsLine> {
     for pair in words.windows(2) {
         let n = pair[0].parse::<u64>().ok();
         match pair[1] {
-            "transitions" => shown = shown.or(n),
+            "transitions" | "transition" => shown = shown.or(n),
             "filtered" => filtered = filtered.or(n),
             "lost" => lost = lost.or(n),
             "missed" => missed = missed.or(n),
@@ -257,6 +257,13 @@ mod tests {
                  35 sockets with gaps"
             ),
             line(9, 0, 0, Some(1), 35)
+        );
+        assert_eq!(
+            parse_stats_line(
+                "tcptrace: 1 transition shown, 1 existing socket, 0 filtered, 0 lost, \
+                 0 missed by the kernel, 1 socket with gaps"
+            ),
+            line(1, 0, 0, Some(0), 1)
         );
     }
 }
