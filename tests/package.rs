@@ -100,17 +100,16 @@ fn the_deb_installs_a_static_tcptrace_that_traces_and_removes_cleanly() {
         assert!(ok, "man -w {page}: {path}");
         assert_eq!(path.trim(), format!("/usr/share/man/man1/{page}.1.gz"));
     }
-    let (ok, verify) = run(
+    let (_, verify) = run(
         "systemd-analyze",
         &["verify", "/usr/lib/systemd/system/tcptrace.service"],
     );
-    // verify also complains about units it pulls in that this container
-    // lacks; only lines about our unit count.
+    // verify also complains (and fails) about units it pulls in that this
+    // container lacks; only lines about our unit count.
     let ours: Vec<&str> = verify
         .lines()
         .filter(|l| l.contains("tcptrace.service"))
         .collect();
-    assert!(ok || ours.is_empty(), "{verify}");
     assert!(ours.is_empty(), "{verify}");
     let unit = std::fs::read_to_string("/usr/lib/systemd/system/tcptrace.service").unwrap();
     assert!(unit.contains("ExecStart=/usr/bin/tcptrace "), "{unit}");

@@ -671,26 +671,7 @@ fn the_html_report_renders_in_headless_chromium_with_its_three_charts() {
             "the page would fetch something: {fetch}"
         );
     }
-    let chromium = |extra: &[&str]| {
-        std::process::Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                &format!("--user-data-dir={}", dir.path("chromium")),
-                "--window-size=1000,1400",
-            ])
-            .args(extra)
-            .arg(format!("file://{html}"))
-            .output()
-            .expect("chromium (Debian's chromium package; cargo xtask test installs it)")
-    };
-    let dom = String::from_utf8_lossy(&chromium(&["--dump-dom"]).stdout).into_owned();
+    let dom = tcptrace_tests::chromium_dom(&dir, &html);
     let chart = |id: &str| {
         let start = dom
             .find(&format!("<svg id=\"{id}\""))
@@ -718,7 +699,7 @@ fn the_html_report_renders_in_headless_chromium_with_its_three_charts() {
         "the tables too"
     );
     let png = dir.path("report.png");
-    let shot = chromium(&[&format!("--screenshot={png}")]);
+    let shot = tcptrace_tests::chromium(&dir, &html, &[&format!("--screenshot={png}")]);
     assert!(shot.status.success());
     assert!(fs::metadata(&png).unwrap().len() > 20_000, "a real picture");
 }

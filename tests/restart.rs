@@ -11,7 +11,9 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use tcptrace_tests::{Netns, TempDir, Tracer, peer_bin, tcptrace, unique_port};
+use tcptrace_tests::{
+    Netns, TempDir, Tracer, chromium, chromium_dom, peer_bin, tcptrace, unique_port,
+};
 
 /// One generation of the service: its pid and what it said.
 struct Generation {
@@ -497,28 +499,4 @@ fn the_html_report_shows_each_restart_as_a_down_band_with_its_refusals() {
     let shot = chromium(&dir, &html, &[&format!("--screenshot={png}")]);
     assert!(shot.status.success());
     assert!(fs::metadata(&png).unwrap().len() > 20_000, "a real picture");
-}
-
-fn chromium(dir: &TempDir, html: &str, extra: &[&str]) -> std::process::Output {
-    Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            &format!("--user-data-dir={}", dir.path("chromium")),
-            "--window-size=1000,1400",
-        ])
-        .args(extra)
-        .arg(format!("file://{html}"))
-        .output()
-        .expect("chromium (Debian's chromium package; cargo xtask test installs it)")
-}
-
-fn chromium_dom(dir: &TempDir, html: &str) -> String {
-    String::from_utf8_lossy(&chromium(dir, html, &["--dump-dom"]).stdout).into_owned()
 }

@@ -736,3 +736,30 @@ fn run_ok(cmd: &mut Command) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Debian's chromium, headless, on the page `html` (a path), with `extra`
+/// flags (`--dump-dom`, `--screenshot=FILE`).
+pub fn chromium(dir: &TempDir, html: &str, extra: &[&str]) -> std::process::Output {
+    Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            &format!("--user-data-dir={}", dir.path("chromium")),
+            "--window-size=1000,1400",
+        ])
+        .args(extra)
+        .arg(format!("file://{html}"))
+        .output()
+        .expect("chromium (Debian's chromium package; cargo xtask test installs it)")
+}
+
+/// The page's DOM once chromium ran its scripts.
+pub fn chromium_dom(dir: &TempDir, html: &str) -> String {
+    String::from_utf8_lossy(&chromium(dir, html, &["--dump-dom"]).stdout).into_owned()
+}
