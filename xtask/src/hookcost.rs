@@ -8,9 +8,13 @@
 //! - close: open /dev/null and close it;
 //! - fork: fork a child that exits at once, and wait for it.
 //!
-//! Each loop runs untraced and under tcptrace (filtering out every TCP
-//! transition, so only the hooks' own cost shows), interleaved over rounds;
-//! the figures are medians of the per-round rates.
+//! - syscall: getppid(), which no program hooks: what any system call of
+//!   the host pays once a system-call tracepoint is enabled.
+//!
+//! Each loop runs untraced, under `tcptrace --no-owner-hooks` and under
+//! tcptrace (both filtering out every TCP transition, so only the hooks'
+//! own cost shows), interleaved over rounds; the figures are medians of the
+//! per-round rates.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -30,7 +34,12 @@ struct Loop {
     step: fn(),
 }
 
-const LOOPS: [Loop; 2] = [
+const LOOPS: [Loop; 3] = [
+    Loop {
+        name: "syscall",
+        what: "getppid()",
+        step: getppid,
+    },
     Loop {
         name: "close",
         what: "open(/dev/null) + close()",
@@ -42,6 +51,13 @@ const LOOPS: [Loop; 2] = [
         step: fork_wait,
     },
 ];
+
+fn getppid() {
+    // SAFETY: no arguments, no memory.
+    unsafe {
+        libc::getppid();
+    }
+}
 
 fn open_close() {
     // SAFETY: a NUL-terminated path; the descriptor is closed at once.
@@ -84,9 +100,10 @@ fn rate(step: fn(), seconds: f64) -> f64 {
 struct Attached(Child);
 
 impl Attached {
-    fn start(tcptrace: &Path) -> Result<Attached> {
+    fn start(tcptrace: &Path, hooks: bool) -> Result<Attached> {
         let mut child = Command::new(tcptrace)
             .args(["--port", QUIET_PORT, "-q", "--no-snapshot", "--no-timewait"])
+            .args((!hooks).then_some("--no-owner-hooks"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -125,24 +142,33 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn run(tcptrace: &Path, seconds: f64, rounds: u32) -> Result<()> {
     println!("hook cost: {rounds} rounds of {seconds} s per loop and configuration, interleaved");
     println!(
-        "{:<8} {:<34} {:>14} {:>14} {:>8} {:>12}",
-        "loop", "each call", "untraced /s", "traced /s", "ratio", "added ns"
+        "{:<8} {:<32} {:>12} {:>12} {:>12} {:>7} {:>9}",
+        "loop", "each call", "untraced /s", "no hooks /s", "traced /s", "ratio", "added ns"
     );
     for l in &LOOPS {
-        let (mut bare, mut traced) = (Vec::new(), Vec::new());
+        let (mut bare, mut unhooked, mut traced) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             bare.push(rate(l.step, seconds));
-            let t = Attached::start(tcptrace)?;
-            traced.push(rate(l.step, seconds));
-            drop(t);
+            for (hooks, rates) in [(false, &mut unhooked), (true, &mut traced)] {
+                let t = Attached::start(tcptrace, hooks)?;
+                rates.push(rate(l.step, seconds));
+                drop(t);
+            }
         }
-        let (b, t) = (median(&mut bare), median(&mut traced));
+        let (b, u, t) = (
+            median(&mut bare),
+            median(&mut unhooked),
+            median(&mut traced),
+        );
+        // Against the untraced loop: the hooks' cost shows as the gap
+        // between the no-hooks and traced columns.
         let added_ns = (1e9 / t - 1e9 / b).max(0.0);
         println!(
-            "{:<8} {:<34} {:>14.0} {:>14.0} {:>7.1}% {:>12.0}",
+            "{:<8} {:<32} {:>12.0} {:>12.0} {:>12.0} {:>6.1}% {:>9.0}",
             l.name,
             l.what,
             b,
+            u,
             t,
             100.0 * t / b,
             added_ns
