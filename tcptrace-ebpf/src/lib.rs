@@ -176,6 +176,18 @@ pub struct TaskLayout {
     /// `socket.sk`, and `sock.sk_socket`, which points back at it.
     pub sk: u32,
     pub sk_socket: u32,
+    /// Where `struct sock` keeps `skc_dport`, and how far `skc_num` (the
+    /// local port, host order) and `skc_family` lie past it, in bits: the
+    /// three are neighbours, read in one probe from a socket known only by
+    /// its address.
+    pub head: u32,
+    pub head_num_shift: u32,
+    pub head_family_shift: u32,
+    /// Nonzero where the kernel has `bpf_get_current_task_btf` (5.11 on):
+    /// the programs then read the current task with plain loads the
+    /// verifier checks against BTF, rather than a probe a field (some
+    /// 30 ns each, on every close() of the host).
+    pub typed: u32,
 }
 
 /// The program's load-time configuration (a read-only global, so the

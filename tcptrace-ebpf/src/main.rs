@@ -16,7 +16,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::bpf_skc_to_tcp_sock,
+        generated::{self, bpf_skc_to_tcp_sock},
     },
     macros::{btf_tracepoint, map, sock_ops, tracepoint},
     maps::{Array, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
@@ -58,6 +58,10 @@ static CONFIG: Config = Config {
         f_refs_one: 0,
         sk: 0,
         sk_socket: 0,
+        head: 0,
+        head_num_shift: 0,
+        head_family_shift: 0,
+        typed: 0,
     },
     families: 0,
     port_filters: 0,
@@ -430,15 +434,46 @@ fn set_state<const TASK: bool>(f: &Firing, tp: *const u8) {
 #[inline(always)]
 fn kept<K: Kernel>(sk: K) -> Option<u32> {
     let family: u16 = sk.at(config!(sock.family));
+    let sport = u16::from_be(sk.at(config!(sock.sport)));
+    let dport = u16::from_be(sk.at(config!(sock.dport)));
+    if !family_and_ports_pass(family, sport, dport) {
+        return None;
+    }
+    netns_of(sk)
+}
+
+/// [`kept`] for a socket known only by its address, where each field is a
+/// probe: the family and ports in one.
+#[inline(always)]
+fn kept_probed(sk: Probed) -> Option<u32> {
+    let head: u64 = sk.at(config!(task.head));
+    let dport = u16::from_be(head as u16);
+    let sport = (head >> config!(task.head_num_shift)) as u16;
+    let family = (head >> config!(task.head_family_shift)) as u16;
+    if !family_and_ports_pass(family, sport, dport) {
+        return None;
+    }
+    netns_of(sk)
+}
+
+#[inline(always)]
+fn family_and_ports_pass(family: u16, sport: u16, dport: u16) -> bool {
     let family_bit = match family {
         AF_INET => FAMILY_V4,
         AF_INET6 => FAMILY_V6,
         _ => 0,
     };
-    let sport = u16::from_be(sk.at(config!(sock.sport)));
-    let dport = u16::from_be(sk.at(config!(sock.dport)));
-    if config!(families) & family_bit == 0 || !ports_pass(sport, dport) {
-        return None;
+    config!(families) & family_bit != 0 && ports_pass(sport, dport)
+}
+
+/// The socket's network namespace (inode), if the namespace filter keeps
+/// it; 0 without a filter for a probed socket, whose namespace nobody
+/// reads.
+#[inline(always)]
+fn netns_of<K: Kernel>(sk: K) -> Option<u32> {
+    let netns_only = config!(netns_only);
+    if netns_only == 0 && !K::TYPED {
+        return Some(0);
     }
     let net = sk.follow(config!(sock.net));
     let netns = if net.is_null() {
@@ -446,7 +481,6 @@ fn kept<K: Kernel>(sk: K) -> Option<u32> {
     } else {
         net.at(config!(sock.inum))
     };
-    let netns_only = config!(netns_only);
     if netns_only != 0 && netns != netns_only {
         return None;
     }
@@ -460,21 +494,52 @@ fn current_task(event: &mut Event) {
     event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     event.thread = bpf_get_current_comm().unwrap_or_default();
     event.cgroup = unsafe { bpf_get_current_cgroup_id() };
-    let task = Probed(unsafe { bpf_get_current_task() } as *const u8);
-    let leader = task.follow(config!(task.group_leader));
-    event.comm = if leader.is_null() {
-        event.thread
+    event.comm = if config!(task.typed) != 0 {
+        process_name(Direct(current_task_btf()), event.thread)
     } else {
-        leader.at(config!(task.comm))
+        process_name(Probed(current_task_untyped()), event.thread)
     };
+}
+
+/// The name of `task`'s process: its thread group leader's. Most tasks
+/// lead their process, and their own name (`thread`) is the process's.
+#[inline(always)]
+fn process_name<K: Kernel>(task: K, thread: [u8; 16]) -> [u8; 16] {
+    let leader = task.follow(config!(task.group_leader));
+    if leader.is_null() || leader.addr() == task.addr() {
+        return thread;
+    }
+    // Word by word: a typed load may span elements of `comm`, not the array.
+    let words: [u64; 2] = [
+        leader.at(config!(task.comm)),
+        leader.at(config!(task.comm) + 8),
+    ];
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
+}
+
+/// The current task as a pointer the verifier knows the type of (5.11 on):
+/// its fields are plain loads. Only called where `task.typed` says the
+/// helper exists; the configuration is a constant to the verifier, so the
+/// other branch is never checked on an older kernel.
+#[inline(always)]
+fn current_task_btf() -> *const u8 {
+    unsafe { generated::bpf_get_current_task_btf() as *const u8 }
+}
+
+#[inline(always)]
+fn current_task_untyped() -> *const u8 {
+    unsafe { bpf_get_current_task() as *const u8 }
 }
 
 /// Reads fields of a kernel object at load-time offsets.
 trait Kernel: Copy {
+    /// Plain loads (cheap) rather than a probe a field.
+    const TYPED: bool;
     fn at<T: Copy + Default>(self, offset: u32) -> T;
     /// The object a pointer field points at.
     fn follow(self, offset: u32) -> Self;
     fn is_null(self) -> bool;
+    fn addr(self) -> u64;
 }
 
 /// A pointer the verifier knows the type of (a tp_btf argument): plain
@@ -483,6 +548,7 @@ trait Kernel: Copy {
 struct Direct(*const u8);
 
 impl Kernel for Direct {
+    const TYPED: bool = true;
     #[inline(always)]
     fn at<T: Copy + Default>(self, offset: u32) -> T {
         read(self.0, offset)
@@ -495,6 +561,10 @@ impl Kernel for Direct {
     fn is_null(self) -> bool {
         self.0.is_null()
     }
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.0 as u64
+    }
 }
 
 /// Any other kernel pointer: each field through `bpf_probe_read_kernel`;
@@ -503,6 +573,7 @@ impl Kernel for Direct {
 struct Probed(*const u8);
 
 impl Kernel for Probed {
+    const TYPED: bool = false;
     #[inline(always)]
     fn at<T: Copy + Default>(self, offset: u32) -> T {
         if self.0.is_null() {
@@ -519,17 +590,33 @@ impl Kernel for Probed {
     fn is_null(self) -> bool {
         self.0.is_null()
     }
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.0 as u64
+    }
 }
 
 /// The `struct file` behind descriptor `fd` of the current process.
 #[inline(always)]
 fn file_of_fd(fd: u64) -> Option<Probed> {
-    let task = Probed(unsafe { bpf_get_current_task() } as *const u8);
+    if config!(task.typed) != 0 {
+        file_of(Direct(current_task_btf()), fd)
+    } else {
+        file_of(Probed(current_task_untyped()), fd)
+    }
+}
+
+/// `task->files->fdt->fd[fd]`. The array takes a probe either way: the
+/// verifier allows typed loads only at constant offsets.
+#[inline(always)]
+fn file_of<K: Kernel>(task: K, fd: u64) -> Option<Probed> {
     let fdt = task.follow(config!(task.files)).follow(config!(task.fdt));
-    if fd >= u64::from(fdt.at::<u32>(config!(task.max_fds))) {
+    if fdt.is_null() || fd >= u64::from(fdt.at::<u32>(config!(task.max_fds))) {
         return None;
     }
-    fdt.follow(config!(task.fd)).follow(fd as u32 * 8).nonnull()
+    Probed(fdt.at::<u64>(config!(task.fd)) as *const u8)
+        .follow(fd as u32 * 8)
+        .nonnull()
 }
 
 /// The `struct sock` of a file if it is a socket's: its `private_data`
@@ -588,7 +675,7 @@ pub fn accepted(ctx: TracePointContext) -> u32 {
         return 0;
     }
     if let Some(sk) = file_of_fd(fd as u64).and_then(file_socket)
-        && kept(sk).is_some()
+        && kept_probed(sk).is_some()
     {
         emit(task_event(KIND_ACCEPT, sk.0 as u64));
     }

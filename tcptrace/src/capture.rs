@@ -96,11 +96,9 @@ impl Capture {
         if !missing.is_empty() {
             return Err(StartError::Privileges(privilege_message(&missing)));
         }
-        if let Some(release) = fs::read_to_string("/proc/sys/kernel/osrelease")
-            .ok()
-            .and_then(|r| too_old(r.trim()))
-        {
-            return Err(StartError::Other(anyhow!(release)));
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        if let Some(why) = too_old(release.trim()) {
+            return Err(StartError::Other(anyhow!(why)));
         }
         let btf_data = fs::read(BTF_PATH).with_context(|| {
             format!(
@@ -110,7 +108,7 @@ impl Capture {
         })?;
         let kernel_btf = Btf::parse(&btf_data).context(BTF_PATH)?;
         let sock = sock_layout(&kernel_btf)?;
-        let task = task_layout(&kernel_btf);
+        let task = task_layout(&kernel_btf, release.trim());
         drop(kernel_btf);
         let callback_cgroup = callback_cgroup(&sock);
         let (ports, port_filters) = filter.kernel_ports();
@@ -603,7 +601,7 @@ fn sock_layout(btf: &Btf) -> Result<SockLayout> {
 /// programs that tell who holds a socket. None (with the reason logged)
 /// when the BTF lacks any of it: owners are then learned from transitions
 /// alone, as before.
-fn task_layout(btf: &Btf) -> Option<TaskLayout> {
+fn task_layout(btf: &Btf, release: &str) -> Option<TaskLayout> {
     let member = |name: &str, member: &str| {
         let found = btf.member_offset(name, member);
         if found.is_none() {
@@ -620,6 +618,19 @@ fn task_layout(btf: &Btf) -> Option<TaskLayout> {
         Some(at) => (at, 0),
         None => (member("file", "f_count")?, 1),
     };
+    // `skc_dport`, `skc_num`, `skc_family`: within one 8-byte read.
+    let (head, num, family) = (
+        member("sock_common", "skc_dport")?,
+        member("sock_common", "skc_num")?,
+        member("sock_common", "skc_family")?,
+    );
+    if !(head < num && num < family && family + 2 <= head + 8) {
+        log::warn!(
+            "the kernel's struct sock_common has its ports and family apart: accepted \
+             sockets keep the owner learned from their transitions"
+        );
+        return None;
+    }
     Some(TaskLayout {
         tgid: member("task_struct", "tgid")?,
         pid: member("task_struct", "pid")?,
@@ -634,6 +645,10 @@ fn task_layout(btf: &Btf) -> Option<TaskLayout> {
         f_refs_one,
         sk: member("socket", "sk")?,
         sk_socket: member("sock", "sk_socket")?,
+        head,
+        head_num_shift: 8 * (num - head),
+        head_family_shift: 8 * (family - head),
+        typed: u32::from(version(release).is_some_and(|v| v >= TYPED_TASK_KERNEL)),
     })
 }
 
@@ -671,23 +686,29 @@ fn reset_layouts() -> (ResetLayout, ResetLayout, Vec<(u8, String)>) {
     (sent, received, reasons)
 }
 
-/// EPERM/EACCES from the loader mean missing privileges, whatever the
-/// capability check above concluded (a seccomp filter or a lockdown can
-/// still refuse): say so in the same words.
 /// The oldest kernel tcptrace traces on, and why: the BPF ring buffer
 /// (5.8) carries the events; BTF-typed tracepoint programs (5.5) read the
 /// socket; both came before it.
 const OLDEST_KERNEL: (u32, u32) = (5, 8);
 
-/// Why a kernel release (`uname -r`) is too old to trace on, in one line.
-fn too_old(release: &str) -> Option<String> {
+/// From this kernel on, `bpf_get_current_task_btf` gives the programs a
+/// typed pointer to the current task.
+const TYPED_TASK_KERNEL: (u32, u32) = (5, 11);
+
+/// The major and minor version of a kernel release (`uname -r`).
+fn version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release
         .split(|c: char| !c.is_ascii_digit())
         .map(|p| p.parse::<u32>().ok());
-    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
-        return None;
-    };
-    ((major, minor) < OLDEST_KERNEL).then(|| {
+    match (parts.next(), parts.next()) {
+        (Some(Some(major)), Some(Some(minor))) => Some((major, minor)),
+        _ => None,
+    }
+}
+
+/// Why a kernel release (`uname -r`) is too old to trace on, in one line.
+fn too_old(release: &str) -> Option<String> {
+    (version(release)? < OLDEST_KERNEL).then(|| {
         format!(
             "this kernel ({release}) is older than Linux {}.{}, which tracing needs (the BPF \
              ring buffer, BTF-typed tracepoint programs); `tcptrace read` and `report` still \
@@ -697,6 +718,9 @@ fn too_old(release: &str) -> Option<String> {
     })
 }
 
+/// EPERM/EACCES from the loader mean missing privileges, whatever the
+/// capability check above concluded (a seccomp filter or a lockdown can
+/// still refuse): say so in the same words.
 fn load_error(e: anyhow::Error) -> StartError {
     let denied = e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
@@ -750,6 +774,22 @@ mod tests {
         ] {
             assert_eq!(too_old(fine), None, "{fine}");
         }
+    }
+
+    #[test]
+    fn the_task_is_read_through_its_typed_pointer_from_5_11() {
+        let typed = |release| version(release).is_some_and(|v| v >= TYPED_TASK_KERNEL);
+        assert!(
+            !typed("5.10.0-30-amd64"),
+            "5.10 has no bpf_get_current_task_btf"
+        );
+        assert!(typed("5.11.0"));
+        assert!(typed("6.1.0-57-amd64"));
+        assert!(typed("6.18.44-fc-v1272"));
+        assert!(
+            !typed("odd"),
+            "an unknown release takes the probes, which work everywhere"
+        );
     }
 
     #[test]
