@@ -11,7 +11,6 @@
 //! port in the kernel, at an interval that keeps the cost low: the
 //! transitions it finds are as precise as that interval.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -43,12 +42,19 @@ struct Watched {
     cookie: Option<u64>,
     /// `--stuck` already warned about it in FIN_WAIT2.
     warned: bool,
+    /// What the read under way found for its addresses: substate, cookie.
+    found: Option<(State, u64)>,
 }
+
+/// Keyed by addresses a remote peer chooses, so by a hash seeded afresh
+/// each run (foldhash): as fast as the unkeyed one on the per-event path,
+/// without letting a peer aim collisions at it.
+type Watching = foldhash::HashMap<(u32, SocketAddr, SocketAddr), Watched>;
 
 pub struct TimeWait {
     namespaces: Vec<Namespace>,
     ports: Vec<u16>,
-    watched: HashMap<(u32, SocketAddr, SocketAddr), Watched>,
+    watched: Watching,
     interval: Duration,
     next: Instant,
     /// Connections not followed: too many at once, or in a namespace
@@ -61,7 +67,7 @@ impl TimeWait {
         TimeWait {
             namespaces,
             ports,
-            watched: HashMap::new(),
+            watched: Watching::default(),
             interval: RESOLUTION,
             next: Instant::now() + RESOLUTION,
             missed: 0,
@@ -109,6 +115,7 @@ impl TimeWait {
                 since_ns,
                 cookie: None,
                 warned: false,
+                found: None,
             },
         );
     }
@@ -168,31 +175,33 @@ impl TimeWait {
             if !self.watched.keys().any(|(n, _, _)| *n == ns.inode) {
                 continue;
             }
-            let table: HashMap<(SocketAddr, SocketAddr), (State, u64)> =
-                match ns.dumper.dump(&query) {
-                    Ok(sockets) => sockets
-                        .into_iter()
-                        .filter(|s| s.timewait)
-                        .map(|s| ((s.local, s.remote), (s.state, s.cookie)))
-                        .collect(),
-                    Err(e) => {
-                        log::warn!(
-                            "cannot read the time-wait table of namespace {}: {e:#}",
-                            ns.inode
-                        );
-                        continue;
-                    }
-                };
-            let now = monotonic_ns();
+            let sockets = match ns.dumper.dump(&query) {
+                Ok(sockets) => sockets,
+                Err(e) => {
+                    log::warn!(
+                        "cannot read the time-wait table of namespace {}: {e:#}",
+                        ns.inode
+                    );
+                    continue;
+                }
+            };
             let inode = ns.inode;
+            // The table can hold many more sockets than are followed: each
+            // is looked up once, and no map of the whole table is built.
+            for s in sockets.iter().filter(|s| s.timewait) {
+                if let Some(w) = self.watched.get_mut(&(inode, s.local, s.remote)) {
+                    w.found = Some((s.state, s.cookie));
+                }
+            }
+            let now = monotonic_ns();
             self.watched.retain(|(netns, local, remote), w| {
                 if *netns != inode {
                     return true;
                 }
                 // Gone (expired, reused, or timed out in FIN_WAIT2), or
                 // replaced by a later connection's time-wait socket.
-                let new = match table.get(&(*local, *remote)) {
-                    Some(&(state, cookie)) if w.cookie.is_none_or(|c| c == cookie) => {
+                let new = match w.found.take() {
+                    Some((state, cookie)) if w.cookie.is_none_or(|c| c == cookie) => {
                         w.cookie = Some(cookie);
                         state
                     }
