@@ -283,6 +283,7 @@ pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
         timewait_rows: VecDeque::new(),
         ring_read_to: 0,
         owner_hooks: !args.no_owner_hooks,
+        addressless_children: false,
     };
     if let Some(found) = existing {
         for row in found.rows {
@@ -591,6 +592,10 @@ struct Pipeline {
     ring_read_to: u64,
     /// The accept, close, fork and exit hooks are attached.
     owner_hooks: bool,
+    /// This kernel reports a child's first row before its addresses
+    /// (before 6.6): later rows fill them in. Newer kernels never pay for
+    /// the search.
+    addressless_children: bool,
 }
 
 struct Pending {
@@ -650,10 +655,13 @@ impl Pipeline {
                                     self.attributor.refresh_task(task);
                                     row.owner = Some(task);
                                 }
-                                fill_child_addresses(&mut self.pending, &row);
-                                let waits_since = (may_await_sent_reset(&row)
-                                    || lacks_child_addresses(&row))
-                                .then_some(self.cycle);
+                                let addressless = lacks_child_addresses(&row);
+                                self.addressless_children |= addressless;
+                                if self.addressless_children {
+                                    fill_child_addresses(&mut self.pending, &row);
+                                }
+                                let waits_since = (may_await_sent_reset(&row) || addressless)
+                                    .then_some(self.cycle);
                                 self.pending.push_back(Pending { row, waits_since });
                             }
                             None => self.tally.repeated += 1,
