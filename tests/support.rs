@@ -307,10 +307,25 @@ impl Drop for TempDir {
 
 /// A running tcptrace.
 pub struct Tracer {
-    child: Child,
+    child: Reaped,
     stdout: JoinHandle<String>,
     stderr: JoinHandle<String>,
     so_far: Arc<Mutex<String>>,
+}
+
+/// A child killed and reaped when dropped: a test that fails half-way
+/// leaves no tracer behind, whose programs would go on running on every
+/// transition of the host (and skew the next test's and the bench's
+/// figures).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// What a tcptrace run printed.
@@ -377,7 +392,7 @@ impl Tracer {
         });
         match ready_rx.recv_timeout(Duration::from_secs(60)) {
             Ok(()) => Tracer {
-                child,
+                child: Reaped(child),
                 stdout,
                 stderr,
                 so_far,
@@ -402,7 +417,7 @@ impl Tracer {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.0.id()
     }
 
     /// Lets in-flight softirq transitions land, then stops tcptrace with
@@ -420,7 +435,7 @@ impl Tracer {
 
     pub fn signal(self, sig: i32) -> Output {
         // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        unsafe { libc::kill(self.child.0.id() as i32, sig) };
         self.wait()
     }
 
@@ -428,11 +443,10 @@ impl Tracer {
     pub fn wait(mut self) -> Output {
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
-            if let Some(st) = self.child.try_wait().expect("wait tcptrace") {
+            if let Some(st) = self.child.0.try_wait().expect("wait tcptrace") {
                 break st;
             }
             if Instant::now() > deadline {
-                let _ = self.child.kill();
                 panic!("tcptrace did not exit within 30 s");
             }
             thread::sleep(Duration::from_millis(10));
