@@ -1,6 +1,7 @@
 //! Capture: load the eBPF program with the filters compiled in, attach it to
 //! `sock:inet_sock_set_state`, and hand out what it puts in the ring.
 
+use std::collections::VecDeque;
 use std::fs;
 
 use anyhow::{Context, Result, anyhow};
@@ -52,9 +53,11 @@ pub const SETTLE_NS: u64 = 5_000_000;
 /// An attached tracer. Dropping it detaches the program.
 pub struct Capture {
     rings: Vec<Ring>,
-    /// Read from the rings, sorted by time, not yet handed out.
-    held: Vec<Event>,
-    /// Scratch space for the merge, kept to reuse its allocation.
+    /// Each ring's events read and not yet handed out, in time order.
+    /// Queues, so that an event waits where it is: it is copied in once and
+    /// out once, however many reads it waits through.
+    waiting: Vec<VecDeque<Event>>,
+    /// Scratch space for a ring's new events, kept to reuse its allocation.
     fresh: Vec<Event>,
     undecodable: u64,
     counters: PerCpuArray<MapData, u64>,
@@ -244,8 +247,8 @@ impl Capture {
         )
         .map_err(|e| anyhow!(e))?;
         Ok(Capture {
+            waiting: rings.iter().map(|_| VecDeque::new()).collect(),
             rings,
-            held: Vec::new(),
             fresh: Vec::new(),
             undecodable: 0,
             counters,
@@ -279,26 +282,20 @@ impl Capture {
             monotonic_ns().saturating_sub(SETTLE_NS)
         };
         let mut more = false;
-        // Runs in time order: what was held back, then each ring's new part.
-        self.fresh.clear();
-        let mut bounds = [(0, 0); RINGS + 1];
-        bounds[0] = (0, self.held.len());
-        self.fresh.append(&mut self.held);
-        for (ring, run) in self.rings.iter_mut().zip(&mut bounds[1..]) {
-            let start = self.fresh.len();
+        for (ring, waiting) in self.rings.iter_mut().zip(&mut self.waiting) {
+            self.fresh.clear();
             let n = drain_ring(ring, &mut self.fresh, &mut self.undecodable);
-            in_time_order(&mut self.fresh[start..]);
-            let last_ts = self.fresh[start..].last().map(|e| e.ts_ns);
+            in_time_order(&mut self.fresh);
             if n == BATCH {
                 more = true;
                 // The rest of this ring is newer than what was read of it.
-                if let Some(ts) = last_ts {
-                    cutoff = cutoff.min(ts);
+                if let Some(last) = self.fresh.last() {
+                    cutoff = cutoff.min(last.ts_ns);
                 }
             }
-            *run = (start, self.fresh.len());
+            enqueue(waiting, &self.fresh);
         }
-        merge(&self.fresh, &mut bounds, cutoff, out, &mut self.held);
+        merge(&mut self.waiting, cutoff, out);
         more
     }
 
@@ -502,33 +499,40 @@ fn in_time_order(run: &mut [Event]) {
     }
 }
 
-/// Merges the sorted runs `events[start..end]` of `runs`: events older than
-/// `cutoff` go to `out`, the rest to `rest`, both in time order (ties keep
-/// run order). A CPU's ring is in time order; several CPUs sharing a ring
-/// (more CPUs than rings) can break that slightly, which only reorders
-/// events of different sockets.
-fn merge(
-    events: &[Event],
-    runs: &mut [(usize, usize)],
-    cutoff: u64,
-    out: &mut Vec<Event>,
-    rest: &mut Vec<Event>,
-) {
+/// Adds a ring's new events (in time order) to what waits of that ring,
+/// keeping it in time order. They are nearly always newer than all of it;
+/// an event an interrupt overtook can be older than the last read's newest.
+fn enqueue(waiting: &mut VecDeque<Event>, new: &[Event]) {
+    let Some(first) = new.first() else {
+        return;
+    };
+    if waiting.back().is_none_or(|last| last.ts_ns <= first.ts_ns) {
+        waiting.extend(new.iter().copied());
+        return;
+    }
+    for &e in new {
+        let at = waiting.partition_point(|w| w.ts_ns <= e.ts_ns);
+        waiting.insert(at, e);
+    }
+}
+
+/// Moves the events older than `cutoff` from the fronts of the rings'
+/// queues to `out`, in time order (ties go to the lower ring). A CPU's ring
+/// is in time order; several CPUs sharing a ring (more CPUs than rings) can
+/// break that slightly, which only reorders events of different sockets.
+fn merge(waiting: &mut [VecDeque<Event>], cutoff: u64, out: &mut Vec<Event>) {
     loop {
-        let mut best: Option<usize> = None;
-        for (i, &(start, end)) in runs.iter().enumerate() {
-            if start < end && best.is_none_or(|b| events[start].ts_ns < events[runs[b].0].ts_ns) {
-                best = Some(i);
+        let mut best: Option<(usize, u64)> = None;
+        for (i, w) in waiting.iter().enumerate() {
+            if let Some(front) = w.front()
+                && front.ts_ns < cutoff
+                && best.is_none_or(|(_, ts)| front.ts_ns < ts)
+            {
+                best = Some((i, front.ts_ns));
             }
         }
-        let Some(b) = best else { return };
-        let e = events[runs[b].0];
-        runs[b].0 += 1;
-        if e.ts_ns < cutoff {
-            out.push(e);
-        } else {
-            rest.push(e);
-        }
+        let Some((i, _)) = best else { return };
+        out.extend(waiting[i].pop_front());
     }
 }
 
@@ -794,21 +798,16 @@ mod tests {
 
     #[test]
     fn two_cpus_rings_merge_in_time_order_and_young_events_wait() {
-        // Held from the last read (time 5), then CPU 0's ring, then CPU 1's.
-        let events = [
-            at(5, 9),
-            at(1, 1),
-            at(4, 1),
-            at(8, 1),
-            at(2, 2),
-            at(4, 2),
-            at(9, 2),
-        ];
-        let mut runs = [(0, 1), (1, 4), (4, 7)];
-        let (mut out, mut rest) = (Vec::new(), Vec::new());
-        merge(&events, &mut runs, 8, &mut out, &mut rest);
+        // CPU 0's ring still holds one event from the last read (time 5):
+        // its next read brings older ones, which an interrupt overtook.
+        let mut waiting = [VecDeque::from([at(5, 9)]), VecDeque::new()];
+        enqueue(&mut waiting[0], &[at(1, 1), at(4, 1), at(8, 1)]);
+        enqueue(&mut waiting[1], &[at(2, 2), at(4, 2), at(9, 2)]);
+        let mut out = Vec::new();
+        merge(&mut waiting, 8, &mut out);
         // Equal times keep ring order: CPU 0's event first.
         assert_eq!(times(&out), [(1, 1), (2, 2), (4, 1), (4, 2), (5, 9)]);
+        let rest: Vec<Event> = waiting.iter().flatten().copied().collect();
         assert_eq!(times(&rest), [(8, 1), (9, 2)]);
     }
 
