@@ -275,13 +275,31 @@ pub fn catch_nested(ctx: BtfTracePointContext) -> i32 {
 pub fn socket_callback(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            // Keeps the flags another program may have asked for.
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            // Only for sockets the filters keep: the kernel calls a flagged
+            // socket's callback at every change of state (seven or so a
+            // connection), which for any other would only drop it.
+            if followed(&ctx) {
+                // Keeps the flags another program may have asked for.
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            }
         }
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         _ => {}
     }
     1
+}
+
+/// Whether the family, port and namespace filters keep the connection the
+/// callback was called for (its ports are set by now: connect chose the
+/// local one, and a child has both).
+#[inline(always)]
+fn followed(ctx: &SockOpsContext) -> bool {
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk } as *mut c_void;
+    if sk.is_null() {
+        return false;
+    }
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
+    !tp.is_null() && kept(Direct(tp)).is_some()
 }
 
 #[inline(always)]
