@@ -294,18 +294,24 @@ pub fn socket_callback(ctx: SockOpsContext) -> u32 {
 /// local one, and a child has both).
 #[inline(always)]
 fn followed(ctx: &SockOpsContext) -> bool {
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk } as *mut c_void;
+    let sk = callback_sock(ctx);
     if sk.is_null() {
         return false;
     }
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
     !tp.is_null() && kept(Direct(tp)).is_some()
+}
+
+/// The socket the callback was called for.
+#[inline(always)]
+fn callback_sock(ctx: &SockOpsContext) -> *const c_void {
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk as *const c_void }
 }
 
 #[inline(always)]
 fn on_state_change(ctx: &SockOpsContext) {
     let firing = Firing {
-        sk: unsafe { (*ctx.ops).__bindgen_anon_2.sk } as *const c_void,
+        sk: callback_sock(ctx),
         oldstate: ctx.arg(0) as u8,
         newstate: ctx.arg(1) as u8,
     };

@@ -311,8 +311,8 @@ const CLOSE_SETS: usize = 4096;
 /// (one in 30 at full churn), and the copy was shown as a socket of its own.
 const CLOSE_WAYS: usize = 8;
 
-/// The [`close_print`]s of one set, in one cache line: every close looks its
-/// set up, at random, and whole transitions made the table 2 MB, whose cache
+/// The [`close_print`]s of one set, in one cache line: every close writes
+/// its set, at random, and whole transitions made the table 2 MB, whose cache
 /// misses were a fifth of the time spent here at full churn.
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(align(64))]
