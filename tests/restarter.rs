@@ -85,6 +85,10 @@ fn client(addr: &str, seconds: f64, interval_us: u64) {
         match TcpStream::connect(addr) {
             Ok(conn) => drop(conn),
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => refused += 1,
+            // Established, then reset by the closing listener before
+            // connect() returned: a reset connection (so its rows show it),
+            // not a refusal.
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
             Err(e) => panic!("connect: {e}"),
         }
         next += Duration::from_micros(interval_us);
