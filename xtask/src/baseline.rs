@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use crate::output;
 
 /// Builds tcptrace at `rev` (a commit, tag or branch) in its own worktree
-/// and target directory under target/against/, and returns the binary.
+/// under target/against/, with its target directory, and returns the binary.
 /// A second run reuses both.
 pub fn build(root: &Path, rev: &str) -> Result<PathBuf> {
     let commit = output(
@@ -34,7 +34,10 @@ pub fn build(root: &Path, rev: &str) -> Result<PathBuf> {
             bail!("git worktree add {} {commit} failed", tree.display());
         }
     }
-    let target = against.join("target");
+    // Its own target directory: in one shared between revisions, cargo
+    // kept the eBPF object of the revision built before (a base whose
+    // userspace then refused the other's object).
+    let target = tree.join("target");
     eprintln!(
         "xtask: building tcptrace at {} for the comparison",
         &commit[..12]
