@@ -23,18 +23,11 @@ fn moves(rows: &[Value]) -> Vec<(String, String)> {
 /// tcptrace on `port`, JSON rows on stdout and recorded to `file`, with
 /// `extra` flags; no snapshot, so only what the scenario makes shows.
 fn recording(port: u16, file: &str, extra: &[&str]) -> Tracer {
-    let port = port.to_string();
-    let mut args = vec![
-        "--format",
-        "json",
-        "--no-snapshot",
-        "--port",
-        &port,
-        "-w",
+    Tracer::recording(
+        port,
         file,
-    ];
-    args.extend_from_slice(extra);
-    Tracer::start(&args)
+        &[&["--format", "json", "--no-snapshot"], extra].concat(),
+    )
 }
 
 #[test]

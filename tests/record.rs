@@ -4,7 +4,29 @@
 use std::fs;
 
 use serde_json::Value;
-use tcptrace_tests::{Netns, TempDir, Tracer, tcptrace, unique_port};
+use tcptrace_tests::{Netns, Output, TempDir, Tracer, tcptrace, unique_port};
+
+/// `tcptrace read FILE --format json`, which must say nothing on stderr:
+/// its rows.
+fn read_cleanly(file: &str) -> Vec<String> {
+    let read = tcptrace(&["read", file, "--format", "json"]);
+    assert!(
+        read.status.success() && read.stderr.is_empty(),
+        "{}",
+        read.stderr
+    );
+    read.stdout.lines().map(String::from).collect()
+}
+
+/// The recording ran out of space: exit status 1 and the system's words.
+fn assert_stopped_by_a_full_disk(out: &Output) {
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("No space left on device"),
+        "{}",
+        out.stderr
+    );
+}
 
 /// Client closes first, a reset and a refused connect, recorded while the
 /// live output is shown with `live_args`. Returns the live stdout.
@@ -284,17 +306,11 @@ fn a_rotation_set_reads_as_one_stream() {
     let dir = TempDir::new("rotate");
     let file = dir.path("rot.tcpt");
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "-w",
+    let tracer = Tracer::recording(
+        port,
         &file,
-        "--no-timewait",
-        "--rotate-size",
-        "4K",
-        "--time",
-        "relative",
-    ]);
+        &["--no-timewait", "--rotate-size", "4K", "--time", "relative"],
+    );
     let addr = format!("127.0.0.1:{port}");
     // Under 20 bytes a row: 700 rows fill two 4 KiB files and start a third.
     ns.connections(&addr, 70);
@@ -340,17 +356,11 @@ fn rotate_keep_deletes_the_oldest() {
     let dir = TempDir::new("keep");
     let file = dir.path("rot.jsonl");
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "-w",
+    let tracer = Tracer::recording(
+        port,
         &file,
-        "-q",
-        "--rotate-size",
-        "4K",
-        "--rotate-keep",
-        "2",
-    ]);
+        &["-q", "--rotate-size", "4K", "--rotate-keep", "2"],
+    );
     let addr = format!("127.0.0.1:{port}");
     ns.connections(&addr, 8);
     assert!(tracer.stop().status.success());
@@ -444,12 +454,9 @@ fn an_existing_file_or_a_symlink_is_refused() {
 fn a_full_disk_stops_the_run_and_keeps_every_whole_line() {
     let ns = Netns::new();
     let dir = TempDir::new("full");
-    let mnt = dir.path("small");
-    fs::create_dir_all(&mnt).unwrap();
-    let _mount = Tmpfs::mount(&mnt, "16k");
-    let file = format!("{mnt}/rec.jsonl");
+    let (_mount, file) = Tmpfs::file_on(&dir, "16k", "rec.jsonl");
     let port = unique_port();
-    let tracer = Tracer::start(&["--port", &port.to_string(), "-w", &file, "-q"]);
+    let tracer = Tracer::recording(port, &file, &["-q"]);
     let addr = format!("127.0.0.1:{port}");
     let server = ns.peer(&[
         "server",
@@ -463,12 +470,7 @@ fn a_full_disk_stops_the_run_and_keeps_every_whole_line() {
         .finish();
     server.finish();
     let out = tracer.wait();
-    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("No space left on device"),
-        "{}",
-        out.stderr
-    );
+    assert_stopped_by_a_full_disk(&out);
     assert!(
         out.stderr.contains("transitions could not be recorded"),
         "{}",
@@ -503,17 +505,11 @@ fn a_recording_at_full_churn_is_exactly_the_rows_shown() {
     let dir = TempDir::new("churn");
     let file = dir.path("rec.tcpt");
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "-w",
+    let tracer = Tracer::recording(
+        port,
         &file,
-        "--format",
-        "json",
-        "--time",
-        "utc",
-        "--no-timewait",
-    ]);
+        &["--format", "json", "--time", "utc", "--no-timewait"],
+    );
     ns.churn(port, 1, &[]).expected();
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
@@ -547,27 +543,12 @@ fn a_recording_at_full_churn_is_exactly_the_rows_shown() {
 fn a_full_disk_in_a_burst_keeps_every_whole_line() {
     let ns = Netns::new();
     let dir = TempDir::new("fullburst");
-    let mnt = dir.path("small");
-    fs::create_dir_all(&mnt).unwrap();
-    let _mount = Tmpfs::mount(&mnt, "4m");
-    let file = format!("{mnt}/rec.jsonl");
+    let (_mount, file) = Tmpfs::file_on(&dir, "4m", "rec.jsonl");
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "-w",
-        &file,
-        "-q",
-        "--no-timewait",
-    ]);
+    let tracer = Tracer::recording(port, &file, &["-q", "--no-timewait"]);
     ns.churn(port, 1, &[]).expected();
     let out = tracer.wait();
-    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("No space left on device"),
-        "{}",
-        out.stderr
-    );
+    assert_stopped_by_a_full_disk(&out);
     let text = fs::read_to_string(&file).unwrap();
     let rows = whole_rows(&text);
     assert!(text.len() > 3 << 20, "{} bytes kept of 4 MiB", text.len());
@@ -582,14 +563,7 @@ fn a_recording_survives_kill_9_of_its_writer() {
     let dir = TempDir::new("kill9");
     let file = dir.path("rec.tcpt");
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "-w",
-        &file,
-        "-q",
-        "--no-timewait",
-    ]);
+    let tracer = Tracer::recording(port, &file, &["-q", "--no-timewait"]);
     let addr = format!("127.0.0.1:{port}");
     ns.connections(&addr, 5);
     // Written within 200 ms, whatever happens to the writer after that.
@@ -597,13 +571,7 @@ fn a_recording_survives_kill_9_of_its_writer() {
     let out = tracer.signal(libc::SIGKILL);
     assert!(!out.status.success());
     // Every row made more than 200 ms before the kill, whole chunks only.
-    let read = tcptrace(&["read", &file, "--format", "json"]);
-    assert!(
-        read.status.success() && read.stderr.is_empty(),
-        "{}",
-        read.stderr
-    );
-    assert_eq!(read.stdout.lines().count(), 2 + 50);
+    assert_eq!(read_cleanly(&file).len(), 2 + 50);
     let report = tcptrace(&["report", &file]);
     assert!(
         report.stdout.contains("did not end cleanly"),
@@ -708,6 +676,14 @@ fn the_html_report_renders_in_headless_chromium_with_its_three_charts() {
 struct Tmpfs(String);
 
 impl Tmpfs {
+    /// A tmpfs of `size` in `dir`, and the path of `name` on it.
+    fn file_on(dir: &TempDir, size: &str, name: &str) -> (Tmpfs, String) {
+        let mnt = dir.path("small");
+        fs::create_dir_all(&mnt).unwrap();
+        let mount = Tmpfs::mount(&mnt, size);
+        (mount, format!("{mnt}/{name}"))
+    }
+
     fn mount(dir: &str, size: &str) -> Tmpfs {
         let ok = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir])
@@ -780,26 +756,13 @@ fn two_batches(dir: &TempDir) -> (String, Vec<String>) {
     let ns = Netns::new();
     let file = dir.path("rec.tcpt");
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "-w",
-        &file,
-        "-q",
-        "--no-timewait",
-    ]);
+    let tracer = Tracer::recording(port, &file, &["-q", "--no-timewait"]);
     let addr = format!("127.0.0.1:{port}");
     ns.connections(&addr, 3);
     std::thread::sleep(std::time::Duration::from_millis(600));
     ns.connections(&addr, 2);
     assert!(tracer.stop().status.success());
-    let read = tcptrace(&["read", &file, "--format", "json"]);
-    assert!(
-        read.status.success() && read.stderr.is_empty(),
-        "{}",
-        read.stderr
-    );
-    let rows: Vec<String> = read.stdout.lines().map(String::from).collect();
+    let rows = read_cleanly(&file);
     assert_eq!(rows.len(), 2 + 30 + 2 + 20);
     (file, rows)
 }
@@ -879,34 +842,14 @@ fn a_damaged_byte_in_a_binary_recording_is_an_error_naming_where() {
 fn a_full_disk_under_a_binary_recording_keeps_every_record_that_fit() {
     let ns = Netns::new();
     let dir = TempDir::new("bin-full");
-    let mnt = dir.path("small");
-    fs::create_dir_all(&mnt).unwrap();
-    let _mount = Tmpfs::mount(&mnt, "256k");
-    let file = format!("{mnt}/rec.tcpt");
+    let (_mount, file) = Tmpfs::file_on(&dir, "256k", "rec.tcpt");
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "-w",
-        &file,
-        "-q",
-        "--no-timewait",
-    ]);
+    let tracer = Tracer::recording(port, &file, &["-q", "--no-timewait"]);
     ns.churn(port, 1, &[]).expected();
     let out = tracer.wait();
-    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("No space left on device"),
-        "{}",
-        out.stderr
-    );
-    let read = tcptrace(&["read", &file, "--format", "json"]);
-    assert!(
-        read.status.success() && read.stderr.is_empty(),
-        "every chunk in the file is whole: {}",
-        read.stderr
-    );
-    let kept = read.stdout.lines().count();
+    assert_stopped_by_a_full_disk(&out);
+    // Every chunk in the file is whole.
+    let kept = read_cleanly(&file).len();
     // The chunk the disk filled up in keeps its records that fit.
     let size = fs::metadata(&file).unwrap().len();
     assert!(size > 200 << 10, "{size} bytes kept of 256 KiB");
@@ -924,16 +867,7 @@ fn read_tail_follows_a_growing_recording_through_its_rotation() {
     let dir = TempDir::new("tail");
     let file = dir.path("rec.tcpt");
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "-w",
-        &file,
-        "-q",
-        "--no-timewait",
-        "--rotate-size",
-        "4K",
-    ]);
+    let tracer = Tracer::recording(port, &file, &["-q", "--no-timewait", "--rotate-size", "4K"]);
     /// The follower never ends by itself: killed when dropped, even by a
     /// failing test.
     struct Follower(std::process::Child);

@@ -343,6 +343,15 @@ impl Tracer {
         Tracer::start_cmd(cmd)
     }
 
+    /// Starts tcptrace recording the rows of `port` into `file`, with
+    /// `extra` options.
+    pub fn recording(port: u16, file: &str, extra: &[&str]) -> Tracer {
+        let port = port.to_string();
+        let mut args = vec!["--port", port.as_str(), "-w", file];
+        args.extend_from_slice(extra);
+        Tracer::start(&args)
+    }
+
     /// Starts tcptrace as root holding only the capabilities `caps`
     /// (setpriv's names: "bpf", "perfmon", ...), none inheritable.
     pub fn start_with_only(caps: &[&str], args: &[&str]) -> Tracer {
