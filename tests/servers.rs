@@ -17,7 +17,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tcptrace_tests::{Life, Netns, TempDir, Tracer, monotonic_ns, tcptrace, unique_port};
+use tcptrace_tests::{Life, Netns, Output, TempDir, Tracer, monotonic_ns, tcptrace, unique_port};
 
 /// One socket as `ss -tanpH` listed it, with the processes holding it.
 #[derive(Debug, Clone)]
@@ -272,6 +272,20 @@ fn alive(pid: u32) -> bool {
                 .next()
                 .is_some_and(|r| r.trim_start().starts_with('Z'))
         })
+}
+
+/// Stops the server process `pid` of this test with its own clean-stop
+/// `signal` and waits until it is gone, so that everything it closed is
+/// in the tracer's output; then stops the tracer.
+fn stop_server_then_tracer(what: &str, pid: u32, signal: i32, tracer: Tracer) -> Output {
+    // SAFETY: kill on a pid of a process this test started.
+    unsafe { libc::kill(pid as i32, signal) };
+    wait_until(&format!("{what} gone"), Duration::from_secs(20), || {
+        !alive(pid)
+    });
+    let out = tracer.stop();
+    assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+    out
 }
 
 /// Waits (bounded) until `what` holds.
@@ -608,13 +622,7 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
     thread::sleep(Duration::from_millis(500));
     let seen = watch.finish();
     // A graceful stop, so that the listener's close is traced.
-    // SAFETY: kill on the master's pid, a process of this test.
-    unsafe { libc::kill(master as i32, libc::SIGQUIT) };
-    wait_until("nginx master gone", Duration::from_secs(10), || {
-        !alive(master)
-    });
-    let out = tracer.stop();
-    assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+    let out = stop_server_then_tracer("nginx master", master, libc::SIGQUIT, tracer);
     drop(procs);
 
     let lives = out.lives();
@@ -935,13 +943,7 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
     );
     thread::sleep(Duration::from_millis(300));
     let seen = watch.finish();
-    // SAFETY: kill on the postmaster's pid, a process of this test.
-    unsafe { libc::kill(postmaster as i32, libc::SIGINT) };
-    wait_until("postmaster gone", Duration::from_secs(20), || {
-        !alive(postmaster)
-    });
-    let out = tracer.stop();
-    assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+    let out = stop_server_then_tracer("postmaster", postmaster, libc::SIGINT, tracer);
     drop(procs);
 
     let made_by = ftrace.process_context();
@@ -1064,9 +1066,23 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
         "pgbench -C made connections: {}",
         accepted.len()
     );
+    // pgbench sends its Terminate message and closes at once, so its FIN
+    // nearly always comes first and the backend's side goes to CLOSE_WAIT
+    // in softirq (the rows the postmaster was once named for). A backend
+    // that exits before the FIN arrives closes first: on a loaded machine
+    // one connection in nine did.
+    let backend_first = accepted
+        .iter()
+        .filter(|s| s.life.path().contains(">ESTABLISHED>FIN_WAIT1>"))
+        .count();
+    assert_eq!(
+        close_waits + backend_first,
+        accepted.len(),
+        "each connection closed by pgbench or its backend first"
+    );
     assert!(
-        close_waits * 10 >= accepted.len() * 9,
-        "ESTABLISHED -> CLOSE_WAIT on nearly every connection: {close_waits} of {}",
+        close_waits * 2 >= accepted.len(),
+        "ESTABLISHED -> CLOSE_WAIT on most connections: {close_waits} of {}",
         accepted.len()
     );
     assert!(
