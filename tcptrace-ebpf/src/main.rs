@@ -248,7 +248,12 @@ pub fn catch_nested(ctx: BtfTracePointContext) -> i32 {
     };
     let catching = unsafe { &raw mut (*claims).catching };
     unsafe { catching.write_volatile(1) };
-    if !unsafe { Stack::pop(&raw mut (*claims).handled, firing.claim()) } {
+    // Inside the main program's run on this CPU, this transition's own
+    // run of it was surely skipped: no need to look for its claim, and a
+    // stale claim of the same change at a reused socket address must not
+    // pass for it.
+    let nested_in_main = unsafe { (&raw const (*claims).in_main).read_volatile() } != 0;
+    if nested_in_main || !unsafe { Stack::pop(&raw mut (*claims).handled, firing.claim()) } {
         let tp = firing.tcp_sock();
         if tp.is_null() {
             count(COUNTER_FILTERED);
