@@ -435,8 +435,8 @@ impl Tracer {
         thread::sleep(Duration::from_millis(300));
         let out = self.signal(libc::SIGINT);
         if out.stderr.contains("skipped the tracer") {
-            // Other BPF programs on the machine made the kernel skip ours:
-            // counts can be short. Say so next to any failure.
+            // The kernel skipped the tracer and nothing recovered the
+            // transitions: counts can be short. Say so next to any failure.
             eprintln!("note: {}", out.stderr);
         }
         out

@@ -1049,9 +1049,10 @@ fn warn_lost(capture: &Capture, reported: Counters) -> Counters {
     }
     if now.missed > reported.missed {
         eprintln!(
-            "tcptrace: warning: the kernel skipped the tracer {} times: another BPF program \
-             was running on that CPU ({} in all)",
-            now.missed - reported.missed,
+            "tcptrace: warning: the kernel skipped the tracer for {} that no other program \
+             emitted instead: a program of the tracer was already running on that CPU ({} in \
+             all)",
+            format::counted(now.missed - reported.missed, "transition", "transitions"),
             now.missed
         );
     }
