@@ -53,6 +53,34 @@ pub struct Event {
     pub _pad: [u8; 2],
 }
 
+impl Event {
+    /// An event of `kind` about the socket `skaddr` (0: none) at `ts_ns`,
+    /// with every other field zero: what each kind carries is filled in by
+    /// the program that emits it, and nothing else travels.
+    pub const fn new(kind: u8, ts_ns: u64, skaddr: u64) -> Event {
+        Event {
+            ts_ns,
+            skaddr,
+            cgroup: 0,
+            pid: 0,
+            netns: 0,
+            child: 0,
+            oldstate: 0,
+            newstate: 0,
+            family: 0,
+            sport: 0,
+            dport: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm: [0; 16],
+            thread: [0; 16],
+            kind,
+            reset_reason: 0,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 /// Userspace's `State` (and its one table of names) is built on these.
 pub mod tcp_state {

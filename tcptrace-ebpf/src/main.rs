@@ -431,12 +431,7 @@ fn set_state<const TASK: bool>(f: &Firing, tp: *const u8) {
         }
     }
     let mut event = Event {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr: f.sk as u64,
-        cgroup: 0,
-        pid: 0,
         netns,
-        child: 0,
         oldstate: f.oldstate,
         newstate: f.newstate,
         family,
@@ -444,11 +439,7 @@ fn set_state<const TASK: bool>(f: &Firing, tp: *const u8) {
         dport: u16::from_be(sk.at(config!(sock.dport))),
         saddr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(saddr) },
         daddr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(daddr) },
-        comm: [0; 16],
-        thread: [0; 16],
-        kind: KIND_STATE,
-        reset_reason: 0,
-        _pad: [0; 2],
+        ..Event::new(KIND_STATE, unsafe { bpf_ktime_get_ns() }, f.sk as u64)
     };
     // Nobody uses the task of the other transitions: it is whoever a
     // packet or timer interrupted.
@@ -669,26 +660,7 @@ impl Probed {
 /// current task's, with only `skaddr` and `kind` besides.
 #[inline(always)]
 fn task_event(kind: u8, skaddr: u64) -> Event {
-    let mut event = Event {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr,
-        cgroup: 0,
-        pid: 0,
-        netns: 0,
-        child: 0,
-        oldstate: 0,
-        newstate: 0,
-        family: 0,
-        sport: 0,
-        dport: 0,
-        saddr: [0; 16],
-        daddr: [0; 16],
-        comm: [0; 16],
-        thread: [0; 16],
-        kind,
-        reset_reason: 0,
-        _pad: [0; 2],
-    };
+    let mut event = Event::new(kind, unsafe { bpf_ktime_get_ns() }, skaddr);
     current_task(&mut event);
     event
 }
@@ -802,24 +774,8 @@ fn reset(sk: *const c_void, reason: u8, kind: u8) {
         return;
     }
     emit(Event {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr: sk as u64,
-        cgroup: 0,
-        pid: 0,
-        netns: 0,
-        child: 0,
-        oldstate: 0,
-        newstate: 0,
-        family: 0,
-        sport: 0,
-        dport: 0,
-        saddr: [0; 16],
-        daddr: [0; 16],
-        comm: [0; 16],
-        thread: [0; 16],
-        kind,
         reset_reason: reason,
-        _pad: [0; 2],
+        ..Event::new(kind, unsafe { bpf_ktime_get_ns() }, sk as u64)
     });
 }
 

@@ -752,11 +752,7 @@ mod tests {
     use super::*;
 
     fn at(ts_ns: u64, skaddr: u64) -> Event {
-        // SAFETY: Event is plain old data; all zeroes is a valid value.
-        let mut e: Event = unsafe { std::mem::zeroed() };
-        e.ts_ns = ts_ns;
-        e.skaddr = skaddr;
-        e
+        Event::new(tcptrace_ebpf::KIND_STATE, ts_ns, skaddr)
     }
 
     fn times(v: &[Event]) -> Vec<(u64, u64)> {

@@ -227,24 +227,15 @@ pub(crate) mod tests {
 
     pub fn raw_event(family: u16, saddr: &[u8], daddr: &[u8]) -> Event {
         let mut e = Event {
-            ts_ns: 5_000,
-            skaddr: 0xffff_8880_1234_5678,
-            cgroup: 0,
             pid: 42,
-            child: 0,
             oldstate: 7,
             newstate: 2,
             family,
-            sport: 0,
             dport: 6389,
-            saddr: [0; 16],
-            daddr: [0; 16],
             comm: *b"redis-cli\0\0\0\0\0\0\0",
             thread: *b"redis-cli\0\0\0\0\0\0\0",
             netns: 4026531840,
-            kind: 0,
-            reset_reason: 0,
-            _pad: [0; 2],
+            ..Event::new(tcptrace_ebpf::KIND_STATE, 5_000, 0xffff_8880_1234_5678)
         };
         e.saddr[..saddr.len()].copy_from_slice(saddr);
         e.daddr[..daddr.len()].copy_from_slice(daddr);
