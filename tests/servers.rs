@@ -452,17 +452,21 @@ impl Ftrace {
         );
         std::fs::create_dir(&dir).expect("an ftrace instance (tcptrace mounted tracefs)");
         let f = Ftrace(dir);
+        // CLOCK_MONOTONIC, tcptrace's clock: events compare by time.
+        std::fs::write(format!("{}/trace_clock", f.0), "mono").expect("trace clock");
         let event = format!("{}/events/sock/inet_sock_set_state", f.0);
         std::fs::write(format!("{}/buffer_size_kb", f.0), "8192").expect("buffer size");
         std::fs::write(format!("{event}/filter"), format!("sport == {port}")).expect("filter");
         std::fs::write(format!("{event}/enable"), "1").expect("enable");
+        let exits = format!("{}/events/sched/sched_process_exit", f.0);
+        std::fs::write(format!("{exits}/filter"), "comm == \"postgres\"").expect("filter");
+        std::fs::write(format!("{exits}/enable"), "1").expect("enable");
         f
     }
 
-    /// (remote port, old, new) -> the pids that made it in process context.
-    fn process_context(&self) -> BTreeMap<(u64, String, String), BTreeSet<u32>> {
+    fn read(&self) -> Traced {
         let text = std::fs::read_to_string(format!("{}/trace", self.0)).expect("trace");
-        let mut out: BTreeMap<_, BTreeSet<u32>> = BTreeMap::new();
+        let mut traced = Traced::default();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             // "  postgres-19379   [000] .....   965.040022: inet_sock_set_state: ..."
             let Some((task, rest)) = line.split_once(" [") else {
@@ -471,14 +475,28 @@ impl Ftrace {
             let pid = task
                 .rsplit_once('-')
                 .and_then(|(_, p)| p.trim().parse().ok());
-            let flags = rest.split_whitespace().nth(1).unwrap_or("");
+            let mut words = rest.split_whitespace();
+            let flags = words.nth(1).unwrap_or("");
+            let at = words.next().and_then(|w| {
+                let (s, us) = w.trim_end_matches(':').split_once('.')?;
+                Some(s.parse::<u64>().ok()? * 1_000_000_000 + us.parse::<u64>().ok()? * 1000)
+            });
             let field = |name: &str| {
                 rest.split_whitespace()
                     .find_map(|w| w.strip_prefix(name))
                     .map(|v| v.trim_start_matches("TCP_").to_string())
             };
-            let (Some(pid), Some(dport), Some(old), Some(new)) =
-                (pid, field("dport="), field("oldstate="), field("newstate="))
+            let (Some(pid), Some(at)) = (pid, at) else {
+                continue;
+            };
+            if rest.contains(" sched_process_exit: ") {
+                if let Some(p) = field("pid=").and_then(|p| p.parse().ok()) {
+                    traced.exits.insert(p, at);
+                }
+                continue;
+            }
+            let (Some(dport), Some(old), Some(new)) =
+                (field("dport="), field("oldstate="), field("newstate="))
             else {
                 continue;
             };
@@ -486,9 +504,47 @@ impl Ftrace {
                 continue;
             }
             let dport = dport.parse().unwrap_or(0);
-            out.entry((dport, old, new)).or_default().insert(pid);
+            traced
+                .made
+                .entry((dport, old, new))
+                .or_default()
+                .push((at, pid));
         }
-        out
+        traced
+    }
+}
+
+/// What ftrace saw, on CLOCK_MONOTONIC.
+#[derive(Default)]
+struct Traced {
+    /// (remote port, old, new) -> when, and by which process, it was made
+    /// in process context. A client port is used again by later
+    /// connections: the time tells which one.
+    made: BTreeMap<(u64, String, String), Vec<(u64, u32)>>,
+    /// When each process of the name asked for ended.
+    exits: BTreeMap<u32, u64>,
+}
+
+impl Traced {
+    /// The process that made `row`'s change in process context, if one did.
+    fn maker(&self, rport: u64, row: &Value) -> Option<u32> {
+        let key = (
+            rport,
+            row["old"].as_str().unwrap_or("?").to_string(),
+            row["new"].as_str().unwrap_or("?").to_string(),
+        );
+        let at = row["ts_ns"].as_u64().expect("ts_ns");
+        // The same tracepoint hit, read on the same clock: microseconds
+        // apart at most.
+        self.made
+            .get(&key)?
+            .iter()
+            .find(|(t, _)| t.abs_diff(at) < 1_000_000)
+            .map(|&(_, pid)| pid)
+    }
+
+    fn ended_before(&self, pid: u32, ts_ns: u64) -> bool {
+        self.exits.get(&pid).is_some_and(|&t| t < ts_ns)
     }
 }
 
@@ -496,6 +552,10 @@ impl Drop for Ftrace {
     fn drop(&mut self) {
         let _ = std::fs::write(
             format!("{}/events/sock/inet_sock_set_state/enable", self.0),
+            "0",
+        );
+        let _ = std::fs::write(
+            format!("{}/events/sched/sched_process_exit/enable", self.0),
             "0",
         );
         let _ = std::fs::remove_dir(&self.0);
@@ -946,7 +1006,7 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
     let out = stop_server_then_tracer("postmaster", postmaster, libc::SIGINT, tracer);
     drop(procs);
 
-    let made_by = ftrace.process_context();
+    let traced = ftrace.read();
     let mut backends = pg_backends(&std::fs::read_to_string(&log).expect("postgres log"));
     let lives = out.lives();
     let socks: Vec<Sock> = lives.iter().map(Sock::new).collect();
@@ -1005,20 +1065,30 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
         }
         // The backend's, unless the postmaster, slow to close its copy
         // after the fork, dropped the last reference: the kernel then made
-        // the close in the postmaster, which held the socket last.
+        // the close in the postmaster, which held the socket last, and
+        // from the backend's exit on (ftrace says when) it held it alone.
+        let makers: Vec<Option<u32>> = after
+            .iter()
+            .map(|r| traced.maker(s.life.rport(), r))
+            .collect();
+        let postmaster_kept_it = makers.contains(&Some(postmaster));
+        assert!(
+            traced.exits.contains_key(&backend),
+            "ftrace saw backend {backend} end"
+        );
         let mut expected = backend;
-        for r in after {
-            let key = (
-                s.life.rport(),
-                r["old"].as_str().unwrap_or("?").to_string(),
-                r["new"].as_str().unwrap_or("?").to_string(),
-            );
-            if let Some(makers) = made_by.get(&key) {
-                let maker = *makers.iter().find(|&&p| p == backend || p == postmaster).unwrap_or_else(|| {
-                    panic!("{key:?} made by {makers:?}, neither backend {backend} nor the postmaster")
-                });
+        for (r, maker) in after.iter().zip(makers) {
+            if let Some(maker) = maker {
+                assert!(
+                    [backend, postmaster].contains(&maker),
+                    "{r} made by {maker}, neither backend {backend} nor the postmaster"
+                );
                 postmaster_closes += usize::from(maker == postmaster);
                 expected = maker;
+            } else if postmaster_kept_it
+                && traced.ended_before(backend, r["ts_ns"].as_u64().expect("ts_ns"))
+            {
+                expected = postmaster;
             }
             assert_eq!(
                 pid_of(r),
