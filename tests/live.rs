@@ -793,6 +793,7 @@ fn metrics_scraped_during_a_scenario_show_the_right_counters() {
         "tcptrace_resets_total{kind=\"refused\"} 1",
         "tcptrace_resets_total{kind=\"sent\"} 0",
         "tcptrace_lost_events_total{kind=\"ring_full\"} 0",
+        "tcptrace_owner_hooks_skipped_total 0",
         "tcptrace_sockets_with_gaps_total 0",
         "# EOF",
     ] {

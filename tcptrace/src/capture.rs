@@ -39,6 +39,9 @@ pub struct Counters {
     /// Times the kernel skipped the program because another BPF program was
     /// running on that CPU (`recursion_misses`): transitions never seen.
     pub missed: u64,
+    /// Runs of the owner hooks (accept, close, fork, exit) the kernel
+    /// skipped: a change of holder tcptrace did not see.
+    pub hooks_missed: u64,
 }
 
 /// Entries read from one ring in one call, at most: bounds the memory a
@@ -65,6 +68,8 @@ pub struct Capture {
     /// The main program's descriptor, for its statistics in
     /// /proc/self/fdinfo.
     program_fd: i32,
+    /// The owner hooks attached, whose skips are counted.
+    hook_fds: Vec<i32>,
     reset_reasons: Vec<(u8, String)>,
     /// Owns the program and its link.
     _ebpf: Ebpf,
@@ -214,9 +219,11 @@ impl Capture {
             }
         }
 
-        if task.is_some() && owner_hooks {
-            attach_holder_programs(&mut ebpf, &btf);
-        }
+        let hook_fds = if task.is_some() && owner_hooks {
+            attach_holder_programs(&mut ebpf, &btf)
+        } else {
+            Vec::new()
+        };
 
         // Parsing the kernel's BTF (twice: ours and aya's) takes some 15 MiB
         // of heap. Handing it back before the rings are mapped keeps it out
@@ -254,6 +261,7 @@ impl Capture {
             counters,
             logger,
             program_fd,
+            hook_fds,
             reset_reasons: reasons,
             _ebpf: ebpf,
         })
@@ -325,6 +333,7 @@ impl Capture {
             lost: sum(COUNTER_LOST)?,
             filtered: sum(COUNTER_FILTERED)?,
             missed: skipped.saturating_sub(caught + covered),
+            hooks_missed: self.hook_fds.iter().map(|&fd| recursion_misses(fd)).sum(),
         })
     }
 
@@ -364,8 +373,11 @@ fn without_callback(why: &str) -> String {
 /// The programs that follow who holds a socket between its transitions:
 /// accept() returning, a fork, a close() that leaves other references,
 /// a process's exit. Without one, the owner of the sockets it concerns is
-/// the one learned from transitions, and tracing goes on.
-fn attach_holder_programs(ebpf: &mut Ebpf, btf: &aya::Btf) {
+/// the one learned from transitions, and tracing goes on. Returns the
+/// descriptors of those attached.
+fn attach_holder_programs(ebpf: &mut Ebpf, btf: &aya::Btf) -> Vec<i32> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut fds = Vec::new();
     let classic: [(&str, &[&str]); 2] = [
         (PROGRAM_ACCEPT, &["sys_exit_accept4", "sys_exit_accept"]),
         (PROGRAM_RELEASE, &["sys_enter_close"]),
@@ -378,10 +390,11 @@ fn attach_holder_programs(ebpf: &mut Ebpf, btf: &aya::Btf) {
                     anyhow!(e).context(format!("cannot attach to syscalls:{syscall}"))
                 })?;
             }
-            Ok(())
+            Ok(p.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd())
         });
-        if let Err(e) = attached {
-            log::warn!("{}", without_holders(name, &e));
+        match attached {
+            Ok(fd) => fds.push(fd),
+            Err(e) => log::warn!("{}", without_holders(name, &e)),
         }
     }
     for (name, tracepoint) in [
@@ -392,12 +405,14 @@ fn attach_holder_programs(ebpf: &mut Ebpf, btf: &aya::Btf) {
             p.load(tracepoint, btf).map_err(refusal)?;
             p.attach()
                 .map_err(|e| anyhow!(e).context(format!("cannot attach to sched:{tracepoint}")))?;
-            Ok(())
+            Ok(p.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd())
         });
-        if let Err(e) = attached {
-            log::warn!("{}", without_holders(name, &e));
+        match attached {
+            Ok(fd) => fds.push(fd),
+            Err(e) => log::warn!("{}", without_holders(name, &e)),
         }
     }
+    fds
 }
 
 fn without_holders(program: &str, e: &anyhow::Error) -> String {

@@ -1056,9 +1056,19 @@ fn warn_lost(capture: &Capture, reported: Counters) -> Counters {
             now.missed
         );
     }
+    if now.hooks_missed > reported.hooks_missed {
+        eprintln!(
+            "tcptrace: warning: the kernel skipped the owner hooks (accept, close, fork, exit) \
+             {}: another BPF program was running on that CPU, and as many changes of holder \
+             went unseen; those sockets may name an earlier holder ({} in all)",
+            format::counted(now.hooks_missed - reported.hooks_missed, "time", "times"),
+            now.hooks_missed
+        );
+    }
     Counters {
         lost: now.lost.max(reported.lost),
         missed: now.missed.max(reported.missed),
+        hooks_missed: now.hooks_missed.max(reported.hooks_missed),
         filtered: now.filtered,
     }
 }

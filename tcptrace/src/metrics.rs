@@ -109,6 +109,13 @@ impl Metrics {
         })
         .inc_by(counters.missed);
         registry.register("lost_events", "Transitions tcptrace could not show", lost);
+        let hooks: Counter = Counter::default();
+        hooks.inc_by(counters.hooks_missed);
+        registry.register(
+            "owner_hooks_skipped",
+            "Runs of the accept, close, fork and exit hooks the kernel skipped: changes of holder not seen",
+            hooks,
+        );
         let gapped: Counter = Counter::default();
         gapped.inc_by(gaps);
         registry.register(
