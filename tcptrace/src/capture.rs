@@ -36,8 +36,9 @@ pub struct Counters {
     pub lost: u64,
     /// Events the program dropped by protocol, family or port.
     pub filtered: u64,
-    /// Times the kernel skipped the program because another BPF program was
-    /// running on that CPU (`recursion_misses`): transitions never seen.
+    /// Runs of the main program the kernel skipped (`recursion_misses`: a
+    /// program of the tracer was already running on that CPU) that neither
+    /// the catcher nor the socket callback emitted instead.
     pub missed: u64,
     /// Runs of the owner hooks (accept, close, fork, exit) the kernel
     /// skipped: a change of holder tcptrace did not see.

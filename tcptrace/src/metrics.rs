@@ -109,26 +109,25 @@ impl Metrics {
         })
         .inc_by(counters.missed);
         registry.register("lost_events", "Transitions tcptrace could not show", lost);
-        let hooks: Counter = Counter::default();
-        hooks.inc_by(counters.hooks_missed);
-        registry.register(
+        let mut count = |name: &str, help: &str, n: u64| {
+            let c: Counter = Counter::default();
+            c.inc_by(n);
+            registry.register(name, help, c);
+        };
+        count(
             "owner_hooks_skipped",
             "Runs of the accept, close, fork and exit hooks the kernel skipped: changes of holder not seen",
-            hooks,
+            counters.hooks_missed,
         );
-        let gapped: Counter = Counter::default();
-        gapped.inc_by(gaps);
-        registry.register(
+        count(
             "sockets_with_gaps",
             "Sockets whose history skipped a state: transitions between them never arrived",
-            gapped,
+            gaps,
         );
-        let timewait: Counter = Counter::default();
-        timewait.inc_by(self.timewait);
-        registry.register(
+        count(
             "timewait_changes",
             "Changes seen in the kernel's time-wait table",
-            timewait,
+            self.timewait,
         );
         let per_state = Family::<StateLabels, Gauge>::default();
         for (state, n) in sockets {
