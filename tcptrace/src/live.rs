@@ -630,12 +630,11 @@ impl Pipeline {
             batch.clear();
             let reading_from = format::monotonic_ns();
             let more = capture.read(batch, last);
-            // The rings hand out an event up to `SETTLE_NS` after its time:
-            // every event older than this has been read now. It holds once
-            // this batch is processed: until then, a time-wait row placed
-            // by it (a full queue releases mid-batch) could go out ahead
-            // of older rows still in the batch.
-            let read_to = (!more).then(|| reading_from.saturating_sub(SETTLE_NS));
+            if !more {
+                // The rings hand out an event up to `SETTLE_NS` after its
+                // time: every event older than this has been read now.
+                self.ring_read_to = reading_from.saturating_sub(SETTLE_NS);
+            }
             self.tally.undecodable = capture.undecodable();
             for e in batch.iter() {
                 self.tally.seen += 1;
@@ -701,9 +700,6 @@ impl Pipeline {
                 if self.pending.len() >= 4096 {
                     self.release(last)?;
                 }
-            }
-            if let Some(t) = read_to {
-                self.ring_read_to = t;
             }
             for end in self.attributor.take_unseen_ends() {
                 self.outputs.gap(&end)?;
