@@ -43,6 +43,10 @@ const POLL_IDLE_MAX: Duration = Duration::from_millis(16);
 /// How often the kernel's lost counter is read.
 const LOSS_CHECK: Duration = Duration::from_millis(200);
 const STDOUT_BUFFER: usize = 1 << 16;
+/// How long after a row the kernel stamps the event that completes it (the
+/// reset it sends, a child's addresses), with room for an emulated CPU: the
+/// two are microseconds apart in the same softirq on real hardware.
+const FOLLOWS_NS: u64 = 10_000_000;
 /// How often sockets whose holders no event told are looked up (a /proc
 /// walk each time there are any).
 const LOOKUP_EVERY: Duration = Duration::from_millis(250);
@@ -267,7 +271,6 @@ pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
         tally: Tally::default(),
         count: args.count,
         pending: VecDeque::new(),
-        cycle: 0,
         reset_reasons: reason_names(capture.reset_reasons()),
         metrics: metrics_listener.as_ref().map(|_| Metrics::new()),
         batch: Vec::new(),
@@ -287,10 +290,7 @@ pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
     };
     if let Some(found) = existing {
         for row in found.rows {
-            pipe.pending.push_back(Pending {
-                row,
-                waits_since: None,
-            });
+            pipe.pending.push_back(Pending { row, waits: false });
         }
         pipe.release(true).ok();
         pipe.outputs.flush_stdout().ok();
@@ -569,11 +569,10 @@ struct Pipeline {
     outputs: Outputs,
     tally: Tally,
     count: Option<u64>,
-    /// Rows in ring order, not yet released. A possible abort waits here one
-    /// poll cycle for the reset the kernel reports just after it; rows behind
+    /// Rows in ring order, not yet released. A possible abort waits here
+    /// for the reset the kernel reports just after it; rows behind
     /// it wait too, so output stays in order.
     pending: VecDeque<Pending>,
-    cycle: u64,
     /// Names of the kernel's reset reasons, by number.
     reset_reasons: Vec<Option<&'static str>>,
     metrics: Option<Metrics>,
@@ -600,8 +599,12 @@ struct Pipeline {
 
 struct Pending {
     row: Row,
-    /// The cycle it arrived in, while it waits for a sent reset.
-    waits_since: Option<u64>,
+    /// Waiting for an event the kernel stamps just after it (a sent reset,
+    /// a child's addresses), until every event up to `FOLLOWS_NS` later has
+    /// been read. Counted in time, not in reads: the poll runs every
+    /// millisecond under load, and on a slow (emulated) machine the second
+    /// event can come later than the next read.
+    waits: bool,
 }
 
 impl Pipeline {
@@ -616,7 +619,6 @@ impl Pipeline {
         self.batch = batch;
         result?;
         self.release(last)?;
-        self.cycle += 1;
         Ok(())
     }
 
@@ -630,11 +632,12 @@ impl Pipeline {
             batch.clear();
             let reading_from = format::monotonic_ns();
             let more = capture.read(batch, last);
-            if !more {
-                // The rings hand out an event up to `SETTLE_NS` after its
-                // time: every event older than this has been read now.
-                self.ring_read_to = reading_from.saturating_sub(SETTLE_NS);
-            }
+            // The rings hand out an event up to `SETTLE_NS` after its time:
+            // every event older than this has been read now. It holds once
+            // this batch is processed: until then, a row placed by it (a
+            // full queue releases mid-batch) could go out ahead of older
+            // rows still in the batch.
+            let read_to = (!more).then(|| reading_from.saturating_sub(SETTLE_NS));
             self.tally.undecodable = capture.undecodable();
             for e in batch.iter() {
                 self.tally.seen += 1;
@@ -660,9 +663,8 @@ impl Pipeline {
                                 if self.addressless_children {
                                     fill_child_addresses(&mut self.pending, &row);
                                 }
-                                let waits_since = (may_await_sent_reset(&row) || addressless)
-                                    .then_some(self.cycle);
-                                self.pending.push_back(Pending { row, waits_since });
+                                let waits = may_await_sent_reset(&row) || addressless;
+                                self.pending.push_back(Pending { row, waits });
                             }
                             None => self.tally.repeated += 1,
                         }
@@ -688,18 +690,19 @@ impl Pipeline {
                             .copied()
                             .flatten();
                         if let Some(p) = self.pending.iter_mut().rev().find(|p| {
-                            p.waits_since.is_some()
-                                && p.row.t.skaddr == skaddr
-                                && may_await_sent_reset(&p.row)
+                            p.waits && p.row.t.skaddr == skaddr && may_await_sent_reset(&p.row)
                         }) {
                             p.row.close = Some(Close::ResetSent(name));
-                            p.waits_since = None;
+                            p.waits = false;
                         }
                     }
                 }
                 if self.pending.len() >= 4096 {
                     self.release(last)?;
                 }
+            }
+            if let Some(t) = read_to {
+                self.ring_read_to = t;
             }
             for end in self.attributor.take_unseen_ends() {
                 self.outputs.gap(&end)?;
@@ -740,7 +743,7 @@ impl Pipeline {
     }
 
     /// Filters and emits rows from the front of the queue, up to one still
-    /// waiting for its reset (arrived in this cycle).
+    /// waiting for an event that follows it.
     fn release(&mut self, all: bool) -> Result<(), Stop> {
         // Rows are shown from where they wait, not moved out first.
         let mut pending = std::mem::take(&mut self.pending);
@@ -768,7 +771,10 @@ impl Pipeline {
             let Some(front) = pending.front() else {
                 break;
             };
-            if !all && front.waits_since == Some(self.cycle) {
+            if !all
+                && front.waits
+                && front.row.t.ts_ns.saturating_add(FOLLOWS_NS) > self.ring_read_to
+            {
                 break;
             }
             let row = &front.row;
@@ -860,12 +866,12 @@ fn fill_child_addresses(pending: &mut VecDeque<Pending>, row: &Row) {
     {
         first.row.t.local = row.t.local;
         first.row.t.remote = row.t.remote;
-        first.waits_since = None;
+        first.waits = false;
     }
 }
 
-/// A child's first row as kernels before 6.6 report it; it waits one cycle
-/// (like a possible abort) so that the row with the addresses can reach it.
+/// A child's first row as kernels before 6.6 report it; it waits (like a
+/// possible abort) so that the row with the addresses can reach it.
 fn lacks_child_addresses(row: &Row) -> bool {
     (row.t.old, row.t.new) == (State::LISTEN, State::SYN_RECV) && row.t.remote.port() == 0
 }
@@ -1110,7 +1116,7 @@ mod tests {
         ] {
             pending.push_back(Pending {
                 row: r,
-                waits_since: None,
+                waits: false,
             });
         }
         fill_child_addresses(
