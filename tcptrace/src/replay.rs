@@ -468,7 +468,9 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
             *i += 1;
         }
     };
-    let string = |i: &mut usize| -> Option<&str> {
+    // A string's bytes; keys are compared as bytes, values checked as
+    // UTF-8 (a call per key was a sixth of the time of reading a row).
+    let bytes = |i: &mut usize| -> Option<&[u8]> {
         // At the opening quote.
         let start = *i + 1;
         let len = text
@@ -479,8 +481,9 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
             return None;
         }
         *i = start + len + 1;
-        std::str::from_utf8(&text[start..start + len]).ok()
+        Some(&text[start..start + len])
     };
+    let string = |i: &mut usize| -> Option<&str> { std::str::from_utf8(bytes(i)?).ok() };
     ws(&mut i);
     if text.get(i) != Some(&b'{') {
         return None;
@@ -517,7 +520,7 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
         if text.get(i) != Some(&b'"') {
             return None;
         }
-        let key = string(&mut i)?;
+        let key = bytes(&mut i)?;
         ws(&mut i);
         if text.get(i) != Some(&b':') {
             return None;
@@ -550,36 +553,36 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
             _ => return None,
         };
         let bit = |n: u32| 1u32 << n;
-        if truth && key != "queued" {
+        if truth && key != b"queued" {
             return None;
         }
         let field = match key {
-            "time" => 0,
-            "ts_ns" => 1,
-            "sock" => 2,
-            "pid" => 3,
-            "comm" => 4,
-            "family" => 5,
-            "netns" => 6,
-            "laddr" => 7,
-            "lport" => 8,
-            "raddr" => 9,
-            "rport" => 10,
-            "old" => 11,
-            "new" => 12,
-            "ms" => 13,
-            "close" => 14,
-            "reset_reason" => 15,
-            "origin" => 16,
-            "skaddr" => 17,
-            "thread" => 18,
-            "cgroup" => 19,
-            "unit" => 20,
-            "container" => 21,
-            "queued" => 22,
+            b"time" => 0,
+            b"ts_ns" => 1,
+            b"sock" => 2,
+            b"pid" => 3,
+            b"comm" => 4,
+            b"family" => 5,
+            b"netns" => 6,
+            b"laddr" => 7,
+            b"lport" => 8,
+            b"raddr" => 9,
+            b"rport" => 10,
+            b"old" => 11,
+            b"new" => 12,
+            b"ms" => 13,
+            b"close" => 14,
+            b"reset_reason" => 15,
+            b"origin" => 16,
+            b"skaddr" => 17,
+            b"thread" => 18,
+            b"cgroup" => 19,
+            b"unit" => 20,
+            b"container" => 21,
+            b"queued" => 22,
             // Derived from the cgroup and this host's container runtimes
             // when shown: not read back.
-            "container_name" => 23,
+            b"container_name" => 23,
             _ => return None,
         };
         if seen & bit(field) != 0 {
