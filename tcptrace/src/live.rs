@@ -766,14 +766,7 @@ impl Pipeline {
             let Some(front) = pending.front() else {
                 // With no ring row waiting, a time-wait row is due once
                 // every ring event older than it has been read.
-                while let Some(tw) = self.timewait_rows.front() {
-                    if !all && tw.t.ts_ns > self.ring_read_to {
-                        break;
-                    }
-                    let row = self.timewait_rows.pop_front().expect("front exists");
-                    self.show(&row)?;
-                }
-                break;
+                return self.show_timewait_to(if all { u64::MAX } else { self.ring_read_to });
             };
             if !all
                 && front.waits
@@ -788,16 +781,23 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Shows the time-wait table's rows up to `ts_ns`.
+    fn show_timewait_to(&mut self, ts_ns: u64) -> Result<(), Stop> {
+        while self
+            .timewait_rows
+            .front()
+            .is_some_and(|tw| tw.t.ts_ns <= ts_ns)
+        {
+            let row = self.timewait_rows.pop_front().expect("front exists");
+            self.show(&row)?;
+        }
+        Ok(())
+    }
+
     /// Shows a ring row that nothing waits ahead of, after the time-wait
     /// table's rows older than it (they join the ring's in time order).
     fn release_row(&mut self, row: &Row) -> Result<(), Stop> {
-        while let Some(tw) = self.timewait_rows.front() {
-            if tw.t.ts_ns > row.t.ts_ns {
-                break;
-            }
-            let tw = self.timewait_rows.pop_front().expect("front exists");
-            self.show(&tw)?;
-        }
+        self.show_timewait_to(row.t.ts_ns)?;
         // Final now (a sent reset has had its chance): an orderly close is
         // followed into the time-wait table, and a connection taking over a
         // time-wait socket ends the connection that left it.
