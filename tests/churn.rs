@@ -422,7 +422,7 @@ fn reset_in_close_wait(fd: c_int) -> bool {
             &mut len,
         )
     };
-    r == 0 && len == 1 && state == tcptrace_ebpf::tcp_state::CLOSE
+    r == 0 && len == 1 && state == tcptrace_common::tcp_state::CLOSE
 }
 
 fn acceptor(lfd: c_int, mode: Mode, shared: &Shared) {

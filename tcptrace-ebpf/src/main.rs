@@ -23,7 +23,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SockOpsContext, TracePointContext},
 };
 use aya_log_ebpf::error;
-use tcptrace_ebpf::{
+use tcptrace_common::{
     AF_INET, AF_INET6, COUNTER_CAUGHT, COUNTER_COVERED, COUNTER_FILTERED, COUNTER_LOST,
     COUNTERS_LEN, Config, Event, FAMILY_V4, FAMILY_V6, KIND_ACCEPT, KIND_EXIT, KIND_FORK,
     KIND_RELEASE, KIND_RESET_RECEIVED, KIND_RESET_SENT, KIND_STATE, PORT_ANY, PORT_LOCAL,

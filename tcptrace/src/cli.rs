@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
-use crate::decode::Family;
-use crate::filter::{Net, Spec, Tuple};
-use crate::format::{ColorChoice, OutputFormat, Style, TimeFormat};
-use crate::state::State;
+use tcptrace_core::model::Family;
+use tcptrace_core::model::State;
+use tcptrace_core::model::{Net, Spec, Tuple};
+use tcptrace_core::output::{ColorChoice, OutputFormat, Style, TimeFormat};
+use tcptrace_core::words::io_reason;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -206,7 +207,7 @@ pub struct RecordArgs {
     /// prints it, for log shippers. Default: `json` for a FILE ending in
     /// `.jsonl`, `binary` otherwise.
     #[arg(long, value_enum, value_name = "FORMAT", requires = "write")]
-    pub write_format: Option<crate::record::WriteFormat>,
+    pub write_format: Option<tcptrace_core::recording::WriteFormat>,
 
     /// Print nothing on stdout (with --write: only record).
     #[arg(short = 'q', long)]
@@ -261,7 +262,7 @@ pub struct ReadArgs {
     /// Format of the --write FILE: `binary`, or `json` (JSON Lines).
     /// Default: `json` for a FILE ending in `.jsonl`, `binary` otherwise.
     #[arg(long, value_enum, value_name = "FORMAT", requires = "write")]
-    pub write_format: Option<crate::record::WriteFormat>,
+    pub write_format: Option<tcptrace_core::recording::WriteFormat>,
 
     /// Overwrite the --write FILE if it exists.
     #[arg(long, requires = "write")]
@@ -628,15 +629,6 @@ fn parse_input_path(s: &str) -> Result<PathBuf, String> {
             .map(|_| p)
             .map_err(|e| format!("cannot open {s}: {}", io_reason(&e))),
         Err(e) => Err(format!("cannot open {s}: {}", io_reason(&e))),
-    }
-}
-
-/// The OS's reason without Rust's "(os error N)" suffix.
-pub fn io_reason(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
     }
 }
 

@@ -1,36 +1,17 @@
-//! tcptrace's library: everything but `main`, so that fuzz targets and
-//! benchmarks can reach the parsers. Each module does one job:
-//! `capture` (eBPF), `decode`, `attribute` (and `holders`, its look-ups),
-//! `filter`, `format`, `record`, `replay`, `analyse`, and the live and
-//! offline drivers.
+//! tcptrace's binary: the command line ([`cli`]), the live and offline
+//! drivers ([`live`], [`offline`]), the kernel side ([`kernel`]: loading,
+//! attaching, reading the rings) and the system look-ups ([`system`]:
+//! sock_diag, the time-wait table, holders, cgroups). The pipeline itself,
+//! kernel-free, is tcptrace-core. A library so that the fuzz targets can
+//! reach the argument parser.
 
-pub mod analyse;
-pub mod attribute;
-pub mod btf;
-pub mod capture;
-pub mod cgroup;
 pub mod cli;
 pub mod command;
-pub mod decode;
-pub mod fasthash;
-pub mod filter;
-pub mod format;
-pub mod holders;
-pub mod html;
-pub mod layout;
+pub mod endpoint;
+pub mod kernel;
 pub mod live;
-pub mod metrics;
-pub mod object;
 pub mod offline;
-pub mod privileges;
-pub mod record;
-pub mod replay;
-pub mod ring;
-pub mod snapshot;
-pub mod sockdiag;
-pub mod state;
-pub mod timewait;
-pub mod tracefs;
+pub mod system;
 
 /// Why tcptrace stopped without doing its job; each kind has its status.
 pub enum Failure {

@@ -17,26 +17,27 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, sleep, sleep_until};
 
 use crate::Failure;
-use crate::analyse::{self, Analysis};
-use crate::attribute::{
-    Attributor, Close, Holders, Origin, Row, UnseenEnd, Unverified, intern, may_await_sent_reset,
-};
-use crate::capture::{Capture, Counters, SETTLE_NS, StartError};
-use crate::cgroup::Cgroups;
 use crate::cli::LiveArgs;
 use crate::command;
-use crate::decode::{Decoded, classify};
-use crate::filter::{Admit, Filter};
-use crate::format::{self, Clock, OutputFormat, Printer};
-use crate::holders;
-use crate::metrics::{self, Metrics};
-use crate::privileges;
-use crate::record::{self, Gap, Header, HoldersNote, Recorder, Stats};
-use crate::replay::Item;
-use crate::snapshot;
-use crate::state::State;
-use crate::timewait::TimeWait;
-use tcptrace_ebpf::Event;
+use crate::kernel::capture::{Capture, SETTLE_NS, StartError};
+use crate::kernel::privileges;
+use crate::system::cgroups::Cgroups;
+use crate::system::holders;
+use crate::system::snapshot;
+use crate::system::timewait::TimeWait;
+use tcptrace_common::Event;
+use tcptrace_core::analyse::{self, Analysis};
+use tcptrace_core::attribute::{Attributor, UnseenEnd, Unverified};
+use tcptrace_core::decode::{Decoded, classify};
+use tcptrace_core::filter::{Admit, Filter};
+use tcptrace_core::model::{
+    Clock, Close, Counters, Gap, Header, Holders, HoldersNote, Item, Origin, Row, State, Stats,
+    intern_reason, may_await_sent_reset, monotonic_ns,
+};
+use tcptrace_core::output::metrics::Metrics;
+use tcptrace_core::output::{self, OutputFormat, Printer};
+use tcptrace_core::recording::{self, Recorder};
+use tcptrace_core::words::plural;
 
 const POLL_BUSY: Duration = Duration::from_millis(1);
 const POLL_IDLE_MAX: Duration = Duration::from_millis(16);
@@ -75,7 +76,7 @@ enum Stop {
     /// Nobody reads our output any more (`tcptrace | head`): finish quietly.
     PipeClosed,
     /// The recording could not be written: finish, then fail.
-    RecordFailed(record::WriteFailure),
+    RecordFailed(recording::WriteFailure),
     /// stdout failed otherwise (a full disk under `> file`): finish, then fail.
     OutputFailed(String),
 }
@@ -163,7 +164,7 @@ pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
     let recorder = match &args.record.write {
         Some(path) => Some(
             Recorder::create(
-                record::Options {
+                recording::Options {
                     path: path.clone(),
                     force: args.record.force,
                     rotate_size: args.record.rotate_size,
@@ -399,7 +400,7 @@ pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
                         &pipe.attributor.sockets_by_state(),
                         pipe.attributor.gaps(),
                     );
-                    tokio::spawn(metrics::answer(stream, body));
+                    tokio::spawn(crate::endpoint::answer(stream, body));
                 }
                 false
             }
@@ -440,7 +441,7 @@ pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
         eprintln!(
             "tcptrace: warning: {} not followed into the time-wait table (more than 65536 at \
              once, or in a namespace tcptrace could not open)",
-            format::counted(
+            plural(
                 timewait.missed,
                 "closed connection was",
                 "closed connections were"
@@ -494,23 +495,23 @@ pub async fn run(args: LiveArgs) -> Result<u8, Failure> {
     if tally.snapshot > 0 {
         extra.push_str(&format!(
             ", {}",
-            format::counted(tally.snapshot, "existing socket", "existing sockets")
+            plural(tally.snapshot, "existing socket", "existing sockets")
         ));
     }
     if tally.timewait > 0 {
         extra.push_str(&format!(
             ", {} from the time-wait table",
-            format::counted(tally.timewait, "change", "changes")
+            plural(tally.timewait, "change", "changes")
         ));
     }
     let gaps = if gaps > 0 {
-        format!(", {} with gaps", format::counted(gaps, "socket", "sockets"))
+        format!(", {} with gaps", plural(gaps, "socket", "sockets"))
     } else {
         String::new()
     };
     eprintln!(
         "tcptrace: {}{extra}, {} filtered, {} lost, {} missed by the kernel{gaps}",
-        format::counted(tally.shown, "transition shown", "transitions shown"),
+        plural(tally.shown, "transition shown", "transitions shown"),
         tally.hidden + counters.filtered,
         counters.lost,
         counters.missed
@@ -630,7 +631,7 @@ impl Pipeline {
     ) -> Result<(), Stop> {
         loop {
             batch.clear();
-            let reading_from = format::monotonic_ns();
+            let reading_from = monotonic_ns();
             let more = capture.read(batch, last);
             // The rings hand out an event up to `SETTLE_NS` after its time:
             // every event older than this has been read now. It holds once
@@ -834,7 +835,7 @@ impl Pipeline {
             return Ok(out);
         }
         let found = holders::look_up(&mut self.lookups, &mut self.cgroups, sockets);
-        let now = format::monotonic_ns();
+        let now = monotonic_ns();
         for s in sockets {
             let changed = found
                 .get(&s.skaddr)
@@ -916,7 +917,7 @@ impl StuckWatch {
     /// Warns about sockets newly past the threshold, naming every process
     /// that holds each now (looked up, as `ss -p` would show them).
     fn check(&mut self, pipe: &mut Pipeline) -> Result<(), Stop> {
-        let now = format::monotonic_ns();
+        let now = monotonic_ns();
         let threshold = self.threshold.as_nanos() as u64;
         let stuck: Vec<Row> = pipe
             .attributor
@@ -954,7 +955,7 @@ impl StuckWatch {
                 .into_iter()
                 .map(|o| {
                     let mut comm = String::new();
-                    format::escape_comm(&o.comm.as_str(), &mut comm);
+                    output::escape_comm(&o.comm.as_str(), &mut comm);
                     (o.pid, comm)
                 })
                 .collect();
@@ -1039,7 +1040,7 @@ impl StuckWatch {
 fn reason_names(table: &[(u8, String)]) -> Vec<Option<&'static str>> {
     let mut names = vec![None; 256];
     for (n, name) in table {
-        names[usize::from(*n)] = Some(intern(name));
+        names[usize::from(*n)] = Some(intern_reason(name));
     }
     names
 }
@@ -1053,7 +1054,7 @@ fn warn_gaps(now: u64, reported: u64) -> u64 {
         eprintln!(
             "tcptrace: warning: {} states: transitions between them never arrived ({now} in \
              all)",
-            format::counted(now - reported, "socket skipped", "sockets skipped")
+            plural(now - reported, "socket skipped", "sockets skipped")
         );
     }
     now.max(reported)
@@ -1075,7 +1076,7 @@ fn warn_lost(capture: &Capture, reported: Counters) -> Counters {
             "tcptrace: warning: the kernel skipped the tracer for {} that no other program \
              emitted instead: a program of the tracer was already running on that CPU ({} in \
              all)",
-            format::counted(now.missed - reported.missed, "transition", "transitions"),
+            plural(now.missed - reported.missed, "transition", "transitions"),
             now.missed
         );
     }
@@ -1084,7 +1085,7 @@ fn warn_lost(capture: &Capture, reported: Counters) -> Counters {
             "tcptrace: warning: the kernel skipped the owner hooks (accept, close, fork, exit) \
              {}: another BPF program was running on that CPU, and as many changes of holder \
              went unseen; those sockets may name an earlier holder ({} in all)",
-            format::counted(now.hooks_missed - reported.hooks_missed, "time", "times"),
+            plural(now.hooks_missed - reported.hooks_missed, "time", "times"),
             now.hooks_missed
         );
     }
@@ -1099,7 +1100,7 @@ fn warn_lost(capture: &Capture, reported: Counters) -> Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{Comm, Family, Task, Transition};
+    use tcptrace_core::model::{Comm, Family, Task, Transition};
 
     fn row(sock: u64, old: State, new: State, remote: &str) -> Row {
         Row {

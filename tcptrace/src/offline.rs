@@ -6,13 +6,17 @@ use std::io::{self, Write};
 use anyhow::anyhow;
 
 use crate::Failure;
-use crate::analyse::Analysis;
 use crate::cli::{ReadArgs, ReportArgs};
-use crate::filter::{Admit, Filter, Spec};
-use crate::format::{Clock, OutputFormat, Printer, Style, TimeFormat};
-use crate::html::Pictures;
-use crate::record::{self, Recorder, Stats};
-use crate::replay::{self, Item};
+use tcptrace_core::analyse::Analysis;
+use tcptrace_core::analyse::html::Pictures;
+use tcptrace_core::filter::{Admit, Filter};
+use tcptrace_core::model::Clock;
+use tcptrace_core::model::Item;
+use tcptrace_core::model::Spec;
+use tcptrace_core::model::Stats;
+use tcptrace_core::output::{OutputFormat, Printer, Style, TimeFormat};
+use tcptrace_core::recording::read;
+use tcptrace_core::recording::{self, Recorder};
 
 /// Prints recorded rows as the live run printed them.
 pub fn read(args: ReadArgs) -> Result<(), Failure> {
@@ -100,12 +104,12 @@ fn print_rows(
         Ok(())
     };
     let result = match source {
-        Source::Files(files) => replay::read(files, lenient, bar.as_ref(), sink),
+        Source::Files(files) => read::read(files, lenient, bar.as_ref(), sink),
         Source::Tail(path) => {
             let mut idle = || {
                 let _ = out.borrow_mut().flush();
             };
-            replay::tail(path, lenient, &mut idle, sink)
+            read::tail(path, lenient, &mut idle, sink)
         }
     };
     if let Some(b) = &bar {
@@ -128,7 +132,7 @@ fn rewrite(args: &ReadArgs, path: &std::path::Path, filter: &mut Filter) -> Resu
     let mut recorder: Option<Recorder> = None;
     let mut stats: Option<Stats> = None;
     let mut failed: Option<String> = None;
-    let opts = record::Options {
+    let opts = recording::Options {
         path: path.to_path_buf(),
         force: args.force,
         rotate_size: None,
@@ -137,7 +141,7 @@ fn rewrite(args: &ReadArgs, path: &std::path::Path, filter: &mut Filter) -> Resu
         skaddr: args.output.show_skaddr,
     };
     let bar = progress_bar(&args.files, ProgressFor::Report);
-    let result = replay::read(&args.files, args.lenient, bar.as_ref(), |item| {
+    let result = read::read(&args.files, args.lenient, bar.as_ref(), |item| {
         let r = match (item, &mut recorder) {
             (Item::Header(mut h), None) => {
                 // One file now, whatever the parts were.
@@ -256,7 +260,7 @@ pub fn report(args: ReportArgs) -> Result<(), Failure> {
     let mut analysis = Analysis::new();
     let mut pictures = args.html.as_ref().map(|_| Pictures::new());
     let bar = progress_bar(&args.files, ProgressFor::Report);
-    let read = replay::read(
+    let read = read::read(
         &args.files,
         args.lenient,
         bar.as_ref(),

@@ -410,6 +410,10 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     cargo(&[
         "clippy",
         "--package",
+        "tcptrace-common",
+        "--package",
+        "tcptrace-core",
+        "--package",
         "tcptrace",
         "--package",
         "xtask",

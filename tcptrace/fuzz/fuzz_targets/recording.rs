@@ -7,9 +7,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcptrace::analyse::Analysis;
-use tcptrace::record::binary::Decoder;
-use tcptrace::replay;
+use tcptrace_core::analyse::Analysis;
+use tcptrace_core::recording::binary::Decoder;
+use tcptrace_core::recording::read as replay;
 
 fuzz_target!(|data: &[u8]| {
     let mut analysis = Analysis::new();

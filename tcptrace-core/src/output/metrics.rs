@@ -1,0 +1,149 @@
+//! Metrics: counters a Prometheus server scrapes from `--metrics ADDR`, so a
+//! fleet's existing monitoring aggregates many hosts.
+//!
+//! The hot path only bumps plain integers in fixed arrays; the OpenMetrics
+//! text (prometheus-client's encoder) is built when a scrape comes, which is
+//! a few times a minute.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::model::Counters;
+use crate::model::State;
+use crate::model::{Close, Origin, Row};
+
+const STATES: usize = 16;
+
+#[derive(Default)]
+pub struct Metrics {
+    /// Shown transitions, by (old, new) state number.
+    transitions: Box<[[u64; STATES]; STATES]>,
+    /// Closes by reset: sent, received, refused.
+    resets: [u64; 3],
+    /// Rows from the time-wait table.
+    timewait: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    old: String,
+    new: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+fn slot(s: State) -> usize {
+    usize::from(s.0).min(STATES - 1)
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics::default()
+    }
+
+    pub fn count(&mut self, row: &Row) {
+        match row.origin {
+            Origin::Tracepoint => {
+                self.transitions[slot(row.t.old)][slot(row.t.new)] += 1;
+            }
+            Origin::TimeWait => self.timewait += 1,
+            Origin::Snapshot => {}
+        }
+        match row.close {
+            Some(Close::ResetSent(_)) => self.resets[0] += 1,
+            Some(Close::ResetReceived) => self.resets[1] += 1,
+            Some(Close::Refused) => self.resets[2] += 1,
+            None => {}
+        }
+    }
+
+    /// The OpenMetrics text of a scrape. `sockets` counts the sockets
+    /// tcptrace knows of, by current state; `gaps` those whose history
+    /// skipped a state.
+    pub fn render(&self, counters: &Counters, sockets: &[(State, u64)], gaps: u64) -> String {
+        let mut registry = Registry::with_prefix("tcptrace");
+        let transitions = Family::<TransitionLabels, Counter>::default();
+        for (old, row) in self.transitions.iter().enumerate() {
+            for (new, &n) in row.iter().enumerate() {
+                if n > 0 {
+                    let labels = TransitionLabels {
+                        old: State(old as u8).to_string(),
+                        new: State(new as u8).to_string(),
+                    };
+                    transitions.get_or_create(&labels).inc_by(n);
+                }
+            }
+        }
+        registry.register(
+            "transitions",
+            "TCP state transitions shown, by old and new state",
+            transitions,
+        );
+        let resets = Family::<KindLabels, Counter>::default();
+        for (kind, n) in ["sent", "received", "refused"].iter().zip(self.resets) {
+            resets
+                .get_or_create(&KindLabels {
+                    kind: kind.to_string(),
+                })
+                .inc_by(n);
+        }
+        registry.register("resets", "Closes caused by a reset, by direction", resets);
+        let lost = Family::<KindLabels, Counter>::default();
+        lost.get_or_create(&KindLabels {
+            kind: "ring_full".into(),
+        })
+        .inc_by(counters.lost);
+        lost.get_or_create(&KindLabels {
+            kind: "kernel_skipped".into(),
+        })
+        .inc_by(counters.missed);
+        registry.register("lost_events", "Transitions tcptrace could not show", lost);
+        let mut count = |name: &str, help: &str, n: u64| {
+            let c: Counter = Counter::default();
+            c.inc_by(n);
+            registry.register(name, help, c);
+        };
+        count(
+            "owner_hooks_skipped",
+            "Runs of the accept, close, fork and exit hooks the kernel skipped: changes of holder not seen",
+            counters.hooks_missed,
+        );
+        count(
+            "sockets_with_gaps",
+            "Sockets whose history skipped a state: transitions between them never arrived",
+            gaps,
+        );
+        count(
+            "timewait_changes",
+            "Changes seen in the kernel's time-wait table",
+            self.timewait,
+        );
+        let per_state = Family::<StateLabels, Gauge>::default();
+        for (state, n) in sockets {
+            per_state
+                .get_or_create(&StateLabels {
+                    state: state.to_string(),
+                })
+                .set(*n as i64);
+        }
+        registry.register(
+            "sockets",
+            "Sockets tcptrace follows, by current state",
+            per_state,
+        );
+        let mut text = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text
+    }
+}

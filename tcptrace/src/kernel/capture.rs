@@ -1,0 +1,824 @@
+//! Capture: load the eBPF program with the filters compiled in, attach it to
+//! `sock:inet_sock_set_state`, and hand out what it puts in the ring.
+
+use std::collections::VecDeque;
+use std::fs;
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, Map, MapData, PerCpuArray},
+    programs::{BtfTracePoint, CgroupAttachMode, SockOps, TracePoint},
+};
+use tcptrace_common::{
+    CONFIG_GLOBAL, COUNTER_CAUGHT, COUNTER_COVERED, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP,
+    Config, EVENTS_MAPS, Event, PORTS_MAP, PROGRAM, PROGRAM_CALLBACK, PROGRAM_CATCHER, RING_BYTES,
+    RING_UNUSED_BYTES, RINGS, SockLayout, TaskLayout,
+};
+
+use crate::kernel::btf::Btf;
+use crate::kernel::ring::Ring;
+use crate::kernel::{layout, object, privileges, tracefs};
+use crate::system::cgroups;
+use tcptrace_common::{
+    PROGRAM_ACCEPT, PROGRAM_EXIT, PROGRAM_FORK, PROGRAM_RELEASE, PROGRAM_RESET_RECEIVED,
+    PROGRAM_RESET_SENT, ResetLayout,
+};
+use tcptrace_core::decode;
+use tcptrace_core::filter::Filter;
+use tcptrace_core::model::{Counters, monotonic_ns};
+
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+/// Entries read from one ring in one call, at most: bounds the memory a
+/// large backlog takes on its way through.
+const BATCH: usize = 16384;
+/// How long after its timestamp an event may still be on its way into a
+/// ring (an interrupt or the hypervisor can stop a CPU between the
+/// program's clock read and its commit). Events younger than this wait for
+/// the next read, so that the merge of the rings stays in time order.
+pub const SETTLE_NS: u64 = 5_000_000;
+
+/// An attached tracer. Dropping it detaches the program.
+pub struct Capture {
+    rings: Vec<Ring>,
+    /// Each ring's events read and not yet handed out, in time order.
+    /// Queues, so that an event waits where it is: it is copied in once and
+    /// out once, however many reads it waits through.
+    waiting: Vec<VecDeque<Event>>,
+    /// Scratch space for a ring's new events, kept to reuse its allocation.
+    fresh: Vec<Event>,
+    undecodable: u64,
+    counters: PerCpuArray<MapData, u64>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// The main program's descriptor, for its statistics in
+    /// /proc/self/fdinfo.
+    program_fd: i32,
+    /// The owner hooks attached, whose skips are counted.
+    hook_fds: Vec<i32>,
+    reset_reasons: Vec<(u8, String)>,
+    /// Owns the program and its link.
+    _ebpf: Ebpf,
+}
+
+/// Why tracing could not start; main maps the kinds to exit statuses.
+#[derive(Debug)]
+pub enum StartError {
+    Privileges(String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for StartError {
+    fn from(e: anyhow::Error) -> Self {
+        StartError::Other(e)
+    }
+}
+
+fn privilege_message(missing: &[&str]) -> String {
+    format!(
+        "tracing TCP state transitions needs the CAP_BPF and CAP_PERFMON capabilities \
+         (missing: {}); run tcptrace as root, for example `sudo tcptrace`",
+        missing.join(", ")
+    )
+}
+
+impl Capture {
+    /// `owner_hooks`: also attach the programs that follow who holds each
+    /// socket (accept, close, fork, exit).
+    pub fn start(filter: &Filter, owner_hooks: bool) -> Result<Capture, StartError> {
+        let missing = privileges::missing_for_tracing(privileges::effective());
+        if !missing.is_empty() {
+            return Err(StartError::Privileges(privilege_message(&missing)));
+        }
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        if let Some(why) = too_old(release.trim()) {
+            return Err(StartError::Other(anyhow!(why)));
+        }
+        let btf_data = fs::read(BTF_PATH).with_context(|| {
+            format!(
+                "cannot read the kernel's BTF ({BTF_PATH}); tracing needs a kernel built with \
+                 CONFIG_DEBUG_INFO_BTF (`tcptrace read` and `report` still work on recordings)"
+            )
+        })?;
+        let kernel_btf = Btf::parse(&btf_data).context(BTF_PATH)?;
+        let sock = sock_layout(&kernel_btf)?;
+        let task = task_layout(&kernel_btf, release.trim());
+        drop(kernel_btf);
+        let callback_cgroup = callback_cgroup(&sock);
+        let (ports, port_filters) = filter.kernel_ports();
+        let (reset_sent, reset_received, reasons) = reset_layouts();
+        let config = Config {
+            sock,
+            task: task.unwrap_or_default(),
+            families: filter.kernel_families(),
+            port_filters: u32::from(port_filters),
+            netns_only: filter.spec().netns.unwrap_or(0),
+            callback: u32::from(callback_cgroup.is_some()),
+            reset_sent,
+            reset_received,
+        };
+        log::debug!("program configuration: {config:?}");
+
+        let ring_sizes = ring_sizes(
+            aya::util::nr_cpus()
+                .map_err(|(_, e)| anyhow!(e).context("cannot read the number of possible CPUs"))?,
+        );
+        let mut loader = EbpfLoader::new();
+        loader.override_global(CONFIG_GLOBAL, &config, true);
+        for (name, size) in EVENTS_MAPS.iter().zip(ring_sizes) {
+            loader.map_max_entries(name, size);
+        }
+        let mut ebpf = loader
+            .load(object::loadable()?.bytes())
+            .map_err(|e| load_error(anyhow!(e).context("cannot load the eBPF maps")))?;
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::debug!("eBPF-side logging is off: {e}");
+                None
+            }
+        };
+
+        let mut port_map: Array<_, u8> = Array::try_from(
+            ebpf.map_mut(PORTS_MAP)
+                .ok_or_else(|| anyhow!("the eBPF object has no {PORTS_MAP} map"))?,
+        )
+        .map_err(|e| anyhow!(e))?;
+        for (port, bits) in ports.marked() {
+            port_map
+                .set(u32::from(port), bits, 0)
+                .map_err(|e| anyhow!(e).context("cannot fill the port filter map"))?;
+        }
+
+        // The catcher must run after the main program for each transition:
+        // the kernel calls a tracepoint's programs in the order they attach.
+        let btf = aya::Btf::parse(&btf_data, aya::Endianness::default())
+            .map_err(|e| anyhow!(e).context(BTF_PATH))?;
+        let mut program_fd = 0;
+        for name in [PROGRAM, PROGRAM_CATCHER] {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+                .try_into()
+                .map_err(|e| anyhow!("{e}"))?;
+            program.load(layout::NAME, &btf).map_err(|e| {
+                load_error(refusal(e).context(format!("cannot load the eBPF program {name}")))
+            })?;
+            if name == PROGRAM {
+                use std::os::fd::{AsFd, AsRawFd};
+                program_fd = program.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd();
+            }
+            program.attach().map_err(|e| {
+                load_error(anyhow!(e).context(format!(
+                    "cannot attach to the {}:{} tracepoint",
+                    layout::CATEGORY,
+                    layout::NAME
+                )))
+            })?;
+        }
+
+        if let Some(root) = callback_cgroup
+            && let Err(e) = attach_callback(&mut ebpf, &root)
+        {
+            log::warn!("{}", without_callback(&format!("{e:#}")));
+        }
+
+        // Resets only annotate closes: without them tcptrace still traces.
+        for (name, l) in [
+            (PROGRAM_RESET_SENT, reset_sent),
+            (PROGRAM_RESET_RECEIVED, reset_received),
+        ] {
+            if l.present == 0 {
+                continue;
+            }
+            let attached = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))
+                .and_then(|p| <&mut BtfTracePoint>::try_from(p).map_err(|e| anyhow!("{e}")))
+                .and_then(|p| {
+                    p.load(name, &btf).map_err(|e| anyhow!(e))?;
+                    p.attach().map_err(|e| anyhow!(e))
+                });
+            if let Err(e) = attached {
+                log::warn!("resets will not be annotated: cannot attach to tcp:{name}: {e:#}");
+            }
+        }
+
+        let hook_fds = if task.is_some() && owner_hooks {
+            attach_holder_programs(&mut ebpf, &btf)
+        } else {
+            Vec::new()
+        };
+
+        // Parsing the kernel's BTF (twice: ours and aya's) takes some 15 MiB
+        // of heap. Handing it back before the rings are mapped keeps it out
+        // of the peak RSS, which the rings dominate from here on.
+        drop(btf);
+        drop(btf_data);
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+
+        let mut rings = Vec::new();
+        for (name, size) in EVENTS_MAPS.iter().zip(ring_sizes) {
+            if size == RING_UNUSED_BYTES {
+                continue;
+            }
+            let Some(Map::RingBuf(data)) = ebpf.take_map(name) else {
+                return Err(anyhow!("the eBPF object has no ring buffer {name}").into());
+            };
+            use std::os::fd::AsFd;
+            let ring = Ring::map(data.fd().as_fd(), size as usize)
+                .with_context(|| format!("cannot map the ring buffer {name}"))?;
+            rings.push(ring);
+        }
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(COUNTERS_MAP)
+                .ok_or_else(|| anyhow!("no {COUNTERS_MAP} map"))?,
+        )
+        .map_err(|e| anyhow!(e))?;
+        Ok(Capture {
+            waiting: rings.iter().map(|_| VecDeque::new()).collect(),
+            rings,
+            fresh: Vec::new(),
+            undecodable: 0,
+            counters,
+            logger,
+            program_fd,
+            hook_fds,
+            reset_reasons: reasons,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Names of the kernel's reset reasons, by number.
+    pub fn reset_reasons(&self) -> &[(u8, String)] {
+        &self.reset_reasons
+    }
+
+    /// Appends the next events to `out`, in time order, and says whether
+    /// more may be waiting. Without `all`, the events of the last few
+    /// milliseconds stay back until an event of another CPU that happened
+    /// before them has surely arrived; `all` (at the end) hands out
+    /// everything.
+    pub fn read(&mut self, out: &mut Vec<Event>, all: bool) -> bool {
+        if self.rings.len() == 1 {
+            let start = out.len();
+            let n = drain_ring(&mut self.rings[0], out, &mut self.undecodable);
+            in_time_order(&mut out[start..]);
+            return n == BATCH;
+        }
+        let mut cutoff = if all {
+            u64::MAX
+        } else {
+            monotonic_ns().saturating_sub(SETTLE_NS)
+        };
+        let mut more = false;
+        for (ring, waiting) in self.rings.iter_mut().zip(&mut self.waiting) {
+            self.fresh.clear();
+            let n = drain_ring(ring, &mut self.fresh, &mut self.undecodable);
+            in_time_order(&mut self.fresh);
+            if n == BATCH {
+                more = true;
+                // The rest of this ring is newer than what was read of it.
+                if let Some(last) = self.fresh.last() {
+                    cutoff = cutoff.min(last.ts_ns);
+                }
+            }
+            enqueue(waiting, &self.fresh);
+        }
+        merge(&mut self.waiting, cutoff, out);
+        more
+    }
+
+    /// Ring entries too short to be an event (a mismatched eBPF object).
+    pub fn undecodable(&self) -> u64 {
+        self.undecodable
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        let sum = |i: u32| -> Result<u64> {
+            Ok(self
+                .counters
+                .get(&i, 0)
+                .with_context(|| format!("cannot read counter {i}"))?
+                .iter()
+                .sum())
+        };
+        // The catcher's own misses are transitions the main program did
+        // not miss (it had finished, or the catcher would not run alone).
+        let skipped = recursion_misses(self.program_fd);
+        let (caught, covered) = (sum(COUNTER_CAUGHT)?, sum(COUNTER_COVERED)?);
+        log::trace!(
+            "runs skipped by the kernel: {skipped}, emitted by the catcher: {caught}, \
+             by the socket callback: {covered}"
+        );
+        Ok(Counters {
+            lost: sum(COUNTER_LOST)?,
+            filtered: sum(COUNTER_FILTERED)?,
+            missed: skipped.saturating_sub(caught + covered),
+            hooks_missed: self.hook_fds.iter().map(|&fd| recursion_misses(fd)).sum(),
+        })
+    }
+
+    /// Writes pending eBPF-side log records to the `log` logger.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = &mut self.logger {
+            l.flush();
+        }
+    }
+}
+
+/// Where to attach the socket callback, if it can be: the root of the
+/// cgroup v2 hierarchy. Says why not otherwise; tracing goes on without.
+fn callback_cgroup(sock: &SockLayout) -> Option<std::path::PathBuf> {
+    let why_not = if sock.ops_flags == 0 {
+        "this kernel's sockets have no BPF callback flags".to_string()
+    } else if !privileges::can_attach_callback(privileges::effective()) {
+        "attaching it needs CAP_NET_ADMIN".to_string()
+    } else {
+        match cgroups::root() {
+            Ok(root) => return Some(root),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    log::warn!("{}", without_callback(&why_not));
+    None
+}
+
+fn without_callback(why: &str) -> String {
+    format!(
+        "the socket callback is not attached ({why}): transitions the kernel does not run \
+         tracepoint programs for (seen under heavy connection churn) are reported as gaps \
+         instead of shown"
+    )
+}
+
+/// The programs that follow who holds a socket between its transitions:
+/// accept() returning, a fork, a close() that leaves other references,
+/// a process's exit. Without one, the owner of the sockets it concerns is
+/// the one learned from transitions, and tracing goes on. Returns the
+/// descriptors of those attached.
+fn attach_holder_programs(ebpf: &mut Ebpf, btf: &aya::Btf) -> Vec<i32> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut fds = Vec::new();
+    let classic: [(&str, &[&str]); 2] = [
+        (PROGRAM_ACCEPT, &["sys_exit_accept4", "sys_exit_accept"]),
+        (PROGRAM_RELEASE, &["sys_enter_close"]),
+    ];
+    for (name, syscalls) in classic {
+        let attached = program::<TracePoint>(ebpf, name).and_then(|p| {
+            p.load().map_err(refusal)?;
+            for syscall in syscalls {
+                p.attach("syscalls", syscall).map_err(|e| {
+                    anyhow!(e).context(format!("cannot attach to syscalls:{syscall}"))
+                })?;
+            }
+            Ok(p.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd())
+        });
+        match attached {
+            Ok(fd) => fds.push(fd),
+            Err(e) => log::warn!("{}", without_holders(name, &e)),
+        }
+    }
+    for (name, tracepoint) in [
+        (PROGRAM_FORK, "sched_process_fork"),
+        (PROGRAM_EXIT, "sched_process_exit"),
+    ] {
+        let attached = program::<BtfTracePoint>(ebpf, name).and_then(|p| {
+            p.load(tracepoint, btf).map_err(refusal)?;
+            p.attach()
+                .map_err(|e| anyhow!(e).context(format!("cannot attach to sched:{tracepoint}")))?;
+            Ok(p.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd())
+        });
+        match attached {
+            Ok(fd) => fds.push(fd),
+            Err(e) => log::warn!("{}", without_holders(name, &e)),
+        }
+    }
+    fds
+}
+
+fn without_holders(program: &str, e: &anyhow::Error) -> String {
+    format!(
+        "the program {program} is not attached ({e:#}): sockets it would have followed from \
+         one process to another keep the owner learned from their transitions"
+    )
+}
+
+/// The program `name` of the object, as a `P`.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+        .try_into()
+        .map_err(|e| anyhow!("{e}"))
+}
+
+/// A program the kernel refused, in one line: the verifier's last word,
+/// not its whole log (that goes to `--debug`).
+fn refusal(e: aya::programs::ProgramError) -> anyhow::Error {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            log::debug!("verifier log:\n{log}");
+            let reason = log
+                .lines()
+                .map(str::trim)
+                .rfind(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("processed ")
+                        && !l.starts_with("verification time")
+                        && !l.starts_with("stack depth")
+                        && !l.starts_with("-- END PROG LOAD LOG --")
+                })
+                .unwrap_or("no verifier log")
+                .to_string();
+            anyhow!("the kernel refused it: {reason} ({io_error})")
+        }
+        other => anyhow!(other),
+    }
+}
+
+/// Loads the socket callback and attaches it to the cgroup at `root`.
+fn attach_callback(ebpf: &mut Ebpf, root: &std::path::Path) -> Result<()> {
+    let cgroup = fs::File::open(root)
+        .with_context(|| format!("cannot open the cgroup {}", root.display()))?;
+    let program: &mut SockOps = ebpf
+        .program_mut(PROGRAM_CALLBACK)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {PROGRAM_CALLBACK}"))?
+        .try_into()
+        .map_err(|e| anyhow!("{e}"))?;
+    program.load().map_err(refusal)?;
+    // aya attaches through a BPF link, which the kernel always adds next
+    // to the cgroup's other programs, and which refuses any mode flag.
+    program
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(|e| anyhow!(e).context(format!("cannot attach it to {}", root.display())))?;
+    log::debug!("socket callback attached to {}", root.display());
+    Ok(())
+}
+
+/// The kernel's count of runs of a program it skipped (its fdinfo).
+fn recursion_misses(program_fd: i32) -> u64 {
+    fs::read_to_string(format!("/proc/self/fdinfo/{program_fd}"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("recursion_misses:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Appends up to [`BATCH`] events of `ring` to `out`; returns how many and
+/// the time of the last.
+fn drain_ring(ring: &mut Ring, out: &mut Vec<Event>, undecodable: &mut u64) -> usize {
+    ring.drain(BATCH, |bytes| match decode::event(bytes) {
+        Ok(e) => out.push(e),
+        Err(e) => {
+            log::warn!("{e}");
+            *undecodable += 1;
+        }
+    })
+}
+
+/// One CPU's ring is in the order its events were committed, which is
+/// time order but for a program that an interrupt's program overtook between
+/// its clock read and its commit (a softirq's transition during a connect,
+/// seen up to half a millisecond apart under churn). Rare: check, then sort.
+fn in_time_order(run: &mut [Event]) {
+    if !run.is_sorted_by_key(|e| e.ts_ns) {
+        run.sort_by_key(|e| e.ts_ns);
+    }
+}
+
+/// Adds a ring's new events (in time order) to what waits of that ring,
+/// keeping it in time order. They are nearly always newer than all of it;
+/// an event an interrupt overtook can be older than the last read's newest.
+fn enqueue(waiting: &mut VecDeque<Event>, new: &[Event]) {
+    let Some(first) = new.first() else {
+        return;
+    };
+    if waiting.back().is_none_or(|last| last.ts_ns <= first.ts_ns) {
+        waiting.extend(new.iter().copied());
+        return;
+    }
+    for &e in new {
+        let at = waiting.partition_point(|w| w.ts_ns <= e.ts_ns);
+        waiting.insert(at, e);
+    }
+}
+
+/// Moves the events older than `cutoff` from the fronts of the rings'
+/// queues to `out`, in time order (ties go to the lower ring). A CPU's ring
+/// is in time order; several CPUs sharing a ring (more CPUs than rings) can
+/// break that slightly, which only reorders events of different sockets.
+fn merge(waiting: &mut [VecDeque<Event>], cutoff: u64, out: &mut Vec<Event>) {
+    loop {
+        let mut best: Option<(usize, u64)> = None;
+        for (i, w) in waiting.iter().enumerate() {
+            if let Some(front) = w.front()
+                && front.ts_ns < cutoff
+                && best.is_none_or(|(_, ts)| front.ts_ns < ts)
+            {
+                best = Some((i, front.ts_ns));
+            }
+        }
+        let Some((i, _)) = best else { return };
+        out.extend(waiting[i].pop_front());
+    }
+}
+
+/// The byte size of each ring: [`RING_BYTES`] shared among the rings that
+/// `cpus` possible CPUs write to (CPU `i` writes ring `i % RINGS`).
+fn ring_sizes(cpus: usize) -> [u32; RINGS] {
+    let used = cpus.clamp(1, RINGS);
+    let share = RING_BYTES / used as u32;
+    // The largest power of two within the share, and no less than 4 MiB.
+    let each = (1u32 << (31 - share.leading_zeros())).max(4 << 20);
+    std::array::from_fn(|i| if i < used { each } else { RING_UNUSED_BYTES })
+}
+
+/// Where this kernel keeps what the program reads of a TCP socket.
+fn sock_layout(btf: &Btf) -> Result<SockLayout> {
+    let need = |found: Option<u32>, what: &str| {
+        found.ok_or_else(|| {
+            anyhow!("the kernel's BTF has no {what}; tcptrace cannot read sockets on this kernel")
+        })
+    };
+    // The program reads through a `struct tcp_sock *`; the members below
+    // are in its first members, `struct inet_sock` and `struct sock`.
+    let inet = need(
+        btf.path_offset("tcp_sock", &["inet_conn", "icsk_inet"]),
+        "tcp_sock.inet_conn.icsk_inet",
+    )?;
+    let sock = need(
+        btf.path_offset("inet_sock", &["sk", "__sk_common"]),
+        "inet_sock.sk.__sk_common",
+    )?;
+    let common = |member: &str| -> Result<u32> {
+        Ok(inet
+            + sock
+            + need(
+                btf.member_offset("sock_common", member),
+                &format!("sock_common.{member}"),
+            )?)
+    };
+    Ok(SockLayout {
+        family: common("skc_family")?,
+        sport: inet
+            + need(
+                btf.member_offset("inet_sock", "inet_sport"),
+                "inet_sock.inet_sport",
+            )?,
+        dport: common("skc_dport")?,
+        saddr: inet
+            + need(
+                btf.member_offset("inet_sock", "inet_saddr"),
+                "inet_sock.inet_saddr",
+            )?,
+        daddr: common("skc_daddr")?,
+        saddr_v6: common("skc_v6_rcv_saddr")?,
+        daddr_v6: common("skc_v6_daddr")?,
+        net: inet
+            + sock
+            + need(
+                btf.path_offset("sock_common", &["skc_net", "net"]),
+                "sock_common.skc_net.net",
+            )?,
+        inum: need(btf.path_offset("net", &["ns", "inum"]), "net.ns.inum")?,
+        // Absent from a kernel built without CONFIG_BPF: no callback then.
+        ops_flags: btf
+            .member_offset("tcp_sock", "bpf_sock_ops_cb_flags")
+            .unwrap_or(0),
+    })
+}
+
+/// Where this kernel keeps a task's process, name and descriptors, for the
+/// programs that tell who holds a socket. None (with the reason logged)
+/// when the BTF lacks any of it: owners are then learned from transitions
+/// alone, as before.
+fn task_layout(btf: &Btf, release: &str) -> Option<TaskLayout> {
+    let member = |name: &str, member: &str| {
+        let found = btf.member_offset(name, member);
+        if found.is_none() {
+            log::warn!(
+                "the kernel's BTF has no {name}.{member}: accepted and handed-over sockets \
+                 keep the owner learned from their transitions"
+            );
+        }
+        found
+    };
+    // `file_ref_t f_ref` (6.13 on) counts references from 0; the older
+    // `atomic_long_t f_count` from 1.
+    let (f_refs, f_refs_one) = match btf.member_offset("file", "f_ref") {
+        Some(at) => (at, 0),
+        None => (member("file", "f_count")?, 1),
+    };
+    // `skc_dport`, `skc_num`, `skc_family`: within one 8-byte read.
+    let (head, num, family) = (
+        member("sock_common", "skc_dport")?,
+        member("sock_common", "skc_num")?,
+        member("sock_common", "skc_family")?,
+    );
+    if !(head < num && num < family && family + 2 <= head + 8) {
+        log::warn!(
+            "the kernel's struct sock_common has its ports and family apart: accepted \
+             sockets keep the owner learned from their transitions"
+        );
+        return None;
+    }
+    Some(TaskLayout {
+        tgid: member("task_struct", "tgid")?,
+        pid: member("task_struct", "pid")?,
+        group_leader: member("task_struct", "group_leader")?,
+        comm: member("task_struct", "comm")?,
+        files: member("task_struct", "files")?,
+        fdt: member("files_struct", "fdt")?,
+        max_fds: member("fdtable", "max_fds")?,
+        fd: member("fdtable", "fd")?,
+        private_data: member("file", "private_data")?,
+        f_refs,
+        f_refs_one,
+        sk: member("socket", "sk")?,
+        sk_socket: member("sock", "sk_socket")?,
+        head,
+        head_num_shift: 8 * (num - head),
+        head_family_shift: 8 * (family - head),
+        typed: u32::from(version(release).is_some_and(|v| v >= TYPED_TASK_KERNEL)),
+    })
+}
+
+/// What the reset tracepoints pass their programs, and the names of the
+/// reasons. They only annotate closes: without tracefs or the tracepoints
+/// tcptrace still traces every transition.
+fn reset_layouts() -> (ResetLayout, ResetLayout, Vec<(u8, String)>) {
+    let mut layouts = [ResetLayout::default(); 2];
+    let mut reasons = Vec::new();
+    for (name, l) in [layout::RESET_SENT, layout::RESET_RECEIVED]
+        .into_iter()
+        .zip(&mut layouts)
+    {
+        let dir = match tracefs::event_dir(layout::RESET_CATEGORY, name) {
+            Ok(dir) => dir,
+            Err(e) => {
+                log::warn!("resets will not be annotated: {e:#}");
+                break;
+            }
+        };
+        match fs::read_to_string(dir.join("format"))
+            .map_err(anyhow::Error::from)
+            .and_then(|f| layout::parse_reset(&f))
+        {
+            Ok((found, names)) => {
+                *l = found;
+                if name == layout::RESET_SENT {
+                    reasons = names;
+                }
+            }
+            Err(e) => log::warn!("resets will not be annotated: tcp:{name}: {e:#}"),
+        }
+    }
+    let [sent, received] = layouts;
+    (sent, received, reasons)
+}
+
+/// The oldest kernel tcptrace traces on, and why: the BPF ring buffer
+/// (5.8) carries the events; BTF-typed tracepoint programs (5.5) read the
+/// socket; both came before it.
+const OLDEST_KERNEL: (u32, u32) = (5, 8);
+
+/// From this kernel on, `bpf_get_current_task_btf` gives the programs a
+/// typed pointer to the current task.
+const TYPED_TASK_KERNEL: (u32, u32) = (5, 11);
+
+/// The major and minor version of a kernel release (`uname -r`).
+fn version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next(), parts.next()) {
+        (Some(Some(major)), Some(Some(minor))) => Some((major, minor)),
+        _ => None,
+    }
+}
+
+/// Why a kernel release (`uname -r`) is too old to trace on, in one line.
+fn too_old(release: &str) -> Option<String> {
+    (version(release)? < OLDEST_KERNEL).then(|| {
+        format!(
+            "this kernel ({release}) is older than Linux {}.{}, which tracing needs (the BPF \
+             ring buffer, BTF-typed tracepoint programs); `tcptrace read` and `report` still \
+             work on recordings made elsewhere",
+            OLDEST_KERNEL.0, OLDEST_KERNEL.1
+        )
+    })
+}
+
+/// EPERM/EACCES from the loader mean missing privileges, whatever the
+/// capability check above concluded (a seccomp filter or a lockdown can
+/// still refuse): say so in the same words.
+fn load_error(e: anyhow::Error) -> StartError {
+    let denied = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.raw_os_error())
+            .is_some_and(|code| code == libc::EPERM || code == libc::EACCES)
+            || c.to_string().contains("Operation not permitted")
+    });
+    if denied {
+        return StartError::Privileges(format!(
+            "the kernel refused tcptrace ({e:#}); tracing needs the CAP_BPF and CAP_PERFMON \
+             capabilities: run tcptrace as root, for example `sudo tcptrace`"
+        ));
+    }
+    if format!("{e:#}").contains("the kernel refused it") {
+        return StartError::Other(e.context(
+            "this is a bug in tcptrace: please report it with the verifier log that \
+             `tcptrace --debug` prints",
+        ));
+    }
+    StartError::Other(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ts_ns: u64, skaddr: u64) -> Event {
+        Event::new(tcptrace_common::KIND_STATE, ts_ns, skaddr)
+    }
+
+    fn times(v: &[Event]) -> Vec<(u64, u64)> {
+        v.iter().map(|e| (e.ts_ns, e.skaddr)).collect()
+    }
+
+    #[test]
+    fn a_kernel_before_5_8_is_named_with_what_it_lacks_and_what_still_works() {
+        let why = too_old("5.4.0-150-generic").unwrap();
+        assert!(why.starts_with("this kernel (5.4.0-150-generic) is older than Linux 5.8"));
+        assert!(why.contains("`tcptrace read` and `report` still work"));
+        assert!(too_old("4.19.0-27-amd64").is_some());
+        for fine in [
+            "5.8.0",
+            "5.10.0-30-amd64",
+            "6.1.0-57-amd64",
+            "6.18.44-fc-v1272",
+            "odd",
+        ] {
+            assert_eq!(too_old(fine), None, "{fine}");
+        }
+    }
+
+    #[test]
+    fn the_task_is_read_through_its_typed_pointer_from_5_11() {
+        let typed = |release| version(release).is_some_and(|v| v >= TYPED_TASK_KERNEL);
+        assert!(
+            !typed("5.10.0-30-amd64"),
+            "5.10 has no bpf_get_current_task_btf"
+        );
+        assert!(typed("5.11.0"));
+        assert!(typed("6.1.0-57-amd64"));
+        assert!(typed("6.18.44-fc-v1272"));
+        assert!(
+            !typed("odd"),
+            "an unknown release takes the probes, which work everywhere"
+        );
+    }
+
+    #[test]
+    fn two_cpus_rings_merge_in_time_order_and_young_events_wait() {
+        // CPU 0's ring still holds one event from the last read (time 5):
+        // its next read brings older ones, which an interrupt overtook.
+        let mut waiting = [VecDeque::from([at(5, 9)]), VecDeque::new()];
+        enqueue(&mut waiting[0], &[at(1, 1), at(4, 1), at(8, 1)]);
+        enqueue(&mut waiting[1], &[at(2, 2), at(4, 2), at(9, 2)]);
+        let mut out = Vec::new();
+        merge(&mut waiting, 8, &mut out);
+        // Equal times keep ring order: CPU 0's event first.
+        assert_eq!(times(&out), [(1, 1), (2, 2), (4, 1), (4, 2), (5, 9)]);
+        let rest: Vec<Event> = waiting.iter().flatten().copied().collect();
+        assert_eq!(times(&rest), [(8, 1), (9, 2)]);
+    }
+
+    #[test]
+    fn rings_share_the_budget_among_the_cpus_that_write_them() {
+        let mib = 1 << 20;
+        assert_eq!(ring_sizes(1)[..2], [32 * mib, RING_UNUSED_BYTES]);
+        assert_eq!(ring_sizes(2)[..3], [16 * mib, 16 * mib, RING_UNUSED_BYTES]);
+        // Three CPUs get 8 MiB each: a power of two within the share.
+        assert_eq!(
+            ring_sizes(3)[..4],
+            [8 * mib, 8 * mib, 8 * mib, RING_UNUSED_BYTES]
+        );
+        // More CPUs than rings: every ring is used, none below 4 MiB.
+        assert_eq!(ring_sizes(64), [4 * mib; RINGS]);
+    }
+}

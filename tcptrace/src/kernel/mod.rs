@@ -1,0 +1,11 @@
+//! The kernel side: what the kernel allows ([`privileges`], [`tracefs`],
+//! [`btf`], [`layout`]), loading and attaching the eBPF programs
+//! ([`object`], [`capture`]) and reading their rings ([`ring`]).
+
+pub mod btf;
+pub mod capture;
+pub mod layout;
+pub mod object;
+pub mod privileges;
+pub mod ring;
+pub mod tracefs;
