@@ -25,7 +25,7 @@ use tcptrace_common::{
     PROGRAM_RESET_SENT, ResetLayout,
 };
 use tcptrace_core::decode;
-use tcptrace_core::filter::Filter;
+use tcptrace_core::filter::{Filter, PortBits};
 use tcptrace_core::model::{Counters, monotonic_ns};
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -86,23 +86,10 @@ impl Capture {
     /// `owner_hooks`: also attach the programs that follow who holds each
     /// socket (accept, close, fork, exit).
     pub fn start(filter: &Filter, owner_hooks: bool) -> Result<Capture, StartError> {
-        let missing = privileges::missing_for_tracing(privileges::effective());
-        if !missing.is_empty() {
-            return Err(StartError::Privileges(privilege_message(&missing)));
-        }
-        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        if let Some(why) = too_old(release.trim()) {
-            return Err(StartError::Other(anyhow!(why)));
-        }
-        let btf_data = fs::read(BTF_PATH).with_context(|| {
-            format!(
-                "cannot read the kernel's BTF ({BTF_PATH}); tracing needs a kernel built with \
-                 CONFIG_DEBUG_INFO_BTF (`tcptrace read` and `report` still work on recordings)"
-            )
-        })?;
+        let (release, btf_data) = check_kernel()?;
         let kernel_btf = Btf::parse(&btf_data).context(BTF_PATH)?;
         let sock = sock_layout(&kernel_btf)?;
-        let task = task_layout(&kernel_btf, release.trim());
+        let task = task_layout(&kernel_btf, &release);
         drop(kernel_btf);
         let callback_cgroup = callback_cgroup(&sock);
         let (ports, port_filters) = filter.kernel_ports();
@@ -123,15 +110,7 @@ impl Capture {
             aya::util::nr_cpus()
                 .map_err(|(_, e)| anyhow!(e).context("cannot read the number of possible CPUs"))?,
         );
-        let mut loader = EbpfLoader::new();
-        loader.override_global(CONFIG_GLOBAL, &config, true);
-        for (name, size) in EVENTS_MAPS.iter().zip(ring_sizes) {
-            loader.map_max_entries(name, size);
-        }
-        let mut ebpf = loader
-            .load(object::loadable()?.bytes())
-            .map_err(|e| load_error(anyhow!(e).context("cannot load the eBPF maps")))?;
-
+        let mut ebpf = load(&config, ring_sizes)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -139,72 +118,17 @@ impl Capture {
                 None
             }
         };
+        fill_port_map(&mut ebpf, &ports)?;
 
-        let mut port_map: Array<_, u8> = Array::try_from(
-            ebpf.map_mut(PORTS_MAP)
-                .ok_or_else(|| anyhow!("the eBPF object has no {PORTS_MAP} map"))?,
-        )
-        .map_err(|e| anyhow!(e))?;
-        for (port, bits) in ports.marked() {
-            port_map
-                .set(u32::from(port), bits, 0)
-                .map_err(|e| anyhow!(e).context("cannot fill the port filter map"))?;
-        }
-
-        // The catcher must run after the main program for each transition:
-        // the kernel calls a tracepoint's programs in the order they attach.
         let btf = aya::Btf::parse(&btf_data, aya::Endianness::default())
             .map_err(|e| anyhow!(e).context(BTF_PATH))?;
-        let mut program_fd = 0;
-        for name in [PROGRAM, PROGRAM_CATCHER] {
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
-                .try_into()
-                .map_err(|e| anyhow!("{e}"))?;
-            program.load(layout::NAME, &btf).map_err(|e| {
-                load_error(refusal(e).context(format!("cannot load the eBPF program {name}")))
-            })?;
-            if name == PROGRAM {
-                use std::os::fd::{AsFd, AsRawFd};
-                program_fd = program.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd();
-            }
-            program.attach().map_err(|e| {
-                load_error(anyhow!(e).context(format!(
-                    "cannot attach to the {}:{} tracepoint",
-                    layout::CATEGORY,
-                    layout::NAME
-                )))
-            })?;
-        }
-
+        let program_fd = attach_state_programs(&mut ebpf, &btf)?;
         if let Some(root) = callback_cgroup
             && let Err(e) = attach_callback(&mut ebpf, &root)
         {
             log::warn!("{}", without_callback(&format!("{e:#}")));
         }
-
-        // Resets only annotate closes: without them tcptrace still traces.
-        for (name, l) in [
-            (PROGRAM_RESET_SENT, reset_sent),
-            (PROGRAM_RESET_RECEIVED, reset_received),
-        ] {
-            if l.present == 0 {
-                continue;
-            }
-            let attached = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))
-                .and_then(|p| <&mut BtfTracePoint>::try_from(p).map_err(|e| anyhow!("{e}")))
-                .and_then(|p| {
-                    p.load(name, &btf).map_err(|e| anyhow!(e))?;
-                    p.attach().map_err(|e| anyhow!(e))
-                });
-            if let Err(e) = attached {
-                log::warn!("resets will not be annotated: cannot attach to tcp:{name}: {e:#}");
-            }
-        }
-
+        attach_reset_programs(&mut ebpf, &btf, [reset_sent, reset_received]);
         let hook_fds = if task.is_some() && owner_hooks {
             attach_holder_programs(&mut ebpf, &btf)
         } else {
@@ -221,19 +145,7 @@ impl Capture {
             libc::malloc_trim(0);
         }
 
-        let mut rings = Vec::new();
-        for (name, size) in EVENTS_MAPS.iter().zip(ring_sizes) {
-            if size == RING_UNUSED_BYTES {
-                continue;
-            }
-            let Some(Map::RingBuf(data)) = ebpf.take_map(name) else {
-                return Err(anyhow!("the eBPF object has no ring buffer {name}").into());
-            };
-            use std::os::fd::AsFd;
-            let ring = Ring::map(data.fd().as_fd(), size as usize)
-                .with_context(|| format!("cannot map the ring buffer {name}"))?;
-            rings.push(ring);
-        }
+        let rings = take_rings(&mut ebpf, ring_sizes)?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(COUNTERS_MAP)
                 .ok_or_else(|| anyhow!("no {COUNTERS_MAP} map"))?,
@@ -329,6 +241,126 @@ impl Capture {
             l.flush();
         }
     }
+}
+
+/// What tracing needs before anything is loaded: the capabilities, a
+/// kernel new enough, and its BTF. Returns the kernel release and the BTF.
+fn check_kernel() -> Result<(String, Vec<u8>), StartError> {
+    let missing = privileges::missing_for_tracing(privileges::effective());
+    if !missing.is_empty() {
+        return Err(StartError::Privileges(privilege_message(&missing)));
+    }
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim().to_string();
+    if let Some(why) = too_old(&release) {
+        return Err(StartError::Other(anyhow!(why)));
+    }
+    let btf_data = fs::read(BTF_PATH).with_context(|| {
+        format!(
+            "cannot read the kernel's BTF ({BTF_PATH}); tracing needs a kernel built with \
+             CONFIG_DEBUG_INFO_BTF (`tcptrace read` and `report` still work on recordings)"
+        )
+    })?;
+    Ok((release, btf_data))
+}
+
+/// The object's maps, sized for this machine, with the configuration in
+/// its CONFIG global.
+fn load(config: &Config, ring_sizes: [u32; RINGS]) -> Result<Ebpf, StartError> {
+    let mut loader = EbpfLoader::new();
+    loader.override_global(CONFIG_GLOBAL, config, true);
+    for (name, size) in EVENTS_MAPS.iter().zip(ring_sizes) {
+        loader.map_max_entries(name, size);
+    }
+    loader
+        .load(object::loadable()?.bytes())
+        .map_err(|e| load_error(anyhow!(e).context("cannot load the eBPF maps")))
+}
+
+fn fill_port_map(ebpf: &mut Ebpf, ports: &PortBits) -> Result<()> {
+    let mut port_map: Array<_, u8> = Array::try_from(
+        ebpf.map_mut(PORTS_MAP)
+            .ok_or_else(|| anyhow!("the eBPF object has no {PORTS_MAP} map"))?,
+    )
+    .map_err(|e| anyhow!(e))?;
+    for (port, bits) in ports.marked() {
+        port_map
+            .set(u32::from(port), bits, 0)
+            .map_err(|e| anyhow!(e).context("cannot fill the port filter map"))?;
+    }
+    Ok(())
+}
+
+/// The main program and its catcher; returns the main program's descriptor
+/// (its run statistics tell skipped runs).
+fn attach_state_programs(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<i32, StartError> {
+    // The catcher must run after the main program for each transition:
+    // the kernel calls a tracepoint's programs in the order they attach.
+    let mut program_fd = 0;
+    for name in [PROGRAM, PROGRAM_CATCHER] {
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+            .try_into()
+            .map_err(|e| anyhow!("{e}"))?;
+        program.load(layout::NAME, btf).map_err(|e| {
+            load_error(refusal(e).context(format!("cannot load the eBPF program {name}")))
+        })?;
+        if name == PROGRAM {
+            use std::os::fd::{AsFd, AsRawFd};
+            program_fd = program.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd();
+        }
+        program.attach().map_err(|e| {
+            load_error(anyhow!(e).context(format!(
+                "cannot attach to the {}:{} tracepoint",
+                layout::CATEGORY,
+                layout::NAME
+            )))
+        })?;
+    }
+    Ok(program_fd)
+}
+
+/// Resets only annotate closes: without them tcptrace still traces, so a
+/// failure here is a warning.
+fn attach_reset_programs(ebpf: &mut Ebpf, btf: &aya::Btf, layouts: [ResetLayout; 2]) {
+    for (name, l) in [PROGRAM_RESET_SENT, PROGRAM_RESET_RECEIVED]
+        .into_iter()
+        .zip(layouts)
+    {
+        if l.present == 0 {
+            continue;
+        }
+        let attached = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))
+            .and_then(|p| <&mut BtfTracePoint>::try_from(p).map_err(|e| anyhow!("{e}")))
+            .and_then(|p| {
+                p.load(name, btf).map_err(|e| anyhow!(e))?;
+                p.attach().map_err(|e| anyhow!(e))
+            });
+        if let Err(e) = attached {
+            log::warn!("resets will not be annotated: cannot attach to tcp:{name}: {e:#}");
+        }
+    }
+}
+
+/// The rings userspace sized (the others are one unused page each).
+fn take_rings(ebpf: &mut Ebpf, ring_sizes: [u32; RINGS]) -> Result<Vec<Ring>> {
+    let mut rings = Vec::new();
+    for (name, size) in EVENTS_MAPS.iter().zip(ring_sizes) {
+        if size == RING_UNUSED_BYTES {
+            continue;
+        }
+        let Some(Map::RingBuf(data)) = ebpf.take_map(name) else {
+            return Err(anyhow!("the eBPF object has no ring buffer {name}"));
+        };
+        use std::os::fd::AsFd;
+        let ring = Ring::map(data.fd().as_fd(), size as usize)
+            .with_context(|| format!("cannot map the ring buffer {name}"))?;
+        rings.push(ring);
+    }
+    Ok(rings)
 }
 
 /// Where to attach the socket callback, if it can be: the root of the
