@@ -19,7 +19,6 @@ use crate::analyse::Report;
 use crate::model::{Close, Origin, Row};
 use crate::model::{Phase, State};
 
-const STATES: usize = 16;
 /// Samples of the time series kept at most (thinned by half when full).
 const MAX_SAMPLES: usize = 2048;
 const MAX_LIFELINES: usize = 120;
@@ -45,9 +44,9 @@ struct Lifeline {
 
 #[derive(Default)]
 pub struct Pictures {
-    now: [u32; STATES],
+    now: [u32; State::SLOTS],
     state_of: HashMap<u64, State>,
-    samples: Vec<(u64, [u32; STATES])>,
+    samples: Vec<(u64, [u32; State::SLOTS])>,
     /// Minimum time between two samples; doubles at each thinning.
     gap_ns: u64,
     lifelines: Vec<Lifeline>,
@@ -61,10 +60,6 @@ pub struct Pictures {
     refused_gap_ns: u64,
 }
 
-fn slot(s: State) -> usize {
-    usize::from(s.0).min(STATES - 1)
-}
-
 impl Pictures {
     pub fn new() -> Pictures {
         Pictures::default()
@@ -76,10 +71,10 @@ impl Pictures {
         self.last_ns = self.last_ns.max(t.ts_ns);
         // Sockets per state. Time-wait sockets count from the table's rows.
         if let Some(old) = self.state_of.remove(&r.sock) {
-            self.now[slot(old)] = self.now[slot(old)].saturating_sub(1);
+            self.now[old.slot()] = self.now[old.slot()].saturating_sub(1);
         }
         if t.new != State::CLOSE {
-            self.now[slot(t.new)] += 1;
+            self.now[t.new.slot()] += 1;
             self.state_of.insert(r.sock, t.new);
         }
         self.sample(t.ts_ns);
@@ -243,7 +238,7 @@ impl Pictures {
             tick = tick.saturating_mul(10);
         }
         let mut legend = Vec::new();
-        for st in 1..STATES {
+        for st in 1..State::SLOTS {
             if self.samples.iter().all(|(_, c)| c[st] == 0) {
                 continue;
             }

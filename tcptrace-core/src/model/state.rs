@@ -55,6 +55,15 @@ impl State {
 }
 
 impl State {
+    /// Size of a table indexed by [`State::slot`].
+    pub const SLOTS: usize = 16;
+
+    /// An index for tables by state (counts, charts): each state the
+    /// kernel has its own, and any number past them shares the last.
+    pub fn slot(self) -> usize {
+        usize::from(self.0).min(Self::SLOTS - 1)
+    }
+
     /// The kernel's name, as `ss` and the tracepoint's own output print it.
     pub fn name(self) -> &'static str {
         NAMES
