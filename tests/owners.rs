@@ -59,15 +59,10 @@ fn stuck_names(stderr: &str, lport: u16, rport: u16) -> Vec<Holder> {
 
 /// Waits (up to 10 s) until tcptrace has warned about a stuck socket.
 fn wait_for_stuck(tracer: &Tracer) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tracer.stderr_so_far().contains("tcptrace: stuck: ") {
-        assert!(
-            Instant::now() < deadline,
-            "no stuck warning: {}",
-            tracer.stderr_so_far()
-        );
-        sleep(Duration::from_millis(50));
-    }
+    let warned = tracer.wait_for_stderr(Duration::from_secs(10), |err| {
+        err.contains("tcptrace: stuck: ")
+    });
+    assert!(warned, "no stuck warning: {}", tracer.stderr_so_far());
 }
 
 /// `tcptrace report --format json` of a recording.
