@@ -1,20 +1,12 @@
 //! The command line's failures: bad arguments and missing privileges each get
 //! one sentence naming the problem, and the right exit status.
 
-use std::process::Command;
+use tcptrace_tests::{TempDir, as_nobody, tcptrace};
 
-use tcptrace_tests::tcptrace_bin;
-
+/// Exit code (-1 for a signal), stdout, stderr.
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(tcptrace_bin())
-        .args(args)
-        .output()
-        .expect("run tcptrace");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = tcptrace(args);
+    (out.status.code().unwrap_or(-1), out.stdout, out.stderr)
 }
 
 #[test]
@@ -132,9 +124,9 @@ fn help_lists_every_flag_and_exits_0() {
 
 #[test]
 fn unprivileged_user_is_told_which_capabilities_are_missing() {
-    let dir = tcptrace_tests::TempDir::new("unpriv");
-    let out = tcptrace_tests::as_nobody(&dir, &["--port", "6389"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let dir = TempDir::new("unpriv");
+    let out = as_nobody(&dir, &["--port", "6389"]);
+    let stderr = out.stderr;
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("needs the CAP_BPF and CAP_PERFMON capabilities"),

@@ -1,39 +1,29 @@
 //! `tcptrace -- COMMAND`: trace while a command (a restart) runs, then say
 //! what happened and pass its exit status on.
 
-use std::process::Command;
 use std::time::Instant;
 
-use tcptrace_tests::{Netns, Tracer, life, peer_bin, tcptrace, tcptrace_bin, unique_port};
-
-fn traced(args: &[&str], command: &[&str]) -> Command {
-    let mut cmd = Command::new(tcptrace_bin());
-    cmd.args(args).arg("--").args(command);
-    cmd
-}
+use tcptrace_tests::{
+    CLIENT_CLOSES, Netns, SERVER_PASSIVE, ServerMode, Tracer, life, peer_bin, tcptrace, unique_port,
+};
 
 #[test]
 fn a_command_is_traced_until_it_ends_and_its_exit_status_passes_on() {
     let ns = Netns::new();
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
+    let server = ns.server(&addr, ServerMode::WaitPeerClose).start();
     let client = format!(
         "{} client {addr} --mode close; exit 3",
         peer_bin().display()
     );
-    let tracer = Tracer::start_cmd(traced(
-        &[
-            "--format",
-            "json",
-            "--no-snapshot",
-            "--port",
-            &port.to_string(),
-            "--linger",
-            "1s",
-        ],
-        &["ip", "netns", "exec", &ns.name, "sh", "-c", &client],
-    ));
+    let tracer = Tracer::builder()
+        .json()
+        .no_snapshot()
+        .port(port)
+        .args(&["--linger", "1s"])
+        .command(&["ip", "netns", "exec", &ns.name, "sh", "-c", &client])
+        .start();
     let started = Instant::now();
     let out = tracer.wait();
     let server_pid = server.pid;
@@ -51,34 +41,34 @@ fn a_command_is_traced_until_it_ends_and_its_exit_status_passes_on() {
     // The command's connection, both ends, all ten transitions: the
     // linger caught the server's close that follows the client's.
     let lives = out.lives();
-    let c = life(
-        &lives,
-        "CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE",
+    let c = life(&lives, CLIENT_CLOSES);
+    let s = life(&lives, SERVER_PASSIVE);
+    assert!(
+        c.rows
+            .iter()
+            .all(|r| r.comm.as_deref() == Some("tt-client")),
+        "{c:?}"
     );
-    let s = life(
-        &lives,
-        "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE",
-    );
-    assert!(c.rows.iter().all(|r| r["comm"] == "tt-client"), "{c:?}");
     assert!(
         s.rows
             .iter()
-            .filter(|r| r["queued"].is_null())
-            .all(|r| r["pid"] == server_pid),
+            .filter(|r| r.queued.is_none())
+            .all(|r| r.pid == Some(server_pid)),
         "{s:?}"
     );
 }
 
 #[test]
 fn the_command_runs_as_the_sudo_caller_not_as_root() {
-    let mut cmd = traced(
-        &["--port", &unique_port().to_string(), "--linger", "0s"],
-        &["sh", "-c", "echo \"as uid=$(id -u) gid=$(id -g)\" >&2"],
-    );
-    cmd.env("SUDO_UID", "65534")
+    let out = Tracer::builder()
+        .port(unique_port())
+        .args(&["--linger", "0s"])
+        .command(&["sh", "-c", "echo \"as uid=$(id -u) gid=$(id -g)\" >&2"])
+        .env("SUDO_UID", "65534")
         .env("SUDO_GID", "65534")
-        .env("SUDO_USER", "nobody");
-    let out = Tracer::start_cmd(cmd).wait();
+        .env("SUDO_USER", "nobody")
+        .start()
+        .wait();
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
     assert!(
         out.stderr.lines().any(|l| l == "as uid=65534 gid=65534"),
@@ -86,11 +76,12 @@ fn the_command_runs_as_the_sudo_caller_not_as_root() {
         out.stderr
     );
     // Without sudo, root runs it as root.
-    let out = Tracer::start_cmd(traced(
-        &["--port", &unique_port().to_string(), "--linger", "0s"],
-        &["sh", "-c", "echo \"as uid=$(id -u)\" >&2"],
-    ))
-    .wait();
+    let out = Tracer::builder()
+        .port(unique_port())
+        .args(&["--linger", "0s"])
+        .command(&["sh", "-c", "echo \"as uid=$(id -u)\" >&2"])
+        .start()
+        .wait();
     assert!(
         out.stderr.lines().any(|l| l == "as uid=0"),
         "{}",
@@ -115,10 +106,10 @@ fn a_command_that_does_not_exist_is_refused_before_tracing() {
 
 #[test]
 fn ctrl_c_while_the_command_runs_stops_tracing_with_status_130() {
-    let tracer = Tracer::start_cmd(traced(
-        &["--port", &unique_port().to_string()],
-        &["sleep", "30"],
-    ));
+    let tracer = Tracer::builder()
+        .port(unique_port())
+        .command(&["sleep", "30"])
+        .start();
     let out = tracer.stop();
     assert_eq!(out.status.code(), Some(130), "{}", out.stderr);
     let line = out

@@ -5,29 +5,21 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use serde_json::Value;
-use tcptrace_tests::{Netns, TempDir, Tracer, tcptrace, unique_port};
+use std::time::Duration;
 
-/// (old, new) of each row.
-fn moves(rows: &[Value]) -> Vec<(String, String)> {
-    rows.iter()
-        .map(|r| {
-            (
-                r["old"].as_str().unwrap().to_string(),
-                r["new"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
+use tcptrace_tests::{
+    CLIENT_CLOSES, ClientMode, Netns, SERVER_PASSIVE, ServerMode, TempDir, Tracer, TracerBuilder,
+    is_stats_line, tcptrace, unique_port,
+};
 
-/// tcptrace on `port`, JSON rows on stdout and recorded to `file`, with
-/// `extra` flags; no snapshot, so only what the scenario makes shows.
-fn recording(port: u16, file: &str, extra: &[&str]) -> Tracer {
-    Tracer::recording(
-        port,
-        file,
-        &[&["--format", "json", "--no-snapshot"], extra].concat(),
-    )
+/// tcptrace on `port`, JSON rows on stdout and recorded to `file`; no
+/// snapshot, so only what the scenario makes shows.
+fn recording(port: u16, file: &str) -> TracerBuilder {
+    Tracer::builder()
+        .port(port)
+        .write(file)
+        .json()
+        .no_snapshot()
 }
 
 #[test]
@@ -36,7 +28,9 @@ fn a_state_filter_keeps_rows_entering_or_leaving_it_live_and_in_a_recording() {
     let port = unique_port();
     let dir = TempDir::new("state");
     let file = dir.path("rec.jsonl");
-    let tracer = recording(port, &file, &["--state", "close_wait"]);
+    let tracer = recording(port, &file)
+        .args(&["--state", "close_wait"])
+        .start();
     ns.connections(&format!("127.0.0.1:{port}"), 2);
     ns.settle("last-ack");
     let out = tracer.stop();
@@ -46,9 +40,8 @@ fn a_state_filter_keeps_rows_entering_or_leaving_it_live_and_in_a_recording() {
     assert_eq!(lives.len(), 2, "{}", out.stdout);
     for l in &lives {
         assert_eq!(
-            moves(&l.rows),
-            [("ESTABLISHED", "CLOSE_WAIT"), ("CLOSE_WAIT", "LAST_ACK")]
-                .map(|(a, b)| (a.to_string(), b.to_string())),
+            l.rows.iter().map(|r| r.change()).collect::<Vec<_>>(),
+            ["ESTABLISHED>CLOSE_WAIT", "CLOSE_WAIT>LAST_ACK"],
             "{}",
             out.stdout
         );
@@ -75,7 +68,7 @@ fn address_filters_pick_connections_by_network_in_either_family() {
     let port = unique_port();
     let dir = TempDir::new("addr");
     let file = dir.path("rec.jsonl");
-    let tracer = recording(port, &file, &["--raddr", "::1/128"]);
+    let tracer = recording(port, &file).args(&["--raddr", "::1/128"]).start();
     ns.connections(&format!("127.0.0.1:{port}"), 1);
     ns.connections(&format!("[::1]:{port}"), 1);
     ns.settle("fin-wait-1");
@@ -86,16 +79,13 @@ fn address_filters_pick_connections_by_network_in_either_family() {
     let rows = out.rows();
     assert!(!rows.is_empty());
     for r in &rows {
-        assert_eq!(r["raddr"], "::1", "{r}");
+        assert_eq!(r.raddr, "::1", "{r}");
     }
     let lives = out.lives();
     let paths: BTreeSet<String> = lives.iter().map(|l| l.path()).collect();
     assert_eq!(
         paths,
-        BTreeSet::from([
-            "CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE".to_string(),
-            "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE".to_string(),
-        ]),
+        BTreeSet::from([CLIENT_CLOSES.to_string(), SERVER_PASSIVE.to_string()]),
         "{}",
         out.stdout
     );
@@ -122,7 +112,7 @@ fn rows_come_out_in_time_order_time_wait_table_rows_included() {
     let port = unique_port();
     let dir = TempDir::new("order");
     let file = dir.path("rec.jsonl");
-    let tracer = recording(port, &file, &[]);
+    let tracer = recording(port, &file).start();
     // Connections as fast as the machine makes them, each closing into
     // time-wait, whose table tcptrace reads while the ring keeps bringing
     // transitions that happened before the read.
@@ -131,9 +121,9 @@ fn rows_come_out_in_time_order_time_wait_table_rows_included() {
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
     let all = out.all_rows();
-    let timewait = all.iter().filter(|r| r["origin"] == "timewait").count();
+    let timewait = all.iter().filter(|r| r.origin == "timewait").count();
     assert!(timewait >= 1000, "{timewait} time-wait table rows");
-    let stamps: Vec<u64> = all.iter().map(|r| r["ts_ns"].as_u64().unwrap()).collect();
+    let stamps: Vec<u64> = all.iter().map(|r| r.ts_ns).collect();
     for (i, w) in stamps.windows(2).enumerate() {
         assert!(
             w[0] <= w[1],
@@ -143,7 +133,7 @@ fn rows_come_out_in_time_order_time_wait_table_rows_included() {
             all[i + 1],
             all[i.saturating_sub(3)..i]
                 .iter()
-                .map(|r| format!("{} {} {}", r["origin"], r["ts_ns"], r["new"]))
+                .map(|r| format!("{} {} {}", r.origin, r.ts_ns, r.new))
                 .collect::<Vec<_>>()
                 .join("; ")
         );
@@ -189,51 +179,32 @@ fn holder(ns: &Netns, port: u16, what: &[&str]) -> std::process::Child {
 fn a_connect_stuck_in_syn_sent_is_named_with_the_port_the_kernel_chose() {
     let ns = Netns::new();
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--format",
-        "json",
-        "--no-snapshot",
-        "--port",
-        &port.to_string(),
-        "--stuck",
-        "1s",
-    ]);
+    let tracer = Tracer::builder()
+        .json()
+        .no_snapshot()
+        .port(port)
+        .stuck("1s")
+        .start();
     let listener = holder(&ns, port, &["listen"]);
     // The first connect fills the queue; the next three processes' wait.
     let mut singles: Vec<_> = (0..4)
         .map(|_| holder(&ns, port, &["connect", "1"]))
         .collect();
     let twins = holder(&ns, port, &["connect", "2"]);
-    let ss = ns
-        .spawn(
-            Command::new("ss")
-                .args(["-Htanp", "state", "syn-sent"])
-                .stdout(Stdio::piped()),
-        )
-        .wait_with_output()
-        .unwrap();
-    // "0 1 127.0.0.1:43210 127.0.0.1:PORT users:(("python3",pid=N,fd=3))"
-    let waiting: Vec<(String, u32)> = String::from_utf8_lossy(&ss.stdout)
-        .lines()
-        .map(|l| {
-            let local = l.split_whitespace().nth(2).unwrap().to_string();
-            let pid = l
-                .split("pid=")
-                .nth(1)
-                .and_then(|r| r.split(',').next())
-                .and_then(|p| p.parse().ok())
-                .unwrap_or_else(|| panic!("{l}"));
-            (local, pid)
+    let waiting: Vec<(String, u32)> = ns
+        .ss()
+        .into_iter()
+        .filter(|s| s.is("SYN-SENT"))
+        .map(|s| match &s.holders[..] {
+            [one] => (s.local.clone(), one.pid),
+            _ => panic!("one process holds each connect: {s:?}"),
         })
         .collect();
     assert_eq!(waiting.len(), 5, "connects waiting: {waiting:?}");
     // Each is warned about a second after its connect.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
-    while tracer.stderr_so_far().matches(" in SYN_SENT for ").count() < 5
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    tracer.wait_for_stderr(Duration::from_secs(6), |err| {
+        err.matches(" in SYN_SENT for ").count() >= 5
+    });
     let out = tracer.stop();
     let warned: BTreeSet<(String, u32)> = out
         .stderr
@@ -293,26 +264,19 @@ fn a_connect_stuck_in_syn_sent_is_named_with_the_port_the_kernel_chose() {
 fn stuck_names_a_fin_wait2_orphan_that_only_the_time_wait_table_holds() {
     let ns = Netns::new();
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--format",
-        "json",
-        "--no-snapshot",
-        "--port",
-        &port.to_string(),
-        "--stuck",
-        "1s",
-    ]);
+    let tracer = Tracer::builder()
+        .json()
+        .no_snapshot()
+        .port(port)
+        .stuck("1s")
+        .start();
     // The client closes; the server sees EOF and keeps its side open.
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&[
-        "server",
-        &addr,
-        "--mode",
-        "wait-peer-close",
-        "--hold-ms",
-        "2500",
-    ]);
-    let client = ns.peer(&["client", &addr, "--mode", "close"]);
+    let server = ns
+        .server(&addr, ServerMode::WaitPeerClose)
+        .hold_ms(2500)
+        .start();
+    let client = ns.client(&addr, ClientMode::Close).start();
     let client_pid = client.pid;
     client.finish();
     server.finish();
@@ -321,7 +285,7 @@ fn stuck_names_a_fin_wait2_orphan_that_only_the_time_wait_table_holds() {
     let client_end = out
         .rows()
         .into_iter()
-        .find(|r| r["old"] == "FIN_WAIT2" && r["new"] == "CLOSE")
+        .find(|r| r.is("FIN_WAIT2", "CLOSE"))
         .expect("the client's socket closed into time-wait");
     let orphan: Vec<&str> = out
         .stderr
@@ -333,7 +297,7 @@ fn stuck_names_a_fin_wait2_orphan_that_only_the_time_wait_table_holds() {
     assert!(
         line.starts_with(&format!(
             "tcptrace: stuck: no process holds it (closed by pid {client_pid} (tt-client)), 127.0.0.1:{} -> {addr} in FIN_WAIT2",
-            client_end["lport"]
+            client_end.lport
         )),
         "{line}"
     );
@@ -354,15 +318,18 @@ fn counts_of_one_read_as_english() {
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
     // One socket before tcptrace starts: the listener.
-    let server = ns.peer(&["server", &addr, "--mode", "listen-only", "--hold-ms", "800"]);
-    let tracer = Tracer::start(&["--port", &port.to_string(), "--netns", &ns.path()]);
+    let server = ns
+        .server(&addr, ServerMode::ListenOnly)
+        .hold_ms(800)
+        .start();
+    let tracer = Tracer::builder().port(port).netns(&ns).start();
     // Then one transition: the listener closes.
     server.finish();
     let out = tracer.stop();
     let stats = out
         .stderr
         .lines()
-        .find(|l| tcptrace_tests::is_stats_line(l))
+        .find(|l| is_stats_line(l))
         .unwrap_or_else(|| panic!("{}", out.stderr));
     assert!(
         stats.starts_with("tcptrace: 1 transition shown, 1 existing socket, "),

@@ -6,9 +6,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tcptrace_tests::{
-    Netns, TempDir, Tracer, life, loaded_bpf_programs, tcptrace, tcptrace_bin, unique_port,
+    CLIENT_CLOSES, ClientMode, LISTENER, Netns, SERVER_PASSIVE, ServerMode, TempDir, Tracer,
+    as_nobody, is_stats_line, life, loaded_bpf_programs, prog_exists, tcptrace, tcptrace_bin,
+    unique_port,
 };
 
 /// The kernel keeps the first 15 bytes of a program's name.
@@ -23,7 +24,7 @@ fn ours() -> usize {
 
 #[test]
 fn every_capability_but_reading_descriptor_tables_is_dropped_once_tracing() {
-    let tracer = Tracer::start(&["--port", &unique_port().to_string()]);
+    let tracer = Tracer::builder().port(unique_port()).start();
     let status = std::fs::read_to_string(format!("/proc/{}/status", tracer.pid())).unwrap();
     // CAP_SYS_PTRACE (bit 19) alone stays: /proc/PID/fd of other processes,
     // to tell who holds a socket.
@@ -55,12 +56,12 @@ fn nice_of(pid: u32) -> i32 {
 
 #[test]
 fn the_reader_runs_ahead_of_the_workload_unless_told_not_to() {
-    let port = unique_port().to_string();
-    let boosted = Tracer::start(&["--port", &port]);
+    let port = unique_port();
+    let boosted = Tracer::builder().port(port).start();
     assert_eq!(nice_of(boosted.pid()), -5);
-    let chosen = Tracer::start(&["--port", &port, "--nice", "-2"]);
+    let chosen = Tracer::builder().port(port).args(&["--nice", "-2"]).start();
     assert_eq!(nice_of(chosen.pid()), -2);
-    let kept = Tracer::start(&["--port", &port, "--nice", "0"]);
+    let kept = Tracer::builder().port(port).args(&["--nice", "0"]).start();
     assert_eq!(nice_of(kept.pid()), 0);
     for t in [boosted, chosen, kept] {
         let out = t.stop();
@@ -73,21 +74,19 @@ fn the_reader_runs_ahead_of_the_workload_unless_told_not_to() {
 fn cap_bpf_and_cap_perfmon_are_enough() {
     let ns = Netns::new();
     let port = unique_port();
-    let tracer = Tracer::start_with_only(
-        &["bpf", "perfmon"],
-        &["--port", &port.to_string(), "--format", "json"],
-    );
-    let server = ns.peer(&[
-        "server",
-        &format!("0.0.0.0:{port}"),
-        "--mode",
-        "listen-only",
-    ]);
+    let tracer = Tracer::builder()
+        .only_caps(&["bpf", "perfmon"])
+        .port(port)
+        .json()
+        .start();
+    let server = ns
+        .server(&format!("0.0.0.0:{port}"), ServerMode::ListenOnly)
+        .start();
     let pid = server.pid;
     server.finish();
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
-    life(&out.lives(), "CLOSE>LISTEN>CLOSE").assert_owner(pid, "tt-server");
+    life(&out.lives(), LISTENER).assert_owner(pid, "tt-server");
     // Without CAP_SYS_NICE the priority stays, and tcptrace says why; so
     // for the socket callback without CAP_NET_ADMIN.
     assert!(
@@ -109,10 +108,11 @@ fn cap_bpf_and_cap_perfmon_are_enough() {
 fn cap_net_admin_adds_the_socket_callback() {
     let ns = Netns::new();
     let port = unique_port();
-    let tracer = Tracer::start_with_only(
-        &["bpf", "perfmon", "net_admin"],
-        &["--port", &port.to_string(), "--format", "json"],
-    );
+    let tracer = Tracer::builder()
+        .only_caps(&["bpf", "perfmon", "net_admin"])
+        .port(port)
+        .json()
+        .start();
     const BPF_PROG_TYPE_SOCK_OPS: &str = "prog_type:\t13";
     let sock_ops_held = programs_held(&tracer, BPF_PROG_TYPE_SOCK_OPS);
     assert_eq!(sock_ops_held, 1, "one sock_ops program held");
@@ -126,15 +126,9 @@ fn cap_net_admin_adds_the_socket_callback() {
     // each change once.
     assert_eq!(out.rows().len(), 12, "{}", out.stdout);
     let lives = out.lives();
-    life(
-        &lives,
-        "CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE",
-    );
-    life(
-        &lives,
-        "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE",
-    );
-    life(&lives, "CLOSE>LISTEN>CLOSE");
+    life(&lives, CLIENT_CLOSES);
+    life(&lives, SERVER_PASSIVE);
+    life(&lives, LISTENER);
 }
 
 #[test]
@@ -153,13 +147,8 @@ fn a_closed_pipe_ends_the_run_quietly() {
     assert!(header.starts_with("TIME"), "{header}");
     drop(stdout); // like `| head -1`
     for _ in 0..3 {
-        ns.peer(&[
-            "server",
-            &format!("0.0.0.0:{port}"),
-            "--mode",
-            "listen-only",
-        ])
-        .finish();
+        ns.server(&format!("0.0.0.0:{port}"), ServerMode::ListenOnly)
+            .run();
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
@@ -182,7 +171,7 @@ fn a_closed_pipe_ends_the_run_quietly() {
 fn kill_9_leaves_no_program_attached() {
     // Other tests load the same program concurrently: wait for a moment
     // when the count is stable, then check ours comes and goes.
-    let tracer = Tracer::start(&["--port", &unique_port().to_string()]);
+    let tracer = Tracer::builder().port(unique_port()).start();
     let pid = tracer.pid();
     let fdinfo: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .unwrap()
@@ -218,24 +207,12 @@ fn kill_9_leaves_no_program_attached() {
     }
 }
 
-fn prog_exists(id: u32) -> bool {
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(id);
-    // SAFETY: BPF_PROG_GET_FD_BY_ID (13) with a zeroed attribute block.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 13, attr.as_mut_ptr(), 128) };
-    if fd >= 0 {
-        // SAFETY: closing the descriptor we were given.
-        unsafe { libc::close(fd as i32) };
-    }
-    fd >= 0
-}
-
 #[test]
 fn two_tracers_each_see_every_transition() {
     let ns = Netns::new();
     let port = unique_port();
-    let args = ["--port", &port.to_string(), "--format", "json"];
-    let (a, b) = (Tracer::start(&args), Tracer::start(&args));
+    let tracer = || Tracer::builder().port(port).json().start();
+    let (a, b) = (tracer(), tracer());
     let addr = format!("127.0.0.1:{port}");
     ns.connections(&addr, 1);
     let (a, b) = (a.stop(), b.stop());
@@ -248,17 +225,11 @@ fn hostile_process_names_are_escaped() {
     let ns = Netns::new();
     let port = unique_port();
     let evil = "ev\x1b[2J\x07il\\";
-    let text = Tracer::start(&["--port", &port.to_string()]);
-    let json = Tracer::start(&["--port", &port.to_string(), "--format", "json"]);
-    ns.peer(&[
-        "server",
-        &format!("0.0.0.0:{port}"),
-        "--mode",
-        "listen-only",
-        "--name",
-        evil,
-    ])
-    .finish();
+    let text = Tracer::builder().port(port).start();
+    let json = Tracer::builder().port(port).json().start();
+    ns.server(&format!("0.0.0.0:{port}"), ServerMode::ListenOnly)
+        .name(evil)
+        .run();
     let (text, json) = (text.stop(), json.stop());
     assert!(
         !text.stdout.contains('\x1b') && !text.stdout.contains('\x07'),
@@ -274,8 +245,8 @@ fn hostile_process_names_are_escaped() {
     let rows = json.rows();
     assert_eq!(rows.len(), 2);
     assert_eq!(
-        rows[0]["comm"],
-        Value::from(evil),
+        rows[0].comm.as_deref(),
+        Some(evil),
         "the JSON string is the name itself"
     );
 }
@@ -284,15 +255,13 @@ fn hostile_process_names_are_escaped() {
 fn no_kernel_address_is_shown_unless_asked() {
     let ns = Netns::new();
     let port = unique_port();
-    let plain = Tracer::start(&["--port", &port.to_string()]);
-    let json = Tracer::start(&["--port", &port.to_string(), "--format", "json"]);
-    let asked = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "--format",
-        "json",
-        "--show-skaddr",
-    ]);
+    let plain = Tracer::builder().port(port).start();
+    let json = Tracer::builder().port(port).json().start();
+    let asked = Tracer::builder()
+        .port(port)
+        .json()
+        .arg("--show-skaddr")
+        .start();
     let addr = format!("127.0.0.1:{port}");
     ns.connections(&addr, 1);
     let looks_like_pointer = |s: &str| s.to_lowercase().contains("0xffff") || s.contains("ffff8");
@@ -306,13 +275,13 @@ fn no_kernel_address_is_shown_unless_asked() {
     }
     let asked = asked.stop();
     for r in asked.rows() {
-        assert!(r["skaddr"].as_str().unwrap().starts_with("0xffff"), "{r}");
+        assert!(r.skaddr.as_deref().unwrap().starts_with("0xffff"), "{r}");
     }
 }
 
 #[test]
 fn read_and_report_refuse_bad_files_with_status_2() {
-    let dir = tcptrace_tests::TempDir::new("badfiles");
+    let dir = TempDir::new("badfiles");
     let secret = dir.path("secret.jsonl");
     std::fs::write(&secret, "{}\n").unwrap();
     std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -340,15 +309,15 @@ fn read_and_report_refuse_bad_files_with_status_2() {
         ),
     ];
     for (args, want) in cases {
-        let out = Command::new(tcptrace_bin()).args(*args).output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        let out = tcptrace(args);
+        let err = out.stderr;
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: want {want:?} in {err:?}");
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
     }
     // Unreadable: a root-only file, read as nobody.
-    let out = tcptrace_tests::as_nobody(&dir, &["read", &secret]);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = as_nobody(&dir, &["read", &secret]);
+    let err = out.stderr;
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("Permission denied"), "{err}");
 }
@@ -357,14 +326,12 @@ fn read_and_report_refuse_bad_files_with_status_2() {
 fn a_stalled_reader_loses_events_says_so_and_carries_on() {
     let ns = Netns::new();
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "--netns",
-        &ns.path(),
-        "-q",
-        "--no-timewait",
-    ]);
+    let tracer = Tracer::builder()
+        .port(port)
+        .netns(&ns)
+        .quiet()
+        .no_timewait()
+        .start();
     let churn = ns.churn(port, 5, &["--mode", "reset"]);
     // Stop the reader while the churn fills its 32 MiB ring.
     std::thread::sleep(Duration::from_millis(500));
@@ -375,13 +342,8 @@ fn a_stalled_reader_loses_events_says_so_and_carries_on() {
     unsafe { libc::kill(tracer.pid() as i32, libc::SIGCONT) };
     let expected = churn.expected();
     // Capture goes on after the overflow.
-    ns.peer(&[
-        "server",
-        &format!("0.0.0.0:{port}"),
-        "--mode",
-        "listen-only",
-    ])
-    .finish();
+    ns.server(&format!("0.0.0.0:{port}"), ServerMode::ListenOnly)
+        .run();
     std::thread::sleep(Duration::from_millis(500));
     let warned = tracer.stderr_so_far();
     let out = tracer.stop();
@@ -416,7 +378,7 @@ fn a_failing_stdout_is_an_error_not_a_closed_pipe() {
         "{err}"
     );
     assert!(
-        err.lines().any(tcptrace_tests::is_stats_line),
+        err.lines().any(is_stats_line),
         "the stats line still comes: {err}"
     );
 }
@@ -431,26 +393,17 @@ fn a_recording_keeps_kernel_addresses_only_when_asked_and_read_shows_them() {
         dir.path("asked.jsonl"),
         dir.path("plain.tcpt"),
     );
-    let p = port.to_string();
-    let live = Tracer::start(&[
-        "--port",
-        &p,
-        "--format",
-        "json",
-        "--show-skaddr",
-        "-w",
-        &asked_bin,
-    ]);
-    let live_json = Tracer::start(&[
-        "--port",
-        &p,
-        "--format",
-        "json",
-        "--show-skaddr",
-        "-w",
-        &asked_json,
-    ]);
-    let quiet = Tracer::start(&["--port", &p, "-q", "-w", &plain]);
+    let asking = |file: &str| {
+        Tracer::builder()
+            .port(port)
+            .json()
+            .arg("--show-skaddr")
+            .write(file)
+            .start()
+    };
+    let live = asking(&asked_bin);
+    let live_json = asking(&asked_json);
+    let quiet = Tracer::builder().port(port).quiet().write(&plain).start();
     ns.connections(&format!("127.0.0.1:{port}"), 1);
     ns.settle("fin-wait-1");
     let live = live.stop();
@@ -459,9 +412,7 @@ fn a_recording_keeps_kernel_addresses_only_when_asked_and_read_shows_them() {
     let rows = live.rows();
     assert_eq!(rows.len(), 12, "{}", live.stdout);
     for r in &rows {
-        let a = r["skaddr"]
-            .as_str()
-            .expect("an address on every traced row");
+        let a = r.skaddr.as_deref().expect("an address on every traced row");
         assert!(a.starts_with("0xffff"), "{r}");
     }
     // Read back with --show-skaddr, both formats print the live rows.
@@ -488,30 +439,30 @@ fn a_recording_keeps_kernel_addresses_only_when_asked_and_read_shows_them() {
 fn no_owner_hooks_attaches_no_syscall_or_process_hook_and_still_traces() {
     let ns = Netns::new();
     let port = unique_port();
-    let p = port.to_string();
     let programs_of = |t: &Tracer| programs_held(t, "prog_type:");
-    let hooked = Tracer::start(&["--port", &p, "--format", "json"]);
-    let light = Tracer::start(&["--port", &p, "--format", "json", "--no-owner-hooks"]);
+    let hooked = Tracer::builder().port(port).json().start();
+    let light = Tracer::builder()
+        .port(port)
+        .json()
+        .arg("--no-owner-hooks")
+        .start();
     // accept (one program on two syscalls), close, fork and exit.
     assert_eq!(programs_of(&hooked), programs_of(&light) + 4);
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
+    let server = ns.server(&addr, ServerMode::WaitPeerClose).start();
     let server_pid = server.pid;
-    ns.peer(&["client", &addr, "--mode", "close"]).finish();
+    ns.client(&addr, ClientMode::Close).run();
     server.finish();
     hooked.stop();
     let out = light.stop();
     assert!(out.status.success(), "{}", out.stderr);
     let lives = out.lives();
-    let child = life(
-        &lives,
-        "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE",
-    );
+    let child = life(&lives, SERVER_PASSIVE);
     // A single-process server: its rows name it all the same, and none
     // claims to know the socket waited in the listener's queue.
     for r in &child.rows {
-        assert_eq!(r["pid"], server_pid, "{r}");
-        assert!(r.get("queued").is_none(), "{r}");
+        assert_eq!(r.pid, Some(server_pid), "{r}");
+        assert!(r.queued.is_none(), "{r}");
     }
 }
 

@@ -5,14 +5,10 @@
 use std::thread::sleep;
 use std::time::Duration;
 
-use serde_json::Value;
-use tcptrace_tests::{Netns, TempDir, Tracer, tcptrace, unique_port};
+use tcptrace_tests::{ClientMode, Netns, Row, ServerMode, TempDir, Tracer, tcptrace, unique_port};
 
-fn of_sock(rows: &[Value], sock: &Value) -> Vec<Value> {
-    rows.iter()
-        .filter(|r| r["sock"] == *sock)
-        .cloned()
-        .collect()
+fn of_sock(rows: &[Row], sock: u64) -> Vec<Row> {
+    rows.iter().filter(|r| r.sock == sock).cloned().collect()
 }
 
 #[test]
@@ -20,31 +16,24 @@ fn sockets_that_exist_before_tcptrace_starts_appear_as_snapshot_lines() {
     let ns = Netns::new();
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&[
-        "server",
-        &addr,
-        "--mode",
-        "wait-peer-close",
-        "--hold-ms",
-        "100",
-    ]);
-    let client = ns.peer(&["client", &addr, "--mode", "close", "--hold-ms", "2500"]);
+    let server = ns
+        .server(&addr, ServerMode::WaitPeerClose)
+        .hold_ms(100)
+        .start();
+    let client = ns.client(&addr, ClientMode::Close).hold_ms(2500).start();
     let (spid, cpid) = (server.pid, client.pid);
     sleep(Duration::from_millis(300));
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "--netns",
-        &ns.path(),
-        "--format",
-        "json",
-        "--no-timewait",
-    ]);
+    let tracer = Tracer::builder()
+        .port(port)
+        .netns(&ns)
+        .json()
+        .no_timewait()
+        .start();
     client.finish();
     server.finish();
     let out = tracer.stop();
     let rows = out.all_rows();
-    let snapshot: Vec<&Value> = rows.iter().filter(|r| r["origin"] == "snapshot").collect();
+    let snapshot: Vec<&Row> = rows.iter().filter(|r| r.origin == "snapshot").collect();
     assert_eq!(
         snapshot.len(),
         3,
@@ -52,46 +41,39 @@ fn sockets_that_exist_before_tcptrace_starts_appear_as_snapshot_lines() {
         out.stdout
     );
     // Listeners first, like netstat.
-    assert_eq!(snapshot[0]["new"], "LISTEN");
-    let mine = |r: &&Value, pid: u32, comm: &str| r["pid"] == pid && r["comm"] == comm;
-    assert!(mine(&snapshot[0], spid, "tt-server"), "{}", snapshot[0]);
+    assert_eq!(snapshot[0].new, "LISTEN");
+    assert!(snapshot[0].owned_by(spid, "tt-server"), "{}", snapshot[0]);
     let client_row = snapshot
         .iter()
-        .find(|r| r["rport"] == port)
+        .find(|r| r.rport == port)
         .expect("client end");
     let server_row = snapshot
         .iter()
-        .find(|r| r["lport"] == port && r["new"] == "ESTABLISHED")
+        .find(|r| r.lport == port && r.new == "ESTABLISHED")
         .unwrap();
-    assert!(mine(client_row, cpid, "tt-client"), "{client_row}");
-    assert!(mine(server_row, spid, "tt-server"), "{server_row}");
+    assert!(client_row.owned_by(cpid, "tt-client"), "{client_row}");
+    assert!(server_row.owned_by(spid, "tt-server"), "{server_row}");
     for r in &snapshot {
-        assert!(
-            r["old"].is_null() && r["ms"].is_null(),
-            "no transition seen: {r}"
-        );
-        assert_eq!(r["netns"], ns.inode());
+        assert!(r.old.is_none() && r.ms.is_none(), "no transition seen: {r}");
+        assert_eq!(r.netns, Some(ns.inode()));
     }
-    assert_eq!(client_row["new"], "ESTABLISHED");
+    assert_eq!(client_row.new, "ESTABLISHED");
     // Their first transitions: the same socket ids, time in state unknown.
-    let client_life = of_sock(&rows, &client_row["sock"]);
-    assert_eq!(client_life[1]["old"], "ESTABLISHED");
-    assert_eq!(client_life[1]["new"], "FIN_WAIT1");
-    assert!(client_life[1]["ms"].is_null(), "{}", client_life[1]);
-    assert_eq!(client_life[1]["pid"], cpid);
-    let server_life = of_sock(&rows, &server_row["sock"]);
-    assert_eq!(server_life[1]["new"], "CLOSE_WAIT");
-    assert!(server_life[1]["ms"].is_null());
-    assert_eq!(server_life.last().unwrap()["new"], "CLOSE");
-    assert!(server_life.iter().all(|r| r["pid"] == spid));
+    let client_life = of_sock(&rows, client_row.sock);
+    assert!(
+        client_life[1].is("ESTABLISHED", "FIN_WAIT1"),
+        "{}",
+        client_life[1]
+    );
+    assert!(client_life[1].ms.is_none(), "{}", client_life[1]);
+    assert_eq!(client_life[1].pid, Some(cpid));
+    let server_life = of_sock(&rows, server_row.sock);
+    assert_eq!(server_life[1].new, "CLOSE_WAIT");
+    assert!(server_life[1].ms.is_none());
+    assert_eq!(server_life.last().unwrap().new, "CLOSE");
+    assert!(server_life.iter().all(|r| r.pid == Some(spid)));
     // --no-snapshot leaves them out.
-    let quiet = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "--no-snapshot",
-        "--format",
-        "json",
-    ]);
+    let quiet = Tracer::builder().port(port).no_snapshot().json().start();
     assert!(quiet.stop().all_rows().is_empty());
 }
 
@@ -106,42 +88,31 @@ fn an_active_close_goes_through_time_wait_to_its_end() {
     let dir = TempDir::new("timewait");
     let file = dir.path("tw.jsonl");
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "--netns",
-        &ns.path(),
-        "--format",
-        "json",
-        "-w",
-        &file,
-    ]);
+    let tracer = Tracer::builder()
+        .port(port)
+        .netns(&ns)
+        .json()
+        .write(&file)
+        .start();
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close", "--conns", "2"]);
-    let first = ns.peer(&["client", &addr, "--mode", "close"]);
+    let server = ns.server(&addr, ServerMode::WaitPeerClose).conns(2).start();
+    let first = ns.client(&addr, ClientMode::Close).start();
     let first_pid = first.pid;
     first.finish();
     sleep(Duration::from_millis(1500));
-    ns.peer(&["client", &addr, "--mode", "close"]).finish();
+    ns.client(&addr, ClientMode::Close).run();
     server.finish();
     sleep(Duration::from_millis(700));
     let out = tracer.stop();
     let rows = out.all_rows();
     let connect = rows
         .iter()
-        .find(|r| r["new"] == "SYN_SENT" && r["pid"] == first_pid)
+        .find(|r| r.new == "SYN_SENT" && r.pid == Some(first_pid))
         .expect("first connect");
-    let life = of_sock(&rows, &connect["sock"]);
+    let life = of_sock(&rows, connect.sock);
     let path: Vec<String> = life
         .iter()
-        .map(|r| {
-            format!(
-                "{}>{} {}",
-                r["old"].as_str().unwrap(),
-                r["new"].as_str().unwrap(),
-                r["origin"].as_str().unwrap()
-            )
-        })
+        .map(|r| format!("{} {}", r.change(), r.origin))
         .collect();
     assert_eq!(
         path[3..],
@@ -155,14 +126,10 @@ fn an_active_close_goes_through_time_wait_to_its_end() {
         out.stdout
     );
     for r in &life[5..] {
-        assert_eq!(
-            (&r["pid"], &r["comm"]),
-            (&first_pid.into(), &"tt-client".into()),
-            "{r}"
-        );
-        assert_eq!(r["lport"], 40000);
+        assert!(r.owned_by(first_pid, "tt-client"), "{r}");
+        assert_eq!(r.lport, 40000);
     }
-    let in_time_wait = life[6]["ms"].as_f64().unwrap();
+    let in_time_wait = life[6].ms.unwrap();
     assert!(
         (1000.0..5000.0).contains(&in_time_wait),
         "TIME_WAIT for {in_time_wait} ms until reused"
@@ -171,18 +138,12 @@ fn an_active_close_goes_through_time_wait_to_its_end() {
     let text = tcptrace(&["read", &file]);
     assert_eq!(
         text.stdout.matches("time-wait table").count(),
-        rows.iter().filter(|r| r["origin"] == "timewait").count()
+        rows.iter().filter(|r| r.origin == "timewait").count()
     );
-    let replay = tcptrace(&["read", &file, "--format", "json"]);
-    let recorded: Vec<Value> = replay
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let strip = |v: &Value| {
-        let mut v = v.clone();
-        v.as_object_mut().unwrap().remove("time");
-        v
+    let recorded = tcptrace(&["read", &file, "--format", "json"]).all_rows();
+    let strip = |r: &Row| Row {
+        time: None,
+        ..r.clone()
     };
     assert_eq!(
         recorded.iter().map(strip).collect::<Vec<_>>(),
@@ -195,38 +156,24 @@ fn a_peer_that_never_closes_ends_the_fin_wait2_timeout() {
     let ns = Netns::new();
     ns.sysctl("net.ipv4.tcp_fin_timeout", "1");
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "--netns",
-        &ns.path(),
-        "--format",
-        "json",
-    ]);
+    let tracer = Tracer::builder().port(port).netns(&ns).json().start();
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&[
-        "server",
-        &addr,
-        "--mode",
-        "wait-peer-close",
-        "--hold-ms",
-        "60000",
-    ]);
-    let client = ns.peer(&["client", &addr, "--mode", "close"]);
+    let server = ns
+        .server(&addr, ServerMode::WaitPeerClose)
+        .hold_ms(60000)
+        .start();
+    let client = ns.client(&addr, ClientMode::Close).start();
     let cpid = client.pid;
     client.finish();
     sleep(Duration::from_millis(2500));
     let out = tracer.stop();
     server.kill();
     let rows = out.all_rows();
-    let tw: Vec<&Value> = rows.iter().filter(|r| r["origin"] == "timewait").collect();
+    let tw: Vec<&Row> = rows.iter().filter(|r| r.origin == "timewait").collect();
     assert_eq!(tw.len(), 1, "{}", out.stdout);
-    assert_eq!(
-        (&tw[0]["old"], &tw[0]["new"]),
-        (&"FIN_WAIT2".into(), &"CLOSE".into())
-    );
-    assert_eq!(tw[0]["pid"], cpid);
-    let waited = tw[0]["ms"].as_f64().unwrap();
+    assert!(tw[0].is("FIN_WAIT2", "CLOSE"), "{}", tw[0]);
+    assert_eq!(tw[0].pid, Some(cpid));
+    let waited = tw[0].ms.unwrap();
     assert!(
         (1000.0..2500.0).contains(&waited),
         "FIN_WAIT2 for {waited} ms with tcp_fin_timeout 1"

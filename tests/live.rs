@@ -3,11 +3,12 @@
 //! tt-client) in a fresh network namespace, with tcptrace watching, and
 //! checks every transition of every socket, its owner and its addresses.
 
-use tcptrace_tests::{Netns, Output, Tracer, life, unique_port};
+use std::time::{Duration, Instant};
 
-const CLIENT_CLOSES: &str = "CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE";
-const SERVER_PASSIVE: &str = "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE";
-const LISTENER: &str = "CLOSE>LISTEN>CLOSE";
+use tcptrace_tests::{
+    CLIENT_CLOSES, ClientMode, LISTENER, Netns, Output, Pty, SERVER_PASSIVE, ServerMode, Tracer,
+    life, unique_port,
+};
 
 struct Run {
     out: Output,
@@ -27,7 +28,12 @@ fn kernel_gives_reset_reasons() -> bool {
 }
 
 /// Traces one server and one client on `addr:port`, with the given modes.
-fn scenario(ip: &str, server_mode: &str, client_mode: &str, hold_ms: u32) -> (Run, u16) {
+fn scenario(
+    ip: &str,
+    server_mode: ServerMode,
+    client_mode: ClientMode,
+    hold_ms: u32,
+) -> (Run, u16) {
     let ns = Netns::new();
     let port = unique_port();
     let addr = if ip.contains(':') {
@@ -35,21 +41,15 @@ fn scenario(ip: &str, server_mode: &str, client_mode: &str, hold_ms: u32) -> (Ru
     } else {
         format!("{ip}:{port}")
     };
-    let hold = hold_ms.to_string();
     // Only this test's namespace: nothing else on the host can show up.
-    let netns = ns.path();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "--netns",
-        &netns,
-        "--format",
-        "json",
-        "--time",
-        "utc",
-    ]);
-    let server = ns.peer(&["server", &addr, "--mode", server_mode, "--hold-ms", &hold]);
-    let client = ns.peer(&["client", &addr, "--mode", client_mode, "--hold-ms", &hold]);
+    let tracer = Tracer::builder()
+        .port(port)
+        .netns(&ns)
+        .json()
+        .time("utc")
+        .start();
+    let server = ns.server(&addr, server_mode).hold_ms(hold_ms).start();
+    let client = ns.client(&addr, client_mode).hold_ms(hold_ms).start();
     let (server_pid, client_pid) = (server.pid, client.pid);
     client.finish();
     server.finish();
@@ -68,7 +68,12 @@ fn scenario(ip: &str, server_mode: &str, client_mode: &str, hold_ms: u32) -> (Ru
 
 #[test]
 fn client_closes_first() {
-    let (run, port) = scenario("127.0.0.1", "wait-peer-close", "close", 150);
+    let (run, port) = scenario(
+        "127.0.0.1",
+        ServerMode::WaitPeerClose,
+        ClientMode::Close,
+        150,
+    );
     let lives = run.out.lives();
     assert_eq!(
         run.out.rows().len(),
@@ -78,19 +83,19 @@ fn client_closes_first() {
 
     let listener = life(&lives, LISTENER);
     listener.assert_owner(run.server, "tt-server");
-    assert_eq!(listener.rows[0]["laddr"], "127.0.0.1");
-    assert_eq!(listener.lport(), u64::from(port));
+    assert_eq!(listener.rows[0].laddr, "127.0.0.1");
+    assert_eq!(listener.lport(), port);
 
     let client = life(&lives, CLIENT_CLOSES);
     client.assert_owner(run.client, "tt-client");
     // The kernel reports the connect before choosing the local port.
-    assert_eq!(client.rows[0]["lport"], 0);
-    let ephemeral = client.rows[1]["lport"].as_u64().unwrap();
+    assert_eq!(client.rows[0].lport, 0);
+    let ephemeral = client.rows[1].lport;
     assert!(ephemeral >= 1024, "ephemeral port {ephemeral}");
     assert!(
         client.rows[1..]
             .iter()
-            .all(|r| r["lport"] == ephemeral && r["rport"] == port)
+            .all(|r| r.lport == ephemeral && r.rport == port)
     );
 
     let server = life(&lives, SERVER_PASSIVE);
@@ -99,13 +104,13 @@ fn client_closes_first() {
         server
             .rows
             .iter()
-            .all(|r| r["lport"] == port && r["rport"] == ephemeral)
+            .all(|r| r.lport == port && r.rport == ephemeral)
     );
     assert!(
         server
             .rows
             .iter()
-            .all(|r| r["laddr"] == "127.0.0.1" && r["raddr"] == "127.0.0.1")
+            .all(|r| r.laddr == "127.0.0.1" && r.raddr == "127.0.0.1")
     );
 
     // The server held the socket in CLOSE_WAIT for 150 ms before closing.
@@ -115,14 +120,19 @@ fn client_closes_first() {
         "CLOSE_WAIT for {close_wait} ms"
     );
     // Time in state is unknown for a socket's first transition, never 0.
-    assert!(client.rows[0]["ms"].is_null() && server.rows[0]["ms"].is_null());
+    assert!(client.rows[0].ms.is_none() && server.rows[0].ms.is_none());
     assert_eq!(run.out.stats().0, 12);
     assert_eq!(run.out.stats().2, 0, "nothing lost");
 }
 
 #[test]
 fn server_closes_first() {
-    let (run, _) = scenario("127.0.0.1", "close-first", "wait-eof", 100);
+    let (run, _) = scenario(
+        "127.0.0.1",
+        ServerMode::CloseFirst,
+        ClientMode::WaitEof,
+        100,
+    );
     let lives = run.out.lives();
     assert_eq!(run.out.rows().len(), 12);
     life(&lives, LISTENER).assert_owner(run.server, "tt-server");
@@ -145,7 +155,7 @@ fn server_closes_first() {
 
 #[test]
 fn client_resets_with_so_linger_zero() {
-    let (run, _) = scenario("127.0.0.1", "expect-reset", "reset", 50);
+    let (run, _) = scenario("127.0.0.1", ServerMode::ExpectReset, ClientMode::Reset, 50);
     let lives = run.out.lives();
     assert_eq!(
         run.out.rows().len(),
@@ -159,29 +169,29 @@ fn client_resets_with_so_linger_zero() {
     server.assert_owner(run.server, "tt-server");
     // Who reset whom, from the kernel's reset tracepoints.
     let client_close = client.rows.last().unwrap();
-    assert_eq!(client_close["close"], "reset sent", "{client_close}");
+    assert_eq!(
+        client_close.close.as_deref(),
+        Some("reset sent"),
+        "{client_close}"
+    );
     // An abortive close goes through tcp_disconnect, which gives the
     // kernel's reason for a reset from the socket's state (on kernels
     // whose tcp_send_reset has a reason at all).
-    let want = if kernel_gives_reset_reasons() {
-        "TCP_STATE".into()
-    } else {
-        serde_json::Value::Null
-    };
+    let want = kernel_gives_reset_reasons().then_some("TCP_STATE");
     assert_eq!(
-        client_close["reset_reason"], want,
+        client_close.reset_reason.as_deref(),
+        want,
         "the kernel's reason: {client_close}"
     );
     let server_close = server.rows.last().unwrap();
-    assert_eq!(server_close["close"], "reset received", "{server_close}");
-    assert!(server_close["reset_reason"].is_null());
+    assert_eq!(
+        server_close.close.as_deref(),
+        Some("reset received"),
+        "{server_close}"
+    );
+    assert!(server_close.reset_reason.is_none());
     // Only the closing rows carry a close reason.
-    let annotated = run
-        .out
-        .rows()
-        .iter()
-        .filter(|r| !r["close"].is_null())
-        .count();
+    let annotated = run.out.rows().iter().filter(|r| r.close.is_some()).count();
     assert_eq!(annotated, 2);
 }
 
@@ -189,14 +199,16 @@ fn client_resets_with_so_linger_zero() {
 fn server_resets_and_the_text_says_who_reset_whom() {
     let ns = Netns::new();
     let port = unique_port();
-    let tracer = Tracer::start(&["--port", &port.to_string()]);
+    let tracer = Tracer::builder().port(port).start();
     let addr = format!("127.0.0.1:{port}");
     // Roles swapped: the client waits for EOF, the server aborts. It waits
     // a moment first: a reset that lands before the client's connect()
     // has returned makes connect() itself fail (seen under emulation).
-    let server = ns.peer(&["server", &addr, "--mode", "reset-first", "--hold-ms", "300"]);
-    ns.peer(&["client", &addr, "--mode", "expect-reset"])
-        .finish();
+    let server = ns
+        .server(&addr, ServerMode::ResetFirst)
+        .hold_ms(300)
+        .start();
+    ns.client(&addr, ClientMode::ExpectReset).run();
     server.finish();
     let out = tracer.stop();
     let closes: Vec<&str> = out
@@ -225,8 +237,10 @@ fn server_resets_and_the_text_says_who_reset_whom() {
 fn connection_refused() {
     let ns = Netns::new();
     let port = unique_port();
-    let tracer = Tracer::start(&["--port", &port.to_string(), "--format", "json"]);
-    let client = ns.peer(&["client", &format!("127.0.0.1:{port}"), "--mode", "refused"]);
+    let tracer = Tracer::builder().port(port).json().start();
+    let client = ns
+        .client(&format!("127.0.0.1:{port}"), ClientMode::Refused)
+        .start();
     let pid = client.pid;
     client.finish();
     let out = tracer.stop();
@@ -234,17 +248,20 @@ fn connection_refused() {
     assert_eq!(out.rows().len(), 2);
     let refused = life(&lives, "CLOSE>SYN_SENT>CLOSE");
     refused.assert_owner(pid, "tt-client");
-    assert_eq!(refused.rows[1]["close"], "refused");
-    assert_eq!(refused.rport(), u64::from(port));
+    assert_eq!(refused.rows[1].close.as_deref(), Some("refused"));
+    assert_eq!(refused.rport(), port);
 }
 
 #[test]
 fn listen_then_close() {
     let ns = Netns::new();
     let port = unique_port();
-    let tracer = Tracer::start(&["--port", &port.to_string(), "--format", "json"]);
+    let tracer = Tracer::builder().port(port).json().start();
     let addr = format!("0.0.0.0:{port}");
-    let server = ns.peer(&["server", &addr, "--mode", "listen-only", "--hold-ms", "120"]);
+    let server = ns
+        .server(&addr, ServerMode::ListenOnly)
+        .hold_ms(120)
+        .start();
     let pid = server.pid;
     server.finish();
     let out = tracer.stop();
@@ -252,7 +269,7 @@ fn listen_then_close() {
     assert_eq!(out.rows().len(), 2);
     let l = life(&lives, LISTENER);
     l.assert_owner(pid, "tt-server");
-    assert_eq!(l.rows[0]["laddr"], "0.0.0.0");
+    assert_eq!(l.rows[0].laddr, "0.0.0.0");
     assert!(l.ms_in("LISTEN").unwrap() >= 120.0);
 }
 
@@ -262,7 +279,12 @@ fn half_close_with_shutdown_write() {
     // its socket stays half-closed until the server closes 400 ms later. (The
     // peer may delay its ACK of our FIN by up to 200 ms, so part of the wait
     // can be in FIN_WAIT1; an orphaned socket would leave FIN_WAIT2 at once.)
-    let (run, _) = scenario("127.0.0.1", "reply-after-eof", "half-close", 400);
+    let (run, _) = scenario(
+        "127.0.0.1",
+        ServerMode::ReplyAfterEof,
+        ClientMode::HalfClose,
+        400,
+    );
     let lives = run.out.lives();
     assert_eq!(run.out.rows().len(), 12);
     let client = life(&lives, CLIENT_CLOSES);
@@ -282,11 +304,11 @@ fn half_close_with_shutdown_write() {
 
 #[test]
 fn ipv6_client_closes_first() {
-    let (run, port) = scenario("::1", "wait-peer-close", "close", 20);
+    let (run, port) = scenario("::1", ServerMode::WaitPeerClose, ClientMode::Close, 20);
     let lives = run.out.lives();
     assert_eq!(run.out.rows().len(), 12);
     for l in &lives {
-        assert!(l.rows.iter().all(|r| r["family"] == "ipv6"), "{:?}", l.rows);
+        assert!(l.rows.iter().all(|r| r.family == "ipv6"), "{:?}", l.rows);
     }
     let client = life(&lives, CLIENT_CLOSES);
     client.assert_owner(run.client, "tt-client");
@@ -294,10 +316,10 @@ fn ipv6_client_closes_first() {
         client
             .rows
             .iter()
-            .all(|r| r["laddr"] == "::1" && r["raddr"] == "::1")
+            .all(|r| r.laddr == "::1" && r.raddr == "::1")
     );
     let server = life(&lives, SERVER_PASSIVE);
-    assert_eq!(server.lport(), u64::from(port));
+    assert_eq!(server.lport(), port);
     server.assert_owner(run.server, "tt-server");
 }
 
@@ -305,17 +327,14 @@ fn ipv6_client_closes_first() {
 fn port_filter_excludes_other_traffic_on_the_same_host() {
     let ns = Netns::new();
     let (watched, other) = (unique_port(), unique_port());
-    let tracer = Tracer::start(&["--port", &watched.to_string(), "--format", "json"]);
+    let tracer = Tracer::builder().port(watched).json().start();
     for port in [other, watched, other] {
-        let addr = format!("127.0.0.1:{port}");
-        let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
-        ns.peer(&["client", &addr, "--mode", "close"]).finish();
-        server.finish();
+        ns.connections(&format!("127.0.0.1:{port}"), 1);
     }
     let out = tracer.stop();
     assert_eq!(out.rows().len(), 12, "only the watched port's connection");
     for r in out.rows() {
-        assert!(r["lport"] == watched || r["rport"] == watched, "{r}");
+        assert!(r.lport == watched || r.rport == watched, "{r}");
     }
     // The kernel dropped the other port's 24 events before the ring.
     assert!(out.stats().1 >= 24, "{}", out.stderr);
@@ -329,12 +348,14 @@ fn follow_shows_exactly_one_connection_including_its_connect() {
     ns.sysctl("net.ipv4.ip_local_port_range", "40000 40000");
     let port = unique_port();
     let tuple = format!("127.0.0.2:40000,127.0.0.1:{port}");
-    let tracer = Tracer::start(&["--follow", &tuple, "--format", "json"]);
+    let tracer = Tracer::builder().arg("--follow").arg(&tuple).json().start();
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close", "--conns", "2"]);
-    let a = ns.peer(&["client", &addr, "--mode", "close", "--bind", "127.0.0.3"]);
-    a.finish();
-    let b = ns.peer(&["client", &addr, "--mode", "close", "--bind", "127.0.0.2"]);
+    let server = ns.server(&addr, ServerMode::WaitPeerClose).conns(2).start();
+    ns.client(&addr, ClientMode::Close).bind("127.0.0.3").run();
+    let b = ns
+        .client(&addr, ClientMode::Close)
+        .bind("127.0.0.2")
+        .start();
     let (followed, server_pid) = (b.pid, server.pid);
     b.finish();
     server.finish();
@@ -344,13 +365,13 @@ fn follow_shows_exactly_one_connection_including_its_connect() {
     let client = life(&lives, CLIENT_CLOSES);
     client.assert_owner(followed, "tt-client");
     assert_eq!(
-        (&client.rows[0]["laddr"], &client.rows[0]["lport"]),
-        (&"127.0.0.2".into(), &0.into())
+        (client.rows[0].laddr.as_str(), client.rows[0].lport),
+        ("127.0.0.2", 0)
     );
     assert!(
         client.rows[1..]
             .iter()
-            .all(|r| r["laddr"] == "127.0.0.2" && r["lport"] == 40000)
+            .all(|r| r.laddr == "127.0.0.2" && r.lport == 40000)
     );
     let server = life(&lives, SERVER_PASSIVE);
     server.assert_owner(server_pid, "tt-server");
@@ -358,14 +379,30 @@ fn follow_shows_exactly_one_connection_including_its_connect() {
         server
             .rows
             .iter()
-            .all(|r| r["raddr"] == "127.0.0.2" && r["rport"] == 40000)
+            .all(|r| r.raddr == "127.0.0.2" && r.rport == 40000)
     );
 }
 
 #[test]
 fn json_rows_carry_every_field_typed() {
-    let (run, port) = scenario("127.0.0.1", "wait-peer-close", "close", 10);
-    let rows = run.out.rows();
+    let (run, port) = scenario(
+        "127.0.0.1",
+        ServerMode::WaitPeerClose,
+        ClientMode::Close,
+        10,
+    );
+    // The keys themselves and their JSON types: untyped rows.
+    let rows: Vec<serde_json::Value> = run
+        .out
+        .json_lines()
+        .into_iter()
+        .filter(|r| r["origin"] == "tracepoint")
+        .collect();
+    assert_eq!(
+        rows.len(),
+        run.out.rows().len(),
+        "each row also parses typed"
+    );
     let keys = [
         "time",
         "ts_ns",
@@ -442,10 +479,10 @@ fn json_rows_carry_every_field_typed() {
 fn text_output_has_a_header_and_aligned_rows() {
     let ns = Netns::new();
     let port = unique_port();
-    let tracer = Tracer::start(&["--port", &port.to_string()]);
+    let tracer = Tracer::builder().port(port).start();
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
-    let client = ns.peer(&["client", &addr, "--mode", "close"]);
+    let server = ns.server(&addr, ServerMode::WaitPeerClose).start();
+    let client = ns.client(&addr, ClientMode::Close).start();
     let (spid, cpid) = (server.pid, client.pid);
     client.finish();
     server.finish();
@@ -501,14 +538,11 @@ fn text_output_has_a_header_and_aligned_rows() {
 fn count_stops_after_n_transitions() {
     let ns = Netns::new();
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "--format",
-        "json",
-        "--count",
-        "3",
-    ]);
+    let tracer = Tracer::builder()
+        .port(port)
+        .json()
+        .args(&["--count", "3"])
+        .start();
     let addr = format!("127.0.0.1:{port}");
     ns.connections(&addr, 1);
     let out = tracer.wait();
@@ -519,8 +553,12 @@ fn count_stops_after_n_transitions() {
 
 #[test]
 fn duration_stops_by_itself() {
-    let started = std::time::Instant::now();
-    let out = Tracer::start(&["--port", &unique_port().to_string(), "--duration", "1s"]).wait();
+    let started = Instant::now();
+    let out = Tracer::builder()
+        .port(unique_port())
+        .args(&["--duration", "1s"])
+        .start()
+        .wait();
     assert!(out.status.success());
     let took = started.elapsed().as_secs_f64();
     assert!((1.0..20.0).contains(&took), "{took}");
@@ -531,10 +569,9 @@ fn duration_stops_by_itself() {
 fn sigterm_drains_and_exits_zero() {
     let ns = Netns::new();
     let port = unique_port();
-    let tracer = Tracer::start(&["--port", &port.to_string(), "--format", "json"]);
-    let addr = format!("0.0.0.0:{port}");
-    ns.peer(&["server", &addr, "--mode", "listen-only"])
-        .finish();
+    let tracer = Tracer::builder().port(port).json().start();
+    ns.server(&format!("0.0.0.0:{port}"), ServerMode::ListenOnly)
+        .run();
     let out = tracer.signal(libc::SIGTERM);
     assert!(out.status.success(), "{}", out.stderr);
     assert_eq!(
@@ -553,23 +590,25 @@ fn the_same_tuple_in_two_namespaces_is_two_connections() {
         ns.sysctl("net.ipv4.ip_local_port_range", "40000 40000");
     }
     let port = unique_port();
-    let p = port.to_string();
     let tuple = format!("127.0.0.2:40000,127.0.0.1:{port}");
-    let all = Tracer::start(&["--port", &p, "--format", "json"]);
-    let only_a = Tracer::start(&["--port", &p, "--netns", &a.path(), "--format", "json"]);
-    let follow_b = Tracer::start(&[
-        "--follow",
-        &tuple,
-        "--netns",
-        &b.inode().to_string(),
-        "--format",
-        "json",
-    ]);
+    let all = Tracer::builder().port(port).json().start();
+    let only_a = Tracer::builder().port(port).netns(&a).json().start();
+    // The namespace by its inode number this time.
+    let follow_b = Tracer::builder()
+        .arg("--follow")
+        .arg(&tuple)
+        .arg("--netns")
+        .arg(b.inode())
+        .json()
+        .start();
     let addr = format!("127.0.0.1:{port}");
     let mut pids = Vec::new();
     for ns in [&a, &b] {
-        let server = ns.peer(&["server", &addr, "--mode", "wait-peer-close"]);
-        let client = ns.peer(&["client", &addr, "--mode", "close", "--bind", "127.0.0.2"]);
+        let server = ns.server(&addr, ServerMode::WaitPeerClose).start();
+        let client = ns
+            .client(&addr, ClientMode::Close)
+            .bind("127.0.0.2")
+            .start();
         pids.push((ns.inode(), server.pid, client.pid));
         client.finish();
         server.finish();
@@ -583,7 +622,7 @@ fn the_same_tuple_in_two_namespaces_is_two_connections() {
     for (inode, server, client) in &pids {
         let mine: Vec<_> = lives
             .iter()
-            .filter(|l| l.rows[0]["netns"] == *inode)
+            .filter(|l| l.rows[0].netns == Some(*inode))
             .collect();
         assert_eq!(mine.len(), 3, "three sockets in namespace {inode}");
         for l in mine {
@@ -598,47 +637,39 @@ fn the_same_tuple_in_two_namespaces_is_two_connections() {
                 "tt-server"
             };
             l.assert_owner(*owner, comm);
-            assert!(l.rows.iter().all(|r| r["netns"] == *inode));
+            assert!(l.rows.iter().all(|r| r.netns == Some(*inode)));
         }
     }
     // --netns selects one namespace.
     let rows = only_a.rows();
     assert_eq!(rows.len(), 12);
-    assert!(rows.iter().all(|r| r["netns"] == a.inode()));
+    assert!(rows.iter().all(|r| r.netns == Some(a.inode())));
     // --follow with --netns: one connection of the two identical ones.
     let rows = follow_b.rows();
     assert_eq!(rows.len(), 10, "{}", follow_b.stdout);
-    assert!(rows.iter().all(|r| r["netns"] == b.inode()));
+    assert!(rows.iter().all(|r| r.netns == Some(b.inode())));
 }
 
 #[test]
 fn a_server_that_never_closes_is_reported_stuck_in_close_wait() {
     let ns = Netns::new();
     let port = unique_port();
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "--netns",
-        &ns.path(),
-        "--stuck",
-        "1s",
-        "--format",
-        "json",
-    ]);
+    let tracer = Tracer::builder()
+        .port(port)
+        .netns(&ns)
+        .stuck("1s")
+        .json()
+        .start();
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&[
-        "server",
-        &addr,
-        "--mode",
-        "wait-peer-close",
-        "--hold-ms",
-        "60000",
-    ]);
+    let server = ns
+        .server(&addr, ServerMode::WaitPeerClose)
+        .hold_ms(60000)
+        .start();
     let server_pid = server.pid;
-    ns.peer(&["client", &addr, "--mode", "close"]).finish();
-    let closed = std::time::Instant::now();
+    ns.client(&addr, ClientMode::Close).run();
+    let closed = Instant::now();
     // Not before the threshold...
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    std::thread::sleep(Duration::from_millis(600));
     assert!(
         !tracer.stderr_so_far().contains("stuck"),
         "{}",
@@ -651,10 +682,10 @@ fn a_server_that_never_closes_is_reported_stuck_in_close_wait() {
             "no stuck warning: {}",
             tracer.stderr_so_far()
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
     }
     assert!(closed.elapsed().as_millis() >= 1000);
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500));
     let out = tracer.stop();
     server.kill();
     // Once each: the server's socket, and the client's connection, which
@@ -699,29 +730,21 @@ fn a_server_that_never_closes_is_reported_stuck_in_close_wait() {
 fn colour_on_a_terminal_and_never_in_a_pipe() {
     let ns = Netns::new();
     let port = unique_port();
-    let pty = tcptrace_tests::Pty::new();
-    let p = port.to_string();
-    let mut on_tty = std::process::Command::new(tcptrace_tests::tcptrace_bin());
-    on_tty
-        .args(["--port", &p])
+    let pty = Pty::new();
+    let tty = Tracer::builder()
+        .port(port)
         .env_remove("NO_COLOR")
-        .env("TERM", "xterm");
-    on_tty.stdout(pty.terminal());
-    let tty = Tracer::start_keeping_stdout(on_tty);
-    let piped = Tracer::start(&["--port", &p]);
-    let no_color = {
-        let mut c = std::process::Command::new(tcptrace_tests::tcptrace_bin());
-        c.args(["--port", &p, "--color", "auto"])
-            .env("NO_COLOR", "1");
-        Tracer::start_cmd(c)
-    };
-    ns.peer(&[
-        "server",
-        &format!("0.0.0.0:{port}"),
-        "--mode",
-        "listen-only",
-    ])
-    .finish();
+        .env("TERM", "xterm")
+        .stdout(pty.terminal())
+        .start();
+    let piped = Tracer::builder().port(port).start();
+    let no_color = Tracer::builder()
+        .port(port)
+        .args(&["--color", "auto"])
+        .env("NO_COLOR", "1")
+        .start();
+    ns.server(&format!("0.0.0.0:{port}"), ServerMode::ListenOnly)
+        .run();
     let _ = tty.stop();
     let screen = pty.screen();
     assert!(screen.contains("\x1b[34mLISTEN\x1b[0m"), "{screen:?}");
@@ -751,26 +774,20 @@ fn scrape(port: u16) -> String {
 fn metrics_scraped_during_a_scenario_show_the_right_counters() {
     let ns = Netns::new();
     let (port, metrics_port) = (unique_port(), unique_port());
-    let tracer = Tracer::start(&[
-        "--port",
-        &port.to_string(),
-        "--netns",
-        &ns.path(),
-        "--metrics",
-        &format!("127.0.0.1:{metrics_port}"),
-        "-q",
-    ]);
+    let tracer = Tracer::builder()
+        .port(port)
+        .netns(&ns)
+        .arg("--metrics")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .quiet()
+        .start();
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&[
-        "server",
-        &addr,
-        "--mode",
-        "wait-peer-close",
-        "--hold-ms",
-        "800",
-    ]);
-    ns.peer(&["client", &addr, "--mode", "close"]).finish();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let server = ns
+        .server(&addr, ServerMode::WaitPeerClose)
+        .hold_ms(800)
+        .start();
+    ns.client(&addr, ClientMode::Close).run();
+    std::thread::sleep(Duration::from_millis(300));
     // During: the server holds its listener and a socket in CLOSE_WAIT.
     let during = scrape(metrics_port);
     assert!(
@@ -782,8 +799,8 @@ fn metrics_scraped_during_a_scenario_show_the_right_counters() {
         "{during}"
     );
     server.finish();
-    ns.peer(&["client", &addr, "--mode", "refused"]).finish();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    ns.client(&addr, ClientMode::Refused).run();
+    std::thread::sleep(Duration::from_millis(300));
     let after = scrape(metrics_port);
     for line in [
         "tcptrace_transitions_total{old=\"CLOSE\",new=\"SYN_SENT\"} 2",

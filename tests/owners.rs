@@ -7,191 +7,35 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tcptrace_tests::{Life, Netns, Peer, TempDir, Tracer, life, tcptrace, unique_port};
+use tcptrace_tests::{
+    CLIENT_CLOSES, ClientMode, Holder, LISTENER, Life, Netns, Peer, Row, SERVER_PASSIVE,
+    ServerMode, SsSocket, TempDir, Tracer, TracerBuilder, Want, assert_rows, life, tcptrace,
+    thread_names, unique_port,
+};
 
-const CLIENT_CLOSES: &str = "CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE";
-const SERVER_PASSIVE: &str = "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE";
 /// A server socket still held in CLOSE_WAIT when tracing stopped.
 const LEAKED: &str = "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT";
 
-/// A process holding a socket, as `ss -p` names it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Holder {
-    comm: String,
-    pid: u32,
-}
-
-/// One line of `ss -tanpH`.
-#[derive(Debug)]
-struct SsSocket {
-    state: String,
-    local: String,
-    users: Vec<Holder>,
-}
-
-/// Every TCP socket of the namespace and who holds it, now.
-fn ss(ns: &Netns) -> Vec<SsSocket> {
-    let out = ns
-        .spawn(
-            Command::new("ss")
-                .args(["-tanpH"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        )
-        .wait_with_output()
-        .expect("ss runs");
-    assert!(out.status.success(), "ss failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 5 {
-                return None;
-            }
-            Some(SsSocket {
-                state: cols[0].to_string(),
-                local: cols[3].to_string(),
-                users: users(&cols[5..].join(" ")),
-            })
-        })
-        .collect()
-}
-
-/// `users:(("name",pid=N,fd=M),...)` as holders, one per process, sorted.
-fn users(text: &str) -> Vec<Holder> {
-    let mut found = BTreeSet::new();
-    for part in text.split("((").flat_map(|p| p.split("),(")) {
-        let Some(rest) = part.strip_prefix('"') else {
-            continue;
-        };
-        let Some((comm, rest)) = rest.split_once("\",pid=") else {
-            continue;
-        };
-        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        found.insert(Holder {
-            comm: comm.to_string(),
-            pid: pid.parse().expect("pid is a number"),
-        });
-    }
-    found.into_iter().collect()
-}
-
 /// Polls `ss` (up to 10 s) until a socket matches; returns its holders.
 fn holders_when(ns: &Netns, what: &str, matches: impl Fn(&SsSocket) -> bool) -> Vec<Holder> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = ss(ns);
-        if let Some(s) = now.iter().find(|s| matches(s)) {
-            return s.users.clone();
-        }
-        assert!(Instant::now() < deadline, "never saw {what} in ss: {now:?}");
-        sleep(Duration::from_millis(20));
-    }
+    ns.wait_for_socket(what, Duration::from_secs(10), matches)
+        .holders
 }
 
 /// The holders of the one socket in `state` with local port `port`.
 fn holders_of(ns: &Netns, state: &str, port: u16) -> Vec<Holder> {
-    let suffix = format!(":{port}");
     holders_when(ns, &format!("{state} on port {port}"), |s| {
-        s.state == state && s.local.ends_with(&suffix)
+        s.state == state && s.on_port(port)
     })
-}
-
-/// One expected row: the change, who the row names, "queued", and the
-/// calling thread's name where it is not the process's.
-struct Want<'a> {
-    change: String,
-    who: &'a Holder,
-    queued: bool,
-    thread: Option<&'a str>,
-}
-
-fn want<'a>(change: &str, who: &'a Holder) -> Want<'a> {
-    Want {
-        change: change.to_string(),
-        who,
-        queued: false,
-        thread: None,
-    }
-}
-
-fn queued<'a>(change: &str, who: &'a Holder) -> Want<'a> {
-    Want {
-        queued: true,
-        ..want(change, who)
-    }
-}
-
-/// Asserts every row of `life`, in order.
-fn assert_rows(life: &Life, wanted: &[Want]) {
-    let shown = |r: &Value| {
-        format!(
-            "{}>{} pid={} comm={} queued={} thread={}",
-            r["old"].as_str().unwrap_or("?"),
-            r["new"].as_str().unwrap_or("?"),
-            r["pid"],
-            r["comm"],
-            r.get("queued").map_or("-".into(), Value::to_string),
-            r.get("thread").map_or("-".into(), Value::to_string),
-        )
-    };
-    let got: Vec<String> = life.rows.iter().map(shown).collect();
-    let expected: Vec<String> = wanted
-        .iter()
-        .map(|w| {
-            format!(
-                "{} pid={} comm={:?} queued={} thread={}",
-                w.change,
-                w.who.pid,
-                w.who.comm,
-                if w.queued { "true" } else { "-" },
-                w.thread.map_or("-".into(), |t| format!("{t:?}")),
-            )
-        })
-        .collect();
-    assert_eq!(
-        got,
-        expected,
-        "rows of socket {} ({})",
-        life.sock,
-        life.path()
-    );
-}
-
-/// A row without what differs between two tracers watching the same
-/// thing: timestamps and socket ids.
-fn without_time(row: &Value) -> Value {
-    let mut row = row.clone();
-    let fields = row.as_object_mut().expect("a row is an object");
-    for k in ["ts_ns", "time", "sock", "ms"] {
-        fields.remove(k);
-    }
-    row
-}
-
-/// Every row of a socket names one process.
-fn all_rows<'a>(life: &Life, who: &'a Holder) -> Vec<Want<'a>> {
-    life.rows
-        .iter()
-        .map(|r| {
-            let change = format!(
-                "{}>{}",
-                r["old"].as_str().unwrap(),
-                r["new"].as_str().unwrap()
-            );
-            want(&change, who)
-        })
-        .collect()
 }
 
 /// The holders a `--stuck` warning names for the socket with local port
 /// `lport` and remote port `rport`: "pid N (comm), pid M (comm), ...".
-fn stuck_names(stderr: &str, lport: u16, rport: u64) -> Vec<Holder> {
+fn stuck_names(stderr: &str, lport: u16, rport: u16) -> Vec<Holder> {
     let lines: Vec<&str> = stderr
         .lines()
         .filter(|l| l.starts_with("tcptrace: stuck: "))
@@ -207,10 +51,7 @@ fn stuck_names(stderr: &str, lport: u16, rport: u64) -> Vec<Holder> {
                 .trim_start_matches("pid ")
                 .split_once(" (")
                 .expect("pid N (comm)");
-            Holder {
-                comm: comm.trim_end_matches(')').to_string(),
-                pid: pid.parse().expect("pid"),
-            }
+            Holder::new(comm.trim_end_matches(')'), pid.parse().expect("pid"))
         })
         .collect::<BTreeSet<_>>();
     who.into_iter().collect()
@@ -218,22 +59,15 @@ fn stuck_names(stderr: &str, lport: u16, rport: u64) -> Vec<Holder> {
 
 /// Waits (up to 10 s) until tcptrace has warned about a stuck socket.
 fn wait_for_stuck(tracer: &Tracer) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tracer.stderr_so_far().contains("tcptrace: stuck: ") {
-        assert!(
-            Instant::now() < deadline,
-            "no stuck warning: {}",
-            tracer.stderr_so_far()
-        );
-        sleep(Duration::from_millis(50));
-    }
+    let warned = tracer.wait_for_stderr(Duration::from_secs(10), |err| {
+        err.contains("tcptrace: stuck: ")
+    });
+    assert!(warned, "no stuck warning: {}", tracer.stderr_so_far());
 }
 
 /// `tcptrace report --format json` of a recording.
 fn report(file: &str) -> Value {
-    let out = tcptrace(&["report", "--format", "json", file]);
-    assert!(out.status.success(), "report failed: {}", out.stderr);
-    serde_json::from_str(&out.stdout).expect("report is JSON")
+    tcptrace(&["report", "--format", "json", file]).json()
 }
 
 /// The report's still-open table: one socket, in `state`, held by `holders`.
@@ -250,9 +84,11 @@ fn assert_still_open(report: &Value, state: &str, lport: u16, holders: &[Holder]
         .as_array()
         .expect("holders")
         .iter()
-        .map(|h| Holder {
-            comm: h["comm"].as_str().unwrap().to_string(),
-            pid: h["pid"].as_u64().unwrap() as u32,
+        .map(|h| {
+            Holder::new(
+                h["comm"].as_str().unwrap(),
+                h["pid"].as_u64().unwrap() as u32,
+            )
         })
         .collect();
     named.sort();
@@ -268,10 +104,10 @@ fn connections_by_process(report: &Value) -> Vec<(Holder, u64)> {
         .iter()
         .map(|p| {
             (
-                Holder {
-                    comm: p["comm"].as_str().unwrap().to_string(),
-                    pid: p["pid"].as_u64().unwrap() as u32,
-                },
+                Holder::new(
+                    p["comm"].as_str().unwrap(),
+                    p["pid"].as_u64().unwrap() as u32,
+                ),
                 p["connections"].as_u64().unwrap(),
             )
         })
@@ -281,29 +117,14 @@ fn connections_by_process(report: &Value) -> Vec<(Holder, u64)> {
     out
 }
 
-fn json_tracer(ns: &Netns, port: u16, extra: &[&str]) -> Tracer {
-    let port = port.to_string();
-    let netns = ns.path();
-    let mut args = vec![
-        "--port", &port, "--netns", &netns, "--format", "json", "--time", "none",
-    ];
-    args.extend_from_slice(extra);
-    Tracer::start(&args)
+/// JSON rows of `port` in `ns`, without times (two tracers compare).
+fn json_tracer(ns: &Netns, port: u16) -> TracerBuilder {
+    Tracer::builder().port(port).netns(ns).json().time("none")
 }
 
 fn client_of(ns: &Netns, addr: &str, hold_ms: u32) -> (Peer, Holder) {
-    let client = ns.peer(&[
-        "client",
-        addr,
-        "--mode",
-        "close",
-        "--hold-ms",
-        &hold_ms.to_string(),
-    ]);
-    let who = Holder {
-        comm: "tt-client".into(),
-        pid: client.pid,
-    };
+    let client = ns.client(addr, ClientMode::Close).hold_ms(hold_ms).start();
+    let who = Holder::new("tt-client", client.pid);
     (client, who)
 }
 
@@ -333,8 +154,8 @@ fn forked_child_leaks_the_socket_and_is_named_for_it() {
     let addr = format!("127.0.0.1:{port}");
     let dir = TempDir::new("owners-leak");
     let file = dir.path("leak.jsonl");
-    let tracer = json_tracer(&ns, port, &["--stuck", "1s", "-w", &file]);
-    let server = ns.peer(&["server", &addr, "--mode", "fork-leak", "--hold-ms", "4000"]);
+    let tracer = json_tracer(&ns, port).stuck("1s").write(&file).start();
+    let server = ns.server(&addr, ServerMode::ForkLeak).hold_ms(4000).start();
     let parent = only(holders_of(&ns, "LISTEN", port), "listener");
     assert_eq!(parent.pid, server.pid);
     let (client_peer, client) = client_of(&ns, &addr, 300);
@@ -358,16 +179,16 @@ fn forked_child_leaks_the_socket_and_is_named_for_it() {
     let lives = out.lives();
     assert_eq!(lives.len(), 3, "{lives:?}");
     let listener = life(&lives, "CLOSE>LISTEN");
-    assert_rows(listener, &all_rows(listener, &parent));
+    assert_rows(listener, &Want::every_row(listener, &parent));
     let c = life(&lives, CLIENT_CLOSES);
-    assert_rows(c, &all_rows(c, &client));
+    assert_rows(c, &Want::every_row(c, &client));
     let leaked = life(&lives, LEAKED);
     assert_rows(
         leaked,
         &[
-            queued("LISTEN>SYN_RECV", &parent),
-            queued("SYN_RECV>ESTABLISHED", &parent),
-            want("ESTABLISHED>CLOSE_WAIT", &child),
+            Want::row("LISTEN>SYN_RECV", &parent).queued(),
+            Want::row("SYN_RECV>ESTABLISHED", &parent).queued(),
+            Want::row("ESTABLISHED>CLOSE_WAIT", &child),
         ],
     );
     assert_eq!(
@@ -387,26 +208,17 @@ fn named_threads_keep_the_process_name_and_say_their_own() {
     let ns = Netns::new();
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
-    let all = json_tracer(&ns, port, &[]);
-    let by_comm = json_tracer(&ns, port, &["--comm", "tt-threads"]);
-    let server = ns.peer(&[
-        "server",
-        &addr,
-        "--mode",
-        "threads",
-        "--name",
-        "tt-threads",
-        "--hold-ms",
-        "600",
-    ]);
+    let all = json_tracer(&ns, port).start();
+    let by_comm = json_tracer(&ns, port)
+        .args(&["--comm", "tt-threads"])
+        .start();
+    let server = ns
+        .server(&addr, ServerMode::Threads)
+        .name("tt-threads")
+        .hold_ms(600)
+        .start();
     let process = only(holders_of(&ns, "LISTEN", port), "listener");
-    assert_eq!(
-        process,
-        Holder {
-            comm: "tt-threads".into(),
-            pid: server.pid
-        }
-    );
+    assert_eq!(process, Holder::new("tt-threads", server.pid));
     let (client_peer, client) = client_of(&ns, &addr, 300);
     // While the closing thread holds the socket, ss names the process; its
     // threads are called what the scenario named them.
@@ -414,13 +226,8 @@ fn named_threads_keep_the_process_name_and_say_their_own() {
         only(holders_of(&ns, "CLOSE-WAIT", port), "accepted socket"),
         process
     );
-    let threads: BTreeSet<String> = std::fs::read_dir(format!("/proc/{}/task", server.pid))
-        .expect("task dir")
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|c| c.trim().to_string())
-        .collect();
     assert_eq!(
-        threads,
+        thread_names(server.pid),
         ["tt-acceptor", "tt-closer", "tt-threads"]
             .map(String::from)
             .into(),
@@ -434,38 +241,35 @@ fn named_threads_keep_the_process_name_and_say_their_own() {
     let lives = out.lives();
     assert_eq!(lives.len(), 3, "{lives:?}");
     let c = life(&lives, CLIENT_CLOSES);
-    assert_rows(c, &all_rows(c, &client));
+    assert_rows(c, &Want::every_row(c, &client));
     // Listening and closing the listener are the main thread's.
-    let listener = life(&lives, "CLOSE>LISTEN>CLOSE");
-    assert_rows(listener, &all_rows(listener, &process));
+    let listener = life(&lives, LISTENER);
+    assert_rows(listener, &Want::every_row(listener, &process));
     let accepted = life(&lives, SERVER_PASSIVE);
     assert_rows(
         accepted,
         &[
-            queued("LISTEN>SYN_RECV", &process),
-            queued("SYN_RECV>ESTABLISHED", &process),
-            want("ESTABLISHED>CLOSE_WAIT", &process),
-            Want {
-                thread: Some("tt-closer"),
-                ..want("CLOSE_WAIT>LAST_ACK", &process)
-            },
-            want("LAST_ACK>CLOSE", &process),
+            Want::row("LISTEN>SYN_RECV", &process).queued(),
+            Want::row("SYN_RECV>ESTABLISHED", &process).queued(),
+            Want::row("ESTABLISHED>CLOSE_WAIT", &process),
+            Want::row("CLOSE_WAIT>LAST_ACK", &process).thread("tt-closer"),
+            Want::row("LAST_ACK>CLOSE", &process),
         ],
     );
 
     // --comm names the process: it keeps every row of its sockets.
-    let kept: Vec<Value> = filtered.rows();
-    let server_rows: Vec<Value> = listener
+    let kept: Vec<Row> = filtered.rows();
+    let server_rows: Vec<Row> = listener
         .rows
         .iter()
         .chain(&accepted.rows)
         .cloned()
         .collect();
     // Another tracer, so other timestamps: the rows' order and content.
-    let by_time = |rows: &[Value]| {
+    let by_time = |rows: &[Row]| {
         let mut rows = rows.to_vec();
-        rows.sort_by_key(|r| r["ts_ns"].as_u64());
-        rows.iter().map(without_time).collect::<Vec<_>>()
+        rows.sort_by_key(|r| r.ts_ns);
+        rows.iter().map(Row::without_time).collect::<Vec<_>>()
     };
     assert_eq!(
         by_time(&kept),
@@ -481,8 +285,8 @@ fn socket_passed_over_a_unix_socket_is_named_for_its_receiver() {
     let addr = format!("127.0.0.1:{port}");
     let dir = TempDir::new("owners-passfd");
     let file = dir.path("pass.jsonl");
-    let tracer = json_tracer(&ns, port, &["--stuck", "2s", "-w", &file]);
-    let server = ns.peer(&["server", &addr, "--mode", "pass-fd", "--hold-ms", "5000"]);
+    let tracer = json_tracer(&ns, port).stuck("2s").write(&file).start();
+    let server = ns.server(&addr, ServerMode::PassFd).hold_ms(5000).start();
     let sender = only(holders_of(&ns, "LISTEN", port), "listener");
     assert_eq!(sender.pid, server.pid);
     // The client closes after a second: the sender has long handed over.
@@ -490,9 +294,9 @@ fn socket_passed_over_a_unix_socket_is_named_for_its_receiver() {
     let receiver = only(
         holders_when(&ns, "the passed socket held by one process", |s| {
             s.state == "ESTAB"
-                && s.local.ends_with(&format!(":{port}"))
-                && s.users.len() == 1
-                && s.users[0].pid != sender.pid
+                && s.on_port(port)
+                && s.holders.len() == 1
+                && s.holders[0].pid != sender.pid
         }),
         "passed socket",
     );
@@ -514,16 +318,16 @@ fn socket_passed_over_a_unix_socket_is_named_for_its_receiver() {
     let lives = out.lives();
     assert_eq!(lives.len(), 3, "{lives:?}");
     let c = life(&lives, CLIENT_CLOSES);
-    assert_rows(c, &all_rows(c, &client));
-    let listener = life(&lives, "CLOSE>LISTEN>CLOSE");
-    assert_rows(listener, &all_rows(listener, &sender));
+    assert_rows(c, &Want::every_row(c, &client));
+    let listener = life(&lives, LISTENER);
+    assert_rows(listener, &Want::every_row(listener, &sender));
     let passed = life(&lives, LEAKED);
     assert_rows(
         passed,
         &[
-            queued("LISTEN>SYN_RECV", &sender),
-            queued("SYN_RECV>ESTABLISHED", &sender),
-            want("ESTABLISHED>CLOSE_WAIT", &receiver),
+            Want::row("LISTEN>SYN_RECV", &sender).queued(),
+            Want::row("SYN_RECV>ESTABLISHED", &sender).queued(),
+            Want::row("ESTABLISHED>CLOSE_WAIT", &receiver),
         ],
     );
     assert_eq!(
@@ -542,17 +346,12 @@ fn rows_before_accept_carry_the_listeners_owner_as_queued() {
     let ns = Netns::new();
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
-    let tracer = json_tracer(&ns, port, &[]);
-    let server = ns.peer(&[
-        "server",
-        &addr,
-        "--mode",
-        "wait-peer-close",
-        "--delay-accept-ms",
-        "1000",
-        "--hold-ms",
-        "500",
-    ]);
+    let tracer = json_tracer(&ns, port).start();
+    let server = ns
+        .server(&addr, ServerMode::WaitPeerClose)
+        .delay_accept_ms(1000)
+        .hold_ms(500)
+        .start();
     let owner = only(holders_of(&ns, "LISTEN", port), "listener");
     assert_eq!(owner.pid, server.pid);
     // The client connects and closes at once: its socket is in the queue,
@@ -565,7 +364,7 @@ fn rows_before_accept_carry_the_listeners_owner_as_queued() {
     // Then accepted: the server's until it closes.
     let accepter = only(
         holders_when(&ns, "the accepted socket", |s| {
-            s.state == "CLOSE-WAIT" && s.local.ends_with(&format!(":{port}")) && !s.users.is_empty()
+            s.state == "CLOSE-WAIT" && s.on_port(port) && !s.holders.is_empty()
         }),
         "accepted",
     );
@@ -577,17 +376,17 @@ fn rows_before_accept_carry_the_listeners_owner_as_queued() {
     let lives = out.lives();
     assert_eq!(lives.len(), 3, "{lives:?}");
     let c = life(&lives, CLIENT_CLOSES);
-    assert_rows(c, &all_rows(c, &client));
-    let listener = life(&lives, "CLOSE>LISTEN>CLOSE");
-    assert_rows(listener, &all_rows(listener, &owner));
+    assert_rows(c, &Want::every_row(c, &client));
+    let listener = life(&lives, LISTENER);
+    assert_rows(listener, &Want::every_row(listener, &owner));
     assert_rows(
         life(&lives, SERVER_PASSIVE),
         &[
-            queued("LISTEN>SYN_RECV", &owner),
-            queued("SYN_RECV>ESTABLISHED", &owner),
-            queued("ESTABLISHED>CLOSE_WAIT", &owner),
-            want("CLOSE_WAIT>LAST_ACK", &accepter),
-            want("LAST_ACK>CLOSE", &accepter),
+            Want::row("LISTEN>SYN_RECV", &owner).queued(),
+            Want::row("SYN_RECV>ESTABLISHED", &owner).queued(),
+            Want::row("ESTABLISHED>CLOSE_WAIT", &owner).queued(),
+            Want::row("CLOSE_WAIT>LAST_ACK", &accepter),
+            Want::row("LAST_ACK>CLOSE", &accepter),
         ],
     );
 }
@@ -664,41 +463,30 @@ fn unit_and_cgroup_filters_keep_the_service_and_only_it() {
     );
     let dir = TempDir::new("owners-unit");
     let file = dir.path("unit.jsonl");
-    let netns = ns.path();
-    let ports = format!("{port},{other_port}");
-    let base = [
-        "--port", &ports, "--netns", &netns, "--format", "json", "--time", "none",
-    ];
     let start = |extra: &[&str]| {
-        let mut args = base.to_vec();
-        args.extend_from_slice(extra);
-        Tracer::start(&args)
+        Tracer::builder()
+            .ports(&[port, other_port])
+            .netns(&ns)
+            .json()
+            .time("none")
+            .args(extra)
+            .start()
     };
     let by_unit = start(&["--unit", &service]);
     let by_cgroup = start(&["--cgroup", &cg.path]);
     let everything = start(&["-w", &file]);
 
     let procs = cg.procs();
-    let server = ns.peer(&[
-        "server",
-        &addr,
-        "--mode",
-        "wait-peer-close",
-        "--hold-ms",
-        "200",
-        "--cgroup-procs",
-        &procs,
-        "--name",
-        "tt-unit",
-    ]);
-    let other = ns.peer(&[
-        "server",
-        &other_addr,
-        "--mode",
-        "wait-peer-close",
-        "--hold-ms",
-        "200",
-    ]);
+    let server = ns
+        .server(&addr, ServerMode::WaitPeerClose)
+        .hold_ms(200)
+        .cgroup_procs(&procs)
+        .name("tt-unit")
+        .start();
+    let other = ns
+        .server(&other_addr, ServerMode::WaitPeerClose)
+        .hold_ms(200)
+        .start();
     let in_unit = only(holders_of(&ns, "LISTEN", port), "the unit's listener");
     assert_eq!(in_unit.pid, server.pid);
     assert_eq!(cgroup_of(server.pid), cg.path);
@@ -721,42 +509,41 @@ fn unit_and_cgroup_filters_keep_the_service_and_only_it() {
     // Unfiltered: both servers and both clients, each as ss named them.
     let lives = all_out.lives();
     assert_eq!(lives.len(), 6, "{lives:?}");
-    let on =
-        |p: u16| -> Vec<&Life> { lives.iter().filter(|l| l.lport() == u64::from(p)).collect() };
+    let on = |p: u16| -> Vec<&Life> { lives.iter().filter(|l| l.lport() == p).collect() };
     for (p, who, client) in [(port, &in_unit, &client1), (other_port, &outside, &client2)] {
         let server_side = on(p);
         assert_eq!(server_side.len(), 2);
         for l in &server_side {
-            if l.path() == "CLOSE>LISTEN>CLOSE" {
-                assert_rows(l, &all_rows(l, who));
+            if l.path() == LISTENER {
+                assert_rows(l, &Want::every_row(l, who));
             } else {
                 assert_eq!(l.path(), SERVER_PASSIVE);
                 assert_rows(
                     l,
                     &[
-                        queued("LISTEN>SYN_RECV", who),
-                        queued("SYN_RECV>ESTABLISHED", who),
-                        want("ESTABLISHED>CLOSE_WAIT", who),
-                        want("CLOSE_WAIT>LAST_ACK", who),
-                        want("LAST_ACK>CLOSE", who),
+                        Want::row("LISTEN>SYN_RECV", who).queued(),
+                        Want::row("SYN_RECV>ESTABLISHED", who).queued(),
+                        Want::row("ESTABLISHED>CLOSE_WAIT", who),
+                        Want::row("CLOSE_WAIT>LAST_ACK", who),
+                        Want::row("LAST_ACK>CLOSE", who),
                     ],
                 );
             }
         }
         let client_side: Vec<&Life> = lives
             .iter()
-            .filter(|l| l.rport() == u64::from(p) && l.path() == CLIENT_CLOSES)
+            .filter(|l| l.rport() == p && l.path() == CLIENT_CLOSES)
             .collect();
         assert_eq!(client_side.len(), 1);
-        assert_rows(client_side[0], &all_rows(client_side[0], client));
+        assert_rows(client_side[0], &Want::every_row(client_side[0], client));
     }
     let unit_name = format!("{service}.service");
     for row in all_out.rows() {
-        let ours = row["pid"] == in_unit.pid;
+        let ours = row.pid == Some(in_unit.pid);
         assert_eq!(
             (
-                row["unit"] == unit_name.as_str(),
-                row["cgroup"] == cg.path.as_str()
+                row.unit.as_deref() == Some(unit_name.as_str()),
+                row.cgroup.as_deref() == Some(cg.path.as_str())
             ),
             (ours, ours),
             "unit and cgroup of {row}"
@@ -764,10 +551,10 @@ fn unit_and_cgroup_filters_keep_the_service_and_only_it() {
     }
 
     // --unit and --cgroup, live: the unit's sockets, every row, nothing else.
-    let ours: Vec<Value> = all_out
+    let ours: Vec<Row> = all_out
         .rows()
         .into_iter()
-        .filter(|r| r["pid"] == in_unit.pid)
+        .filter(|r| r.pid == Some(in_unit.pid))
         .collect();
     assert_eq!(
         ours.len(),
@@ -775,9 +562,9 @@ fn unit_and_cgroup_filters_keep_the_service_and_only_it() {
         "2 of the listener, 5 of the accepted socket: {ours:?}"
     );
     // Other tracers, so other timestamps and socket ids: the rest agrees.
-    let expect: Vec<Value> = ours.iter().map(without_time).collect();
+    let expect: Vec<Row> = ours.iter().map(Row::without_time).collect();
     for (flag, out) in [("--unit", &unit_out), ("--cgroup", &cgroup_out)] {
-        let got: Vec<Value> = out.rows().iter().map(without_time).collect();
+        let got: Vec<Row> = out.rows().iter().map(Row::without_time).collect();
         assert_eq!(got, expect, "{flag} live");
     }
     // The same filters on the recording: exactly its rows of the unit.
@@ -795,29 +582,21 @@ fn a_daemons_launcher_is_never_named_after_it_exited() {
     let ns = Netns::new();
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
-    let tracer = json_tracer(&ns, port, &[]);
-    let launcher = ns.peer(&[
-        "server",
-        &addr,
-        "--mode",
-        "daemon",
-        "--conns",
-        "2",
-        "--hold-ms",
-        "200",
-    ]);
+    let tracer = json_tracer(&ns, port).start();
+    let launcher = ns
+        .server(&addr, ServerMode::Daemon)
+        .conns(2)
+        .hold_ms(200)
+        .start();
     let launcher_pid = launcher.pid;
     launcher.finish();
-    let launcher = Holder {
-        comm: "tt-server".into(),
-        pid: launcher_pid,
-    };
+    let launcher = Holder::new("tt-server", launcher_pid);
     // Once the launcher is gone, only the daemon holds the listener.
     let daemon = only(
         holders_when(&ns, "the listener held by the daemon alone", |s| {
             s.state == "LISTEN"
-                && s.local.ends_with(&format!(":{port}"))
-                && s.users.iter().all(|u| u.comm == "tt-daemon")
+                && s.on_port(port)
+                && s.holders.iter().all(|u| u.comm == "tt-daemon")
         }),
         "listener",
     );
@@ -829,7 +608,7 @@ fn a_daemons_launcher_is_never_named_after_it_exited() {
     c2.finish();
     // The daemon serves both and exits by itself.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while ss(&ns).iter().any(|s| s.state == "LISTEN") {
+    while ns.ss().iter().any(|s| s.state == "LISTEN") {
         assert!(Instant::now() < deadline, "the daemon did not exit");
         sleep(Duration::from_millis(20));
     }
@@ -839,19 +618,19 @@ fn a_daemons_launcher_is_never_named_after_it_exited() {
     let lives = out.lives();
     assert_eq!(lives.len(), 5, "{lives:?}");
     assert_rows(
-        life(&lives, "CLOSE>LISTEN>CLOSE"),
+        life(&lives, LISTENER),
         &[
-            want("CLOSE>LISTEN", &launcher),
-            want("LISTEN>CLOSE", &daemon),
+            Want::row("CLOSE>LISTEN", &launcher),
+            Want::row("LISTEN>CLOSE", &daemon),
         ],
     );
     for client in [&client1, &client2] {
         let l = lives
             .iter()
-            .find(|l| l.rows[0]["pid"] == client.pid)
+            .find(|l| l.rows[0].pid == Some(client.pid))
             .expect("client socket");
         assert_eq!(l.path(), CLIENT_CLOSES);
-        assert_rows(l, &all_rows(l, client));
+        assert_rows(l, &Want::every_row(l, client));
     }
     let served: Vec<&Life> = lives
         .iter()
@@ -862,18 +641,18 @@ fn a_daemons_launcher_is_never_named_after_it_exited() {
         assert_rows(
             l,
             &[
-                queued("LISTEN>SYN_RECV", &daemon),
-                queued("SYN_RECV>ESTABLISHED", &daemon),
-                want("ESTABLISHED>CLOSE_WAIT", &daemon),
-                want("CLOSE_WAIT>LAST_ACK", &daemon),
-                want("LAST_ACK>CLOSE", &daemon),
+                Want::row("LISTEN>SYN_RECV", &daemon).queued(),
+                Want::row("SYN_RECV>ESTABLISHED", &daemon).queued(),
+                Want::row("ESTABLISHED>CLOSE_WAIT", &daemon),
+                Want::row("CLOSE_WAIT>LAST_ACK", &daemon),
+                Want::row("LAST_ACK>CLOSE", &daemon),
             ],
         );
     }
     let launcher_rows = out
         .rows()
         .iter()
-        .filter(|r| r["pid"] == launcher_pid)
+        .filter(|r| r.pid == Some(launcher_pid))
         .count();
     assert_eq!(launcher_rows, 1, "only the launcher's own listen names it");
 }
@@ -906,22 +685,19 @@ fn a_containers_sockets_carry_the_name_its_runtime_gave_it() {
     let dir = TempDir::new("container");
     let file = dir.path("rec.tcpt");
     let start = |args: &[&str]| {
-        let mut cmd = Command::new(tcptrace_tests::tcptrace_bin());
-        cmd.args(["--port", &port.to_string(), "--netns", &ns.path()])
+        Tracer::builder()
+            .port(port)
+            .netns(&ns)
             .args(args)
-            .env("TCPTRACE_RUNTIME_ROOT", &runtime.0);
-        Tracer::start_cmd(cmd)
+            .env("TCPTRACE_RUNTIME_ROOT", &runtime.0)
+            .start()
     };
     let json = start(&["--format", "json", "-w", &file]);
     let wide = start(&["--wide", "--no-header"]);
-    let server = ns.peer(&[
-        "server",
-        &addr,
-        "--mode",
-        "wait-peer-close",
-        "--cgroup-procs",
-        &cg.procs(),
-    ]);
+    let server = ns
+        .server(&addr, ServerMode::WaitPeerClose)
+        .cgroup_procs(&cg.procs())
+        .start();
     assert_eq!(cgroup_of(server.pid), cg.path);
     let (client, _) = client_of(&ns, &addr, 50);
     client.finish();
@@ -930,16 +706,16 @@ fn a_containers_sockets_carry_the_name_its_runtime_gave_it() {
     let (json, wide) = (json.stop(), wide.stop());
 
     // Every row the server owns names its container, id and name.
-    let owned: Vec<Value> = json
+    let owned: Vec<Row> = json
         .rows()
         .into_iter()
-        .filter(|r| r["pid"] == server_pid)
+        .filter(|r| r.pid == Some(server_pid))
         .collect();
     assert_eq!(owned.len(), 7, "listener 2, child 5: {}", json.stdout);
     for r in &owned {
         assert_eq!(
-            (&r["container"], &r["container_name"]),
-            (&id.as_str().into(), &"web-1".into()),
+            (r.container.as_deref(), r.container_name.as_deref()),
+            (Some(id.as_str()), Some("web-1")),
             "{r}"
         );
     }
@@ -956,7 +732,7 @@ fn a_containers_sockets_carry_the_name_its_runtime_gave_it() {
     );
 
     // The report names it where the runtime's state is readable.
-    let mut cmd = Command::new(tcptrace_tests::tcptrace_bin());
+    let mut cmd = std::process::Command::new(tcptrace_tests::tcptrace_bin());
     cmd.args(["report", "--format", "json", &file])
         .env("TCPTRACE_RUNTIME_ROOT", &runtime.0);
     let out = cmd.output().unwrap();

@@ -5,8 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use serde_json::Value;
-use tcptrace_tests::{Netns, Tracer, life, unique_port};
+use tcptrace_tests::{CLIENT_CLOSES, Netns, SERVER_PASSIVE, Tracer, life, unique_port};
 
 const INSTALLED: [&str; 9] = [
     "/usr/bin/tcptrace",
@@ -122,33 +121,24 @@ fn the_deb_installs_a_static_tcptrace_that_traces_and_removes_cleanly() {
     // One connection, client closes first, traced by the installed binary.
     let ns = Netns::new();
     let port = unique_port();
-    let mut cmd = Command::new("/usr/bin/tcptrace");
-    cmd.args([
-        "--format",
-        "json",
-        "--no-snapshot",
-        "--port",
-        &port.to_string(),
-    ]);
-    let tracer = Tracer::start_cmd(cmd);
+    let tracer = Tracer::builder()
+        .program("/usr/bin/tcptrace")
+        .json()
+        .no_snapshot()
+        .port(port)
+        .start();
     ns.connections(&format!("127.0.0.1:{port}"), 1);
     ns.settle("fin-wait-1");
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
     let lives = out.lives();
-    let client = life(
-        &lives,
-        "CLOSE>SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE",
-    );
-    let server = life(
-        &lives,
-        "LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE",
-    );
+    let client = life(&lives, CLIENT_CLOSES);
+    let server = life(&lives, SERVER_PASSIVE);
     assert_eq!(lives.len(), 3, "client, server child, listener: {lives:?}");
-    assert_eq!(client.rport(), u64::from(port));
-    assert_eq!(server.lport(), u64::from(port));
+    assert_eq!(client.rport(), port);
+    assert_eq!(server.lport(), port);
     assert!(
-        out.rows().iter().all(|r: &Value| r["netns"] == ns.inode()),
+        out.rows().iter().all(|r| r.netns == Some(ns.inode())),
         "{}",
         out.stdout
     );

@@ -4,7 +4,15 @@
 use std::fs;
 
 use serde_json::Value;
-use tcptrace_tests::{Netns, Output, TempDir, Tracer, tcptrace, unique_port};
+use tcptrace_tests::{
+    ClientMode, Netns, Output, Pty, Row, ServerMode, TempDir, Tracer, TracerBuilder, chromium,
+    chromium_dom, svg_chart, tcptrace, tcptrace_bin, unique_port,
+};
+
+/// tcptrace on `port`, recording into `file`.
+fn recording(port: u16, file: &str) -> TracerBuilder {
+    Tracer::builder().port(port).write(file)
+}
 
 /// `tcptrace read FILE --format json`, which must say nothing on stderr:
 /// its rows.
@@ -33,29 +41,24 @@ fn assert_stopped_by_a_full_disk(out: &Output) {
 fn record_scenarios(file: &str, live_args: &[&str]) -> String {
     let ns = Netns::new();
     let (p1, p2) = (unique_port(), unique_port());
-    let ports = format!("{p1},{p2}");
     // Exact counts: time-wait rows (which depend on polling) are tested apart.
-    let mut args = vec!["--port", &ports, "-w", file, "--no-timewait"];
-    args.extend_from_slice(live_args);
-    let tracer = Tracer::start(&args);
+    let tracer = Tracer::builder()
+        .ports(&[p1, p2])
+        .write(file)
+        .no_timewait()
+        .args(live_args)
+        .start();
     let a1 = format!("127.0.0.1:{p1}");
-    let server = ns.peer(&[
-        "server",
-        &a1,
-        "--mode",
-        "wait-peer-close",
-        "--hold-ms",
-        "30",
-        "--conns",
-        "2",
-    ]);
-    ns.peer(&["client", &a1, "--mode", "close", "--hold-ms", "20"])
-        .finish();
-    ns.peer(&["client", &a1, "--mode", "close", "--hold-ms", "5"])
-        .finish();
+    let server = ns
+        .server(&a1, ServerMode::WaitPeerClose)
+        .hold_ms(30)
+        .conns(2)
+        .start();
+    ns.client(&a1, ClientMode::Close).hold_ms(20).run();
+    ns.client(&a1, ClientMode::Close).hold_ms(5).run();
     server.finish();
-    ns.peer(&["client", &format!("127.0.0.1:{p2}"), "--mode", "refused"])
-        .finish();
+    ns.client(&format!("127.0.0.1:{p2}"), ClientMode::Refused)
+        .run();
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
     out.stdout
@@ -82,11 +85,7 @@ fn read_reproduces_relative_times_json_and_filters() {
     let replay = tcptrace(&["read", &file, "--time", "relative", "--format", "json"]);
     assert_eq!(replay.stdout, live);
     // The recording's own rows are the `--format json --time utc` objects.
-    let recorded: Vec<Value> = fs::read_to_string(&file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let recorded = json_lines(&file);
     assert_eq!(recorded[0]["type"], "header");
     assert_eq!(recorded[0]["filters"]["ports"].as_array().unwrap().len(), 2);
     assert!(recorded[0]["clock_offset_ns"].is_i64() && recorded[0]["kernel"].is_string());
@@ -97,12 +96,7 @@ fn read_reproduces_relative_times_json_and_filters() {
     );
     assert_eq!(recorded.len(), 26);
     let utc = tcptrace(&["read", &file, "--format", "json", "--time", "utc"]);
-    let rows: Vec<Value> = utc
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(rows, recorded[1..25]);
+    assert_eq!(utc.json_lines(), recorded[1..25]);
     // The same filters as live: only the refused connect's port.
     let refused = recorded.iter().find(|r| {
         r["new"] == "SYN_SENT" && r["ms"].is_null() && {
@@ -133,36 +127,28 @@ fn record_incident() -> Incident {
     let dir = TempDir::new("report");
     let file = dir.path("incident.jsonl");
     let (ok, leak, reset, refused) = (unique_port(), unique_port(), unique_port(), unique_port());
-    let ports = format!("{ok},{leak},{reset},{refused}");
-    let tracer = Tracer::start(&["--port", &ports, "-w", &file, "-q"]);
+    let tracer = Tracer::builder()
+        .ports(&[ok, leak, reset, refused])
+        .write(&file)
+        .quiet()
+        .start();
     let addr = |p: u16| format!("127.0.0.1:{p}");
     // Orderly: the server keeps CLOSE_WAIT 200 ms before closing.
-    let s_ok = ns.peer(&[
-        "server",
-        &addr(ok),
-        "--mode",
-        "wait-peer-close",
-        "--hold-ms",
-        "200",
-    ]);
+    let s_ok = ns
+        .server(&addr(ok), ServerMode::WaitPeerClose)
+        .hold_ms(200)
+        .start();
     // The leak: this server never closes its side.
-    let s_leak = ns.peer(&[
-        "server",
-        &addr(leak),
-        "--mode",
-        "wait-peer-close",
-        "--hold-ms",
-        "60000",
-    ]);
-    let s_reset = ns.peer(&["server", &addr(reset), "--mode", "expect-reset"]);
+    let s_leak = ns
+        .server(&addr(leak), ServerMode::WaitPeerClose)
+        .hold_ms(60000)
+        .start();
+    let s_reset = ns.server(&addr(reset), ServerMode::ExpectReset).start();
     let leak_pid = s_leak.pid;
-    ns.peer(&["client", &addr(ok), "--mode", "close"]).finish();
-    ns.peer(&["client", &addr(leak), "--mode", "close"])
-        .finish();
-    ns.peer(&["client", &addr(reset), "--mode", "reset"])
-        .finish();
-    ns.peer(&["client", &addr(refused), "--mode", "refused"])
-        .finish();
+    ns.client(&addr(ok), ClientMode::Close).run();
+    ns.client(&addr(leak), ClientMode::Close).run();
+    ns.client(&addr(reset), ClientMode::Reset).run();
+    ns.client(&addr(refused), ClientMode::Refused).run();
     s_ok.finish();
     s_reset.finish();
     // The leaking server's ACK moves its client on to FIN_WAIT2 and CLOSE.
@@ -173,14 +159,13 @@ fn record_incident() -> Incident {
     assert!(out.stdout.is_empty(), "-q prints nothing");
     s_leak.kill();
 
-    let report = tcptrace(&["report", &file, "--format", "json"]);
-    assert!(report.status.success(), "{}", report.stderr);
+    let report = tcptrace(&["report", &file, "--format", "json"]).json();
     Incident {
         _dir: dir,
         file,
         leak,
         leak_pid,
-        report: serde_json::from_str(&report.stdout).unwrap(),
+        report,
     }
 }
 
@@ -274,30 +259,22 @@ fn report_follow_shows_one_connections_timeline() {
     let dir = TempDir::new("follow");
     let file = dir.path("rec.jsonl");
     record_scenarios(&file, &["-q"]);
-    let rows: Vec<Value> = fs::read_to_string(&file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = whole_rows(&fs::read_to_string(&file).unwrap());
     let est = rows
         .iter()
-        .find(|r| r["old"] == "SYN_SENT" && r["new"] == "ESTABLISHED")
+        .find(|r| r.is("SYN_SENT", "ESTABLISHED"))
         .unwrap();
-    let tuple = format!("127.0.0.1:{},127.0.0.1:{}", est["lport"], est["rport"]);
+    let tuple = format!("127.0.0.1:{},127.0.0.1:{}", est.lport, est.rport);
     let out = tcptrace(&["report", &file, "--follow", &tuple, "--format", "json"]);
     assert!(out.status.success(), "{}", out.stderr);
-    let timeline: Vec<Value> = out
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let timeline = out.all_rows();
     assert_eq!(
         timeline.len(),
         10,
         "both sides, from the connect on: {}",
         out.stdout
     );
-    assert_eq!(timeline[0]["new"], "SYN_SENT");
+    assert_eq!(timeline[0].new, "SYN_SENT");
 }
 
 #[test]
@@ -306,11 +283,11 @@ fn a_rotation_set_reads_as_one_stream() {
     let dir = TempDir::new("rotate");
     let file = dir.path("rot.tcpt");
     let port = unique_port();
-    let tracer = Tracer::recording(
-        port,
-        &file,
-        &["--no-timewait", "--rotate-size", "4K", "--time", "relative"],
-    );
+    let tracer = recording(port, &file)
+        .no_timewait()
+        .args(&["--rotate-size", "4K"])
+        .time("relative")
+        .start();
     let addr = format!("127.0.0.1:{port}");
     // Under 20 bytes a row: 700 rows fill two 4 KiB files and start a third.
     ns.connections(&addr, 70);
@@ -356,11 +333,10 @@ fn rotate_keep_deletes_the_oldest() {
     let dir = TempDir::new("keep");
     let file = dir.path("rot.jsonl");
     let port = unique_port();
-    let tracer = Tracer::recording(
-        port,
-        &file,
-        &["-q", "--rotate-size", "4K", "--rotate-keep", "2"],
-    );
+    let tracer = recording(port, &file)
+        .quiet()
+        .args(&["--rotate-size", "4K", "--rotate-keep", "2"])
+        .start();
     let addr = format!("127.0.0.1:{port}");
     ns.connections(&addr, 8);
     assert!(tracer.stop().status.success());
@@ -456,19 +432,8 @@ fn a_full_disk_stops_the_run_and_keeps_every_whole_line() {
     let dir = TempDir::new("full");
     let (_mount, file) = Tmpfs::file_on(&dir, "16k", "rec.jsonl");
     let port = unique_port();
-    let tracer = Tracer::recording(port, &file, &["-q"]);
-    let addr = format!("127.0.0.1:{port}");
-    let server = ns.peer(&[
-        "server",
-        &addr,
-        "--mode",
-        "wait-peer-close",
-        "--conns",
-        "30",
-    ]);
-    ns.peer(&["client", &addr, "--mode", "close", "--repeat", "30"])
-        .finish();
-    server.finish();
+    let tracer = recording(port, &file).quiet().start();
+    ns.connections(&format!("127.0.0.1:{port}"), 30);
     let out = tracer.wait();
     assert_stopped_by_a_full_disk(&out);
     assert!(
@@ -487,12 +452,26 @@ fn a_full_disk_stops_the_run_and_keeps_every_whole_line() {
     );
 }
 
+/// Every line of a JSON Lines recording, untyped: its header and stats
+/// records are no rows.
+fn json_lines(file: &str) -> Vec<Value> {
+    fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}
+
 /// Every line of a recording parsed; the rows (lines without a "type").
-fn whole_rows(text: &str) -> Vec<Value> {
+fn whole_rows(text: &str) -> Vec<Row> {
     assert!(text.ends_with('\n'), "only whole lines");
     text.lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
-        .filter(|v| v.get("type").is_none())
+        .filter(|l| {
+            let v: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"));
+            v.get("type").is_none()
+        })
+        .map(Row::parse)
         .collect()
 }
 
@@ -505,11 +484,11 @@ fn a_recording_at_full_churn_is_exactly_the_rows_shown() {
     let dir = TempDir::new("churn");
     let file = dir.path("rec.tcpt");
     let port = unique_port();
-    let tracer = Tracer::recording(
-        port,
-        &file,
-        &["--format", "json", "--time", "utc", "--no-timewait"],
-    );
+    let tracer = recording(port, &file)
+        .json()
+        .time("utc")
+        .no_timewait()
+        .start();
     ns.churn(port, 1, &[]).expected();
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
@@ -534,8 +513,7 @@ fn a_recording_at_full_churn_is_exactly_the_rows_shown() {
         per_row <= 64.0,
         "{per_row:.1} bytes per transition ({size} bytes, {shown} rows)"
     );
-    let report = tcptrace(&["report", &file, "--format", "json"]);
-    let report: Value = serde_json::from_str(&report.stdout).unwrap();
+    let report = tcptrace(&["report", &file, "--format", "json"]).json();
     assert_eq!(report["events"].as_u64(), Some(shown), "{report}");
 }
 
@@ -545,7 +523,7 @@ fn a_full_disk_in_a_burst_keeps_every_whole_line() {
     let dir = TempDir::new("fullburst");
     let (_mount, file) = Tmpfs::file_on(&dir, "4m", "rec.jsonl");
     let port = unique_port();
-    let tracer = Tracer::recording(port, &file, &["-q", "--no-timewait"]);
+    let tracer = recording(port, &file).quiet().no_timewait().start();
     ns.churn(port, 1, &[]).expected();
     let out = tracer.wait();
     assert_stopped_by_a_full_disk(&out);
@@ -563,7 +541,7 @@ fn a_recording_survives_kill_9_of_its_writer() {
     let dir = TempDir::new("kill9");
     let file = dir.path("rec.tcpt");
     let port = unique_port();
-    let tracer = Tracer::recording(port, &file, &["-q", "--no-timewait"]);
+    let tracer = recording(port, &file).quiet().no_timewait().start();
     let addr = format!("127.0.0.1:{port}");
     ns.connections(&addr, 5);
     // Written within 200 ms, whatever happens to the writer after that.
@@ -598,8 +576,8 @@ fn report_and_read_show_progress_on_a_terminal_only() {
     let big_file = dir.path("big.jsonl");
     fs::write(&big_file, big).unwrap();
 
-    let pty = tcptrace_tests::Pty::new();
-    let status = std::process::Command::new(tcptrace_tests::tcptrace_bin())
+    let pty = Pty::new();
+    let status = std::process::Command::new(tcptrace_bin())
         .args(["report", &big_file])
         .stdout(std::process::Stdio::null())
         .stderr(pty.terminal())
@@ -639,14 +617,8 @@ fn the_html_report_renders_in_headless_chromium_with_its_three_charts() {
             "the page would fetch something: {fetch}"
         );
     }
-    let dom = tcptrace_tests::chromium_dom(&dir, &html);
-    let chart = |id: &str| {
-        let start = dom
-            .find(&format!("<svg id=\"{id}\""))
-            .unwrap_or_else(|| panic!("no chart {id}"));
-        let end = start + dom[start..].find("</svg>").expect("closed svg");
-        dom[start..end].to_string()
-    };
+    let dom = chromium_dom(&dir, &html);
+    let chart = |id: &str| svg_chart(&dom, id);
     let series = chart("sockets-over-time");
     assert!(
         series.matches("<polyline").count() >= 5,
@@ -667,7 +639,7 @@ fn the_html_report_renders_in_headless_chromium_with_its_three_charts() {
         "the tables too"
     );
     let png = dir.path("report.png");
-    let shot = tcptrace_tests::chromium(&dir, &html, &[&format!("--screenshot={png}")]);
+    let shot = chromium(&dir, &html, &[&format!("--screenshot={png}")]);
     assert!(shot.status.success());
     assert!(fs::metadata(&png).unwrap().len() > 20_000, "a real picture");
 }
@@ -756,7 +728,7 @@ fn two_batches(dir: &TempDir) -> (String, Vec<String>) {
     let ns = Netns::new();
     let file = dir.path("rec.tcpt");
     let port = unique_port();
-    let tracer = Tracer::recording(port, &file, &["-q", "--no-timewait"]);
+    let tracer = recording(port, &file).quiet().no_timewait().start();
     let addr = format!("127.0.0.1:{port}");
     ns.connections(&addr, 3);
     std::thread::sleep(std::time::Duration::from_millis(600));
@@ -844,7 +816,7 @@ fn a_full_disk_under_a_binary_recording_keeps_every_record_that_fit() {
     let dir = TempDir::new("bin-full");
     let (_mount, file) = Tmpfs::file_on(&dir, "256k", "rec.tcpt");
     let port = unique_port();
-    let tracer = Tracer::recording(port, &file, &["-q", "--no-timewait"]);
+    let tracer = recording(port, &file).quiet().no_timewait().start();
     ns.churn(port, 1, &[]).expected();
     let out = tracer.wait();
     assert_stopped_by_a_full_disk(&out);
@@ -867,7 +839,11 @@ fn read_tail_follows_a_growing_recording_through_its_rotation() {
     let dir = TempDir::new("tail");
     let file = dir.path("rec.tcpt");
     let port = unique_port();
-    let tracer = Tracer::recording(port, &file, &["-q", "--no-timewait", "--rotate-size", "4K"]);
+    let tracer = recording(port, &file)
+        .quiet()
+        .no_timewait()
+        .args(&["--rotate-size", "4K"])
+        .start();
     /// The follower never ends by itself: killed when dropped, even by a
     /// failing test.
     struct Follower(std::process::Child);
@@ -878,7 +854,7 @@ fn read_tail_follows_a_growing_recording_through_its_rotation() {
         }
     }
     let mut follower = Follower(
-        std::process::Command::new(tcptrace_tests::tcptrace_bin())
+        std::process::Command::new(tcptrace_bin())
             .args(["read", "--tail", &file, "--format", "json", "--time", "utc"])
             .stdout(std::process::Stdio::piped())
             .stderr(fs::File::create(dir.path("tail.err")).unwrap())

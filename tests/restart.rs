@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tcptrace_tests::{
-    Netns, TempDir, Tracer, chromium, chromium_dom, peer_bin, tcptrace, unique_port,
+    Netns, Row, TempDir, Tracer, chromium, chromium_dom, peer_bin, svg_chart, tcptrace, unique_port,
 };
 
 /// One generation of the service: its pid and what it said.
@@ -82,18 +82,6 @@ struct Restarts {
     pids: Vec<u64>,
 }
 
-fn ss_count(ns: &Netns, state: &str) -> u64 {
-    let out = ns
-        .spawn(
-            Command::new("ss")
-                .args(["-Htan", "state", state])
-                .stdout(Stdio::piped()),
-        )
-        .wait_with_output()
-        .expect("ss");
-    String::from_utf8_lossy(&out.stdout).lines().count() as u64
-}
-
 /// Generation 1 serves 700 ms, nothing listens for about 150 ms,
 /// generation 2 serves 600 ms, nothing for about 300 ms, generation 3
 /// serves past the end; a client connects every millisecond meanwhile.
@@ -104,8 +92,12 @@ fn restart_twice(dir: &TempDir) -> Restarts {
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
     let file = dir.path("restart.jsonl");
-    let p = port.to_string();
-    let tracer = Tracer::start(&["--port", &p, "-w", &file, "--format", "json", "-q"]);
+    let tracer = Tracer::builder()
+        .port(port)
+        .write(&file)
+        .json()
+        .quiet()
+        .start();
 
     let mut old = Generation::start(&ns, &addr, 700, 30);
     let mut pids = vec![old.pid];
@@ -144,7 +136,7 @@ fn restart_twice(dir: &TempDir) -> Restarts {
         ns.settle(state);
     }
     std::thread::sleep(Duration::from_millis(800));
-    let time_wait_at_end = ss_count(&ns, "time-wait");
+    let time_wait_at_end = ns.ss_count("TIME-WAIT");
     let traced = tracer.stop();
     assert!(traced.status.success(), "{}", traced.stderr);
     let _ = old.child.kill();
@@ -172,34 +164,27 @@ struct Window {
 }
 
 /// The rows, as `tcptrace read` gives them back.
-fn recorded_rows(file: &str) -> Vec<Value> {
+fn recorded_rows(file: &str) -> Vec<Row> {
     let out = tcptrace(&["read", file, "--format", "json"]);
     assert!(out.status.success(), "{}", out.stderr);
-    out.stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON row"))
-        .collect()
+    out.all_rows()
 }
 
 /// The windows with nothing listening on `port`, computed from the rows
 /// alone (the listener's CLOSE to the next listen), with what happened in
 /// each: refused connects, children of the closing listener reset within
 /// a second of its close, the new listener's first connection.
-fn windows_from_rows(rows: &[Value], port: u16) -> (Vec<Window>, Vec<u64>) {
-    let ts = |r: &Value| r["ts_ns"].as_u64().unwrap();
-    let is = |r: &Value, old: &str, new: &str| r["old"] == old && r["new"] == new;
+fn windows_from_rows(rows: &[Row], port: u16) -> (Vec<Window>, Vec<u64>) {
     let listens: Vec<(u64, u64)> = rows
         .iter()
-        .filter(|r| r["new"] == "LISTEN" && r["lport"] == port)
-        .map(|r| (r["sock"].as_u64().unwrap(), ts(r)))
+        .filter(|r| r.new == "LISTEN" && r.lport == port)
+        .map(|r| (r.sock, r.ts_ns))
         .collect();
     let listener_socks: HashSet<u64> = listens.iter().map(|l| l.0).collect();
     let closes: Vec<u64> = rows
         .iter()
-        .filter(|r| {
-            is(r, "LISTEN", "CLOSE") && listener_socks.contains(&r["sock"].as_u64().unwrap())
-        })
-        .map(ts)
+        .filter(|r| r.is("LISTEN", "CLOSE") && listener_socks.contains(&r.sock))
+        .map(|r| r.ts_ns)
         .collect();
     assert_eq!(
         (listens.len(), closes.len()),
@@ -216,9 +201,9 @@ fn windows_from_rows(rows: &[Value], port: u16) -> (Vec<Window>, Vec<u64>) {
     let mut child_of: HashMap<u64, usize> = HashMap::new();
     for r in rows
         .iter()
-        .filter(|r| is(r, "LISTEN", "SYN_RECV") && r["lport"] == port)
+        .filter(|r| r.is("LISTEN", "SYN_RECV") && r.lport == port)
     {
-        child_of.insert(r["sock"].as_u64().unwrap(), generation(ts(r)));
+        child_of.insert(r.sock, generation(r.ts_ns));
     }
     let windows = (0..2)
         .map(|i| {
@@ -226,32 +211,31 @@ fn windows_from_rows(rows: &[Value], port: u16) -> (Vec<Window>, Vec<u64>) {
             let refused = rows
                 .iter()
                 .filter(|r| {
-                    is(r, "SYN_SENT", "CLOSE")
-                        && r["close"] == "refused"
-                        && r["rport"] == port
-                        && (start_ns..=end_ns).contains(&ts(r))
+                    r.is("SYN_SENT", "CLOSE")
+                        && r.close.as_deref() == Some("refused")
+                        && r.rport == port
+                        && (start_ns..=end_ns).contains(&r.ts_ns)
                 })
                 .count() as u64;
-            let resets: Vec<&Value> = rows
+            let resets: Vec<&Row> = rows
                 .iter()
                 .filter(|r| {
-                    r["new"] == "CLOSE"
-                        && child_of.get(&r["sock"].as_u64().unwrap()) == Some(&i)
-                        && (r["close"] == "reset sent"
-                            || (r["close"].is_null()
+                    r.new == "CLOSE"
+                        && child_of.get(&r.sock) == Some(&i)
+                        && (r.close.as_deref() == Some("reset sent")
+                            || (r.close.is_none()
                                 && ["ESTABLISHED", "CLOSE_WAIT", "SYN_RECV", "FIN_WAIT1"]
-                                    .contains(&r["old"].as_str().unwrap())))
-                        && (start_ns..=start_ns + 1_000_000_000).contains(&ts(r))
+                                    .contains(&r.old.as_deref().unwrap())))
+                        && (start_ns..=start_ns + 1_000_000_000).contains(&r.ts_ns)
                 })
                 .collect();
-            let reset_queued = resets.iter().filter(|r| r["queued"] == true).count() as u64;
+            let reset_queued = resets.iter().filter(|r| r.queued == Some(true)).count() as u64;
             let first = rows
                 .iter()
                 .filter(|r| {
-                    is(r, "SYN_RECV", "ESTABLISHED")
-                        && child_of.get(&r["sock"].as_u64().unwrap()) == Some(&(i + 1))
+                    r.is("SYN_RECV", "ESTABLISHED") && child_of.get(&r.sock) == Some(&(i + 1))
                 })
-                .map(ts)
+                .map(|r| r.ts_ns)
                 .min()
                 .expect("the new listener accepted connections");
             Window {
@@ -268,9 +252,7 @@ fn windows_from_rows(rows: &[Value], port: u16) -> (Vec<Window>, Vec<u64>) {
 }
 
 fn report_json(file: &str) -> Value {
-    let out = tcptrace(&["report", "--format", "json", file]);
-    assert!(out.status.success(), "{}", out.stderr);
-    let report: Value = serde_json::from_str(&out.stdout).expect("report is JSON");
+    let report = tcptrace(&["report", "--format", "json", file]).json();
     // The client's and ss's counts are matched against rows: none may be
     // missing.
     assert_eq!(
@@ -411,11 +393,10 @@ fn the_connections_left_in_time_wait_are_still_open_and_counted_by_service() {
     let entered = rows
         .iter()
         .filter(|r| {
-            r["origin"] == "tracepoint"
-                && r["old"] == "FIN_WAIT2"
-                && r["new"] == "CLOSE"
-                && r["close"].is_null()
-                && r["rport"] == run.port
+            r.origin == "tracepoint"
+                && r.is("FIN_WAIT2", "CLOSE")
+                && r.close.is_none()
+                && r.rport == run.port
         })
         .count() as u64;
     let tw = report["time_wait"].as_array().unwrap();
@@ -451,13 +432,7 @@ fn the_html_report_shows_each_restart_as_a_down_band_with_its_refusals() {
     let out = tcptrace(&["report", &run.file, "--html", &html]);
     assert!(out.status.success(), "{}", out.stderr);
     let dom = chromium_dom(&dir, &html);
-    let chart = |id: &str| {
-        let start = dom
-            .find(&format!("<svg id=\"{id}\""))
-            .unwrap_or_else(|| panic!("no chart {id}"));
-        let end = start + dom[start..].find("</svg>").expect("closed svg");
-        dom[start..end].to_string()
-    };
+    let chart = |id: &str| svg_chart(&dom, id);
     let band = chart("availability");
     let series = chart("sockets-over-time");
     // The band comes first, above the state chart.

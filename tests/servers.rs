@@ -17,16 +17,11 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tcptrace_tests::{Life, Netns, Output, TempDir, Tracer, monotonic_ns, tcptrace, unique_port};
-
-/// One socket as `ss -tanpH` listed it, with the processes holding it.
-#[derive(Debug, Clone)]
-struct SsSocket {
-    state: String,
-    local: String,
-    peer: String,
-    holders: Vec<(u32, String)>,
-}
+use tcptrace_tests::ss::in_namespace;
+use tcptrace_tests::{
+    Holder, LISTENER, Life, Netns, Output, Row, SsSocket, TempDir, Tracer, monotonic_ns, tcptrace,
+    thread_names, unique_port, wait_until,
+};
 
 /// One run of `ss`, between two instants.
 #[derive(Debug)]
@@ -34,43 +29,6 @@ struct Sample {
     from_ns: u64,
     to_ns: u64,
     sockets: Vec<SsSocket>,
-}
-
-fn parse_ss(text: &str) -> Vec<SsSocket> {
-    text.lines()
-        .filter_map(|line| {
-            let mut cols = line.split_whitespace();
-            let state = cols.next()?.to_string();
-            let (_recvq, _sendq) = (cols.next()?, cols.next()?);
-            let local = cols.next()?.to_string();
-            let peer = cols.next()?.to_string();
-            let rest: Vec<&str> = cols.collect();
-            let rest = rest.join(" ");
-            // users:(("nginx",pid=12,fd=6),("nginx",pid=13,fd=6))
-            let mut holders = Vec::new();
-            for part in rest.split("((").chain(rest.split("),(")).skip(1) {
-                let Some(name) = part.strip_prefix('"').and_then(|p| p.split('"').next()) else {
-                    continue;
-                };
-                let pid = part
-                    .split(",pid=")
-                    .nth(1)
-                    .and_then(|p| p.split(|c: char| !c.is_ascii_digit()).next())
-                    .and_then(|p| p.parse().ok());
-                if let Some(pid) = pid
-                    && !holders.contains(&(pid, name.to_string()))
-                {
-                    holders.push((pid, name.to_string()));
-                }
-            }
-            Some(SsSocket {
-                state,
-                local,
-                peer,
-                holders,
-            })
-        })
-        .collect()
 }
 
 /// `ss -tanpH` run inside the namespace every `every`, from start to
@@ -91,16 +49,12 @@ impl SsWatch {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
                 let from_ns = monotonic_ns();
-                let out = Command::new("nsenter")
-                    .arg(format!("--net={path}"))
-                    .args(["ss", "-tanpH"])
-                    .output()
-                    .expect("ss runs");
+                let sockets = in_namespace(&path);
                 let to_ns = monotonic_ns();
                 samples.push(Sample {
                     from_ns,
                     to_ns,
-                    sockets: parse_ss(&String::from_utf8_lossy(&out.stdout)),
+                    sockets,
                 });
                 thread::sleep(every);
             }
@@ -122,13 +76,7 @@ impl Seen {
     /// The processes `ss` showed holding the connection `local`-`peer`
     /// at some sample taken while it lived (between `from_ns` and
     /// `to_ns`).
-    fn holders(
-        &self,
-        local: &str,
-        peer: &str,
-        from_ns: u64,
-        to_ns: u64,
-    ) -> BTreeSet<(u32, String)> {
+    fn holders(&self, local: &str, peer: &str, from_ns: u64, to_ns: u64) -> BTreeSet<Holder> {
         self.0
             .iter()
             .filter(|s| s.to_ns >= from_ns && s.from_ns <= to_ns)
@@ -146,7 +94,7 @@ impl Seen {
                 s.sockets
                     .iter()
                     .find(|k| k.state == "LISTEN" && k.local == local)
-                    .map(|k| k.holders.iter().map(|h| h.0).collect())
+                    .map(|k| k.holders.iter().map(|h| h.pid).collect())
             })
             .collect()
     }
@@ -288,32 +236,16 @@ fn stop_server_then_tracer(what: &str, pid: u32, signal: i32, tracer: Tracer) ->
     out
 }
 
-/// Waits (bounded) until `what` holds.
-fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what}: not after {limit:?}");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn ss_now(ns: &Netns) -> Vec<SsSocket> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path()))
-        .args(["ss", "-tanpH"])
-        .output()
-        .expect("ss runs");
-    parse_ss(&String::from_utf8_lossy(&out.stdout))
-}
-
+/// JSON rows of `port` in `ns`, without times (two tracers compare),
+/// with `extra` flags.
 fn tracer(ns: &Netns, port: u16, extra: &[&str]) -> Tracer {
-    let port = port.to_string();
-    let netns = ns.path();
-    let mut args = vec![
-        "--port", &port, "--netns", &netns, "--format", "json", "--time", "none",
-    ];
-    args.extend(extra);
-    Tracer::start(&args)
+    Tracer::builder()
+        .port(port)
+        .netns(ns)
+        .json()
+        .time("none")
+        .args(extra)
+        .start()
 }
 
 /// A socket's rows and where it sat: its two ends as `ss` writes them
@@ -328,27 +260,14 @@ struct Sock<'a> {
 
 impl<'a> Sock<'a> {
     fn new(life: &'a Life) -> Sock<'a> {
-        let ts = |r: &Value| r["ts_ns"].as_u64().expect("ts_ns");
         let last = life.rows.last().expect("a row");
-        let laddr = life
-            .rows
-            .iter()
-            .rev()
-            .find_map(|r| r["laddr"].as_str())
-            .unwrap_or("?");
-        let raddr = life
-            .rows
-            .iter()
-            .rev()
-            .find_map(|r| r["raddr"].as_str())
-            .unwrap_or("?");
         Sock {
             life,
-            local: format!("{laddr}:{}", life.lport()),
-            peer: format!("{raddr}:{}", life.rport()),
-            from_ns: ts(&life.rows[0]),
-            to_ns: if last["new"] == "CLOSE" {
-                ts(last)
+            local: format!("{}:{}", last.laddr, life.lport()),
+            peer: format!("{}:{}", last.raddr, life.rport()),
+            from_ns: life.rows[0].ts_ns,
+            to_ns: if last.new == "CLOSE" {
+                last.ts_ns
             } else {
                 u64::MAX
             },
@@ -357,10 +276,7 @@ impl<'a> Sock<'a> {
 
     fn first(&self) -> (&str, &str) {
         let r = &self.life.rows[0];
-        (
-            r["old"].as_str().unwrap_or("?"),
-            r["new"].as_str().unwrap_or("?"),
-        )
+        (r.old.as_deref().unwrap_or("?"), &r.new)
     }
 
     fn is_listener(&self) -> bool {
@@ -378,11 +294,11 @@ impl<'a> Sock<'a> {
     /// Rows made while it sat in the listener's queue (the first ones),
     /// and the rest, once a process had accepted it. None is queued after
     /// `ss` saw a process holding it.
-    fn queued_then_accepted(&self, seen: &Seen) -> (&'a [Value], &'a [Value]) {
+    fn queued_then_accepted(&self, seen: &Seen) -> (&'a [Row], &'a [Row]) {
         let rows = &self.life.rows;
-        let n = rows.iter().take_while(|r| r["queued"] == true).count();
+        let n = rows.iter().take_while(|r| r.queued == Some(true)).count();
         assert!(
-            rows[n..].iter().all(|r| r.get("queued").is_none()),
+            rows[n..].iter().all(|r| r.queued.is_none()),
             "socket {} {}: a queued row after an accepted one: {rows:#?}",
             self.life.sock,
             self.life.path()
@@ -390,7 +306,7 @@ impl<'a> Sock<'a> {
         if let Some(held) = seen.first_held_ns(&self.local, &self.peer, self.from_ns, self.to_ns) {
             for r in &rows[..n] {
                 assert!(
-                    r["ts_ns"].as_u64() <= Some(held),
+                    r.ts_ns <= held,
                     "socket {} {}: queued after ss saw it accepted: {r}",
                     self.life.sock,
                     self.life.path()
@@ -401,8 +317,8 @@ impl<'a> Sock<'a> {
     }
 }
 
-fn pid_of(r: &Value) -> u32 {
-    r["pid"].as_u64().unwrap_or_else(|| panic!("no pid in {r}")) as u32
+fn pid_of(r: &Row) -> u32 {
+    r.pid.unwrap_or_else(|| panic!("no pid in {r}"))
 }
 
 /// A connection from this test process, made inside the namespace (setns
@@ -527,13 +443,13 @@ struct Traced {
 
 impl Traced {
     /// The process that made `row`'s change in process context, if one did.
-    fn maker(&self, rport: u64, row: &Value) -> Option<u32> {
+    fn maker(&self, rport: u16, row: &Row) -> Option<u32> {
         let key = (
-            rport,
-            row["old"].as_str().unwrap_or("?").to_string(),
-            row["new"].as_str().unwrap_or("?").to_string(),
+            u64::from(rport),
+            row.old.as_deref().unwrap_or("?").to_string(),
+            row.new.clone(),
         );
-        let at = row["ts_ns"].as_u64().expect("ts_ns");
+        let at = row.ts_ns;
         // The same tracepoint hit, read on the same clock: microseconds
         // apart at most.
         self.made
@@ -639,7 +555,7 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
         "master and two workers on the listener",
         Duration::from_secs(10),
         || {
-            ss_now(&ns)
+            ns.ss()
                 .iter()
                 .any(|k| k.state == "LISTEN" && k.local == listen_at && k.holders.len() == 3)
         },
@@ -713,7 +629,7 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
         "one listener: {:?}",
         lives.iter().map(Life::path).collect::<Vec<_>>()
     );
-    assert_eq!(listeners[0].life.path(), "CLOSE>LISTEN>CLOSE");
+    assert_eq!(listeners[0].life.path(), LISTENER);
     assert_eq!(
         pid_of(&listeners[0].life.rows[0]),
         launcher,
@@ -734,7 +650,7 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
         .filter(|s| s.to_ns < second_load_ns)
         .flat_map(|s| &s.sockets)
         .filter(|k| k.state == "LISTEN" && k.local == listen_at)
-        .flat_map(|k| k.holders.iter().map(|h| h.0))
+        .flat_map(|k| k.holders.iter().map(|h| h.pid))
         .filter(|&p| p != master)
         .collect();
     assert_eq!(old_workers.len(), 2, "ss: two workers before the reload");
@@ -756,10 +672,10 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
                 listener_always.contains(&pid_of(r)),
                 "a queued row names the listener's owner (ss: {listener_always:?}): {r}"
             );
-            assert_eq!(r["comm"], "nginx");
+            assert_eq!(r.comm.as_deref(), Some("nginx"));
         }
         let held = seen.holders(&s.local, &s.peer, s.from_ns, s.to_ns);
-        let worker = match held.iter().map(|h| h.0).collect::<Vec<_>>()[..] {
+        let worker = match held.iter().map(|h| h.pid).collect::<Vec<_>>()[..] {
             [w] => {
                 matched += 1;
                 w
@@ -786,21 +702,17 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
         );
         for r in after {
             assert_eq!(
-                (pid_of(r), r["comm"].as_str()),
+                (pid_of(r), r.comm.as_deref()),
                 (worker, Some("nginx")),
                 "socket {} {}: {r}",
                 s.life.sock,
                 s.life.path()
             );
-            assert!(
-                r.get("thread").is_none(),
-                "one thread, named as the process: {r}"
-            );
-            if r["close"] == "reset sent" {
+            assert!(r.thread.is_none(), "one thread, named as the process: {r}");
+            if r.close.as_deref() == Some("reset sent") {
                 *resets.entry(old_workers.contains(&worker)).or_default() += 1;
             }
-            old_worker_closes +=
-                usize::from(r["new"] == "FIN_WAIT1" && old_workers.contains(&worker));
+            old_worker_closes += usize::from(r.new == "FIN_WAIT1" && old_workers.contains(&worker));
         }
         rows += s.life.rows.len();
         queued += before.len();
@@ -814,21 +726,21 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
     let mut client_matched = 0;
     for s in &clients {
         let held = seen.holders(&s.local, &s.peer, s.from_ns, s.to_ns);
-        let ours = held.iter().any(|h| h.0 == std::process::id());
+        let ours = held.iter().any(|h| h.pid == std::process::id());
         for r in &s.life.rows {
             // Those ss did not see are wrk's first connection, which only
             // checks the address.
             let as_ss_saw = held
                 .iter()
-                .any(|h| (h.0, Some(h.1.as_str())) == (pid_of(r), r["comm"].as_str()))
-                || (held.is_empty() && r["comm"] == "wrk");
+                .any(|h| (h.pid, Some(h.comm.as_str())) == (pid_of(r), r.comm.as_deref()))
+                || (held.is_empty() && r.comm.as_deref() == Some("wrk"));
             // This test's own idle connections: the watcher's `nsenter ss`,
             // forked from this process, holds copies of its sockets until
             // it execs, and when the test closes one meanwhile, the last
             // copy, and the close the kernel then makes, is nsenter's.
             let closed_by_a_fork_of_ours = ours
-                && r["comm"] == "nsenter"
-                && matches!(r["new"].as_str(), Some("LAST_ACK" | "FIN_WAIT1"));
+                && r.comm.as_deref() == Some("nsenter")
+                && matches!(r.new.as_str(), "LAST_ACK" | "FIN_WAIT1");
             assert!(
                 as_ss_saw || closed_by_a_fork_of_ours,
                 "ss: {held:?}, row {r}"
@@ -985,7 +897,7 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
             .stderr(std::fs::File::create(&log).expect("log file")),
     );
     wait_until("postgres listening", Duration::from_secs(30), || {
-        ss_now(&ns)
+        ns.ss()
             .iter()
             .any(|k| k.state == "LISTEN" && k.local == listen_at)
     });
@@ -1027,10 +939,10 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
     );
     let listeners: Vec<&Sock> = socks.iter().filter(|s| s.is_listener()).collect();
     assert_eq!(listeners.len(), 1);
-    assert_eq!(listeners[0].life.path(), "CLOSE>LISTEN>CLOSE");
+    assert_eq!(listeners[0].life.path(), LISTENER);
     for r in &listeners[0].life.rows {
         assert_eq!(
-            (pid_of(r), r["comm"].as_str()),
+            (pid_of(r), r.comm.as_deref()),
             (postmaster, Some("postgres")),
             "{r}"
         );
@@ -1042,7 +954,7 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
     let mut accepted: Vec<&Sock> = socks.iter().filter(|s| s.is_accepted()).collect();
     accepted.sort_by_key(|s| s.from_ns);
     for s in &accepted {
-        let client_port = s.life.rport() as u16;
+        let client_port = s.life.rport();
         let list = backends
             .get_mut(&client_port)
             .unwrap_or_else(|| panic!("postgres logged no connection from port {client_port}"));
@@ -1054,8 +966,8 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
         assert_ne!(backend, postmaster, "a backend of its own");
         let (before, after) = s.queued_then_accepted(&seen);
         assert_eq!(
-            before.iter().map(|r| r["new"].as_str()).collect::<Vec<_>>(),
-            [Some("SYN_RECV"), Some("ESTABLISHED")],
+            before.iter().map(|r| r.new.as_str()).collect::<Vec<_>>(),
+            ["SYN_RECV", "ESTABLISHED"],
             "queued until the postmaster accepts it: {:#?}",
             s.life.rows
         );
@@ -1067,11 +979,12 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
             );
         }
         for r in s.life.rows.iter() {
-            assert_eq!(r["comm"], "postgres", "the process's name: {r}");
-            assert!(
-                r.get("thread").is_none(),
-                "one thread, named as the process: {r}"
+            assert_eq!(
+                r.comm.as_deref(),
+                Some("postgres"),
+                "the process's name: {r}"
             );
+            assert!(r.thread.is_none(), "one thread, named as the process: {r}");
         }
         // The backend's, unless the postmaster, slow to close its copy
         // after the fork, dropped the last reference: the kernel then made
@@ -1095,9 +1008,7 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
                 );
                 postmaster_closes += usize::from(maker == postmaster);
                 expected = maker;
-            } else if postmaster_kept_it
-                && traced.ended_before(backend, r["ts_ns"].as_u64().expect("ts_ns"))
-            {
+            } else if postmaster_kept_it && traced.ended_before(backend, r.ts_ns) {
                 expected = postmaster;
             }
             assert_eq!(
@@ -1107,7 +1018,7 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
                 s.life.sock,
                 s.life.path()
             );
-            close_waits += usize::from(r["new"] == "CLOSE_WAIT");
+            close_waits += usize::from(r.new == "CLOSE_WAIT");
         }
         *held_last.entry(expected).or_default() += 1;
         // ss: the backend holds it (the postmaster too, between its
@@ -1115,7 +1026,7 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
         let held: BTreeSet<u32> = seen
             .holders(&s.local, &s.peer, s.from_ns, s.to_ns)
             .iter()
-            .map(|h| h.0)
+            .map(|h| h.pid)
             .collect();
         assert!(
             held.is_subset(&BTreeSet::from([backend, postmaster])),
@@ -1132,7 +1043,7 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
     assert_eq!(clients.len(), accepted.len(), "pgbench's sockets");
     for r in clients.iter().flat_map(|s| &s.life.rows) {
         assert!(
-            [init, bench].contains(&pid_of(r)) && r["comm"] == "pgbench",
+            [init, bench].contains(&pid_of(r)) && r.comm.as_deref() == Some("pgbench"),
             "pgbench's: {r}"
         );
     }
@@ -1171,9 +1082,7 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
     );
 
     // The report counts each connection for its backend.
-    let report = tcptrace(&["report", &recording, "--format", "json", "--top", "100000"]);
-    assert!(report.status.success(), "report failed: {}", report.stderr);
-    let report: Value = serde_json::from_str(&report.stdout).expect("report JSON");
+    let report = tcptrace(&["report", &recording, "--format", "json", "--top", "100000"]).json();
     let processes = report["processes"].as_array().expect("processes");
     let connections = |pid: u32| {
         processes
@@ -1198,17 +1107,6 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
 }
 
 // ---------------------------------------------------------------- Redis
-
-/// The names of a process's threads now, from /proc.
-fn thread_names(pid: u32) -> BTreeSet<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-        .map(|n| n.trim_end().to_string())
-        .collect()
-}
 
 #[test]
 fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
@@ -1256,7 +1154,7 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
     };
     let master = procs.spawn(&mut redis(port, "master", &[]));
     wait_until("redis listening", Duration::from_secs(10), || {
-        ss_now(&ns)
+        ns.ss()
             .iter()
             .any(|k| k.state == "LISTEN" && k.local == listen_at)
     });
@@ -1270,10 +1168,10 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
         "the replica's link to its master",
         Duration::from_secs(10),
         || {
-            ss_now(&ns).iter().any(|k| {
+            ns.ss().iter().any(|k| {
                 k.state == "ESTAB"
                     && k.peer == listen_at
-                    && k.holders.iter().any(|h| h.0 == replica)
+                    && k.holders.iter().any(|h| h.pid == replica)
             })
         },
     );
@@ -1298,7 +1196,7 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
         .map(|_| procs.spawn(&mut cli(&["blpop", "nothing", "20"])))
         .collect();
     wait_until("two clients waiting", Duration::from_secs(10), || {
-        ss_now(&ns)
+        ns.ss()
             .iter()
             .filter(|k| k.local == listen_at && k.state == "ESTAB")
             .count()
@@ -1358,14 +1256,16 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
         // accepted sockets are the master's, the one process accepting).
         let holder = if s.local == listen_at {
             master
-        } else if let [(pid, name)] = &held.iter().cloned().collect::<Vec<_>>()[..] {
+        } else if let [Holder { pid, comm: name }] = &held.iter().cloned().collect::<Vec<_>>()[..] {
             assert!(name == "redis-cli" || *pid == replica, "ss: {held:?}");
             *pid
         } else {
             assert!(held.is_empty(), "ss: several holders {held:?}");
             // A short `redis-cli set`.
             assert!(
-                life.rows.iter().all(|r| r["comm"] == "redis-cli"),
+                life.rows
+                    .iter()
+                    .all(|r| r.comm.as_deref() == Some("redis-cli")),
                 "{:#?}",
                 life.rows
             );
@@ -1374,7 +1274,7 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
         };
         for h in &held {
             assert_eq!(
-                h.0, holder,
+                h.pid, holder,
                 "ss holders of {} -> {}: {held:?}",
                 s.local, s.peer
             );
@@ -1382,7 +1282,7 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
         if holder != master && holder != replica {
             for r in &life.rows {
                 assert_eq!(
-                    (pid_of(r), r["comm"].as_str()),
+                    (pid_of(r), r.comm.as_deref()),
                     (holder, Some("redis-cli")),
                     "{r}"
                 );
@@ -1397,11 +1297,11 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
         };
         for r in after {
             assert_eq!(
-                (pid_of(r), r["comm"].as_str()),
+                (pid_of(r), r.comm.as_deref()),
                 (holder, Some("redis-server")),
                 "the process's name: {r}"
             );
-            if let Some(t) = r.get("thread").and_then(Value::as_str) {
+            if let Some(t) = r.thread.as_deref() {
                 assert!(
                     t != "redis-server" && threads[&holder].contains(t),
                     "thread {t:?} of {holder}: {:?}",
@@ -1449,19 +1349,18 @@ struct DownWindow {
     first_connection_ns: Option<u64>,
 }
 
-fn down_windows(rows: &[Value], port: u16) -> Vec<DownWindow> {
-    let ts = |r: &Value| r["ts_ns"].as_u64().unwrap();
-    let sock = |r: &Value| r["sock"].as_u64().unwrap();
+fn down_windows(rows: &[Row], port: u16) -> Vec<DownWindow> {
+    let ts = |r: &Row| r.ts_ns;
     let listeners: BTreeSet<u64> = rows
         .iter()
-        .filter(|r| r["new"] == "LISTEN" && r["lport"] == port)
-        .map(sock)
+        .filter(|r| r.new == "LISTEN" && r.lport == port)
+        .map(|r| r.sock)
         .collect();
     let mut up = 0usize;
     let mut windows: Vec<DownWindow> = Vec::new();
     let mut open: Option<u64> = None;
-    for r in rows.iter().filter(|r| listeners.contains(&sock(r))) {
-        match (r["old"].as_str(), r["new"].as_str()) {
+    for r in rows.iter().filter(|r| listeners.contains(&r.sock)) {
+        match (r.old.as_deref(), Some(r.new.as_str())) {
             (_, Some("LISTEN")) => {
                 if up == 0
                     && let Some(start_ns) = open.take()
@@ -1488,19 +1387,14 @@ fn down_windows(rows: &[Value], port: u16) -> Vec<DownWindow> {
         w.refused = rows
             .iter()
             .filter(|r| {
-                r["close"] == "refused"
-                    && r["rport"] == port
+                r.close.as_deref() == Some("refused")
+                    && r.rport == port
                     && (w.start_ns..=w.end_ns).contains(&ts(r))
             })
             .count() as u64;
         w.first_connection_ns = rows
             .iter()
-            .filter(|r| {
-                r["old"] == "SYN_RECV"
-                    && r["new"] == "ESTABLISHED"
-                    && r["lport"] == port
-                    && ts(r) >= w.end_ns
-            })
+            .filter(|r| r.is("SYN_RECV", "ESTABLISHED") && r.lport == port && ts(r) >= w.end_ns)
             .map(ts)
             .min()
             .map(|t| t - w.end_ns);
@@ -1514,15 +1408,9 @@ fn down_windows(rows: &[Value], port: u16) -> Vec<DownWindow> {
 fn assert_report_tells_the_restart(file: &str, port: u16) -> Vec<DownWindow> {
     let read = tcptrace(&["read", "--format", "json", file]);
     assert!(read.status.success(), "{}", read.stderr);
-    let rows: Vec<Value> = read
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON row"))
-        .collect();
+    let rows = read.all_rows();
     let windows = down_windows(&rows, port);
-    let report = tcptrace(&["report", "--format", "json", file]);
-    assert!(report.status.success(), "{}", report.stderr);
-    let report: Value = serde_json::from_str(&report.stdout).expect("report is JSON");
+    let report = tcptrace(&["report", "--format", "json", file]).json();
     let section = report["listeners"]
         .as_array()
         .unwrap()
@@ -1554,7 +1442,7 @@ fn assert_report_tells_the_restart(file: &str, port: u16) -> Vec<DownWindow> {
     }
     let total: u64 = rows
         .iter()
-        .filter(|r| r["close"] == "refused" && r["rport"] == port)
+        .filter(|r| r.close.as_deref() == Some("refused") && r.rport == port)
         .count() as u64;
     assert_eq!(section["refused"], total, "{section}");
     windows
@@ -1585,7 +1473,7 @@ fn nginx_stopped_and_started_under_wrk_is_down_as_the_rows_show() {
     assert!(procs.wait(stop, Duration::from_secs(10)).success());
     let listen_at = format!("127.0.0.1:{port}");
     wait_until("nginx stopped", Duration::from_secs(10), || {
-        !ss_now(&ns)
+        !ns.ss()
             .iter()
             .any(|k| k.state == "LISTEN" && k.local == listen_at)
     });
