@@ -1,8 +1,10 @@
 //! `cargo xtask test-kernels`: the real-kernel scenarios on the kernels users
 //! have, not only on the one this machine runs.
 //!
-//! Debian 12's own kernels are downloaded (never installed on this machine)
-//! and booted under QEMU's software emulation: /dev/kvm on these machines
+//! Debian's own kernels are downloaded (never installed on this machine):
+//! Debian 12's 6.1, 6.12 and 6.12 PREEMPT_RT, and Debian 11's 5.10 (from
+//! the bullseye suite, through an apt configuration of its own that leaves
+//! the machine's alone). They boot under QEMU's software emulation: /dev/kvm on these machines
 //! cannot run a stock kernel. A small busybox initramfs loads the modules
 //! that reach this machine's root over 9p, shares it read-only with a tmpfs
 //! over it for writes, and runs the compiled integration tests there against
@@ -34,7 +36,30 @@ const SCENARIOS: &[(&str, &[&str])] = &[
             "port_filter_excludes_other_traffic_on_the_same_host",
             "follow_shows_exactly_one_connection_including_its_connect",
             "json_rows_carry_every_field_typed",
+            "the_same_tuple_in_two_namespaces_is_two_connections",
+            "a_server_that_never_closes_is_reported_stuck_in_close_wait",
         ],
+    ),
+    (
+        "owners",
+        &[
+            "forked_child_leaks_the_socket_and_is_named_for_it",
+            "named_threads_keep_the_process_name_and_say_their_own",
+            "socket_passed_over_a_unix_socket_is_named_for_its_receiver",
+            "rows_before_accept_carry_the_listeners_owner_as_queued",
+            "a_daemons_launcher_is_never_named_after_it_exited",
+        ],
+    ),
+    (
+        "kernel_truth",
+        &[
+            "sockets_that_exist_before_tcptrace_starts_appear_as_snapshot_lines",
+            "an_active_close_goes_through_time_wait_to_its_end",
+        ],
+    ),
+    (
+        "filters",
+        &["stuck_names_a_fin_wait2_orphan_that_only_the_time_wait_table_holds"],
     ),
     (
         "record",
@@ -60,7 +85,9 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(9 * 60);
 const NEWROOT: &str = "/newroot";
 
 /// Counts, in a running tcptrace (pid in $pid), the BPF programs it loaded
-/// and the ones it attached (those a link holds), then stops it. Its stderr
+/// and the ones it attached: those a link holds, and those attached to a
+/// perf event (bpftool lists them; before 5.15 a classic tracepoint's
+/// program has no link), then stops it. Its stderr
 /// is in $err. The same text runs on this machine, for reference, and in
 /// the guest.
 const PROBE: &str = r#"
@@ -78,6 +105,7 @@ for f in /proc/$pid/fd/*; do
     anon_inode:bpf_link) links="$links $(sed -n 's/^prog_id:[[:space:]]*//p' /proc/$pid/fdinfo/${f##*/})" ;;
     esac
 done
+links="$links $(bpftool perf list 2>/dev/null | awk -v p=$pid '$1 == "pid" && $2 == p { print $6 }')"
 kill -INT $pid 2>/dev/null
 wait $pid
 attached=$(for l in $links; do echo $l; done | sort -u | grep -c .)
@@ -116,23 +144,29 @@ struct Outcome {
     seconds: u64,
 }
 
+/// The kernels the matrix boots unless told otherwise: the oldest tcptrace
+/// supports that a distribution still ships (Debian 11's 5.10: the probe
+/// paths for kernels before 5.11 run there), Debian 12's two, and 6.12's
+/// PREEMPT_RT flavour, where softirqs run in threads of their own.
+const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "6.12-rt"];
+
 /// Runs the scenarios on each kernel in `wanted` (Debian package names,
-/// kernel releases, or `6.1` / `6.12` for the newest of a series; default:
-/// the newest 6.1 and 6.12), prints a table and fails if any scenario or
-/// program failed.
+/// kernel releases, or `5.10` / `6.1` / `6.12` / `6.12-rt` for the newest
+/// of a series; default: [`DEFAULT_KERNELS`]), prints a table and fails if
+/// any scenario or program failed.
 pub fn run(root: &Path, wanted: &[String]) -> Result<()> {
     let started = Instant::now();
     ensure_packages()?;
+    let dir = root.join("target/kernels");
+    fs::create_dir_all(&dir)?;
     let packages = if wanted.is_empty() {
-        packages(&["6.1", "6.12"])?
+        packages(&dir, DEFAULT_KERNELS)?
     } else {
-        packages(wanted)?
+        packages(&dir, wanted)?
     };
     // What a production host runs: the release's static binary.
     let tcptrace = root.join(crate::dist::build_static()?);
     let tests = test_binaries()?;
-    let dir = root.join("target/kernels");
-    fs::create_dir_all(&dir)?;
 
     let reference = probe_here(&tcptrace)?;
     let script = dir.join("guest.sh");
@@ -193,12 +227,14 @@ pub fn run(root: &Path, wanted: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// QEMU, a static busybox for the initramfs, and depmod/modprobe.
+/// QEMU, a static busybox for the initramfs, depmod/modprobe, and bpftool
+/// (the probe counts programs attached to perf events with it).
 fn ensure_packages() -> Result<()> {
     let missing: Vec<&str> = [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("busybox", "busybox-static"),
         ("depmod", "kmod"),
+        ("bpftool", "bpftool"),
     ]
     .iter()
     .filter(|(program, _)| !crate::which(program) && !Path::new("/sbin").join(program).exists())
@@ -231,51 +267,128 @@ fn ensure_packages() -> Result<()> {
     crate::status("apt-get", &args)
 }
 
+/// Where a kernel package comes from: the suite this machine's apt
+/// already knows (Debian 12), or Debian 11's, through a private apt
+/// configuration under target/kernels/bullseye.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Archive {
+    Machine,
+    Bullseye,
+}
+
+/// A kernel package and the archive that has it.
+struct Package {
+    name: String,
+    archive: Archive,
+}
+
 /// The Debian packages meant by `wanted`.
-fn packages(wanted: &[impl AsRef<str>]) -> Result<Vec<String>> {
+fn packages(dir: &Path, wanted: &[impl AsRef<str>]) -> Result<Vec<Package>> {
     let mut out = Vec::new();
-    let mut available: Option<Vec<String>> = None;
     for w in wanted {
         let w = w.as_ref();
-        if w.starts_with("linux-image-") {
-            out.push(w.to_string());
-            continue;
-        }
-        let prefix = match w {
-            "6.1" => "linux-image-6.1.0-",
-            "6.12" => "linux-image-6.12.",
+        let (archive, prefix, suffix) = match w {
+            "5.10" => (Archive::Bullseye, "linux-image-5.10.0-", "-amd64"),
+            "6.1" => (Archive::Machine, "linux-image-6.1.0-", "-amd64"),
+            "6.12" => (Archive::Machine, "linux-image-6.12.", "+deb12-amd64"),
+            "6.12-rt" => (Archive::Machine, "linux-image-6.12.", "+deb12-rt-amd64"),
             _ => {
-                out.push(format!("linux-image-{w}"));
+                let name = if w.starts_with("linux-image-") {
+                    w.to_string()
+                } else {
+                    format!("linux-image-{w}")
+                };
+                let archive = if name.starts_with("linux-image-5.10.") {
+                    Archive::Bullseye
+                } else {
+                    Archive::Machine
+                };
+                out.push(Package { name, archive });
                 continue;
             }
         };
-        if available.is_none() {
-            available = Some(kernel_packages()?);
-        }
+        let available = kernel_packages(dir, archive)?;
         let newest = available
-            .as_ref()
-            .expect("listed just above")
             .iter()
-            .filter(|p| p.starts_with(prefix) && p.ends_with("-amd64"))
+            .filter(|p| p.starts_with(prefix) && p.ends_with(suffix))
+            // "6.12.1+deb12-amd64" must not take "-rt-amd64" for its own.
+            .filter(|p| suffix.contains("-rt-") || !p.contains("-rt-"))
             .max_by_key(|p| numbers(p))
-            .with_context(|| format!("apt-cache lists no {prefix}*-amd64 package"))?;
-        out.push(newest.clone());
+            .with_context(|| format!("apt-cache lists no {prefix}*{suffix} package"))?;
+        out.push(Package {
+            name: newest.clone(),
+            archive,
+        });
     }
     Ok(out)
 }
 
-/// Debian 12's signed amd64 kernel images, as apt-cache lists them
-/// (after an `apt-get update` if it lists none).
-fn kernel_packages() -> Result<Vec<String>> {
-    let list = || -> Result<Vec<String>> {
-        let text = crate::output(
-            "apt-cache",
-            &[
-                "search",
-                "--names-only",
-                r"^linux-image-6\.[0-9.]+(-[0-9]+)?(\+deb12)?-amd64$",
-            ],
+/// The apt options that make apt-get and apt-cache read `archive`'s
+/// package lists (none for the machine's own).
+fn apt_options(dir: &Path, archive: Archive) -> Result<Vec<String>> {
+    if archive == Archive::Machine {
+        return Ok(Vec::new());
+    }
+    let apt = dir.join("bullseye");
+    let sources = apt.join("sources.list");
+    if !sources.exists() {
+        fs::create_dir_all(apt.join("lists/partial"))?;
+        fs::create_dir_all(apt.join("cache/archives/partial"))?;
+        fs::write(
+            &sources,
+            format!(
+                "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {} bullseye main\n",
+                debian_archive()?
+            ),
         )?;
+    }
+    let dir_of = |name: &str| apt.join(name).to_string_lossy().into_owned();
+    Ok(vec![
+        "-o".into(),
+        format!("Dir::Etc::SourceList={}", sources.display()),
+        "-o".into(),
+        "Dir::Etc::SourceParts=/dev/null".into(),
+        "-o".into(),
+        format!("Dir::State::Lists={}", dir_of("lists")),
+        "-o".into(),
+        format!("Dir::Cache={}", dir_of("cache")),
+    ])
+}
+
+/// The Debian archive this machine's own apt sources name: Debian 11's
+/// suites are in the same one.
+fn debian_archive() -> Result<String> {
+    let deb822 = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    let classic = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    let from_deb822 = deb822
+        .split("\n\n")
+        .filter(|stanza| !stanza.contains("-security"))
+        .flat_map(|stanza| stanza.lines())
+        .find_map(|l| l.strip_prefix("URIs:"))
+        .and_then(|uris| uris.split_whitespace().next());
+    let from_classic = classic
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("deb ") && !l.contains("-security"))
+        .find_map(|l| l.split_whitespace().find(|w| w.contains("://")));
+    from_deb822
+        .or(from_classic)
+        .map(str::to_string)
+        .context("this machine's apt sources name no Debian archive")
+}
+
+/// `archive`'s signed amd64 kernel images, as apt-cache lists them (after
+/// an `apt-get update` if it lists none).
+fn kernel_packages(dir: &Path, archive: Archive) -> Result<Vec<String>> {
+    let options = apt_options(dir, archive)?;
+    let list = || -> Result<Vec<String>> {
+        let mut args: Vec<&str> = options.iter().map(String::as_str).collect();
+        args.extend([
+            "search",
+            "--names-only",
+            r"^linux-image-[0-9]+\.[0-9.]+(-[0-9]+)?(\+deb1[12])?(-rt)?-amd64$",
+        ]);
+        let text = crate::output("apt-cache", &args)?;
         Ok(text
             .lines()
             .filter_map(|l| l.split_whitespace().next())
@@ -286,7 +399,9 @@ fn kernel_packages() -> Result<Vec<String>> {
     if !found.is_empty() {
         return Ok(found);
     }
-    let _ = crate::status("apt-get", &["update", "-qq"]);
+    let mut update: Vec<&str> = options.iter().map(String::as_str).collect();
+    update.extend(["update", "-qq"]);
+    let _ = crate::status("apt-get", &update);
     list()
 }
 
@@ -299,7 +414,9 @@ fn numbers(name: &str) -> Vec<u64> {
 }
 
 /// The kernel package unpacked under `dir`, downloaded the first time only.
-fn unpack(dir: &Path, package: &str) -> Result<Kernel> {
+fn unpack(dir: &Path, package: &Package) -> Result<Kernel> {
+    let options = apt_options(dir, package.archive)?;
+    let package = package.name.as_str();
     let release = package
         .strip_prefix("linux-image-")
         .with_context(|| format!("{package} is not a linux-image package"))?
@@ -318,6 +435,7 @@ fn unpack(dir: &Path, package: &str) -> Result<Kernel> {
     fs::create_dir_all(&kdir)?;
     let mut download = Command::new("apt-get");
     download
+        .args(&options)
         .args(["download", "-qq", package])
         .current_dir(&kdir);
     crate::check(download).with_context(|| format!("cannot download {package}"))?;

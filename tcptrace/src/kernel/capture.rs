@@ -57,6 +57,8 @@ pub struct Capture {
     /// The owner hooks attached, whose skips are counted.
     hook_fds: Vec<i32>,
     reset_reasons: Vec<(u8, String)>,
+    /// Capabilities reading the counters needs once attached.
+    keep: &'static [u32],
     /// Owns the program and its link.
     _ebpf: Ebpf,
 }
@@ -151,7 +153,13 @@ impl Capture {
                 .ok_or_else(|| anyhow!("no {COUNTERS_MAP} map"))?,
         )
         .map_err(|e| anyhow!(e))?;
+        let keep = if readable_without_capabilities(&counters) {
+            &[][..]
+        } else {
+            &[privileges::CAP_BPF][..]
+        };
         Ok(Capture {
+            keep,
             waiting: rings.iter().map(|_| VecDeque::new()).collect(),
             rings,
             fresh: Vec::new(),
@@ -163,6 +171,15 @@ impl Capture {
             reset_reasons: reasons,
             _ebpf: ebpf,
         })
+    }
+
+    /// The capabilities the run still needs once attached, to read the
+    /// kernel-side counters (lost, filtered): none on most kernels,
+    /// CAP_BPF on those that refuse every bpf() command to a process
+    /// without it, the descriptors it holds included (Debian 11's 5.10
+    /// with unprivileged BPF disabled).
+    pub fn capabilities_needed(&self) -> &'static [u32] {
+        self.keep
     }
 
     /// Names of the kernel's reset reasons, by number.
@@ -365,6 +382,18 @@ fn take_rings(ebpf: &mut Ebpf, ring_sizes: [u32; RINGS]) -> Result<Vec<Ring>> {
 
 /// Where to attach the socket callback, if it can be: the root of the
 /// cgroup v2 hierarchy. Says why not otherwise; tracing goes on without.
+/// Whether the counters map can be read without capabilities, as the run
+/// reads it after dropping them. Tried rather than guessed from the
+/// version: in a thread of its own that gives its capabilities up
+/// (capabilities belong to a thread), so this one keeps them.
+fn readable_without_capabilities(counters: &PerCpuArray<MapData, u64>) -> bool {
+    std::thread::scope(|s| {
+        s.spawn(|| privileges::drop_all_but(&[]).is_ok() && counters.get(&COUNTER_LOST, 0).is_ok())
+            .join()
+            .unwrap_or(false)
+    })
+}
+
 fn callback_cgroup(sock: &SockLayout) -> Option<std::path::PathBuf> {
     let why_not = if sock.ops_flags == 0 {
         "this kernel's sockets have no BPF callback flags".to_string()
@@ -733,6 +762,10 @@ const OLDEST_KERNEL: (u32, u32) = (5, 8);
 const TYPED_TASK_KERNEL: (u32, u32) = (5, 11);
 
 /// The major and minor version of a kernel release (`uname -r`).
+/// From 5.11 BPF memory is charged to the memory cgroup instead of
+/// RLIMIT_MEMLOCK.
+const MEMCG_CHARGED_KERNEL: (u32, u32) = (5, 11);
+
 fn version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release
         .split(|c: char| !c.is_ascii_digit())
@@ -755,6 +788,39 @@ fn too_old(release: &str) -> Option<String> {
     })
 }
 
+/// Kernels before 5.11 charge BPF maps to the locked-memory limit, and
+/// raising it needs CAP_SYS_RESOURCE: with CAP_BPF and CAP_PERFMON alone
+/// the rings do not fit. Says so when that is the case here.
+fn memlock_too_small() -> Option<String> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    if version(release.trim())? >= MEMCG_CHARGED_KERNEL {
+        return None;
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    Some(memlock_message(release.trim(), limit.rlim_cur))
+}
+
+fn memlock_message(release: &str, limit: u64) -> String {
+    format!(
+        "this kernel ({release}, older than {}.{}) counts BPF maps against the \
+         locked-memory limit, {} KiB for this process, and raising it needs \
+         CAP_SYS_RESOURCE: run tcptrace as root, add CAP_SYS_RESOURCE, or raise the \
+         limit (`ulimit -l unlimited`; LimitMEMLOCK=infinity in a systemd unit)",
+        MEMCG_CHARGED_KERNEL.0,
+        MEMCG_CHARGED_KERNEL.1,
+        limit / 1024
+    )
+}
+
 /// EPERM/EACCES from the loader mean missing privileges, whatever the
 /// capability check above concluded (a seccomp filter or a lockdown can
 /// still refuse): say so in the same words.
@@ -765,6 +831,9 @@ fn load_error(e: anyhow::Error) -> StartError {
             .is_some_and(|code| code == libc::EPERM || code == libc::EACCES)
             || c.to_string().contains("Operation not permitted")
     });
+    if denied && let Some(why) = memlock_too_small() {
+        return StartError::Privileges(format!("the kernel refused tcptrace ({e:#}); {why}"));
+    }
     if denied {
         return StartError::Privileges(format!(
             "the kernel refused tcptrace ({e:#}); tracing needs the CAP_BPF and CAP_PERFMON \
@@ -783,6 +852,17 @@ fn load_error(e: anyhow::Error) -> StartError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_small_locked_memory_limit_on_an_old_kernel_says_what_to_do() {
+        let m = memlock_message("5.10.0-32-amd64", 65536);
+        assert!(m.contains("5.10.0-32-amd64, older than 5.11"), "{m}");
+        assert!(m.contains("64 KiB"), "{m}");
+        assert!(
+            m.contains("CAP_SYS_RESOURCE") && m.contains("LimitMEMLOCK=infinity"),
+            "{m}"
+        );
+    }
 
     fn at(ts_ns: u64, skaddr: u64) -> Event {
         Event::new(tcptrace_common::KIND_STATE, ts_ns, skaddr)
