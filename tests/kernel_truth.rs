@@ -2,6 +2,7 @@
 //! sockets that exist before tcptrace starts, and the life of a connection
 //! in the kernel's time-wait table after its socket "closed".
 
+use std::path::Path;
 use std::thread::sleep;
 use std::time::Duration;
 
@@ -84,7 +85,12 @@ fn an_active_close_goes_through_time_wait_to_its_end() {
     // from the same port takes over the first one's time-wait socket.
     ns.sysctl("net.ipv4.ip_local_port_range", "40000 40000");
     ns.sysctl("net.ipv4.tcp_tw_reuse", "1");
-    ns.sysctl("net.ipv4.tcp_tw_reuse_delay", "1");
+    // Kernels before 6.14 have no such setting: they reuse once the
+    // second of the last timestamp has passed, which the pause below
+    // outlasts as well.
+    if Path::new("/proc/sys/net/ipv4/tcp_tw_reuse_delay").exists() {
+        ns.sysctl("net.ipv4.tcp_tw_reuse_delay", "1");
+    }
     let dir = TempDir::new("timewait");
     let file = dir.path("tw.jsonl");
     let port = unique_port();

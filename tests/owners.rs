@@ -350,7 +350,9 @@ fn rows_before_accept_carry_the_listeners_owner_as_queued() {
     let server = ns
         .server(&addr, ServerMode::WaitPeerClose)
         .delay_accept_ms(1000)
-        .hold_ms(500)
+        // Long enough for ss to see it held: under the kernel matrix's
+        // emulation one ss run can take most of a second.
+        .hold_ms(3000)
         .start();
     let owner = only(holders_of(&ns, "LISTEN", port), "listener");
     assert_eq!(owner.pid, server.pid);

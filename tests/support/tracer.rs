@@ -177,8 +177,12 @@ impl TracerBuilder {
         let mut cmd = match &self.only_caps {
             Some(caps) => {
                 let bounding: String = caps.iter().map(|c| format!(",+{c}")).collect();
-                let mut cmd = Command::new("setpriv");
-                cmd.args(["--inh-caps=-all", "--ambient-caps=-all"])
+                // Locked memory unlimited, as the systemd unit runs it:
+                // kernels before 5.11 count BPF maps against it, and raising
+                // it needs a capability the tracer is not given here.
+                let mut cmd = Command::new("prlimit");
+                cmd.args(["--memlock=unlimited", "--", "setpriv"])
+                    .args(["--inh-caps=-all", "--ambient-caps=-all"])
                     .arg(format!("--bounding-set=-all{bounding}"))
                     .arg("--")
                     .arg(&self.program);
