@@ -1,0 +1,63 @@
+//! The configuration userspace writes into the object before loading it:
+//! the kernel's field offsets (they vary by version and build), the
+//! filters and which optional programs run. A read-only global, so the
+//! verifier sees each field as a constant and drops the branches a kernel
+//! cannot take.
+use tcptrace_common::{Config, ResetLayout, SockLayout, TaskLayout};
+
+#[unsafe(no_mangle)]
+pub(crate) static CONFIG: Config = Config {
+    sock: SockLayout {
+        family: 0,
+        sport: 0,
+        dport: 0,
+        saddr: 0,
+        daddr: 0,
+        saddr_v6: 0,
+        daddr_v6: 0,
+        net: 0,
+        inum: 0,
+        ops_flags: 0,
+    },
+    task: TaskLayout {
+        tgid: 0,
+        pid: 0,
+        group_leader: 0,
+        comm: 0,
+        files: 0,
+        fdt: 0,
+        max_fds: 0,
+        fd: 0,
+        private_data: 0,
+        f_refs: 0,
+        f_refs_one: 0,
+        sk: 0,
+        sk_socket: 0,
+        head: 0,
+        head_num_shift: 0,
+        head_family_shift: 0,
+        typed: 0,
+    },
+    families: 0,
+    port_filters: 0,
+    netns_only: 0,
+    callback: 0,
+    reset_sent: NO_RESETS,
+    reset_received: NO_RESETS,
+};
+
+/// A field of the configuration userspace wrote into the object before
+/// loading it (`config!(sock.family)`). Volatile, or the compiler would fold
+/// in the zeros above; field by field, because a volatile read of the
+/// whole struct loads every field of it each time.
+macro_rules! config {
+    ($($field:tt)+) => {
+        unsafe { core::ptr::read_volatile(&raw const $crate::config::CONFIG.$($field)+) }
+    };
+}
+pub(crate) use config;
+
+const NO_RESETS: ResetLayout = ResetLayout {
+    present: 0,
+    reason_arg: 0,
+};

@@ -1,0 +1,128 @@
+//! Owners: which process holds a socket. accept() hands a socket to a
+//! process, close() of one of several references takes it from one, fork()
+//! shares every descriptor, exit() drops them all. The transitions alone
+//! name only the task that made them; these events let userspace follow a
+//! socket from process to process.
+use aya_ebpf::{
+    EbpfContext,
+    helpers::bpf_ktime_get_ns,
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use tcptrace_common::{Event, KIND_ACCEPT, KIND_EXIT, KIND_FORK, KIND_RELEASE};
+
+use crate::{
+    config::config,
+    emit::emit,
+    filter::kept_probed,
+    kernel::{Direct, Kernel, Probed, current_task, current_task_btf, current_task_untyped},
+};
+
+/// The `struct file` behind descriptor `fd` of the current process.
+#[inline(always)]
+fn file_of_fd(fd: u64) -> Option<Probed> {
+    if config!(task.typed) != 0 {
+        file_of(Direct(current_task_btf()), fd)
+    } else {
+        file_of(Probed(current_task_untyped()), fd)
+    }
+}
+
+/// `task->files->fdt->fd[fd]`. The array takes a probe either way: the
+/// verifier allows typed loads only at constant offsets.
+#[inline(always)]
+fn file_of<K: Kernel>(task: K, fd: u64) -> Option<Probed> {
+    let fdt = task.follow(config!(task.files)).follow(config!(task.fdt));
+    if fdt.is_null() || fd >= u64::from(fdt.at::<u32>(config!(task.max_fds))) {
+        return None;
+    }
+    Probed(fdt.at::<u64>(config!(task.fd)) as *const u8)
+        .follow(fd as u32 * 8)
+        .nonnull()
+}
+
+/// The `struct sock` of a file if it is a socket's: its `private_data`
+/// is a `struct socket` whose sock points back at it. Any other file's
+/// private data fails that test.
+#[inline(always)]
+fn file_socket(file: Probed) -> Option<Probed> {
+    let socket = file.follow(config!(task.private_data)).nonnull()?;
+    let sk = socket.follow(config!(task.sk)).nonnull()?;
+    (sk.at::<u64>(config!(task.sk_socket)) == socket.0 as u64).then_some(sk)
+}
+
+/// An event about a socket or a process rather than a transition: the
+/// current task's, with only `skaddr` and `kind` besides.
+#[inline(always)]
+fn task_event(kind: u8, skaddr: u64) -> Event {
+    let mut event = Event::new(kind, unsafe { bpf_ktime_get_ns() }, skaddr);
+    current_task(&mut event);
+    event
+}
+
+/// accept() and accept4() returning: the process now holds the socket,
+/// from here on its owner (before, it waited in the listener's queue).
+/// Attached to both syscalls' exit tracepoints, whose records agree: the
+/// return value (the new descriptor) at offset 16.
+#[tracepoint]
+pub fn accepted(ctx: TracePointContext) -> u32 {
+    let fd = unsafe { *(ctx.as_ptr() as *const i64).add(2) };
+    if fd < 0 {
+        return 0;
+    }
+    if let Some(sk) = file_of_fd(fd as u64).and_then(file_socket)
+        && kept_probed(sk).is_some()
+    {
+        emit(task_event(KIND_ACCEPT, sk.0 as u64));
+    }
+    0
+}
+
+/// close() of a socket's descriptor that is not its last reference:
+/// nothing changes state, yet this process no longer holds it (a forking
+/// server's parent, a sender of SCM_RIGHTS). The last reference's close
+/// shows as a transition instead. Not filtered here: the count, read
+/// first, ends almost every run, and userspace knows which sockets it
+/// follows.
+#[tracepoint]
+pub fn released(ctx: TracePointContext) -> u32 {
+    let fd = unsafe { *(ctx.as_ptr() as *const u64).add(2) };
+    let Some(file) = file_of_fd(fd) else {
+        return 0;
+    };
+    let refs: i64 = file.at(config!(task.f_refs));
+    if refs <= i64::from(config!(task.f_refs_one)) {
+        return 0;
+    }
+    if let Some(sk) = file_socket(file) {
+        emit(task_event(KIND_RELEASE, sk.0 as u64));
+    }
+    0
+}
+
+/// A new process (not a thread) holds copies of its parent's descriptors.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn forked(ctx: BtfTracePointContext) -> i32 {
+    let parent = Direct(ctx.arg(0));
+    let child = Direct(ctx.arg(1));
+    let (parent_tgid, child_tgid): (i32, i32) =
+        (parent.at(config!(task.tgid)), child.at(config!(task.tgid)));
+    if parent_tgid != child_tgid {
+        let mut event = task_event(KIND_FORK, 0);
+        event.child = child_tgid as u32;
+        emit(event);
+    }
+    0
+}
+
+/// A process ends: it holds nothing from here on. Its leader's exit
+/// stands for it (a leader that exits before its threads is rare).
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn exited(ctx: BtfTracePointContext) -> i32 {
+    let task = Direct(ctx.arg(0));
+    let (pid, tgid): (i32, i32) = (task.at(config!(task.pid)), task.at(config!(task.tgid)));
+    if pid == tgid {
+        emit(task_event(KIND_EXIT, 0));
+    }
+    0
+}
