@@ -1,7 +1,16 @@
-//! JSON Lines rows: one object per transition.
+//! JSON Lines rows: one object per transition, and [`Key`], the one list of
+//! the keys a row has.
+//!
+//! Three pieces of code know the keys: this writer, serde's
+//! [`JsonRow`](crate::recording::json::JsonRow) and the reader's fast path
+//! (`recording::read`). They all take them from [`Key`], so that a key
+//! renamed or added there reaches every one: the fast reader matches `Key`
+//! exhaustively, and tests hold serde's fields and the written order to it.
+//! It lives here, below the recording stage, because recordings write their
+//! rows with this writer.
 //!
 //! Rows are written by hand, not through serde: this runs for every row of
-//! a recording, and the field names and most values are known ASCII.
+//! a recording, and the keys and most values are known ASCII.
 
 use std::io::Write as _;
 
@@ -10,14 +19,121 @@ use super::{Printer, TimeFormat};
 use crate::cgroup;
 use crate::model::{Origin, Row, State, Transition};
 
+/// Declares [`Key`] from `Variant = "name"` pairs, with each key's pieces
+/// of JSON made at compile time: the writer copies `,"name":` in one go.
+macro_rules! keys {
+    ($( $(#[$doc:meta])* $key:ident = $name:literal, )*) => {
+        /// A key of a JSON row (docs/json.md), in the order rows write them.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Key {
+            $( $(#[$doc])* $key, )*
+        }
+
+        impl Key {
+            /// Every key, in the order rows write them.
+            pub const ALL: &[Key] = &[$(Key::$key),*];
+
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Key::$key => $name,)*
+                }
+            }
+
+            /// `,"name":`, a value to follow.
+            #[inline(always)]
+            pub const fn field(self) -> &'static [u8] {
+                match self {
+                    $(Key::$key => concat!(",\"", $name, "\":").as_bytes(),)*
+                }
+            }
+
+            /// `,"name":"`, a string to follow.
+            #[inline(always)]
+            pub const fn quoted(self) -> &'static [u8] {
+                match self {
+                    $(Key::$key => concat!(",\"", $name, "\":\"").as_bytes(),)*
+                }
+            }
+
+            /// `,"name":null`.
+            #[inline(always)]
+            pub const fn null(self) -> &'static [u8] {
+                match self {
+                    $(Key::$key => concat!(",\"", $name, "\":null").as_bytes(),)*
+                }
+            }
+
+            /// The key spelled `bytes`. Compared as bytes: the reader looks
+            /// up every key of every row, and a UTF-8 check each cost more
+            /// than the lookup.
+            #[inline]
+            pub fn of(bytes: &[u8]) -> Option<Key> {
+                // Constants, so that the match compiles as literals would:
+                // by length, then by byte.
+                #[allow(non_upper_case_globals)]
+                mod spelled {
+                    $(pub const $key: &[u8] = $name.as_bytes();)*
+                }
+                match bytes {
+                    $(spelled::$key => Some(Key::$key),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+keys! {
+    /// Wall-clock time, or seconds since the start; absent for `--time
+    /// none`. Not read back: derived again from `ts_ns` and the clock.
+    Time = "time",
+    /// CLOCK_MONOTONIC, nanoseconds.
+    TsNs = "ts_ns",
+    Sock = "sock",
+    /// The owner's pid, or null.
+    Pid = "pid",
+    /// The owner's process name, or null.
+    Comm = "comm",
+    /// The calling thread's name, only where it is not the process's.
+    Thread = "thread",
+    /// The owner's cgroup v2 path, when known.
+    Cgroup = "cgroup",
+    /// Derived from the cgroup path.
+    Unit = "unit",
+    /// Derived from the cgroup path.
+    Container = "container",
+    /// From this host's container runtimes: not read back.
+    ContainerName = "container_name",
+    /// `true`, only on a connection still in its listener's queue.
+    Queued = "queued",
+    Family = "family",
+    /// The network namespace's inode, or null.
+    Netns = "netns",
+    Laddr = "laddr",
+    Lport = "lport",
+    Raddr = "raddr",
+    Rport = "rport",
+    /// Null on a snapshot row.
+    Old = "old",
+    New = "new",
+    /// Milliseconds in `old`, or null.
+    Ms = "ms",
+    Close = "close",
+    ResetReason = "reset_reason",
+    Origin = "origin",
+    /// Only with `--show-skaddr`.
+    Skaddr = "skaddr",
+}
+
 impl Printer {
-    /// One row, its fields in the order docs/json.md lists them.
+    /// One row, its keys in [`Key`]'s order.
     pub(super) fn json(&mut self, b: &mut Vec<u8>, row: &Row) {
         let t = &row.t;
         self.json_open(b, t.ts_ns);
-        put(b, b"\"ts_ns\":");
+        // The first key after `{` or the time: its comma is already there.
+        put(b, &Key::TsNs.field()[1..]);
         push_u64(b, t.ts_ns);
-        put(b, b",\"sock\":");
+        put(b, Key::Sock.field());
         push_u64(b, row.sock);
         self.json_owner(b, row);
         json_socket(b, t);
@@ -25,9 +141,10 @@ impl Printer {
         json_close(b, row);
         if self.style.show_skaddr {
             match t.skaddr {
-                0 => put(b, b",\"skaddr\":null"),
+                0 => put(b, Key::Skaddr.null()),
                 a => {
-                    let _ = write!(b, ",\"skaddr\":\"{a:#x}\"");
+                    put(b, Key::Skaddr.quoted());
+                    let _ = write!(b, "{a:#x}\"");
                 }
             }
         }
@@ -39,13 +156,13 @@ impl Printer {
         b.push(b'{');
         match self.style.time {
             TimeFormat::Local | TimeFormat::Utc => {
-                put(b, b"\"time\":\"");
+                put(b, &Key::Time.quoted()[1..]);
                 self.time_rfc3339(b, ts_ns);
                 put(b, b"\",");
             }
             TimeFormat::Relative => {
                 let us = self.relative_us(ts_ns);
-                put(b, b"\"time\":");
+                put(b, &Key::Time.field()[1..]);
                 if us < 0 {
                     b.push(b'-');
                 }
@@ -73,13 +190,13 @@ impl Printer {
     fn json_owner(&mut self, b: &mut Vec<u8>, row: &Row) {
         match &row.owner {
             Some(o) => {
-                put(b, b",\"pid\":");
+                put(b, Key::Pid.field());
                 push_u64(b, u64::from(o.pid));
-                put(b, b",\"comm\":");
+                put(b, Key::Comm.field());
                 push_json_string(b, &o.comm.as_str());
                 let thread = row.t.thread.as_bytes();
                 if !thread.is_empty() && thread != o.comm.as_bytes() {
-                    put(b, b",\"thread\":");
+                    put(b, Key::Thread.field());
                     push_json_string(b, &row.t.thread.as_str());
                 }
                 if let Some(path) = o.cgroup {
@@ -87,26 +204,28 @@ impl Printer {
                 }
             }
             None => {
-                put(b, b",\"pid\":null,\"comm\":null");
+                put(b, Key::Pid.null());
+                put(b, Key::Comm.null());
             }
         }
         if row.queued {
-            put(b, b",\"queued\":true");
+            put(b, Key::Queued.field());
+            put(b, b"true");
         }
     }
 
     fn json_cgroup(&mut self, b: &mut Vec<u8>, path: &'static str) {
-        put(b, b",\"cgroup\":");
+        put(b, Key::Cgroup.field());
         push_json_string(b, path);
         if let Some(unit) = cgroup::unit(path) {
-            put(b, b",\"unit\":");
+            put(b, Key::Unit.field());
             push_json_string(b, unit);
         }
         if let Some(id) = cgroup::container(path) {
-            put(b, b",\"container\":");
+            put(b, Key::Container.field());
             push_json_string(b, id);
             if let Some(name) = self.names.of(path) {
-                put(b, b",\"container_name\":");
+                put(b, Key::ContainerName.field());
                 push_json_string(b, name);
             }
         }
@@ -115,31 +234,33 @@ impl Printer {
 
 /// Family, network namespace, addresses and ports.
 fn json_socket(b: &mut Vec<u8>, t: &Transition) {
-    push_field_str(b, "family", t.family.name());
-    put(b, b",\"netns\":");
+    push_field_str(b, Key::Family, t.family.name());
+    put(b, Key::Netns.field());
     match t.netns {
         0 => put(b, b"null"),
         n => push_u64(b, u64::from(n)),
     }
-    put(b, b",\"laddr\":\"");
+    put(b, Key::Laddr.quoted());
     push_ip(b, &t.local.ip());
-    put(b, b"\",\"lport\":");
+    b.push(b'"');
+    put(b, Key::Lport.field());
     push_u64(b, u64::from(t.local.port()));
-    put(b, b",\"raddr\":\"");
+    put(b, Key::Raddr.quoted());
     push_ip(b, &t.remote.ip());
-    put(b, b"\",\"rport\":");
+    b.push(b'"');
+    put(b, Key::Rport.field());
     push_u64(b, u64::from(t.remote.port()));
 }
 
 /// The states left and entered, and the time spent in the one left.
 fn json_states(b: &mut Vec<u8>, row: &Row) {
     if row.origin == Origin::Snapshot {
-        put(b, b",\"old\":null");
+        put(b, Key::Old.null());
     } else {
-        push_field_state(b, "old", row.t.old);
+        push_field_state(b, Key::Old, row.t.old);
     }
-    push_field_state(b, "new", row.t.new);
-    put(b, b",\"ms\":");
+    push_field_state(b, Key::New, row.t.new);
+    put(b, Key::Ms.field());
     match row.dwell_ns {
         Some(ns) => {
             let us = ns / 1000;
@@ -154,35 +275,33 @@ fn json_states(b: &mut Vec<u8>, row: &Row) {
 /// How the socket closed, if by a reset, and where the row came from.
 fn json_close(b: &mut Vec<u8>, row: &Row) {
     match row.close {
-        Some(c) => push_field_str(b, "close", c.name()),
-        None => put(b, b",\"close\":null"),
+        Some(c) => push_field_str(b, Key::Close, c.name()),
+        None => put(b, Key::Close.null()),
     }
     match row.close.and_then(|c| c.reset_reason()) {
         Some(r) => {
-            put(b, b",\"reset_reason\":");
+            put(b, Key::ResetReason.field());
             push_json_string(b, r);
         }
-        None => put(b, b",\"reset_reason\":null"),
+        None => put(b, Key::ResetReason.null()),
     }
-    push_field_str(b, "origin", row.origin.name());
+    push_field_str(b, Key::Origin, row.origin.name());
 }
 
 /// `,"name":"value"` for values known to need no escaping. Inlined, so
-/// that each name is a constant copy.
+/// that each key is a constant copy.
 #[inline(always)]
-fn push_field_str(b: &mut Vec<u8>, name: &str, value: &str) {
-    put(b, b",\"");
-    put(b, name.as_bytes());
-    put(b, b"\":\"");
+fn push_field_str(b: &mut Vec<u8>, key: Key, value: &str) {
+    put(b, key.quoted());
     put(b, value.as_bytes());
     b.push(b'"');
 }
 
 #[inline(always)]
-fn push_field_state(b: &mut Vec<u8>, name: &str, state: State) {
+fn push_field_state(b: &mut Vec<u8>, key: Key, state: State) {
     match state.name() {
-        "" => push_field_str(b, name, &state.to_string()),
-        known => push_field_str(b, name, known),
+        "" => push_field_str(b, key, &state.to_string()),
+        known => push_field_str(b, key, known),
     }
 }
 
@@ -216,6 +335,7 @@ mod tests {
     use super::super::tests::{render, row};
     use super::super::{OutputFormat, Style};
     use super::*;
+    use crate::model::Close;
     use crate::recording::json::JsonRow;
 
     fn json(time: TimeFormat, show_skaddr: bool) -> Style {
@@ -259,6 +379,50 @@ mod tests {
         assert!(!s.contains('\u{1b}'));
         let back: JsonRow = serde_json::from_str(s.trim()).unwrap();
         assert_eq!(back.old, Some(State::ESTABLISHED));
+    }
+
+    /// A row with every key it can have (but a container's name, which
+    /// only this host's runtimes know) writes them all, in [`Key`]'s
+    /// order, and no other.
+    #[test]
+    fn a_full_row_writes_every_key_in_order() {
+        let id = "0123456789abcdef".repeat(4);
+        let path = format!("/system.slice/docker-{id}.scope");
+        let mut r = row();
+        r.t.thread = crate::model::Comm::from_bytes(b"worker");
+        r.owner.as_mut().unwrap().cgroup = crate::cgroup::intern(&path);
+        r.queued = true;
+        r.close = Some(Close::ResetSent(Some("TCP_STATE")));
+        let s = render(json(TimeFormat::Utc, true), &r);
+        let written: Vec<Key> = Key::ALL
+            .iter()
+            .copied()
+            .filter(|&k| k != Key::ContainerName)
+            .collect();
+        let at: Vec<usize> = written
+            .iter()
+            .map(|k| {
+                let quoted = format!("\"{}\":", k.name());
+                s.find(&quoted).unwrap_or_else(|| panic!("{quoted} in {s}"))
+            })
+            .collect();
+        assert!(at.is_sorted(), "keys out of order: {s}");
+        let v: serde_json::Value = serde_json::from_str(s.trim()).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), written.len(), "{s}");
+    }
+
+    /// The pieces the writer copies are the key, framed.
+    #[test]
+    fn each_key_is_framed_as_json() {
+        for &k in Key::ALL {
+            let name = k.name();
+            assert_eq!(k.field(), format!(",\"{name}\":").as_bytes());
+            assert_eq!(k.quoted(), format!(",\"{name}\":\"").as_bytes());
+            assert_eq!(k.null(), format!(",\"{name}\":null").as_bytes());
+            assert_eq!(Key::of(name.as_bytes()), Some(k));
+        }
+        assert_eq!(Key::of(b"ts_n"), None);
+        assert_eq!(Key::of(b"TS_NS"), None);
     }
 
     #[test]
