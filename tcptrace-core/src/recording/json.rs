@@ -87,6 +87,7 @@ impl<'de> Deserialize<'de> for Hex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Clock, Header, Spec};
     use crate::output::json::Key;
     use serde::de::{self, Deserializer, Visitor};
 
@@ -129,5 +130,30 @@ mod tests {
             .map(|k| k.name())
             .collect();
         assert_eq!(fields, written);
+    }
+
+    #[test]
+    fn header_round_trips_with_filters() {
+        let spec = Spec {
+            ports: vec![6389],
+            follow: Some(crate::model::Tuple {
+                a: "[::1]:1".parse().unwrap(),
+                b: "[::1]:2".parse().unwrap(),
+            }),
+            family: Some(crate::model::Family::V6),
+            ..Spec::default()
+        };
+        let h = Header::new(
+            Clock {
+                offset_ns: 5,
+                start_ns: 7,
+            },
+            spec,
+        );
+        let text = serde_json::to_string(&h).unwrap();
+        assert!(text.starts_with("{\"type\":\"header\""), "{text}");
+        assert!(text.contains("\"follow\":\"[::1]:1,[::1]:2\""), "{text}");
+        let back: Header = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, h);
     }
 }
