@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use indicatif::ProgressBar;
 
 use crate::model::{Close, Comm, Family, Header, Item, Origin, Row, State, Task, Transition};
+use crate::output::json::Key;
 use crate::recording::binary::{self, CHUNK_HEAD, Decoder, PREAMBLE};
 use crate::recording::json::{Hex, JsonRow};
 use crate::words::io_reason;
@@ -474,30 +475,7 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
         return None;
     }
     i += 1;
-    let mut row = JsonRow {
-        ts_ns: 0,
-        sock: 0,
-        pid: None,
-        comm: None,
-        thread: None,
-        cgroup: None,
-        unit: None,
-        container: None,
-        queued: false,
-        family: Cow::Borrowed(""),
-        netns: None,
-        laddr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        lport: 0,
-        raddr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        rport: 0,
-        old: None,
-        new: State(0),
-        ms: None,
-        close: None,
-        reset_reason: None,
-        origin: Cow::Borrowed("tracepoint"),
-        skaddr: None,
-    };
+    let mut row = blank_row();
     // Which of the required fields were given, and no key twice.
     let mut seen = 0u32;
     loop {
@@ -537,82 +515,16 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
             }
             _ => return None,
         };
-        let bit = |n: u32| 1u32 << n;
-        if truth && key != b"queued" {
+        let field = Key::of(key)?;
+        if truth && field != Key::Queued {
             return None;
         }
-        let field = match key {
-            b"time" => 0,
-            b"ts_ns" => 1,
-            b"sock" => 2,
-            b"pid" => 3,
-            b"comm" => 4,
-            b"family" => 5,
-            b"netns" => 6,
-            b"laddr" => 7,
-            b"lport" => 8,
-            b"raddr" => 9,
-            b"rport" => 10,
-            b"old" => 11,
-            b"new" => 12,
-            b"ms" => 13,
-            b"close" => 14,
-            b"reset_reason" => 15,
-            b"origin" => 16,
-            b"skaddr" => 17,
-            b"thread" => 18,
-            b"cgroup" => 19,
-            b"unit" => 20,
-            b"container" => 21,
-            b"queued" => 22,
-            // Derived from the cgroup and this host's container runtimes
-            // when shown: not read back.
-            b"container_name" => 23,
-            _ => return None,
-        };
-        if seen & bit(field) != 0 {
+        let bit = 1u32 << field as u32;
+        if seen & bit != 0 {
             return None;
         }
-        seen |= bit(field);
-        let num = |n: Option<&str>| n.and_then(|n| n.parse::<u64>().ok());
-        match field {
-            0 => {}
-            1 => row.ts_ns = num(number)?,
-            2 => row.sock = num(number)?,
-            3 => row.pid = opt_num(number, text_value)?,
-            4 => row.comm = opt_str(number, text_value)?.map(Cow::Borrowed),
-            5 => row.family = Cow::Borrowed(text_value?),
-            6 => row.netns = opt_num(number, text_value)?,
-            7 => row.laddr = text_value?.parse().ok()?,
-            8 => row.lport = number?.parse().ok()?,
-            9 => row.raddr = text_value?.parse().ok()?,
-            10 => row.rport = number?.parse().ok()?,
-            11 => {
-                row.old = match opt_str(number, text_value)? {
-                    Some(name) => Some(State::from_name(name)?),
-                    None => None,
-                }
-            }
-            12 => row.new = State::from_name(text_value?)?,
-            13 => row.ms = opt_num::<f64>(number, text_value)?,
-            14 => row.close = opt_str(number, text_value)?.map(Cow::Borrowed),
-            15 => row.reset_reason = opt_str(number, text_value)?.map(Cow::Borrowed),
-            16 => row.origin = Cow::Borrowed(text_value?),
-            18 => row.thread = opt_str(number, text_value)?.map(Cow::Borrowed),
-            19 => row.cgroup = opt_str(number, text_value)?.map(Cow::Borrowed),
-            20 => row.unit = opt_str(number, text_value)?.map(Cow::Borrowed),
-            21 => row.container = opt_str(number, text_value)?.map(Cow::Borrowed),
-            22 => row.queued = truth,
-            23 => {}
-            _ => {
-                row.skaddr = match (text_value, number) {
-                    (Some(v), _) => Some(Hex(u64::from_str_radix(v.strip_prefix("0x")?, 16).ok()?)),
-                    // null: no address known.
-                    (None, None) => None,
-                    (None, Some(_)) => return None,
-                }
-            }
-        }
+        seen |= bit;
+        store(&mut row, field, text_value, number, truth)?;
         ws(&mut i);
         match text.get(i)? {
             b',' => i += 1,
@@ -624,11 +536,111 @@ fn fast_row(text: &[u8]) -> Option<JsonRow<'_>> {
         }
     }
     ws(&mut i);
-    let required = [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13]
-        .iter()
-        .fold(0, |m, b| m | 1 << b);
-    (i == text.len() && seen & required == required).then_some(row)
+    (i == text.len() && seen & REQUIRED == REQUIRED).then_some(row)
 }
+
+/// A row before its keys are read: what a key the fast path leaves out
+/// reads as (required keys are checked apart).
+fn blank_row() -> JsonRow<'static> {
+    JsonRow {
+        ts_ns: 0,
+        sock: 0,
+        pid: None,
+        comm: None,
+        thread: None,
+        cgroup: None,
+        unit: None,
+        container: None,
+        queued: false,
+        family: Cow::Borrowed(""),
+        netns: None,
+        laddr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        lport: 0,
+        raddr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        rport: 0,
+        old: None,
+        new: State(0),
+        ms: None,
+        close: None,
+        reset_reason: None,
+        origin: Cow::Borrowed("tracepoint"),
+        skaddr: None,
+    }
+}
+
+/// Stores a value the fast path read (a string, a number, `true`, or
+/// neither: null) into `row` under `key`. `None`: a value of a type the key
+/// does not take (serde's to report).
+fn store<'a>(
+    row: &mut JsonRow<'a>,
+    key: Key,
+    text_value: Option<&'a str>,
+    number: Option<&str>,
+    truth: bool,
+) -> Option<()> {
+    let num = |n: Option<&str>| n.and_then(|n| n.parse::<u64>().ok());
+    match key {
+        // Derived again when shown (the time from `ts_ns` and the
+        // clock, a container's name from this host's runtimes): not
+        // read back.
+        Key::Time | Key::ContainerName => {}
+        Key::TsNs => row.ts_ns = num(number)?,
+        Key::Sock => row.sock = num(number)?,
+        Key::Pid => row.pid = opt_num(number, text_value)?,
+        Key::Comm => row.comm = opt_str(number, text_value)?.map(Cow::Borrowed),
+        Key::Thread => row.thread = opt_str(number, text_value)?.map(Cow::Borrowed),
+        Key::Cgroup => row.cgroup = opt_str(number, text_value)?.map(Cow::Borrowed),
+        Key::Unit => row.unit = opt_str(number, text_value)?.map(Cow::Borrowed),
+        Key::Container => row.container = opt_str(number, text_value)?.map(Cow::Borrowed),
+        Key::Queued => row.queued = truth,
+        Key::Family => row.family = Cow::Borrowed(text_value?),
+        Key::Netns => row.netns = opt_num(number, text_value)?,
+        Key::Laddr => row.laddr = text_value?.parse().ok()?,
+        Key::Lport => row.lport = number?.parse().ok()?,
+        Key::Raddr => row.raddr = text_value?.parse().ok()?,
+        Key::Rport => row.rport = number?.parse().ok()?,
+        Key::Old => {
+            row.old = match opt_str(number, text_value)? {
+                Some(name) => Some(State::from_name(name)?),
+                None => None,
+            }
+        }
+        Key::New => row.new = State::from_name(text_value?)?,
+        Key::Ms => row.ms = opt_num::<f64>(number, text_value)?,
+        Key::Close => row.close = opt_str(number, text_value)?.map(Cow::Borrowed),
+        Key::ResetReason => row.reset_reason = opt_str(number, text_value)?.map(Cow::Borrowed),
+        Key::Origin => row.origin = Cow::Borrowed(text_value?),
+        Key::Skaddr => {
+            row.skaddr = match (text_value, number) {
+                (Some(v), _) => Some(Hex(u64::from_str_radix(v.strip_prefix("0x")?, 16).ok()?)),
+                // null: no address known.
+                (None, None) => None,
+                (None, Some(_)) => return None,
+            }
+        }
+    }
+    Some(())
+}
+
+/// The keys a row read by the fast path must have, as bits of `seen`
+/// (one per [`Key`]); the rest are absent on some rows, or not read.
+const REQUIRED: u32 = {
+    use Key::*;
+    let required = [
+        TsNs, Sock, Pid, Comm, Family, Laddr, Lport, Raddr, Rport, Old, New, Ms,
+    ];
+    let mut mask = 0;
+    let mut n = 0;
+    while n < required.len() {
+        mask |= 1 << required[n] as u32;
+        n += 1;
+    }
+    mask
+};
+const _: () = assert!(
+    Key::ALL.len() <= u32::BITS as usize,
+    "a bit of `seen` per key"
+);
 
 /// A number or null (a string is a type error: serde's to report).
 fn opt_num<T: std::str::FromStr>(number: Option<&str>, text: Option<&str>) -> Option<Option<T>> {
