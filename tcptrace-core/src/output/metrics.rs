@@ -15,12 +15,10 @@ use crate::model::Counters;
 use crate::model::State;
 use crate::model::{Close, Origin, Row};
 
-const STATES: usize = 16;
-
 #[derive(Default)]
 pub struct Metrics {
     /// Shown transitions, by (old, new) state number.
-    transitions: Box<[[u64; STATES]; STATES]>,
+    transitions: Box<[[u64; State::SLOTS]; State::SLOTS]>,
     /// Closes by reset: sent, received, refused.
     resets: [u64; 3],
     /// Rows from the time-wait table.
@@ -43,10 +41,6 @@ struct StateLabels {
     state: String,
 }
 
-fn slot(s: State) -> usize {
-    usize::from(s.0).min(STATES - 1)
-}
-
 impl Metrics {
     pub fn new() -> Metrics {
         Metrics::default()
@@ -55,7 +49,7 @@ impl Metrics {
     pub fn count(&mut self, row: &Row) {
         match row.origin {
             Origin::Tracepoint => {
-                self.transitions[slot(row.t.old)][slot(row.t.new)] += 1;
+                self.transitions[row.t.old.slot()][row.t.new.slot()] += 1;
             }
             Origin::TimeWait => self.timewait += 1,
             Origin::Snapshot => {}
