@@ -3,10 +3,11 @@
 //!
 //! The stages, in the order a transition meets them:
 //! [`decode`] (ring bytes to a [`model::Transition`]), [`attribute`]
-//! (its socket, holders and time in state: a [`model::Row`]), [`filter`],
-//! [`output`] (text, JSON Lines, metrics), [`recording`] (write, and read
-//! back) and [`analyse`] (reports from recordings). [`model`] holds the
-//! types they share; nothing here loads a program or needs privileges, so
+//! (its socket, holders and time in state: a [`model::Row`]), [`order`]
+//! (when a row may go out, in time order), [`filter`], [`output`] (text,
+//! JSON Lines, metrics), [`recording`] (write, and read back) and
+//! [`analyse`] (reports from recordings). [`model`] holds the types they
+//! share; nothing here loads a program or needs privileges, so
 //! `cargo test -p tcptrace-core` runs anywhere.
 
 pub mod analyse;
@@ -16,6 +17,7 @@ pub mod decode;
 pub mod fasthash;
 pub mod filter;
 pub mod model;
+pub mod order;
 pub mod output;
 pub mod recording;
 pub mod words;

@@ -1,5 +1,13 @@
 //! The `--metrics` endpoint: one HTTP answer per scrape.
 
+/// The next scrape connection, or never when metrics are off.
+pub async fn scrape(listener: Option<&tokio::net::TcpListener>) -> Option<tokio::net::TcpStream> {
+    match listener {
+        Some(l) => l.accept().await.ok().map(|(stream, _)| stream),
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves one scrape on `stream`: any request gets the metrics.
 pub async fn answer(mut stream: tokio::net::TcpStream, body: String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
