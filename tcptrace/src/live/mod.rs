@@ -157,7 +157,7 @@ fn attach(
     let (existing, timewait, lookups) =
         look_around(args, spec, &filter, &mut attributor, &mut cgroups);
     let metrics_listener = bind_metrics(args)?;
-    lower_privileges(args, command);
+    lower_privileges(args, command, capture.capabilities_needed());
     let mut pipe = Pipeline {
         attributor,
         order: Order::new(),
@@ -258,7 +258,9 @@ fn bind_metrics(args: &LiveArgs) -> Result<Option<tokio::net::TcpListener>, Fail
 
 /// Raises this thread's priority (it drains the ring: it must not wait
 /// behind the workload), then drops the capabilities nothing ahead needs.
-fn lower_privileges(args: &LiveArgs, command: Option<&command::Prepared>) {
+/// `needed`: what reading the kernel side still takes on this kernel
+/// ([`Capture::capabilities_needed`]).
+fn lower_privileges(args: &LiveArgs, command: Option<&command::Prepared>, needed: &[u32]) {
     if let Err(e) = privileges::prioritize(args.nice) {
         eprintln!(
             "tcptrace: warning: cannot raise the priority to nice {} ({e}); under full \
@@ -277,7 +279,7 @@ fn lower_privileges(args: &LiveArgs, command: Option<&command::Prepared>) {
         ],
         _ => &[privileges::CAP_SYS_PTRACE],
     };
-    if let Err(e) = privileges::drop_all_but(keep_for_command) {
+    if let Err(e) = privileges::drop_all_but(&[keep_for_command, needed].concat()) {
         log::warn!("cannot drop capabilities: {e}");
     }
 }
@@ -387,7 +389,7 @@ impl Live {
 
     fn serve_metrics(&self, stream: tokio::net::TcpStream) {
         if let Some(m) = &self.pipe.tail.metrics {
-            let counters = self.capture.counters().unwrap_or_default();
+            let counters = summary::counters(&self.capture);
             let body = m.render(
                 &counters,
                 &self.pipe.attributor.sockets_by_state(),
@@ -418,7 +420,12 @@ impl Live {
                 self.deadline = Some(Instant::now());
             }
         }
-        if let Err(e) = privileges::drop_all_but(&[privileges::CAP_SYS_PTRACE]) {
+        let keep = [
+            &[privileges::CAP_SYS_PTRACE],
+            self.capture.capabilities_needed(),
+        ]
+        .concat();
+        if let Err(e) = privileges::drop_all_but(&keep) {
             log::warn!("cannot drop capabilities: {e}");
         }
     }
@@ -473,7 +480,7 @@ impl Live {
         if !matches!(stop, Stop::PipeClosed | Stop::OutputFailed(_)) {
             let _ = outputs.flush_stdout();
         }
-        let counters = capture.counters().unwrap_or_default();
+        let counters = summary::counters(&capture);
         summary::warn_lost(&capture, warned.lost);
         let gaps = summary::warn_gaps(pipe.attributor.gaps(), warned.gaps);
         drop(capture);

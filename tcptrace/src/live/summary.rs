@@ -56,10 +56,27 @@ pub(super) fn warn_gaps(now: u64, reported: u64) -> u64 {
     now.max(reported)
 }
 
+/// The kernel side's counters. Lost transitions are never silent: a
+/// kernel that will not let them be read is said so, once, rather than
+/// shown as none.
+pub(super) fn counters(capture: &Capture) -> Counters {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SAID: AtomicBool = AtomicBool::new(false);
+    capture.counters().unwrap_or_else(|e| {
+        if !SAID.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "tcptrace: warning: cannot read the kernel's counts of lost and filtered \
+                 transitions ({e:#}); the counts shown leave them out"
+            );
+        }
+        Counters::default()
+    })
+}
+
 /// Warns about transitions lost (ring full) or missed (the kernel skipped
 /// the program) since the last warning; returns the new totals.
 pub(super) fn warn_lost(capture: &Capture, reported: Counters) -> Counters {
-    let now = capture.counters().unwrap_or_default();
+    let now = counters(capture);
     if now.lost > reported.lost {
         eprintln!(
             "tcptrace: warning: {} transitions lost: the ring buffer was full ({} lost in all)",
