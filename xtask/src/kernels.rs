@@ -165,7 +165,7 @@ pub fn run(root: &Path, wanted: &[String]) -> Result<()> {
         packages(&dir, wanted)?
     };
     // What a production host runs: the release's static binary.
-    let tcptrace = root.join(crate::dist::build_static()?);
+    let tcptrace = root.join(crate::dist::build_static(crate::dist::X86_64)?);
     let tests = test_binaries()?;
 
     let reference = probe_here(&tcptrace)?;
