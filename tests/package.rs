@@ -50,7 +50,7 @@ struct Installed;
 
 impl Installed {
     fn new() -> Installed {
-        let deb = built("TCPTRACE_DEB", ".deb");
+        let deb = built("TCPTRACE_DEB", "_amd64.deb");
         let (ok, out) = run("dpkg", &["-i", &deb.to_string_lossy()]);
         assert!(ok, "dpkg -i {}: {out}", deb.display());
         Installed
@@ -69,7 +69,7 @@ fn the_deb_installs_a_static_tcptrace_that_traces_and_removes_cleanly() {
         "dpkg-deb",
         &[
             "--contents",
-            &built("TCPTRACE_DEB", ".deb").to_string_lossy(),
+            &built("TCPTRACE_DEB", "_amd64.deb").to_string_lossy(),
         ],
     );
     assert!(listed, "{contents}");
@@ -156,7 +156,7 @@ fn the_deb_installs_a_static_tcptrace_that_traces_and_removes_cleanly() {
 
 #[test]
 fn the_tarball_holds_the_binary_its_pages_completions_unit_and_licences() {
-    let tarball = built("TCPTRACE_TARBALL", ".tar.gz");
+    let tarball = built("TCPTRACE_TARBALL", "-x86_64-linux.tar.gz");
     let (ok, list) = run("tar", &["-tzf", &tarball.to_string_lossy()]);
     assert!(ok, "{list}");
     let top = format!("tcptrace-{}-x86_64-linux", env!("CARGO_PKG_VERSION"));
@@ -178,4 +178,66 @@ fn the_tarball_holds_the_binary_its_pages_completions_unit_and_licences() {
         let want = format!("{top}/{name}");
         assert!(list.lines().any(|l| l == want), "{want} not in:\n{list}");
     }
+}
+
+/// The ELF header's machine and whether the file asks for a dynamic loader
+/// (a PT_INTERP program header): a static binary does not.
+fn elf_machine_and_interp(bytes: &[u8]) -> (u16, bool) {
+    assert_eq!(&bytes[..4], b"\x7fELF", "not an ELF file");
+    assert_eq!(bytes[4], 2, "not a 64-bit ELF file");
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36), u16_at(0x38));
+    const PT_INTERP: u32 = 3;
+    let interp = (0..usize::from(phnum)).any(|i| {
+        let at = phoff + i * usize::from(phentsize);
+        u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) == PT_INTERP
+    });
+    (u16_at(0x12), interp)
+}
+
+#[test]
+fn the_arm64_release_holds_a_static_aarch64_binary_and_the_same_files() {
+    const EM_AARCH64: u16 = 183;
+    let deb = built("TCPTRACE_ARM64_DEB", "_arm64.deb");
+    let (ok, info) = run(
+        "dpkg-deb",
+        &["--field", &deb.to_string_lossy(), "Architecture"],
+    );
+    assert!(ok, "{info}");
+    assert_eq!(info.trim(), "arm64");
+    // Every file the amd64 package installs, at the same place.
+    let names = |deb: &std::path::Path| -> Vec<String> {
+        let (ok, list) = run("dpkg-deb", &["--contents", &deb.to_string_lossy()]);
+        assert!(ok, "{list}");
+        let mut names: Vec<String> = list
+            .lines()
+            .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&deb), names(&built("TCPTRACE_DEB", "_amd64.deb")));
+    let dir = tcptrace_tests::TempDir::new("arm64-deb");
+    let (ok, out) = run(
+        "dpkg-deb",
+        &["-x", &deb.to_string_lossy(), &dir.path("root")],
+    );
+    assert!(ok, "{out}");
+    let bin = std::fs::read(dir.path("root/usr/bin/tcptrace")).unwrap();
+    assert_eq!(elf_machine_and_interp(&bin), (EM_AARCH64, false));
+
+    let tarball = built("TCPTRACE_ARM64_TARBALL", "-aarch64-linux.tar.gz");
+    let (ok, list) = run("tar", &["-tzf", &tarball.to_string_lossy()]);
+    assert!(ok, "{list}");
+    let top = format!("tcptrace-{}-aarch64-linux", env!("CARGO_PKG_VERSION"));
+    let (_, x86_list) = run(
+        "tar",
+        &[
+            "-tzf",
+            &built("TCPTRACE_TARBALL", "-x86_64-linux.tar.gz").to_string_lossy(),
+        ],
+    );
+    let x86_top = format!("tcptrace-{}-x86_64-linux", env!("CARGO_PKG_VERSION"));
+    assert_eq!(list.replace(&top, "TOP"), x86_list.replace(&x86_top, "TOP"));
 }

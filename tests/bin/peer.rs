@@ -281,11 +281,12 @@ fn send_fd(over: i32, fd: i32) {
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space;
+        // size_t with glibc, socklen_t with musl (the arm64 matrix's).
+        msg.msg_controllen = space as _;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<i32>() as u32) as usize;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<i32>() as u32) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
         if libc::sendmsg(over, &msg, 0) != 1 {
             fail(&std::io::Error::last_os_error());
@@ -308,7 +309,7 @@ fn recv_fd(over: i32) -> i32 {
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space;
+        msg.msg_controllen = space as _;
         if libc::recvmsg(over, &mut msg, 0) != 1 {
             fail(&"the sender sent no descriptor");
         }

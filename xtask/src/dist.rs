@@ -3,7 +3,9 @@
 //! One statically linked binary (musl) with the eBPF object inside, so the
 //! host needs neither Rust, nor nightly, nor bpf-linker; around it the man
 //! pages, completions, a systemd unit and the licences. They go out as a
-//! tarball and as a .deb that puts each file where Debian looks for it.
+//! tarball and as a .deb that puts each file where Debian looks for it, for
+//! x86_64 and for arm64 (cross-built here: the eBPF programs are the same
+//! bytes, only the userspace around them is compiled twice).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,34 +13,66 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, output, status};
+use crate::{output, status};
 
-pub const MUSL: &str = "x86_64-unknown-linux-musl";
-const ARCH: &str = "amd64";
+/// A CPU the release is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arch {
+    /// Rust's target: statically linked with musl.
+    pub target: &'static str,
+    /// The name in the tarball's (`uname -m`).
+    pub machine: &'static str,
+    /// Debian's name, in the .deb's.
+    pub debian: &'static str,
+}
 
-/// What `dist` made.
+pub const X86_64: Arch = Arch {
+    target: "x86_64-unknown-linux-musl",
+    machine: "x86_64",
+    debian: "amd64",
+};
+
+/// Linked with rust-lld, which the toolchain ships: no cross gcc needed.
+pub const AARCH64: Arch = Arch {
+    target: "aarch64-unknown-linux-musl",
+    machine: "aarch64",
+    debian: "arm64",
+};
+
+/// What `dist` made, for each architecture.
 pub struct Dist {
     pub tarball: PathBuf,
     pub deb: PathBuf,
+    pub arm64_tarball: PathBuf,
+    pub arm64_deb: PathBuf,
 }
 
-/// Builds the static binary (adding the musl target if missing) and
-/// returns its path.
-pub fn build_static() -> Result<PathBuf> {
+/// Builds the static binary for `arch` (adding its Rust target if missing)
+/// and returns its path.
+pub fn build_static(arch: Arch) -> Result<PathBuf> {
     let installed = output("rustup", &["target", "list", "--installed"])?;
-    if !installed.lines().any(|l| l.trim() == MUSL) {
-        eprintln!("xtask: adding the {MUSL} target (for a static binary)");
-        status("rustup", &["target", "add", MUSL])?;
+    if !installed.lines().any(|l| l.trim() == arch.target) {
+        eprintln!(
+            "xtask: adding the {} target (for a static binary)",
+            arch.target
+        );
+        status("rustup", &["target", "add", arch.target])?;
     }
-    cargo(&[
-        "build",
-        "--release",
-        "--target",
-        MUSL,
-        "--package",
-        "tcptrace",
-    ])?;
-    Ok(PathBuf::from(format!("target/{MUSL}/release/tcptrace")))
+    let mut cmd = Command::new(crate::cargo_bin());
+    cmd.args(["build", "--release", "--target", arch.target])
+        .args(["--package", "tcptrace"]);
+    if arch != X86_64 {
+        let var = format!(
+            "CARGO_TARGET_{}_LINKER",
+            arch.target.to_uppercase().replace('-', "_")
+        );
+        cmd.env(var, "rust-lld");
+    }
+    crate::check(cmd)?;
+    Ok(PathBuf::from(format!(
+        "target/{}/release/tcptrace",
+        arch.target
+    )))
 }
 
 /// One file of the package: where it goes under the install root, its mode,
@@ -50,17 +84,34 @@ struct Item {
 }
 
 pub fn run(root: &Path) -> Result<Dist> {
-    let bin = root.join(build_static()?);
-    let version = env!("CARGO_PKG_VERSION");
-    let items = items(root, &bin)?;
     let out = root.join("target/dist");
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let bin = root.join(build_static(X86_64)?);
+    // Man pages and completions come from the binary this machine runs;
+    // they are the same text for every architecture.
+    let items = items(root, &bin)?;
+    let (tarball, deb) = package(&out, X86_64, &items)?;
+    let arm64 = root.join(build_static(AARCH64)?);
+    let mut arm64_items = items;
+    arm64_items[0].bytes =
+        fs::read(&arm64).with_context(|| format!("cannot read {}", arm64.display()))?;
+    let (arm64_tarball, arm64_deb) = package(&out, AARCH64, &arm64_items)?;
+    Ok(Dist {
+        tarball,
+        deb,
+        arm64_tarball,
+        arm64_deb,
+    })
+}
 
+/// The tarball and the .deb of one architecture's files.
+fn package(out: &Path, arch: Arch, items: &[Item]) -> Result<(PathBuf, PathBuf)> {
+    let version = env!("CARGO_PKG_VERSION");
     // The tarball keeps a flat, self-describing layout under one directory.
-    let name = format!("tcptrace-{version}-x86_64-linux");
+    let name = format!("tcptrace-{version}-{}-linux", arch.machine);
     let tree = out.join(&name);
-    for item in &items {
+    for item in items {
         let flat = match item.path.rsplit_once('/') {
             Some((dir, file)) if dir.ends_with("/man1") => format!("man/{file}"),
             Some((dir, file)) if dir.contains("completions") || dir.contains("zsh") => {
@@ -88,15 +139,15 @@ pub fn run(root: &Path) -> Result<Dist> {
     )?;
 
     // The .deb: the same files at Debian's paths, and a control file.
-    let staging = out.join("deb");
-    for item in &items {
+    let staging = out.join(format!("deb-{}", arch.debian));
+    for item in items {
         put(&staging.join(&item.path), item)?;
     }
     let size_kib: u64 = items.iter().map(|i| i.bytes.len() as u64).sum::<u64>() / 1024 + 1;
     let control = format!(
         "Package: tcptrace\n\
          Version: {version}\n\
-         Architecture: {ARCH}\n\
+         Architecture: {}\n\
          Maintainer: tcptrace maintainers <maintainers@tcptrace.invalid>\n\
          Installed-Size: {size_kib}\n\
          Section: net\n\
@@ -105,7 +156,8 @@ pub fn run(root: &Path) -> Result<Dist> {
          tcptrace follows the kernel's sock:inet_sock_set_state tracepoint with\n \
          eBPF and prints each transition of each TCP socket as it happens, with\n \
          the process that holds the socket, its addresses and how long it stayed\n \
-         in the state it left; it records them and reports on recordings.\n"
+         in the state it left; it records them and reports on recordings.\n",
+        arch.debian
     );
     put(
         &staging.join("DEBIAN/control"),
@@ -115,7 +167,7 @@ pub fn run(root: &Path) -> Result<Dist> {
             bytes: control.into_bytes(),
         },
     )?;
-    let deb = out.join(format!("tcptrace_{version}_{ARCH}.deb"));
+    let deb = out.join(format!("tcptrace_{version}_{}.deb", arch.debian));
     status(
         "dpkg-deb",
         &[
@@ -126,7 +178,7 @@ pub fn run(root: &Path) -> Result<Dist> {
         ],
     )?;
     eprintln!("xtask: built {} and {}", tarball.display(), deb.display());
-    Ok(Dist { tarball, deb })
+    Ok((tarball, deb))
 }
 
 /// Every file of a release, at the path Debian gives it.
@@ -137,6 +189,7 @@ fn items(root: &Path, bin: &Path) -> Result<Vec<Item>> {
         bytes,
     };
     let read = |p: &str| fs::read(root.join(p)).with_context(|| format!("cannot read {p}"));
+    // The binary first: the other architectures' packages replace it.
     let mut items = vec![file(
         "usr/bin/tcptrace",
         0o755,

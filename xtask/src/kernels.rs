@@ -4,12 +4,17 @@
 //! Debian's own kernels are downloaded (never installed on this machine):
 //! Debian 12's 6.1, 6.12 and 6.12 PREEMPT_RT, and Debian 11's 5.10 (from
 //! the bullseye suite, through an apt configuration of its own that leaves
-//! the machine's alone). They boot under QEMU's software emulation: /dev/kvm on these machines
+//! the machine's alone), and Debian 12's arm64 6.1. They boot under QEMU's
+//! software emulation: /dev/kvm on these machines
 //! cannot run a stock kernel. A small busybox initramfs loads the modules
 //! that reach this machine's root over 9p, shares it read-only with a tmpfs
 //! over it for writes, and runs the compiled integration tests there against
 //! the static tcptrace: the guest sees the same checkout, binaries and tools
-//! as this machine, and only the kernel differs. One boot per kernel.
+//! as this machine, and only the kernel differs. One boot per kernel. An
+//! arm64 guest cannot run this machine's programs: its root is a Debian 12
+//! arm64 userland unpacked under target/kernels (mmdebstrap), with the
+//! checkout bound at its own path, and it runs the aarch64 builds of
+//! tcptrace and of the tests.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -117,6 +122,7 @@ grep -v -e '^tcptrace: tracing' -e '^tcptrace: .* filtered, .* lost, ' "$err" | 
 struct Kernel {
     /// The package's kernel release (`uname -r` in the guest).
     release: String,
+    cpu: Cpu,
     /// The unpacked package.
     root: PathBuf,
 }
@@ -134,6 +140,7 @@ impl Kernel {
 /// What one kernel's boot showed.
 struct Outcome {
     release: String,
+    cpu: Cpu,
     programs: String,
     passed: Vec<String>,
     failed: Vec<String>,
@@ -148,7 +155,48 @@ struct Outcome {
 /// supports that a distribution still ships (Debian 11's 5.10: the probe
 /// paths for kernels before 5.11 run there), Debian 12's two, and 6.12's
 /// PREEMPT_RT flavour, where softirqs run in threads of their own.
-const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "6.12-rt"];
+const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "6.12-rt", "6.1-arm64"];
+
+/// A CPU the matrix boots: its QEMU, its console, and the release built
+/// for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cpu {
+    X86_64,
+    Arm64,
+}
+
+impl Cpu {
+    fn of(package: &str) -> Cpu {
+        if package.ends_with("-arm64") {
+            Cpu::Arm64
+        } else {
+            Cpu::X86_64
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Cpu::X86_64 => "x86_64",
+            Cpu::Arm64 => "arm64",
+        }
+    }
+
+    fn dist(self) -> crate::dist::Arch {
+        match self {
+            Cpu::X86_64 => crate::dist::X86_64,
+            Cpu::Arm64 => crate::dist::AARCH64,
+        }
+    }
+}
+
+/// What a guest of one CPU runs: the static tcptrace, the test binaries,
+/// the script, and (arm64) the userland it uses as its root.
+struct Build {
+    script: PathBuf,
+    userland: Option<PathBuf>,
+    /// The checkout, where the binaries and the tests' files are.
+    checkout: PathBuf,
+}
 
 /// Runs the scenarios on each kernel in `wanted` (Debian package names,
 /// kernel releases, or `5.10` / `6.1` / `6.12` / `6.12-rt` for the newest
@@ -164,18 +212,24 @@ pub fn run(root: &Path, wanted: &[String]) -> Result<()> {
     } else {
         packages(&dir, wanted)?
     };
-    // What a production host runs: the release's static binary.
-    let tcptrace = root.join(crate::dist::build_static()?);
-    let tests = test_binaries()?;
-
-    let reference = probe_here(&tcptrace)?;
-    let script = dir.join("guest.sh");
-    fs::write(&script, guest_script(root, &tcptrace, &tests))?;
+    let mut builds = Vec::new();
+    for cpu in [Cpu::X86_64, Cpu::Arm64] {
+        if packages.iter().any(|p| Cpu::of(&p.name) == cpu) {
+            builds.push((cpu, build(root, &dir, cpu)?));
+        }
+    }
+    // What this machine's kernel attaches, with the x86_64 release.
+    let host = root.join(crate::dist::build_static(crate::dist::X86_64)?);
+    let reference = probe_here(&host)?;
 
     let mut outcomes = Vec::new();
     for package in &packages {
         let kernel = unpack(&dir, package)?;
-        outcomes.push(boot(&dir, &kernel, &script, &reference)?);
+        let (_, build) = builds
+            .iter()
+            .find(|(cpu, _)| *cpu == kernel.cpu)
+            .expect("built for every CPU in the list");
+        outcomes.push(boot(&dir, &kernel, build, &reference)?);
     }
 
     println!();
@@ -191,13 +245,14 @@ pub fn run(root: &Path, wanted: &[String]) -> Result<()> {
         .unwrap_or(6)
         .max(6);
     println!(
-        "{:width$}  {:26}  {:>9}  time",
-        "kernel", "programs", "scenarios"
+        "{:width$}  {:6}  {:26}  {:>9}  time",
+        "kernel", "cpu", "programs", "scenarios"
     );
     for o in &outcomes {
         println!(
-            "{:width$}  {:26}  {:>4}/{:<4}  {} s",
+            "{:width$}  {:6}  {:26}  {:>4}/{:<4}  {} s",
             o.release,
+            o.cpu.name(),
             o.programs,
             o.passed.len(),
             o.passed.len() + o.failed.len(),
@@ -227,14 +282,17 @@ pub fn run(root: &Path, wanted: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// QEMU, a static busybox for the initramfs, depmod/modprobe, and bpftool
-/// (the probe counts programs attached to perf events with it).
+/// QEMU (both CPUs), a static busybox for the initramfs, depmod/modprobe,
+/// bpftool (the probe counts programs attached to perf events with it) and
+/// mmdebstrap (the arm64 userland).
 fn ensure_packages() -> Result<()> {
     let missing: Vec<&str> = [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("busybox", "busybox-static"),
         ("depmod", "kmod"),
         ("bpftool", "bpftool"),
+        ("qemu-system-aarch64", "qemu-system-arm"),
+        ("mmdebstrap", "mmdebstrap"),
     ]
     .iter()
     .filter(|(program, _)| !crate::which(program) && !Path::new("/sbin").join(program).exists())
@@ -274,6 +332,8 @@ fn ensure_packages() -> Result<()> {
 enum Archive {
     Machine,
     Bullseye,
+    /// Debian 12's arm64 packages (this machine's apt knows amd64 only).
+    Arm64,
 }
 
 /// A kernel package and the archive that has it.
@@ -292,6 +352,7 @@ fn packages(dir: &Path, wanted: &[impl AsRef<str>]) -> Result<Vec<Package>> {
             "6.1" => (Archive::Machine, "linux-image-6.1.0-", "-amd64"),
             "6.12" => (Archive::Machine, "linux-image-6.12.", "+deb12-amd64"),
             "6.12-rt" => (Archive::Machine, "linux-image-6.12.", "+deb12-rt-amd64"),
+            "6.1-arm64" => (Archive::Arm64, "linux-image-6.1.0-", "-arm64"),
             _ => {
                 let name = if w.starts_with("linux-image-") {
                     w.to_string()
@@ -300,6 +361,8 @@ fn packages(dir: &Path, wanted: &[impl AsRef<str>]) -> Result<Vec<Package>> {
                 };
                 let archive = if name.starts_with("linux-image-5.10.") {
                     Archive::Bullseye
+                } else if name.ends_with("-arm64") {
+                    Archive::Arm64
                 } else {
                     Archive::Machine
                 };
@@ -326,10 +389,12 @@ fn packages(dir: &Path, wanted: &[impl AsRef<str>]) -> Result<Vec<Package>> {
 /// The apt options that make apt-get and apt-cache read `archive`'s
 /// package lists (none for the machine's own).
 fn apt_options(dir: &Path, archive: Archive) -> Result<Vec<String>> {
-    if archive == Archive::Machine {
-        return Ok(Vec::new());
-    }
-    let apt = dir.join("bullseye");
+    let (name, options, suite) = match archive {
+        Archive::Machine => return Ok(Vec::new()),
+        Archive::Bullseye => ("bullseye", "", "bullseye"),
+        Archive::Arm64 => ("bookworm-arm64", "arch=arm64 ", "bookworm"),
+    };
+    let apt = dir.join(name);
     let sources = apt.join("sources.list");
     if !sources.exists() {
         fs::create_dir_all(apt.join("lists/partial"))?;
@@ -337,22 +402,37 @@ fn apt_options(dir: &Path, archive: Archive) -> Result<Vec<String>> {
         fs::write(
             &sources,
             format!(
-                "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {} bullseye main\n",
+                "deb [{options}signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {} \
+                 {suite} main\n",
                 debian_archive()?
             ),
         )?;
     }
     let dir_of = |name: &str| apt.join(name).to_string_lossy().into_owned();
-    Ok(vec![
-        "-o".into(),
-        format!("Dir::Etc::SourceList={}", sources.display()),
-        "-o".into(),
-        "Dir::Etc::SourceParts=/dev/null".into(),
-        "-o".into(),
-        format!("Dir::State::Lists={}", dir_of("lists")),
-        "-o".into(),
-        format!("Dir::Cache={}", dir_of("cache")),
-    ])
+    let arch = if archive == Archive::Arm64 {
+        vec![
+            "-o".into(),
+            "APT::Architectures=arm64".into(),
+            "-o".into(),
+            "APT::Architecture=arm64".into(),
+        ]
+    } else {
+        Vec::new()
+    };
+    Ok([
+        arch,
+        vec![
+            "-o".into(),
+            format!("Dir::Etc::SourceList={}", sources.display()),
+            "-o".into(),
+            "Dir::Etc::SourceParts=/dev/null".into(),
+            "-o".into(),
+            format!("Dir::State::Lists={}", dir_of("lists")),
+            "-o".into(),
+            format!("Dir::Cache={}", dir_of("cache")),
+        ],
+    ]
+    .concat())
 }
 
 /// The Debian archive this machine's own apt sources name: Debian 11's
@@ -386,7 +466,7 @@ fn kernel_packages(dir: &Path, archive: Archive) -> Result<Vec<String>> {
         args.extend([
             "search",
             "--names-only",
-            r"^linux-image-[0-9]+\.[0-9.]+(-[0-9]+)?(\+deb1[12])?(-rt)?-amd64$",
+            r"^linux-image-[0-9]+\.[0-9.]+(-[0-9]+)?(\+deb1[12])?(-rt)?-(amd64|arm64)$",
         ]);
         let text = crate::output("apt-cache", &args)?;
         Ok(text
@@ -424,6 +504,7 @@ fn unpack(dir: &Path, package: &Package) -> Result<Kernel> {
     let kdir = dir.join(&release);
     let kernel = Kernel {
         release: release.clone(),
+        cpu: Cpu::of(package),
         root: kdir.join("root"),
     };
     let ready = kdir.join("ready");
@@ -463,17 +544,75 @@ fn unpack(dir: &Path, package: &Package) -> Result<Kernel> {
     Ok(kernel)
 }
 
-/// The integration test binaries as cargo built them last (building them
-/// if needed), by name ("live", ...).
-fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
-    let out = Command::new(crate::cargo_bin())
-        .args([
-            "test",
-            "--package",
-            "tcptrace-tests",
-            "--no-run",
-            "--message-format=json",
-        ])
+/// What a guest of `cpu` runs (the static tcptrace, the test binaries),
+/// built, and for arm64 its userland unpacked, if needed.
+fn build(root: &Path, dir: &Path, cpu: Cpu) -> Result<Build> {
+    // What a production host runs: the release's static binary.
+    let tcptrace = root.join(crate::dist::build_static(cpu.dist())?);
+    let tests = test_binaries(cpu)?;
+    let script = dir.join(format!("guest-{}.sh", cpu.name()));
+    fs::write(&script, guest_script(root, &tcptrace, &tests))?;
+    let userland = match cpu {
+        Cpu::X86_64 => None,
+        Cpu::Arm64 => Some(arm64_userland(dir)?),
+    };
+    Ok(Build {
+        script,
+        userland,
+        checkout: root.to_path_buf(),
+    })
+}
+
+/// A Debian 12 arm64 userland with what the scenarios run (a shell, ip,
+/// ss, nsenter, setpriv, prlimit, bpftool, coreutils), unpacked once: no
+/// package's scripts run, so nothing needs to execute arm64 code here.
+fn arm64_userland(dir: &Path) -> Result<PathBuf> {
+    let root = dir.join("arm64-userland");
+    let ready = dir.join("arm64-userland.ready");
+    if ready.exists() {
+        return Ok(root);
+    }
+    eprintln!("xtask: unpacking a Debian 12 arm64 userland (mmdebstrap)");
+    let _ = fs::remove_dir_all(&root);
+    crate::status(
+        "mmdebstrap",
+        &[
+            "--quiet",
+            "--variant=extract",
+            "--architectures=arm64",
+            "--include=busybox-static,dash,bash,coreutils,grep,sed,mawk,iproute2,util-linux,\
+             procps,kmod,bpftool",
+            "bookworm",
+            &root.to_string_lossy(),
+            &format!("deb {} bookworm main", debian_archive()?),
+        ],
+    )?;
+    fs::write(&ready, "")?;
+    Ok(root)
+}
+
+/// The integration test binaries for `cpu` as cargo built them last
+/// (building them if needed), by name ("live", ...).
+fn test_binaries(cpu: Cpu) -> Result<Vec<(String, PathBuf)>> {
+    let mut cargo = Command::new(crate::cargo_bin());
+    cargo.args([
+        "test",
+        "--package",
+        "tcptrace-tests",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    if cpu != Cpu::X86_64 {
+        let arch = cpu.dist();
+        cargo.args(["--target", arch.target]).env(
+            format!(
+                "CARGO_TARGET_{}_LINKER",
+                arch.target.to_uppercase().replace('-', "_")
+            ),
+            "rust-lld",
+        );
+    }
+    let out = cargo
         .stderr(Stdio::inherit())
         .output()
         .context("cannot run cargo test --no-run")?;
@@ -584,8 +723,15 @@ fn guest_script(root: &Path, tcptrace: &Path, tests: &[(String, PathBuf)]) -> St
 }
 
 /// The initramfs's /init: modules, this machine's root over 9p with a
-/// tmpfs over it, the kernel's file systems, then the script; power-off.
-fn init_script(modules: &[String], script: &Path) -> String {
+/// tmpfs over it (or, for an arm64 guest, the arm64 userland in it, with
+/// the checkout bound at its own path), the kernel's file systems, then the
+/// script; power-off.
+fn init_script(
+    modules: &[String],
+    script: &Path,
+    userland: Option<&Path>,
+    checkout: &Path,
+) -> String {
     let mut s = String::from("#!/bin/busybox sh\n/bin/busybox --install -s /bin\n");
     s.push_str("mount -t proc proc /proc\nmount -t sysfs sysfs /sys\nmount -t devtmpfs dev /dev\n");
     for m in modules {
@@ -602,8 +748,8 @@ mkdir -p /lower /rw $R
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /lower || echo '@@ problem no 9p root'
 mount -t tmpfs -o size=1200m rw /rw
 mkdir -p /rw/upper /rw/work
-mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay $R || echo '@@ problem no overlay'
-mount -t proc proc $R/proc
+mount -t overlay -o lowerdir={lower},upperdir=/rw/upper,workdir=/rw/work overlay $R || echo '@@ problem no overlay'
+{bind}mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs dev $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
@@ -629,16 +775,27 @@ echo "@@ guest exit $?"
 sync
 poweroff -f
 "#,
-        script = script.display()
+        script = script.display(),
+        lower = match userland {
+            Some(u) => format!("/lower{}", u.display()),
+            None => "/lower".to_string(),
+        },
+        bind = match userland {
+            Some(_) => format!(
+                "mkdir -p $R{c}\nmount --bind /lower{c} $R{c} || echo '@@ problem no checkout'\n",
+                c = checkout.display()
+            ),
+            None => String::new(),
+        },
     );
     s
 }
 
 /// Boots `kernel` with the scenarios and reads what its console shows.
-fn boot(dir: &Path, kernel: &Kernel, script: &Path, reference: &(String, u32)) -> Result<Outcome> {
+fn boot(dir: &Path, kernel: &Kernel, build: &Build, reference: &(String, u32)) -> Result<Outcome> {
     let started = Instant::now();
     let initramfs = dir.join(format!("{}.cpio", kernel.release));
-    fs::write(&initramfs, initramfs_image(kernel, script)?)?;
+    fs::write(&initramfs, initramfs_image(kernel, build)?)?;
     let log = dir.join(format!("{}.log", kernel.release));
     eprintln!(
         "xtask: booting {} under QEMU (software emulation); console in {}",
@@ -646,7 +803,14 @@ fn boot(dir: &Path, kernel: &Kernel, script: &Path, reference: &(String, u32)) -
         log.display()
     );
     let fsdev = "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap";
-    let mut qemu = Command::new("qemu-system-x86_64");
+    let (program, machine, console) = match kernel.cpu {
+        Cpu::X86_64 => ("qemu-system-x86_64", None, "ttyS0"),
+        Cpu::Arm64 => ("qemu-system-aarch64", Some("virt"), "ttyAMA0"),
+    };
+    let mut qemu = Command::new(program);
+    if let Some(m) = machine {
+        qemu.args(["-M", m]);
+    }
     qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2"])
         .args(["-m", "2048", "-nodefaults", "-no-user-config", "-no-reboot"])
         .args(["-display", "none", "-serial", "stdio"])
@@ -654,16 +818,18 @@ fn boot(dir: &Path, kernel: &Kernel, script: &Path, reference: &(String, u32)) -
         .arg(kernel.vmlinuz())
         .arg("-initrd")
         .arg(&initramfs)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init",
-        ])
+        .arg("-append")
+        .arg(format!(
+            "console={console} panic=-1 quiet loglevel=3 rdinit=/init"
+        ))
         .args(["-fsdev", fsdev])
         .args(["-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = qemu.spawn().context("cannot start qemu-system-x86_64")?;
+    let mut child = qemu
+        .spawn()
+        .with_context(|| format!("cannot start {program}"))?;
     let console = Arc::new(Mutex::new(String::new()));
     let reader = {
         let console = Arc::clone(&console);
@@ -778,6 +944,7 @@ fn outcome(
     }
     Outcome {
         release: kernel.release.clone(),
+        cpu: kernel.cpu,
         programs,
         passed,
         failed,
@@ -789,7 +956,7 @@ fn outcome(
 
 /// The initramfs: busybox, the boot modules (uncompressed, in load order),
 /// /init and a console device.
-fn initramfs_image(kernel: &Kernel, script: &Path) -> Result<Vec<u8>> {
+fn initramfs_image(kernel: &Kernel, build: &Build) -> Result<Vec<u8>> {
     let order = boot_modules(&kernel.modules())?;
     let mut cpio = Cpio::default();
     for d in [
@@ -799,7 +966,12 @@ fn initramfs_image(kernel: &Kernel, script: &Path) -> Result<Vec<u8>> {
     }
     // The kernel opens /dev/console for init before any devtmpfs exists.
     cpio.node("dev/console", 0o020600, (5, 1));
-    cpio.file("bin/busybox", 0o755, &fs::read("/bin/busybox")?);
+    // A static busybox of the guest's CPU.
+    let busybox = match &build.userland {
+        Some(userland) => userland.join("bin/busybox"),
+        None => PathBuf::from("/bin/busybox"),
+    };
+    cpio.file("bin/busybox", 0o755, &fs::read(&busybox)?);
     let mut names = Vec::new();
     for path in &order {
         let name = module_name(path) + ".ko";
@@ -812,7 +984,17 @@ fn initramfs_image(kernel: &Kernel, script: &Path) -> Result<Vec<u8>> {
         .trim_start_matches('/')
         .to_string();
     cpio.file("modules-dir", 0o644, modules_dir.as_bytes());
-    cpio.file("init", 0o755, init_script(&names, script).as_bytes());
+    cpio.file(
+        "init",
+        0o755,
+        init_script(
+            &names,
+            &build.script,
+            build.userland.as_deref(),
+            &build.checkout,
+        )
+        .as_bytes(),
+    );
     Ok(cpio.finish())
 }
 
@@ -949,6 +1131,7 @@ mod tests {
     fn read(console: &str) -> Outcome {
         let kernel = Kernel {
             release: "6.1.0-57-amd64".into(),
+            cpu: Cpu::X86_64,
             root: PathBuf::new(),
         };
         let reference = ("loaded=9 attached=9".to_string(), 9);

@@ -65,9 +65,10 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         rounds: u32,
     },
-    /// Build the release for production hosts in target/dist/: a static
-    /// x86_64 binary (musl) with the eBPF object inside, man pages,
-    /// completions and a systemd unit, as a tarball and a .deb.
+    /// Build the release for production hosts in target/dist/: static
+    /// x86_64 and aarch64 binaries (musl) with the eBPF object inside, man
+    /// pages, completions and a systemd unit, as a tarball and a .deb for
+    /// each architecture.
     Dist,
     /// Run the cargo-fuzz targets (recording reader, argument parsers) for
     /// SECONDS each; installs cargo-fuzz if missing.
@@ -443,6 +444,8 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     cmd.env("TCPTRACE_BIN", root.join("target/release/tcptrace"));
     cmd.env("TCPTRACE_DEB", &release.deb);
     cmd.env("TCPTRACE_TARBALL", &release.tarball);
+    cmd.env("TCPTRACE_ARM64_DEB", &release.arm64_deb);
+    cmd.env("TCPTRACE_ARM64_TARBALL", &release.arm64_tarball);
     if !is_root() {
         if which("sudo") {
             eprintln!(
@@ -555,7 +558,7 @@ pub(crate) fn status(program: &str, args: &[&str]) -> Result<()> {
     check(cmd)
 }
 
-fn check(mut cmd: Command) -> Result<()> {
+pub(crate) fn check(mut cmd: Command) -> Result<()> {
     let st = cmd
         .status()
         .with_context(|| format!("cannot run {cmd:?}"))?;
