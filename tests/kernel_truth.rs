@@ -21,7 +21,9 @@ fn sockets_that_exist_before_tcptrace_starts_appear_as_snapshot_lines() {
         .server(&addr, ServerMode::WaitPeerClose)
         .hold_ms(100)
         .start();
-    let client = ns.client(&addr, ClientMode::Close).hold_ms(2500).start();
+    // Open until the tracer has looked: longer than a tracer takes to
+    // start under the kernel matrix's arm64 emulation (over 2 s).
+    let client = ns.client(&addr, ClientMode::Close).hold_ms(6000).start();
     let (spid, cpid) = (server.pid, client.pid);
     sleep(Duration::from_millis(300));
     let tracer = Tracer::builder()
