@@ -177,11 +177,13 @@ impl TracerBuilder {
         let mut cmd = match &self.only_caps {
             Some(caps) => {
                 let bounding: String = caps.iter().map(|c| format!(",+{c}")).collect();
-                // Locked memory unlimited, as the systemd unit runs it:
-                // kernels before 5.11 count BPF maps against it, and raising
-                // it needs a capability the tracer is not given here.
-                let mut cmd = Command::new("prlimit");
-                cmd.args(["--memlock=unlimited", "--", "setpriv"])
+                // Locked memory unlimited where root may raise it, as the
+                // systemd unit runs it: kernels before 5.11 count BPF maps
+                // against it, and raising it needs a capability the tracer
+                // is not given here. (Some machines refuse even root.)
+                let mut cmd = Command::new("sh");
+                cmd.args(["-c", r#"ulimit -l unlimited 2>/dev/null; exec "$@""#, "sh"])
+                    .arg("setpriv")
                     .args(["--inh-caps=-all", "--ambient-caps=-all"])
                     .arg(format!("--bounding-set=-all{bounding}"))
                     .arg("--")
