@@ -349,9 +349,10 @@ fn rows_before_accept_carry_the_listeners_owner_as_queued() {
     let tracer = json_tracer(&ns, port).start();
     let server = ns
         .server(&addr, ServerMode::WaitPeerClose)
-        .delay_accept_ms(1000)
-        // Long enough for ss to see it held: under the kernel matrix's
-        // emulation one ss run can take most of a second.
+        // Both long enough for ss to see the socket queued, then held:
+        // under the kernel matrix's arm64 emulation a connect, a close and
+        // one ss run can take over a second.
+        .delay_accept_ms(3000)
         .hold_ms(3000)
         .start();
     let owner = only(holders_of(&ns, "LISTEN", port), "listener");
