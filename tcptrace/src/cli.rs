@@ -75,6 +75,14 @@ pub enum Command {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OwnerHooks {
+    /// fentry/fexit where the kernel allows them, else system calls.
+    Auto,
+    /// The system-call tracepoints, even where fentry would load.
+    Syscalls,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Generated {
     Man,
     /// tcptrace-read(1).
@@ -181,6 +189,18 @@ pub struct LiveArgs {
     /// up (as `ss -p` does) for --stuck and at the end.
     #[arg(long)]
     pub no_owner_hooks: bool,
+
+    /// How to hook accept() and close(). `auto` (the default) tries
+    /// fentry/fexit programs on the kernel functions they go through, which
+    /// cost only those calls, and falls back to the system-call tracepoints
+    /// where the kernel refuses them (a lockdown kernel, one without BPF
+    /// trampolines). `syscalls` takes the tracepoints, which put every
+    /// system call of every process on the host on the kernel's slow path
+    /// while attached: to compare the two on one kernel. The line
+    /// `tcptrace: owners: ...` at start says which runs. --no-owner-hooks
+    /// wins over it.
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = OwnerHooks::Auto)]
+    pub owner_hooks: OwnerHooks,
 
     /// Scheduling priority (nice value, -20 to 19) of the thread that reads
     /// the ring. The default, -5, puts it ahead of the traced workload: under
