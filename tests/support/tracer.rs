@@ -278,12 +278,15 @@ impl Tracer {
         let lines = Arc::clone(&so_far);
         let stderr = thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if line.starts_with("tcptrace: tracing ") {
-                    let _ = ready_tx.send(());
-                }
+                // Kept before the start is told: a test reads what was
+                // said up to the tracing line as soon as start returns.
                 let mut all = lines.lock().unwrap_or_else(|p| p.into_inner());
                 all.push_str(&line);
                 all.push('\n');
+                drop(all);
+                if line.starts_with("tcptrace: tracing ") {
+                    let _ = ready_tx.send(());
+                }
             }
             let all = lines.lock().unwrap_or_else(|p| p.into_inner());
             all.clone()
