@@ -182,9 +182,9 @@ pub struct LiveArgs {
     pub no_timewait: bool,
 
     /// Do not hook accept(), close(), fork and exit to follow who holds each
-    /// socket. While those hooks are attached every system call on the host
-    /// costs more (about 90 ns here, 180 ns for a close: `cargo xtask
-    /// hook-cost`). Without them a socket's owner is the process of its
+    /// socket. On the system-call path (see --owner-hooks) every system
+    /// call on the host costs more while they are attached (about 60-90 ns
+    /// here, 180 ns for a close: `cargo xtask hook-cost`). Without them a socket's owner is the process of its
     /// last transition made in process context, and who holds it is looked
     /// up (as `ss -p` does) for --stuck and at the end.
     #[arg(long)]
