@@ -198,8 +198,10 @@ pub struct LiveArgs {
     /// system call of every process on the host on the kernel's slow path
     /// while attached: to compare the two on one kernel. The line
     /// `tcptrace: owners: ...` at start says which runs. --no-owner-hooks
-    /// wins over it.
-    #[arg(long, value_enum, value_name = "HOW", default_value_t = OwnerHooks::Auto)]
+    /// wins over it; given twice, the last counts (a test harness adds it
+    /// to every run).
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = OwnerHooks::Auto,
+          overrides_with = "owner_hooks")]
     pub owner_hooks: OwnerHooks,
 
     /// Scheduling priority (nice value, -20 to 19) of the thread that reads
@@ -720,6 +722,20 @@ fn parse_tuple(s: &str) -> Result<Tuple, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_hooks_default_to_auto_and_the_last_given_counts() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from([&["tcptrace"], args].concat())
+                .unwrap()
+                .live
+                .owner_hooks
+        };
+        assert_eq!(parse(&[]), OwnerHooks::Auto);
+        assert_eq!(parse(&["--owner-hooks", "syscalls"]), OwnerHooks::Syscalls);
+        let twice = ["--owner-hooks", "syscalls", "--owner-hooks", "auto"];
+        assert_eq!(parse(&twice), OwnerHooks::Auto);
+    }
 
     #[test]
     fn ports_accept_lists_and_repeats() {
