@@ -466,6 +466,55 @@ fn no_owner_hooks_attaches_no_syscall_or_process_hook_and_still_traces() {
     }
 }
 
+const OWNERS_BY_SYSCALLS: &str = "tcptrace: owners: system-call tracepoints: every system call \
+     on this host pays ~80 ns while tracing";
+
+/// The `tcptrace: owners:` line, which must come before `tracing`.
+fn owners_line(t: &Tracer) -> String {
+    let said = t.stderr_so_far();
+    let lines: Vec<&str> = said.lines().collect();
+    let at = |prefix: &str| lines.iter().position(|l| l.starts_with(prefix));
+    let owners = at("tcptrace: owners: ").unwrap_or_else(|| panic!("no owners line: {said}"));
+    let tracing = at("tcptrace: tracing ").unwrap_or_else(|| panic!("no tracing line: {said}"));
+    assert!(owners < tracing, "{said}");
+    lines[owners].to_string()
+}
+
+/// The forced fallback takes the system-call tracepoints (classic
+/// tracepoint programs, type 5: only the accept and close hooks are); by
+/// default the line names the path the programs held show. The kernel
+/// matrix says which it expects (TCPTRACE_TEST_OWNERS, "fentry" or
+/// "syscalls"); a kernel that refuses fentry/fexit, as this machine's
+/// lockdown build does, falls back.
+#[test]
+fn the_owners_line_names_the_hooks_attached_and_the_flag_forces_system_calls() {
+    let port = unique_port();
+    let tracepoints = |t: &Tracer| programs_held(t, "prog_type:\t5");
+    let forced = Tracer::builder()
+        .port(port)
+        .args(&["--owner-hooks", "syscalls"])
+        .start();
+    assert_eq!(owners_line(&forced), OWNERS_BY_SYSCALLS);
+    assert_eq!(tracepoints(&forced), 2, "accept and close");
+    let default = Tracer::builder().port(port).start();
+    let line = owners_line(&default);
+    match std::env::var("TCPTRACE_TEST_OWNERS").as_deref() {
+        Ok("fentry") => assert_eq!(line, "tcptrace: owners: fentry"),
+        Ok("syscalls") => assert_eq!(line, OWNERS_BY_SYSCALLS),
+        _ => {}
+    }
+    if line == "tcptrace: owners: fentry" {
+        assert_eq!(tracepoints(&default), 0, "no system-call tracepoint");
+    } else {
+        assert_eq!(line, OWNERS_BY_SYSCALLS);
+        assert_eq!(tracepoints(&default), 2, "accept and close");
+    }
+    for t in [forced, default] {
+        let out = t.stop();
+        assert!(out.status.success(), "{}", out.stderr);
+    }
+}
+
 /// BPF programs the tracer holds whose fdinfo has a line that is `line`
 /// (`prog_type:\t13`: sock_ops) or, ending in `:`, starts with it.
 fn programs_held(t: &Tracer, line: &str) -> usize {

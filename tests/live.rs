@@ -816,6 +816,11 @@ fn metrics_scraped_during_a_scenario_show_the_right_counters() {
     ] {
         assert!(after.contains(line), "want {line:?} in {after}");
     }
+    assert!(
+        after.contains("tcptrace_owner_path{path=\"fentry\"} 1")
+            || after.contains("tcptrace_owner_path{path=\"syscalls\"} 1"),
+        "{after}"
+    );
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
 }

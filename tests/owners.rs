@@ -215,7 +215,10 @@ fn named_threads_keep_the_process_name_and_say_their_own() {
     let server = ns
         .server(&addr, ServerMode::Threads)
         .name("tt-threads")
-        .hold_ms(600)
+        // Long enough for ss to see it held and the threads named before
+        // they end: under the kernel matrix's emulation one ss run can take
+        // most of a second, and 600 ms failed there on either owner path.
+        .hold_ms(3000)
         .start();
     let process = only(holders_of(&ns, "LISTEN", port), "listener");
     assert_eq!(process, Holder::new("tt-threads", server.pid));

@@ -296,6 +296,13 @@ pub const PROGRAM_ACCEPT: &str = "accepted";
 /// On `syscalls:sys_enter_close`: a socket's descriptor closed while
 /// another reference remains (a fork's parent, an SCM_RIGHTS sender).
 pub const PROGRAM_RELEASE: &str = "released";
+/// fexit on `inet_accept`: [`PROGRAM_ACCEPT`] where the kernel allows
+/// fentry and fexit, which tax only the functions they hook.
+pub const PROGRAM_ACCEPT_FEXIT: &str = "accept_returned";
+/// fentry on `filp_close`, and fexit on the function close() takes the
+/// file out of the table with from 6.6 on: [`PROGRAM_RELEASE`] likewise.
+pub const PROGRAM_CLOSE_FENTRY: &str = "file_closing";
+pub const PROGRAM_CLOSE_FEXIT: &str = "fd_closed";
 /// On `sched_process_fork` and `sched_process_exit` (tp_btf): holders
 /// gained and lost without any change of state.
 pub const PROGRAM_FORK: &str = "forked";

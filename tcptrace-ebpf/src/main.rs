@@ -10,7 +10,9 @@
 //!   packet or timer drives for the sockets it follows, which the kernel
 //!   sometimes runs no tracepoint program for.
 //! - [`owners`]: `accepted`, `released`, `forked`, `exited`: which process
-//!   holds a socket, since a transition names only the task that made it.
+//!   holds a socket, since a transition names only the task that made it;
+//!   `accept_returned`, `file_closing`, `fd_closed`: the first two's
+//!   fentry/fexit twins, for kernels that allow those.
 //! - [`reset`]: `tcp_send_reset`, `tcp_receive_reset`: why a socket
 //!   went to CLOSE.
 //!

@@ -6,8 +6,8 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::bpf_ktime_get_ns,
-    macros::{btf_tracepoint, tracepoint},
-    programs::{BtfTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, fentry, fexit, tracepoint},
+    programs::{BtfTracePointContext, FEntryContext, FExitContext, TracePointContext},
 };
 use tcptrace_common::{Event, KIND_ACCEPT, KIND_EXIT, KIND_FORK, KIND_RELEASE};
 
@@ -41,6 +41,17 @@ fn file_of<K: Kernel>(task: K, fd: u64) -> Option<Probed> {
         .nonnull()
 }
 
+/// The current process's descriptor table (`task->files`), NULL once it
+/// has let go of it at exit.
+#[inline(always)]
+fn current_files() -> u64 {
+    if config!(task.typed) != 0 {
+        Direct(current_task_btf()).at(config!(task.files))
+    } else {
+        Probed(current_task_untyped()).at(config!(task.files))
+    }
+}
+
 /// The `struct sock` of a file if it is a socket's: its `private_data`
 /// is a `struct socket` whose sock points back at it. Any other file's
 /// private data fails that test.
@@ -67,37 +78,84 @@ fn task_event(kind: u8, skaddr: u64) -> Event {
 #[tracepoint]
 pub fn accepted(ctx: TracePointContext) -> u32 {
     let fd = unsafe { *(ctx.as_ptr() as *const i64).add(2) };
-    if fd < 0 {
-        return 0;
+    if fd >= 0
+        && let Some(file) = file_of_fd(fd as u64)
+    {
+        accept(file_socket(file));
     }
-    if let Some(sk) = file_of_fd(fd as u64).and_then(file_socket)
+    0
+}
+
+/// [`accepted`] where the kernel allows fexit, without taxing every
+/// system call: `inet_accept(sock, newsock, ...)` returning, in the
+/// accepting task (accept4's own, or io_uring's worker of the same
+/// process). Its second argument is the new `struct socket` on 5.10 to
+/// 6.12 alike, where `inet_csk_accept`'s return value moves with its
+/// argument count; `newsock->sk` stays NULL when accepting failed.
+#[fexit]
+pub fn accept_returned(ctx: FExitContext) -> i32 {
+    let newsock = Probed(ctx.arg::<*const u8>(1));
+    accept(newsock.follow(config!(task.sk)).nonnull());
+    0
+}
+
+#[inline(always)]
+fn accept(sk: Option<Probed>) {
+    if let Some(sk) = sk
         && kept_probed(sk).is_some()
     {
         emit(task_event(KIND_ACCEPT, sk.0 as u64));
     }
-    0
 }
 
 /// close() of a socket's descriptor that is not its last reference:
 /// nothing changes state, yet this process no longer holds it (a forking
 /// server's parent, a sender of SCM_RIGHTS). The last reference's close
-/// shows as a transition instead. Not filtered here: the count, read
-/// first, ends almost every run, and userspace knows which sockets it
-/// follows.
+/// shows as a transition instead.
 #[tracepoint]
 pub fn released(ctx: TracePointContext) -> u32 {
     let fd = unsafe { *(ctx.as_ptr() as *const u64).add(2) };
-    let Some(file) = file_of_fd(fd) else {
-        return 0;
-    };
+    if let Some(file) = file_of_fd(fd) {
+        release(file);
+    }
+    0
+}
+
+/// [`released`] where the kernel allows fentry: `filp_close(file, files)`,
+/// which close() goes through before 6.6, and dup2(), close_range() and
+/// close-on-exec on every version. An exit closes its files there too,
+/// after `task->files` is gone: the exit event already said so.
+#[fentry]
+pub fn file_closing(ctx: FEntryContext) -> i32 {
+    let files: u64 = ctx.arg(1);
+    if files != 0 && files == current_files() {
+        release(Probed(ctx.arg::<*const u8>(0)));
+    }
+    0
+}
+
+/// close() from 6.6 on, which no longer calls `filp_close`: the file
+/// `file_close_fd(fd)` (`close_fd_get_file` in 6.6 and 6.7) took out of
+/// the table, its descriptor's reference not yet dropped.
+#[fexit]
+pub fn fd_closed(ctx: FExitContext) -> i32 {
+    if let Some(file) = Probed(ctx.arg::<*const u8>(1)).nonnull() {
+        release(file);
+    }
+    0
+}
+
+/// Not filtered: the count, read first, ends almost every run, and
+/// userspace knows which sockets it follows.
+#[inline(always)]
+fn release(file: Probed) {
     let refs: i64 = file.at(config!(task.f_refs));
     if refs <= i64::from(config!(task.f_refs_one)) {
-        return 0;
+        return;
     }
     if let Some(sk) = file_socket(file) {
         emit(task_event(KIND_RELEASE, sk.0 as u64));
     }
-    0
 }
 
 /// A new process (not a thread) holds copies of its parent's descriptors.

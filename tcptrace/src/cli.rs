@@ -75,6 +75,14 @@ pub enum Command {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OwnerHooks {
+    /// fentry/fexit where the kernel allows them, else system calls.
+    Auto,
+    /// The system-call tracepoints, even where fentry would load.
+    Syscalls,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Generated {
     Man,
     /// tcptrace-read(1).
@@ -174,13 +182,27 @@ pub struct LiveArgs {
     pub no_timewait: bool,
 
     /// Do not hook accept(), close(), fork and exit to follow who holds each
-    /// socket. While those hooks are attached every system call on the host
-    /// costs more (about 90 ns here, 180 ns for a close: `cargo xtask
-    /// hook-cost`). Without them a socket's owner is the process of its
+    /// socket. On the system-call path (see --owner-hooks) every system
+    /// call on the host costs more while they are attached (about 60-90 ns
+    /// here, 180 ns for a close: `cargo xtask hook-cost`). Without them a socket's owner is the process of its
     /// last transition made in process context, and who holds it is looked
     /// up (as `ss -p` does) for --stuck and at the end.
     #[arg(long)]
     pub no_owner_hooks: bool,
+
+    /// How to hook accept() and close(). `auto` (the default) tries
+    /// fentry/fexit programs on the kernel functions they go through, which
+    /// cost only those calls, and falls back to the system-call tracepoints
+    /// where the kernel refuses them (a lockdown kernel, one without BPF
+    /// trampolines). `syscalls` takes the tracepoints, which put every
+    /// system call of every process on the host on the kernel's slow path
+    /// while attached: to compare the two on one kernel. The line
+    /// `tcptrace: owners: ...` at start says which runs. --no-owner-hooks
+    /// wins over it; given twice, the last counts (a test harness adds it
+    /// to every run).
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = OwnerHooks::Auto,
+          overrides_with = "owner_hooks")]
+    pub owner_hooks: OwnerHooks,
 
     /// Scheduling priority (nice value, -20 to 19) of the thread that reads
     /// the ring. The default, -5, puts it ahead of the traced workload: under
@@ -700,6 +722,20 @@ fn parse_tuple(s: &str) -> Result<Tuple, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_hooks_default_to_auto_and_the_last_given_counts() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from([&["tcptrace"], args].concat())
+                .unwrap()
+                .live
+                .owner_hooks
+        };
+        assert_eq!(parse(&[]), OwnerHooks::Auto);
+        assert_eq!(parse(&["--owner-hooks", "syscalls"]), OwnerHooks::Syscalls);
+        let twice = ["--owner-hooks", "syscalls", "--owner-hooks", "auto"];
+        assert_eq!(parse(&twice), OwnerHooks::Auto);
+    }
 
     #[test]
     fn ports_accept_lists_and_repeats() {

@@ -35,6 +35,15 @@ pub fn tcptrace_bin() -> PathBuf {
     bin
 }
 
+/// Flags every tracer under test gets first, from `TCPTRACE_TEST_ARGS`
+/// (split at spaces): the kernel matrix runs the owner scenarios again
+/// with `--owner-hooks syscalls`, so that one kernel tests both paths.
+pub fn test_args() -> Vec<String> {
+    std::env::var("TCPTRACE_TEST_ARGS")
+        .map(|a| a.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// Runs tcptrace to completion (read, report, bad input).
 pub fn tcptrace(args: &[&str]) -> Output {
     Output::of(
@@ -192,6 +201,9 @@ impl TracerBuilder {
             }
             None => Command::new(&self.program),
         };
+        if self.program == tcptrace_bin() {
+            cmd.args(test_args());
+        }
         cmd.args(&self.args);
         if !self.command.is_empty() {
             cmd.arg("--").args(&self.command);
@@ -268,12 +280,15 @@ impl Tracer {
         let lines = Arc::clone(&so_far);
         let stderr = thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if line.starts_with("tcptrace: tracing ") {
-                    let _ = ready_tx.send(());
-                }
+                // Kept before the start is told: a test reads what was
+                // said up to the tracing line as soon as start returns.
                 let mut all = lines.lock().unwrap_or_else(|p| p.into_inner());
                 all.push_str(&line);
                 all.push('\n');
+                drop(all);
+                if line.starts_with("tcptrace: tracing ") {
+                    let _ = ready_tx.send(());
+                }
             }
             let all = lines.lock().unwrap_or_else(|p| p.into_inner());
             all.clone()

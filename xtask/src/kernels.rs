@@ -45,16 +45,7 @@ const SCENARIOS: &[(&str, &[&str])] = &[
             "a_server_that_never_closes_is_reported_stuck_in_close_wait",
         ],
     ),
-    (
-        "owners",
-        &[
-            "forked_child_leaks_the_socket_and_is_named_for_it",
-            "named_threads_keep_the_process_name_and_say_their_own",
-            "socket_passed_over_a_unix_socket_is_named_for_its_receiver",
-            "rows_before_accept_carry_the_listeners_owner_as_queued",
-            "a_daemons_launcher_is_never_named_after_it_exited",
-        ],
-    ),
+    ("owners", OWNER_SCENARIOS),
     (
         "kernel_truth",
         &[
@@ -73,12 +64,51 @@ const SCENARIOS: &[(&str, &[&str])] = &[
             "read_reproduces_relative_times_json_and_filters",
         ],
     ),
-    ("hardening", &["cap_net_admin_adds_the_socket_callback"]),
+    (
+        "hardening",
+        &[
+            "cap_net_admin_adds_the_socket_callback",
+            OWNERS_LINE_SCENARIO,
+        ],
+    ),
     (
         "cli",
         &["unprivileged_user_is_told_which_capabilities_are_missing"],
     ),
 ];
+
+const OWNER_SCENARIOS: &[&str] = &[
+    "forked_child_leaks_the_socket_and_is_named_for_it",
+    "named_threads_keep_the_process_name_and_say_their_own",
+    "socket_passed_over_a_unix_socket_is_named_for_its_receiver",
+    "rows_before_accept_carry_the_listeners_owner_as_queued",
+    "a_daemons_launcher_is_never_named_after_it_exited",
+];
+
+const OWNERS_LINE_SCENARIO: &str =
+    "the_owners_line_names_the_hooks_attached_and_the_flag_forces_system_calls";
+
+/// Where the default took fentry, the owner scenarios run again with the
+/// system-call tracepoints forced: one kernel tests both paths.
+const FALLBACK: &[(&str, &[&str])] = &[
+    ("owners", OWNER_SCENARIOS),
+    ("hardening", &[OWNERS_LINE_SCENARIO]),
+];
+
+const FALLBACK_ENV: &str =
+    "TCPTRACE_TEST_ARGS='--owner-hooks syscalls' TCPTRACE_TEST_OWNERS=syscalls";
+
+/// The label of a fallback run's binary and scenarios.
+const FALLBACK_LABEL: &str = "(syscalls)";
+
+/// Kernels whose default owner path must be fentry: Debian's x86_64 6.1
+/// and 6.12 allow fentry/fexit (the path that taxes no system call).
+fn expects_fentry(kernel: &Kernel) -> bool {
+    let r = &kernel.release;
+    kernel.cpu == Cpu::X86_64
+        && !r.contains("-rt")
+        && (r.starts_with("6.1.") || r.starts_with("6.12."))
+}
 
 /// Modules the initramfs loads (with what they need) to reach the root.
 const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
@@ -111,11 +141,18 @@ for f in /proc/$pid/fd/*; do
     esac
 done
 links="$links $(bpftool perf list 2>/dev/null | awk -v p=$pid '$1 == "pid" && $2 == p { print $6 }')"
+# System-call tracepoints: those bpftool lists (before 5.15), and any
+# classic tracepoint program (only the syscall hooks are), which a link
+# holds from 5.15 on where bpftool does not name it.
+syscalls=$(bpftool perf list 2>/dev/null | awk -v p=$pid '$1 == "pid" && $2 == p && $7 == "tracepoint" && $8 ~ /^sys_/' | grep -c .)
+classic=$(grep -l '^prog_type:[[:space:]]*5$' /proc/$pid/fdinfo/* 2>/dev/null | grep -c .)
+owners=$(sed -n 's/^tcptrace: owners: \([a-z-]*\).*/\1/p' "$err")
 kill -INT $pid 2>/dev/null
 wait $pid
 attached=$(for l in $links; do echo $l; done | sort -u | grep -c .)
 echo "@@ programs loaded=$loaded attached=$attached"
-grep -v -e '^tcptrace: tracing' -e '^tcptrace: .* filtered, .* lost, ' "$err" | sed 's/^/@@ stderr /'
+echo "@@ owners ${owners:-none} syscall_tracepoints=$syscalls tracepoint_programs=$classic"
+grep -v -e '^tcptrace: tracing' -e '^tcptrace: owners: ' -e '^tcptrace: .* filtered, .* lost, ' "$err" | sed 's/^/@@ stderr /'
 "#;
 
 /// One kernel of the matrix, unpacked under target/kernels.
@@ -718,7 +755,21 @@ fn guest_script(root: &Path, tcptrace: &Path, tests: &[(String, PathBuf)]) -> St
         );
         let _ = writeln!(s, "echo \"@@ exit {name} $?\"");
     }
-    s.push_str("echo '@@ done'\n");
+    s.push_str("if grep -q '^tcptrace: owners: fentry' \"$err\"; then\n");
+    for (name, names) in FALLBACK {
+        let Some((_, bin)) = tests.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        let _ = writeln!(s, "echo '@@ binary {name} {FALLBACK_LABEL}'");
+        let _ = writeln!(
+            s,
+            "{FALLBACK_ENV} timeout 300 {} --test-threads=1 --color never --exact {} 2>&1",
+            bin.display(),
+            names.join(" ")
+        );
+        let _ = writeln!(s, "echo \"@@ exit {name} {FALLBACK_LABEL} $?\"");
+    }
+    s.push_str("fi\necho '@@ done'\n");
     s
 }
 
@@ -922,25 +973,23 @@ fn outcome(
     for l in stderr {
         problems.push(format!("tcptrace said: {l}"));
     }
+    let (owners, wrong) = owner_path(kernel, console);
+    problems.extend(wrong);
+    let programs = match &owners {
+        Some(path) => format!("{programs} {path}"),
+        None => programs,
+    };
     let mut passed = Vec::new();
     let mut failed = Vec::new();
-    for (binary, names) in SCENARIOS {
-        for name in *names {
-            let label = format!("{binary}::{name}");
-            let marker = format!("test {name} ... ");
-            // Output of the test's children may come between the name and
-            // the verdict; the verdict is the first word that is one.
-            let verdict = console.find(&marker).and_then(|at| {
-                console[at + marker.len()..]
-                    .split_whitespace()
-                    .find(|w| *w == "ok" || *w == "FAILED")
-            });
-            if verdict == Some("ok") {
-                passed.push(label);
-            } else {
-                failed.push(label);
-            }
-        }
+    verdicts(console, SCENARIOS, None, &mut passed, &mut failed);
+    if owners.as_deref() == Some("fentry") {
+        verdicts(
+            console,
+            FALLBACK,
+            Some(FALLBACK_LABEL),
+            &mut passed,
+            &mut failed,
+        );
     }
     Outcome {
         release: kernel.release.clone(),
@@ -952,6 +1001,81 @@ fn outcome(
         log,
         seconds: started.elapsed().as_secs(),
     }
+}
+
+/// Each scenario's verdict, as `binary::name` (and `label`, for a run
+/// under that label), in `passed` or `failed`.
+fn verdicts(
+    console: &str,
+    runs: &[(&str, &[&str])],
+    label: Option<&str>,
+    passed: &mut Vec<String>,
+    failed: &mut Vec<String>,
+) {
+    for (binary, names) in runs {
+        // A labelled run's verdicts come after its own header; the
+        // unlabelled runs come first.
+        let from = match label {
+            Some(l) => console
+                .find(&format!("@@ binary {binary} {l}"))
+                .unwrap_or(console.len()),
+            None => 0,
+        };
+        let text = &console[from..];
+        for name in *names {
+            let label = match label {
+                Some(l) => format!("{binary}::{name} {l}"),
+                None => format!("{binary}::{name}"),
+            };
+            let marker = format!("test {name} ... ");
+            // Output of the test's children may come between the name and
+            // the verdict; the verdict is the first word that is one.
+            let verdict = text.find(&marker).and_then(|at| {
+                text[at + marker.len()..]
+                    .split_whitespace()
+                    .find(|w| *w == "ok" || *w == "FAILED")
+            });
+            if verdict == Some("ok") {
+                passed.push(label);
+            } else {
+                failed.push(label);
+            }
+        }
+    }
+}
+
+/// The owner path the probe saw ("fentry", "system-call", "none"), and
+/// what is wrong with it on this kernel: a kernel that allows fentry must
+/// take it, and then attach no system-call tracepoint.
+fn owner_path(kernel: &Kernel, console: &str) -> (Option<String>, Vec<String>) {
+    let Some(line) = console
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("@@ owners "))
+    else {
+        return (None, Vec::new());
+    };
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let path = words.first().copied().unwrap_or("none").to_string();
+    let count = |key: &str| -> u32 {
+        words
+            .iter()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut problems = Vec::new();
+    if expects_fentry(kernel) && path != "fentry" {
+        problems.push(format!(
+            "accept() and close() took the {path} path where fentry should load"
+        ));
+    }
+    let syscalls = count("syscall_tracepoints=").max(count("tracepoint_programs="));
+    if path == "fentry" && syscalls > 0 {
+        problems.push(format!(
+            "fentry path, yet {syscalls} system-call tracepoint programs attached"
+        ));
+    }
+    (Some(path), problems)
 }
 
 /// The initramfs: busybox, the boot modules (uncompressed, in load order),
@@ -1174,5 +1298,62 @@ mod tests {
         let all: usize = SCENARIOS.iter().map(|(_, n)| n.len()).sum();
         assert_eq!(o.failed.len(), all - 1);
         assert_eq!(o.problems, ["the guest did not finish its scenarios"]);
+    }
+
+    fn all_pass(runs: &[(&str, &[&str])], console: &mut String) {
+        for (_, names) in runs {
+            for name in *names {
+                console.push_str(&format!("test {name} ... ok\n"));
+            }
+        }
+    }
+
+    #[test]
+    fn a_kernel_that_allows_fentry_must_take_it_and_also_pass_the_fallback() {
+        let mut console = String::from(
+            "@@ programs loaded=9 attached=9\n\
+             @@ owners system-call syscall_tracepoints=0 tracepoint_programs=2\n",
+        );
+        all_pass(SCENARIOS, &mut console);
+        console.push_str("@@ done\n");
+        let o = read(&console);
+        assert_eq!(
+            o.problems,
+            ["accept() and close() took the system-call path where fentry should load"]
+        );
+
+        let mut console = String::from(
+            "@@ programs loaded=9 attached=9\n\
+             @@ owners fentry syscall_tracepoints=0 tracepoint_programs=0\n",
+        );
+        all_pass(SCENARIOS, &mut console);
+        console.push_str("@@ binary owners (syscalls)\n");
+        let o = read(&format!("{console}@@ done\n"));
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        let fallback = OWNER_SCENARIOS.len() + 1;
+        assert_eq!(o.failed.len(), fallback, "{:?}", o.failed);
+        assert!(o.failed.iter().all(|f| f.ends_with(" (syscalls)")));
+        for (binary, names) in FALLBACK {
+            console.push_str(&format!("@@ binary {binary} (syscalls)\n"));
+            all_pass(&[(binary, names)], &mut console);
+        }
+        let o = read(&format!("{console}@@ done\n"));
+        assert!(o.failed.is_empty(), "{:?}", o.failed);
+        assert_eq!(o.programs, "loaded=9 attached=9 fentry");
+    }
+
+    #[test]
+    fn a_system_call_tracepoint_beside_fentry_is_a_problem() {
+        let mut console = String::from(
+            "@@ programs loaded=9 attached=9\n\
+             @@ owners fentry syscall_tracepoints=0 tracepoint_programs=1\n",
+        );
+        all_pass(SCENARIOS, &mut console);
+        all_pass(FALLBACK, &mut console);
+        let o = read(&format!("{console}@@ done\n"));
+        assert_eq!(
+            o.problems,
+            ["fentry path, yet 1 system-call tracepoint programs attached"]
+        );
     }
 }

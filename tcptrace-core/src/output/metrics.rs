@@ -23,6 +23,10 @@ pub struct Metrics {
     resets: [u64; 3],
     /// Rows from the time-wait table.
     timewait: u64,
+    /// How accept() and close() are hooked ("fentry", "syscalls",
+    /// "none"): the system-call path taxes the whole host, which a fleet
+    /// wants to see.
+    owner_path: Option<&'static str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +41,11 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
 }
@@ -44,6 +53,11 @@ struct StateLabels {
 impl Metrics {
     pub fn new() -> Metrics {
         Metrics::default()
+    }
+
+    pub fn with_owner_path(mut self, path: &'static str) -> Metrics {
+        self.owner_path = Some(path);
+        self
     }
 
     pub fn count(&mut self, row: &Row) {
@@ -123,6 +137,15 @@ impl Metrics {
             "Changes seen in the kernel's time-wait table",
             self.timewait,
         );
+        if let Some(path) = self.owner_path {
+            let info = Family::<PathLabels, Gauge>::default();
+            info.get_or_create(&PathLabels { path: path.into() }).set(1);
+            registry.register(
+                "owner_path",
+                "How accept() and close() are hooked: fentry, or syscalls (every system call on the host pays)",
+                info,
+            );
+        }
         let per_state = Family::<StateLabels, Gauge>::default();
         for (state, n) in sockets {
             per_state
@@ -139,5 +162,23 @@ impl Metrics {
         let mut text = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_owner_path_is_an_info_gauge_when_known() {
+        let text = Metrics::new()
+            .with_owner_path("fentry")
+            .render(&Counters::default(), &[], 0);
+        assert!(
+            text.contains("tcptrace_owner_path{path=\"fentry\"} 1"),
+            "{text}"
+        );
+        let text = Metrics::new().render(&Counters::default(), &[], 0);
+        assert!(!text.contains("owner_path"), "{text}");
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray},
-    programs::{BtfTracePoint, CgroupAttachMode, SockOps, TracePoint},
+    programs::{BtfTracePoint, CgroupAttachMode, FEntry, FExit, SockOps, TracePoint},
 };
 use tcptrace_common::{
     CONFIG_GLOBAL, COUNTER_CAUGHT, COUNTER_COVERED, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP,
@@ -21,8 +21,8 @@ use crate::kernel::ring::Ring;
 use crate::kernel::{layout, object, privileges, tracefs};
 use crate::system::cgroups;
 use tcptrace_common::{
-    PROGRAM_ACCEPT, PROGRAM_EXIT, PROGRAM_FORK, PROGRAM_RELEASE, PROGRAM_RESET_RECEIVED,
-    PROGRAM_RESET_SENT, ResetLayout,
+    PROGRAM_ACCEPT, PROGRAM_ACCEPT_FEXIT, PROGRAM_CLOSE_FENTRY, PROGRAM_CLOSE_FEXIT, PROGRAM_EXIT,
+    PROGRAM_FORK, PROGRAM_RELEASE, PROGRAM_RESET_RECEIVED, PROGRAM_RESET_SENT, ResetLayout,
 };
 use tcptrace_core::decode;
 use tcptrace_core::filter::{Filter, PortBits};
@@ -57,10 +57,56 @@ pub struct Capture {
     /// The owner hooks attached, whose skips are counted.
     hook_fds: Vec<i32>,
     reset_reasons: Vec<(u8, String)>,
+    owner_path: OwnerPath,
     /// Capabilities reading the counters needs once attached.
     keep: &'static [u32],
     /// Owns the program and its link.
     _ebpf: Ebpf,
+}
+
+/// Which owner hooks to attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hooks {
+    Off,
+    /// fentry/fexit where the kernel allows them, else system calls.
+    Auto,
+    Syscalls,
+}
+
+/// How accept() and close() are followed (fork and exit are tp_btf
+/// programs either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerPath {
+    /// fentry/fexit on the kernel functions: only those calls pay.
+    Fentry,
+    /// System-call tracepoints: while one is attached, every system call
+    /// of every thread on the host takes the kernel's slow path.
+    Syscalls,
+    Off,
+}
+
+impl OwnerPath {
+    /// Its name in the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            OwnerPath::Fentry => "fentry",
+            OwnerPath::Syscalls => "syscalls",
+            OwnerPath::Off => "none",
+        }
+    }
+
+    /// The line said at start, before `tcptrace: tracing`: the tracepoints
+    /// tax the whole host, which whoever runs tcptrace should know.
+    pub fn announcement(self) -> Option<&'static str> {
+        match self {
+            OwnerPath::Fentry => Some("tcptrace: owners: fentry"),
+            OwnerPath::Syscalls => Some(
+                "tcptrace: owners: system-call tracepoints: every system call on this host \
+                 pays ~80 ns while tracing",
+            ),
+            OwnerPath::Off => None,
+        }
+    }
 }
 
 /// Why tracing could not start; main maps the kinds to exit statuses.
@@ -85,9 +131,9 @@ fn privilege_message(missing: &[&str]) -> String {
 }
 
 impl Capture {
-    /// `owner_hooks`: also attach the programs that follow who holds each
-    /// socket (accept, close, fork, exit).
-    pub fn start(filter: &Filter, owner_hooks: bool) -> Result<Capture, StartError> {
+    /// `hooks`: also attach the programs that follow who holds each
+    /// socket (accept, close, fork, exit), and how.
+    pub fn start(filter: &Filter, hooks: Hooks) -> Result<Capture, StartError> {
         let (release, btf_data) = check_kernel()?;
         let kernel_btf = Btf::parse(&btf_data).context(BTF_PATH)?;
         let sock = sock_layout(&kernel_btf)?;
@@ -131,10 +177,10 @@ impl Capture {
             log::warn!("{}", without_callback(&format!("{e:#}")));
         }
         attach_reset_programs(&mut ebpf, &btf, [reset_sent, reset_received]);
-        let hook_fds = if task.is_some() && owner_hooks {
-            attach_holder_programs(&mut ebpf, &btf)
+        let (hook_fds, owner_path) = if task.is_some() && hooks != Hooks::Off {
+            attach_holder_programs(&mut ebpf, &btf, hooks, &release)
         } else {
-            Vec::new()
+            (Vec::new(), OwnerPath::Off)
         };
 
         // Parsing the kernel's BTF (twice: ours and aya's) takes some 15 MiB
@@ -169,6 +215,7 @@ impl Capture {
             program_fd,
             hook_fds,
             reset_reasons: reasons,
+            owner_path,
             _ebpf: ebpf,
         })
     }
@@ -180,6 +227,10 @@ impl Capture {
     /// with unprivileged BPF disabled).
     pub fn capabilities_needed(&self) -> &'static [u32] {
         self.keep
+    }
+
+    pub fn owner_path(&self) -> OwnerPath {
+        self.owner_path
     }
 
     /// Names of the kernel's reset reasons, by number.
@@ -421,9 +472,112 @@ fn without_callback(why: &str) -> String {
 /// accept() returning, a fork, a close() that leaves other references,
 /// a process's exit. Without one, the owner of the sockets it concerns is
 /// the one learned from transitions, and tracing goes on. Returns the
-/// descriptors of those attached.
-fn attach_holder_programs(ebpf: &mut Ebpf, btf: &aya::Btf) -> Vec<i32> {
+/// descriptors of those attached, and how accept() and close() are hooked.
+fn attach_holder_programs(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    hooks: Hooks,
+    release: &str,
+) -> (Vec<i32>, OwnerPath) {
+    let mut fds = Vec::new();
+    let mut path = OwnerPath::Syscalls;
+    if hooks == Hooks::Auto {
+        match attach_function_programs(ebpf, btf, release) {
+            Ok(found) => {
+                fds = found;
+                path = OwnerPath::Fentry;
+            }
+            Err(e) => {
+                log::debug!("accept() and close() take the system-call tracepoints: {e:#}");
+                unload(ebpf);
+            }
+        }
+    }
+    if path == OwnerPath::Syscalls {
+        fds = attach_syscall_programs(ebpf);
+    }
+    fds.extend(attach_process_programs(ebpf, btf));
+    (fds, path)
+}
+
+/// From this kernel on close() takes the file out of the table itself,
+/// and never calls `filp_close`.
+const CLOSE_WITHOUT_FILP_CLOSE: (u32, u32) = (6, 6);
+
+/// accept() and close() by fentry/fexit, all or none: a kernel that
+/// refuses one (lockdown, no BPF trampoline, a function renamed or
+/// inlined) gets the system-call tracepoints for both.
+fn attach_function_programs(ebpf: &mut Ebpf, btf: &aya::Btf, release: &str) -> Result<Vec<i32>> {
+    let close_fd_functions: &[&str] =
+        if version(release).is_none_or(|v| v >= CLOSE_WITHOUT_FILP_CLOSE) {
+            // Renamed in 6.8.
+            &["file_close_fd", "close_fd_get_file"]
+        } else {
+            &[]
+        };
+    let mut fds = vec![
+        attach_fexit(ebpf, btf, PROGRAM_ACCEPT_FEXIT, &["inet_accept"])?,
+        attach_fentry(ebpf, btf, PROGRAM_CLOSE_FENTRY, "filp_close")?,
+    ];
+    if !close_fd_functions.is_empty() {
+        fds.push(attach_fexit(
+            ebpf,
+            btf,
+            PROGRAM_CLOSE_FEXIT,
+            close_fd_functions,
+        )?);
+    }
+    Ok(fds)
+}
+
+fn attach_fentry(ebpf: &mut Ebpf, btf: &aya::Btf, name: &str, function: &str) -> Result<i32> {
+    let p = program::<FEntry>(ebpf, name)?;
+    p.load(function, btf)
+        .map_err(|e| refusal(e).context(format!("fentry on {function}")))?;
+    p.attach()
+        .map_err(|e| anyhow!(e).context(format!("cannot attach fentry to {function}")))?;
+    raw_fd(p.fd().map_err(|e| anyhow!(e))?)
+}
+
+/// fexit on the first of `functions` this kernel has.
+fn attach_fexit(ebpf: &mut Ebpf, btf: &aya::Btf, name: &str, functions: &[&str]) -> Result<i32> {
+    let p = program::<FExit>(ebpf, name)?;
+    let mut refused = anyhow!("no function to attach {name} to");
+    for function in functions {
+        match p.load(function, btf) {
+            Ok(()) => {
+                p.attach().map_err(|e| {
+                    anyhow!(e).context(format!("cannot attach fexit to {function}"))
+                })?;
+                return raw_fd(p.fd().map_err(|e| anyhow!(e))?);
+            }
+            Err(e) => refused = refusal(e).context(format!("fexit on {function}")),
+        }
+    }
+    Err(refused)
+}
+
+fn raw_fd(fd: &aya::programs::ProgramFd) -> Result<i32> {
     use std::os::fd::{AsFd, AsRawFd};
+    Ok(fd.as_fd().as_raw_fd())
+}
+
+/// Detaches and unloads what of the fentry/fexit programs loaded: a half-attached path
+/// would report some closes twice.
+fn unload(ebpf: &mut Ebpf) {
+    if let Ok(p) = program::<FEntry>(ebpf, PROGRAM_CLOSE_FENTRY) {
+        let _ = p.unload();
+    }
+    for name in [PROGRAM_ACCEPT_FEXIT, PROGRAM_CLOSE_FEXIT] {
+        if let Ok(p) = program::<FExit>(ebpf, name) {
+            let _ = p.unload();
+        }
+    }
+}
+
+/// accept() and close() by their system-call tracepoints, as everywhere
+/// before fentry: each program that attaches, attaches alone.
+fn attach_syscall_programs(ebpf: &mut Ebpf) -> Vec<i32> {
     let mut fds = Vec::new();
     let classic: [(&str, &[&str]); 2] = [
         (PROGRAM_ACCEPT, &["sys_exit_accept4", "sys_exit_accept"]),
@@ -437,13 +591,18 @@ fn attach_holder_programs(ebpf: &mut Ebpf, btf: &aya::Btf) -> Vec<i32> {
                     anyhow!(e).context(format!("cannot attach to syscalls:{syscall}"))
                 })?;
             }
-            Ok(p.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd())
+            raw_fd(p.fd().map_err(|e| anyhow!(e))?)
         });
         match attached {
             Ok(fd) => fds.push(fd),
             Err(e) => log::warn!("{}", without_holders(name, &e)),
         }
     }
+    fds
+}
+
+fn attach_process_programs(ebpf: &mut Ebpf, btf: &aya::Btf) -> Vec<i32> {
+    let mut fds = Vec::new();
     for (name, tracepoint) in [
         (PROGRAM_FORK, "sched_process_fork"),
         (PROGRAM_EXIT, "sched_process_exit"),
@@ -452,7 +611,7 @@ fn attach_holder_programs(ebpf: &mut Ebpf, btf: &aya::Btf) -> Vec<i32> {
             p.load(tracepoint, btf).map_err(refusal)?;
             p.attach()
                 .map_err(|e| anyhow!(e).context(format!("cannot attach to sched:{tracepoint}")))?;
-            Ok(p.fd().map_err(|e| anyhow!(e))?.as_fd().as_raw_fd())
+            raw_fd(p.fd().map_err(|e| anyhow!(e))?)
         });
         match attached {
             Ok(fd) => fds.push(fd),

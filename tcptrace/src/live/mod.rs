@@ -24,10 +24,10 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::{Instant, sleep, sleep_until};
 
 use crate::Failure;
-use crate::cli::LiveArgs;
+use crate::cli::{LiveArgs, OwnerHooks};
 use crate::command;
 use crate::endpoint;
-use crate::kernel::capture::{Capture, StartError};
+use crate::kernel::capture::{Capture, Hooks, StartError};
 use crate::kernel::privileges;
 use crate::system::cgroups::Cgroups;
 use crate::system::snapshot::{self, Found};
@@ -148,10 +148,18 @@ fn attach(
     // tracing starts: a bad path costs nothing.
     let clock = Clock::now();
     let recorder = open_recording(args, clock, spec)?;
-    let capture = Capture::start(&filter, !args.no_owner_hooks).map_err(|e| match e {
+    let hooks = match (args.no_owner_hooks, args.owner_hooks) {
+        (true, _) => Hooks::Off,
+        (false, OwnerHooks::Auto) => Hooks::Auto,
+        (false, OwnerHooks::Syscalls) => Hooks::Syscalls,
+    };
+    let capture = Capture::start(&filter, hooks).map_err(|e| match e {
         StartError::Privileges(m) => Failure::Privileges(m),
         StartError::Other(e) => Failure::Other(e),
     })?;
+    if let Some(line) = capture.owner_path().announcement() {
+        eprintln!("{line}");
+    }
     let mut attributor = Attributor::new();
     let mut cgroups = Cgroups::new();
     let (existing, timewait, lookups) =
@@ -168,7 +176,9 @@ fn attach(
             outputs: Outputs::new(args, clock, recorder),
             tally: Tally::default(),
             count: args.count,
-            metrics: metrics_listener.as_ref().map(|_| Metrics::new()),
+            metrics: metrics_listener
+                .as_ref()
+                .map(|_| Metrics::new().with_owner_path(capture.owner_path().name())),
             analysis: command.map(|_| analysis(clock, spec)),
         },
         reset_reasons: pipeline::reason_names(capture.reset_reasons()),
