@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tcptrace_tests::{
-    CLIENT_CLOSES, ClientMode, Holder, LISTENER, Life, Netns, Peer, Row, SERVER_PASSIVE,
+    CLIENT_CLOSES, ClientMode, Holder, LISTENER, Life, Netns, Output, Peer, Row, SERVER_PASSIVE,
     ServerMode, SsSocket, TempDir, Tracer, TracerBuilder, Want, assert_rows, life, tcptrace,
     thread_names, unique_port,
 };
@@ -462,26 +462,76 @@ fn unit_and_cgroup_filters_keep_the_service_and_only_it() {
     };
     assert!(Path::new(&cg.procs()).exists());
     let ns = Netns::new();
-    let (port, other_port) = (unique_port(), unique_port());
-    let (addr, other_addr) = (
-        format!("127.0.0.1:{port}"),
-        format!("127.0.0.1:{other_port}"),
-    );
+    let ports = (unique_port(), unique_port());
     let dir = TempDir::new("owners-unit");
     let file = dir.path("unit.jsonl");
+    let (by_unit, by_cgroup, everything) = start_unit_tracers(&ns, ports, &service, &cg, &file);
+
+    let served = serve_in_and_outside_the_unit(&ns, ports, &cg);
+    let unit_out = by_unit.stop();
+    let cgroup_out = by_cgroup.stop();
+    let all_out = everything.stop();
+    for o in [&unit_out, &cgroup_out, &all_out] {
+        assert!(o.status.success(), "tcptrace failed: {}", o.stderr);
+    }
+
+    // Unfiltered: both servers and both clients, each as ss named them.
+    assert_every_row_owned_as_ss_said(&all_out, ports, &served);
+    assert_only_the_units_rows_name_it(&all_out, &served.in_unit, &service, &cg);
+
+    // --unit and --cgroup, live: the unit's sockets, every row, nothing else.
+    let ours = rows_of_the_unit(&all_out, &served.in_unit);
+    assert_live_filters_keep_only(&ours, &unit_out, &cgroup_out);
+    // The same filters on the recording: exactly its rows of the unit.
+    assert_recording_filters_keep_only(&ours, &file, &service, &cg);
+}
+
+/// Tracers of both ports: one by `--unit`, one by `--cgroup`, and one of
+/// everything, recording to `file`.
+fn start_unit_tracers(
+    ns: &Netns,
+    (port, other_port): (u16, u16),
+    service: &str,
+    cg: &TestCgroup,
+    file: &str,
+) -> (Tracer, Tracer, Tracer) {
     let start = |extra: &[&str]| {
         Tracer::builder()
             .ports(&[port, other_port])
-            .netns(&ns)
+            .netns(ns)
             .json()
             .time("none")
             .args(extra)
             .start()
     };
-    let by_unit = start(&["--unit", &service]);
+    let by_unit = start(&["--unit", service]);
     let by_cgroup = start(&["--cgroup", &cg.path]);
-    let everything = start(&["-w", &file]);
+    let everything = start(&["-w", file]);
+    (by_unit, by_cgroup, everything)
+}
 
+/// Who ss saw holding each end of the unit scenario's connections.
+struct UnitPeers {
+    /// The server in the unit's cgroup, and the one outside it.
+    in_unit: Holder,
+    outside: Holder,
+    /// The clients of each.
+    client1: Holder,
+    client2: Holder,
+}
+
+/// A server in the unit's cgroup on `port`, another outside it on
+/// `other_port` (as ss and /proc confirm), a connection to each; all of
+/// them finished.
+fn serve_in_and_outside_the_unit(
+    ns: &Netns,
+    (port, other_port): (u16, u16),
+    cg: &TestCgroup,
+) -> UnitPeers {
+    let (addr, other_addr) = (
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{other_port}"),
+    );
     let procs = cg.procs();
     let server = ns
         .server(&addr, ServerMode::WaitPeerClose)
@@ -493,30 +543,40 @@ fn unit_and_cgroup_filters_keep_the_service_and_only_it() {
         .server(&other_addr, ServerMode::WaitPeerClose)
         .hold_ms(200)
         .start();
-    let in_unit = only(holders_of(&ns, "LISTEN", port), "the unit's listener");
+    let in_unit = only(holders_of(ns, "LISTEN", port), "the unit's listener");
     assert_eq!(in_unit.pid, server.pid);
     assert_eq!(cgroup_of(server.pid), cg.path);
-    let outside = only(holders_of(&ns, "LISTEN", other_port), "the other listener");
+    let outside = only(holders_of(ns, "LISTEN", other_port), "the other listener");
     assert_ne!(cgroup_of(other.pid), cg.path);
-    let (c1, client1) = client_of(&ns, &addr, 100);
-    let (c2, client2) = client_of(&ns, &other_addr, 100);
+    let (c1, client1) = client_of(ns, &addr, 100);
+    let (c2, client2) = client_of(ns, &other_addr, 100);
     for c in [c1, c2] {
         c.finish();
     }
     server.finish();
     other.finish();
-    let unit_out = by_unit.stop();
-    let cgroup_out = by_cgroup.stop();
-    let all_out = everything.stop();
-    for o in [&unit_out, &cgroup_out, &all_out] {
-        assert!(o.status.success(), "tcptrace failed: {}", o.stderr);
+    UnitPeers {
+        in_unit,
+        outside,
+        client1,
+        client2,
     }
+}
 
-    // Unfiltered: both servers and both clients, each as ss named them.
+/// The unfiltered tracer's sockets of both servers and both clients, every
+/// row owned as ss named its holder.
+fn assert_every_row_owned_as_ss_said(
+    all_out: &Output,
+    (port, other_port): (u16, u16),
+    peers: &UnitPeers,
+) {
     let lives = all_out.lives();
     assert_eq!(lives.len(), 6, "{lives:?}");
     let on = |p: u16| -> Vec<&Life> { lives.iter().filter(|l| l.lport() == p).collect() };
-    for (p, who, client) in [(port, &in_unit, &client1), (other_port, &outside, &client2)] {
+    for (p, who, client) in [
+        (port, &peers.in_unit, &peers.client1),
+        (other_port, &peers.outside, &peers.client2),
+    ] {
         let server_side = on(p);
         assert_eq!(server_side.len(), 2);
         for l in &server_side {
@@ -543,6 +603,16 @@ fn unit_and_cgroup_filters_keep_the_service_and_only_it() {
         assert_eq!(client_side.len(), 1);
         assert_rows(client_side[0], &Want::every_row(client_side[0], client));
     }
+}
+
+/// The unit and the cgroup are named in the rows of the unit's process,
+/// and in no other row.
+fn assert_only_the_units_rows_name_it(
+    all_out: &Output,
+    in_unit: &Holder,
+    service: &str,
+    cg: &TestCgroup,
+) {
     let unit_name = format!("{service}.service");
     for row in all_out.rows() {
         let ours = row.pid == Some(in_unit.pid);
@@ -555,8 +625,11 @@ fn unit_and_cgroup_filters_keep_the_service_and_only_it() {
             "unit and cgroup of {row}"
         );
     }
+}
 
-    // --unit and --cgroup, live: the unit's sockets, every row, nothing else.
+/// The unfiltered rows of the unit's process: its listener's and its
+/// accepted socket's.
+fn rows_of_the_unit(all_out: &Output, in_unit: &Holder) -> Vec<Row> {
     let ours: Vec<Row> = all_out
         .rows()
         .into_iter()
@@ -567,16 +640,25 @@ fn unit_and_cgroup_filters_keep_the_service_and_only_it() {
         7,
         "2 of the listener, 5 of the accepted socket: {ours:?}"
     );
+    ours
+}
+
+/// `--unit` and `--cgroup`, live, printed the unit's rows and only them.
+fn assert_live_filters_keep_only(ours: &[Row], unit_out: &Output, cgroup_out: &Output) {
     // Other tracers, so other timestamps and socket ids: the rest agrees.
     let expect: Vec<Row> = ours.iter().map(Row::without_time).collect();
-    for (flag, out) in [("--unit", &unit_out), ("--cgroup", &cgroup_out)] {
+    for (flag, out) in [("--unit", unit_out), ("--cgroup", cgroup_out)] {
         let got: Vec<Row> = out.rows().iter().map(Row::without_time).collect();
         assert_eq!(got, expect, "{flag} live");
     }
-    // The same filters on the recording: exactly its rows of the unit.
-    for filter in [["--unit", service.as_str()], ["--cgroup", cg.path.as_str()]] {
+}
+
+/// `tcptrace read` with `--unit` or `--cgroup` on the unfiltered recording
+/// gives exactly the unit's rows.
+fn assert_recording_filters_keep_only(ours: &[Row], file: &str, service: &str, cg: &TestCgroup) {
+    for filter in [["--unit", service], ["--cgroup", cg.path.as_str()]] {
         let read = tcptrace(&[
-            "read", "--format", "json", "--time", "none", filter[0], filter[1], &file,
+            "read", "--format", "json", "--time", "none", filter[0], filter[1], file,
         ]);
         assert!(read.status.success(), "read failed: {}", read.stderr);
         assert_eq!(read.rows(), ours, "read {filter:?}");

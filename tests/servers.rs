@@ -537,9 +537,64 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
     let tracer = tracer(&ns, port, &[]);
     let mut procs = Procs::new(&ns);
 
-    // Started the usual way: the launcher opens the listener, forks the
-    // master and exits.
-    let launcher = procs.spawn(&mut nginx(&dir, &conf, &[]));
+    let (launcher, master) = start_nginx(&mut procs, &ns, &dir, &conf, &listen_at);
+    let watch = SsWatch::start(&ns, Duration::from_millis(100));
+    let second_load_ns = load_nginx_through_a_reload(&mut procs, &ns, &dir, &conf, port);
+    let seen = watch.finish();
+    // A graceful stop, so that the listener's close is traced.
+    let out = stop_server_then_tracer("nginx master", master, libc::SIGQUIT, tracer);
+    drop(procs);
+
+    let lives = out.lives();
+    let socks: Vec<Sock> = lives.iter().map(Sock::new).collect();
+    let (listener_always, workers) = nginx_listener_holders(&seen, &listen_at, master);
+    assert_nginx_listener_rows(&socks, &lives, &seen, &listen_at, launcher);
+    let old_workers = old_nginx_workers(&seen, &listen_at, master, second_load_ns);
+    let nginx = NginxHolders {
+        listen_at,
+        master,
+        launcher,
+        listener_always,
+        workers,
+        old_workers,
+    };
+    let mut accepted = AcceptedTally::default();
+    for s in socks.iter().filter(|s| s.is_accepted()) {
+        assert_worker_owns_accepted(s, &seen, &nginx, second_load_ns, &mut accepted);
+    }
+    let (clients, client_matched) = assert_nginx_clients_as_ss_saw(&socks, &seen);
+    assert_nginx_totals(&socks, clients, &accepted, &out, launcher);
+    let AcceptedTally {
+        rows,
+        matched,
+        queued,
+        queued_closes,
+        old_worker_closes,
+        resets,
+        by_worker,
+        ..
+    } = accepted;
+    eprintln!(
+        "nginx: {} sockets ({} accepted, {matched} matched against ss, {} clients, {client_matched} matched), {rows} accepted-side rows ({queued} queued, {queued_closes} closed by the client while queued), resets sent by old/new workers {resets:?}, {old_worker_closes} closed first by an old worker, {} ss samples, {} connections held in ss, per worker {by_worker:?}, master {master}, launcher {launcher}",
+        socks.len(),
+        socks.iter().filter(|s| s.is_accepted()).count(),
+        clients,
+        seen.0.len(),
+        seen.held_connections()
+    );
+}
+
+/// Starts nginx the usual way: the launcher opens the listener, forks the
+/// master and exits. Returns once ss shows the master and two workers on
+/// the listener: (launcher, master).
+fn start_nginx(
+    procs: &mut Procs,
+    ns: &Netns,
+    dir: &TempDir,
+    conf: &str,
+    listen_at: &str,
+) -> (u32, u32) {
+    let launcher = procs.spawn(&mut nginx(dir, conf, &[]));
     let st = procs.wait(launcher, Duration::from_secs(10));
     assert!(
         st.success(),
@@ -560,8 +615,20 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
                 .any(|k| k.state == "LISTEN" && k.local == listen_at && k.holders.len() == 3)
         },
     );
+    (launcher, master)
+}
 
-    let watch = SsWatch::start(&ns, Duration::from_millis(100));
+/// wrk for 2 s; two idle keep-alive connections; wrk again for 3 s, with a
+/// reload a second into it, which closes the idle connections; then time
+/// for the old workers to leave. When the second load began.
+fn load_nginx_through_a_reload(
+    procs: &mut Procs,
+    ns: &Netns,
+    dir: &TempDir,
+    conf: &str,
+    port: u16,
+) -> u64 {
+    let listen_at = format!("127.0.0.1:{port}");
     let load = procs.spawn(&mut wrk(port, 2));
     assert!(
         procs.wait(load, Duration::from_secs(15)).success(),
@@ -570,7 +637,7 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
     // Idle keep-alive connections, which the old workers close at once on
     // the reload: the rest of those sockets' lives (the ACK of their FIN,
     // the move to time-wait) happens in softirq, held by no process.
-    let mut idle: Vec<TcpStream> = (0..2).map(|_| connect_in(&ns, &listen_at)).collect();
+    let mut idle: Vec<TcpStream> = (0..2).map(|_| connect_in(ns, &listen_at)).collect();
     for c in &mut idle {
         http_get(c).expect("a keep-alive answer");
     }
@@ -578,7 +645,7 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
     let second_load_ns = monotonic_ns();
     let load = procs.spawn(&mut wrk(port, 3));
     thread::sleep(Duration::from_secs(1));
-    let reload = procs.spawn(&mut nginx(&dir, &conf, &["-s", "reload"]));
+    let reload = procs.spawn(&mut nginx(dir, conf, &["-s", "reload"]));
     assert!(
         procs.wait(reload, Duration::from_secs(10)).success(),
         "nginx -s reload failed"
@@ -596,21 +663,24 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
     );
     // The old workers leave once their connections are gone.
     thread::sleep(Duration::from_millis(500));
-    let seen = watch.finish();
-    // A graceful stop, so that the listener's close is traced.
-    let out = stop_server_then_tracer("nginx master", master, libc::SIGQUIT, tracer);
-    drop(procs);
+    second_load_ns
+}
 
-    let lives = out.lives();
-    let socks: Vec<Sock> = lives.iter().map(Sock::new).collect();
-    let listener_always = seen.listener_always(&listen_at);
+/// ss: the master alone holds the listener throughout (returned), and
+/// workers, two before the reload and two after, with it (returned).
+fn nginx_listener_holders(
+    seen: &Seen,
+    listen_at: &str,
+    master: u32,
+) -> (BTreeSet<u32>, BTreeSet<u32>) {
+    let listener_always = seen.listener_always(listen_at);
     assert_eq!(
         listener_always,
         BTreeSet::from([master]),
         "ss: only the master holds the listener throughout"
     );
     let workers: BTreeSet<u32> = seen
-        .listener_holders(&listen_at)
+        .listener_holders(listen_at)
         .into_iter()
         .flatten()
         .filter(|&p| p != master)
@@ -619,9 +689,18 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
         workers.len() >= 4,
         "ss saw two workers before the reload and two after: {workers:?}"
     );
+    (listener_always, workers)
+}
 
-    // The listener: opened by the launcher, before it forked; closed by
-    // whichever of its holders went last.
+/// The listener: opened by the launcher, before it forked; closed by
+/// whichever of its holders went last.
+fn assert_nginx_listener_rows(
+    socks: &[Sock],
+    lives: &[Life],
+    seen: &Seen,
+    listen_at: &str,
+    launcher: u32,
+) {
     let listeners: Vec<&Sock> = socks.iter().filter(|s| s.is_listener()).collect();
     assert_eq!(
         listeners.len(),
@@ -637,13 +716,21 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
     );
     // On a graceful stop the master and the workers each close their copy:
     // the last to go is one of those holding it before the stop.
-    let last_holders = seen.listener_holders(&listen_at).pop().unwrap_or_default();
+    let last_holders = seen.listener_holders(listen_at).pop().unwrap_or_default();
     let closer = pid_of(&listeners[0].life.rows[1]);
     assert!(
         last_holders.contains(&closer),
         "the listener's close names {closer}, ss's last holders {last_holders:?}"
     );
+}
 
+/// The two workers ss showed on the listener before the second load.
+fn old_nginx_workers(
+    seen: &Seen,
+    listen_at: &str,
+    master: u32,
+    second_load_ns: u64,
+) -> BTreeSet<u32> {
     let old_workers: BTreeSet<u32> = seen
         .0
         .iter()
@@ -654,74 +741,130 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
         .filter(|&p| p != master)
         .collect();
     assert_eq!(old_workers.len(), 2, "ss: two workers before the reload");
-    let (mut rows, mut matched, mut queued, mut queued_closes, mut after_reload) = (0, 0, 0, 0, 0);
-    let mut old_worker_closes = 0;
-    // Resets sent, by whether an old worker (true) or a new one made them.
-    let mut resets: BTreeMap<bool, usize> = BTreeMap::new();
-    let mut by_worker: BTreeMap<u32, usize> = BTreeMap::new();
-    for s in socks.iter().filter(|s| s.is_accepted()) {
-        assert_eq!(s.local, listen_at);
-        let (before, after) = s.queued_then_accepted(&seen);
+    old_workers
+}
+
+/// nginx's processes as ss showed them.
+struct NginxHolders {
+    listen_at: String,
+    master: u32,
+    launcher: u32,
+    /// Holding the listener in every sample: the master.
+    listener_always: BTreeSet<u32>,
+    /// Every worker, before the reload and after.
+    workers: BTreeSet<u32>,
+    /// The workers before the reload.
+    old_workers: BTreeSet<u32>,
+}
+
+/// Counts over nginx's accepted sockets.
+#[derive(Default)]
+struct AcceptedTally {
+    rows: usize,
+    /// Sockets ss saw held by one worker.
+    matched: usize,
+    queued: usize,
+    queued_closes: usize,
+    after_reload: usize,
+    old_worker_closes: usize,
+    /// Resets sent, by whether an old worker (true) or a new one made them.
+    resets: BTreeMap<bool, usize>,
+    by_worker: BTreeMap<u32, usize>,
+}
+
+/// An accepted socket: queued rows name the listener's owner, and every
+/// row after the accept names the worker ss saw holding it.
+fn assert_worker_owns_accepted(
+    s: &Sock,
+    seen: &Seen,
+    nginx: &NginxHolders,
+    second_load_ns: u64,
+    tally: &mut AcceptedTally,
+) {
+    let listener_always = &nginx.listener_always;
+    assert_eq!(s.local, nginx.listen_at);
+    let (before, after) = s.queued_then_accepted(seen);
+    assert!(
+        before.len() >= 2,
+        "LISTEN -> SYN_RECV and SYN_RECV -> ESTABLISHED are made before any accept: {:#?}",
+        s.life.rows
+    );
+    for r in before {
         assert!(
-            before.len() >= 2,
-            "LISTEN -> SYN_RECV and SYN_RECV -> ESTABLISHED are made before any accept: {:#?}",
-            s.life.rows
+            listener_always.contains(&pid_of(r)),
+            "a queued row names the listener's owner (ss: {listener_always:?}): {r}"
         );
-        for r in before {
-            assert!(
-                listener_always.contains(&pid_of(r)),
-                "a queued row names the listener's owner (ss: {listener_always:?}): {r}"
-            );
-            assert_eq!(r.comm.as_deref(), Some("nginx"));
-        }
-        let held = seen.holders(&s.local, &s.peer, s.from_ns, s.to_ns);
-        let worker = match held.iter().map(|h| h.pid).collect::<Vec<_>>()[..] {
-            [w] => {
-                matched += 1;
-                w
-            }
-            [] => {
-                // Too short-lived for a sample: one of the workers, all the same.
-                let w = after.first().map(pid_of).unwrap_or(0);
-                assert!(
-                    after.is_empty() || workers.contains(&w),
-                    "socket {} is owned by a worker ({workers:?}): {:#?}",
-                    s.life.sock,
-                    s.life.rows
-                );
-                w
-            }
-            _ => panic!(
-                "ss shows several holders of {} -> {}: {held:?}",
-                s.local, s.peer
-            ),
-        };
-        assert!(
-            workers.contains(&worker) && worker != master && worker != launcher,
-            "ss: a worker holds it"
-        );
-        for r in after {
-            assert_eq!(
-                (pid_of(r), r.comm.as_deref()),
-                (worker, Some("nginx")),
-                "socket {} {}: {r}",
-                s.life.sock,
-                s.life.path()
-            );
-            assert!(r.thread.is_none(), "one thread, named as the process: {r}");
-            if r.close.as_deref() == Some("reset sent") {
-                *resets.entry(old_workers.contains(&worker)).or_default() += 1;
-            }
-            old_worker_closes += usize::from(r.new == "FIN_WAIT1" && old_workers.contains(&worker));
-        }
-        rows += s.life.rows.len();
-        queued += before.len();
-        // wrk's first connection only checks the address: closed before a
-        // worker could accept it.
-        queued_closes += usize::from(before.len() > 2);
-        after_reload += usize::from(s.from_ns > second_load_ns + 1_000_000_000);
-        *by_worker.entry(worker).or_default() += 1;
+        assert_eq!(r.comm.as_deref(), Some("nginx"));
     }
+    let worker = worker_holding(s, seen, after, &nginx.workers, &mut tally.matched);
+    assert!(
+        nginx.workers.contains(&worker) && worker != nginx.master && worker != nginx.launcher,
+        "ss: a worker holds it"
+    );
+    let old_workers = &nginx.old_workers;
+    for r in after {
+        assert_eq!(
+            (pid_of(r), r.comm.as_deref()),
+            (worker, Some("nginx")),
+            "socket {} {}: {r}",
+            s.life.sock,
+            s.life.path()
+        );
+        assert!(r.thread.is_none(), "one thread, named as the process: {r}");
+        if r.close.as_deref() == Some("reset sent") {
+            *tally
+                .resets
+                .entry(old_workers.contains(&worker))
+                .or_default() += 1;
+        }
+        tally.old_worker_closes +=
+            usize::from(r.new == "FIN_WAIT1" && old_workers.contains(&worker));
+    }
+    tally.rows += s.life.rows.len();
+    tally.queued += before.len();
+    // wrk's first connection only checks the address: closed before a
+    // worker could accept it.
+    tally.queued_closes += usize::from(before.len() > 2);
+    tally.after_reload += usize::from(s.from_ns > second_load_ns + 1_000_000_000);
+    *tally.by_worker.entry(worker).or_default() += 1;
+}
+
+/// The worker ss saw holding an accepted socket (counted in `matched`), or
+/// for one too short-lived for a sample, the worker its rows name.
+fn worker_holding(
+    s: &Sock,
+    seen: &Seen,
+    after: &[Row],
+    workers: &BTreeSet<u32>,
+    matched: &mut usize,
+) -> u32 {
+    let held = seen.holders(&s.local, &s.peer, s.from_ns, s.to_ns);
+    match held.iter().map(|h| h.pid).collect::<Vec<_>>()[..] {
+        [w] => {
+            *matched += 1;
+            w
+        }
+        [] => {
+            // Too short-lived for a sample: one of the workers, all the same.
+            let w = after.first().map(pid_of).unwrap_or(0);
+            assert!(
+                after.is_empty() || workers.contains(&w),
+                "socket {} is owned by a worker ({workers:?}): {:#?}",
+                s.life.sock,
+                s.life.rows
+            );
+            w
+        }
+        _ => panic!(
+            "ss shows several holders of {} -> {}: {held:?}",
+            s.local, s.peer
+        ),
+    }
+}
+
+/// Every row of a client socket names a process ss saw holding it: the
+/// client sockets, and those ss saw held.
+fn assert_nginx_clients_as_ss_saw(socks: &[Sock], seen: &Seen) -> (usize, usize) {
     let clients: Vec<&Sock> = socks.iter().filter(|s| s.is_client()).collect();
     let mut client_matched = 0;
     for s in &clients {
@@ -748,9 +891,28 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
         }
         client_matched += usize::from(!held.is_empty());
     }
+    (clients.len(), client_matched)
+}
+
+/// A socket accepted per connection; ss saw the load before and after the
+/// reload; old and new workers at work; the launcher named once.
+fn assert_nginx_totals(
+    socks: &[Sock],
+    clients: usize,
+    tally: &AcceptedTally,
+    out: &Output,
+    launcher: u32,
+) {
+    let AcceptedTally {
+        matched,
+        old_worker_closes,
+        after_reload,
+        ref by_worker,
+        ..
+    } = *tally;
     assert_eq!(
         socks.iter().filter(|s| s.is_accepted()).count(),
-        clients.len(),
+        clients,
         "as many accepted sockets as connections made"
     );
     assert!(
@@ -768,14 +930,6 @@ fn nginx_workers_own_what_they_accept_through_a_reload() {
     // No row after the launcher's exit names it.
     let launcher_rows = out.rows().iter().filter(|r| pid_of(r) == launcher).count();
     assert_eq!(launcher_rows, 1, "only the listen() names the launcher");
-    eprintln!(
-        "nginx: {} sockets ({} accepted, {matched} matched against ss, {} clients, {client_matched} matched), {rows} accepted-side rows ({queued} queued, {queued_closes} closed by the client while queued), resets sent by old/new workers {resets:?}, {old_worker_closes} closed first by an old worker, {} ss samples, {} connections held in ss, per worker {by_worker:?}, master {master}, launcher {launcher}",
-        socks.len(),
-        socks.iter().filter(|s| s.is_accepted()).count(),
-        clients.len(),
-        seen.0.len(),
-        seen.held_connections()
-    );
 }
 
 // ----------------------------------------------------------- PostgreSQL
@@ -870,12 +1024,68 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
     let tracer = tracer(&ns, port, &["-w", &recording]);
     let ftrace = Ftrace::start(port);
     let mut procs = Procs::new(&ns);
+    let postmaster = start_postgres(&mut procs, &ns, &dir, &data, &log, port);
+
+    let watch = SsWatch::start(&ns, Duration::from_millis(50));
+    let pgbench = run_pgbench(&mut procs, port);
+    thread::sleep(Duration::from_millis(300));
+    let seen = watch.finish();
+    let out = stop_server_then_tracer("postmaster", postmaster, libc::SIGINT, tracer);
+    drop(procs);
+
+    let traced = ftrace.read();
+    let mut backends = pg_backends(&std::fs::read_to_string(&log).expect("postgres log"));
+    let lives = out.lives();
+    let socks: Vec<Sock> = lives.iter().map(Sock::new).collect();
+    assert_postmaster_listener(&socks, &seen, &listen_at, postmaster);
+
+    let mut tally = BackendTally {
+        // Who held each connection last: the report counts it for them.
+        held_last: BTreeMap::from([(postmaster, 0)]),
+        ..BackendTally::default()
+    };
+    let mut accepted: Vec<&Sock> = socks.iter().filter(|s| s.is_accepted()).collect();
+    accepted.sort_by_key(|s| s.from_ns);
+    for s in &accepted {
+        let backend = next_backend(&mut backends, s.life.rport(), postmaster);
+        assert_backend_owns_accepted(s, &seen, &traced, backend, postmaster, &mut tally);
+    }
+    assert_pgbench_totals(&socks, &accepted, &backends, pgbench, &tally);
+
+    // The report counts each connection for its backend.
+    let processes = assert_report_counts_held_last(&recording, &tally.held_last, postmaster);
+    let BackendTally {
+        rows,
+        matched,
+        close_waits,
+        postmaster_closes,
+        ..
+    } = tally;
+    eprintln!(
+        "postgres: {} connections, {rows} server-side rows, {close_waits} ESTABLISHED -> CLOSE_WAIT, {matched} backends seen holding their socket by ss ({} samples), {postmaster_closes} closes made by the postmaster, {} processes in the report, postmaster {postmaster}",
+        accepted.len(),
+        seen.0.len(),
+        processes
+    );
+}
+
+/// Starts the postmaster on `port`, logging each connection with the pid
+/// of its backend; returns once it listens.
+fn start_postgres(
+    procs: &mut Procs,
+    ns: &Netns,
+    dir: &TempDir,
+    data: &str,
+    log: &str,
+    port: u16,
+) -> u32 {
+    let listen_at = format!("127.0.0.1:{port}");
     let port_s = port.to_string();
     let postmaster = procs.spawn(
         as_postgres(&postgres_bin("postgres"))
             .args([
                 "-D",
-                &data,
+                data,
                 "-h",
                 "127.0.0.1",
                 "-p",
@@ -894,15 +1104,20 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
             .args(["-c", "log_connections=on", "-c", "log_line_prefix=%p "])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file")),
+            .stderr(std::fs::File::create(log).expect("log file")),
     );
     wait_until("postgres listening", Duration::from_secs(30), || {
         ns.ss()
             .iter()
             .any(|k| k.state == "LISTEN" && k.local == listen_at)
     });
+    postmaster
+}
 
-    let watch = SsWatch::start(&ns, Duration::from_millis(50));
+/// `pgbench -i`, then a connection per transaction for two seconds; the
+/// pids of the two runs.
+fn run_pgbench(procs: &mut Procs, port: u16) -> [u32; 2] {
+    let port_s = port.to_string();
     let pgbench = |extra: &[&str]| {
         let mut cmd = as_postgres("pgbench");
         cmd.args(["-h", "127.0.0.1", "-p", &port_s, "-U", "postgres"])
@@ -923,17 +1138,14 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
         procs.wait(bench, Duration::from_secs(20)).success(),
         "pgbench -C failed"
     );
-    thread::sleep(Duration::from_millis(300));
-    let seen = watch.finish();
-    let out = stop_server_then_tracer("postmaster", postmaster, libc::SIGINT, tracer);
-    drop(procs);
+    [init, bench]
+}
 
-    let traced = ftrace.read();
-    let mut backends = pg_backends(&std::fs::read_to_string(&log).expect("postgres log"));
-    let lives = out.lives();
-    let socks: Vec<Sock> = lives.iter().map(Sock::new).collect();
+/// ss: the postmaster holds the listener; every row of it names the
+/// postmaster.
+fn assert_postmaster_listener(socks: &[Sock], seen: &Seen, listen_at: &str, postmaster: u32) {
     assert_eq!(
-        seen.listener_always(&listen_at),
+        seen.listener_always(listen_at),
         BTreeSet::from([postmaster]),
         "ss: the postmaster holds the listener"
     );
@@ -947,98 +1159,146 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
             "{r}"
         );
     }
+}
 
-    let (mut rows, mut matched, mut close_waits, mut postmaster_closes) = (0, 0, 0, 0);
-    // Who held each connection last: the report counts it for them.
-    let mut held_last: BTreeMap<u32, u64> = BTreeMap::from([(postmaster, 0)]);
-    let mut accepted: Vec<&Sock> = socks.iter().filter(|s| s.is_accepted()).collect();
-    accepted.sort_by_key(|s| s.from_ns);
-    for s in &accepted {
-        let client_port = s.life.rport();
-        let list = backends
-            .get_mut(&client_port)
-            .unwrap_or_else(|| panic!("postgres logged no connection from port {client_port}"));
-        assert!(
-            !list.is_empty(),
-            "more sockets from port {client_port} than logged"
-        );
-        let backend = list.remove(0);
-        assert_ne!(backend, postmaster, "a backend of its own");
-        let (before, after) = s.queued_then_accepted(&seen);
+/// The backend PostgreSQL logged for the next connection from
+/// `client_port` (taken off the list).
+fn next_backend(backends: &mut BTreeMap<u16, Vec<u32>>, client_port: u16, postmaster: u32) -> u32 {
+    let list = backends
+        .get_mut(&client_port)
+        .unwrap_or_else(|| panic!("postgres logged no connection from port {client_port}"));
+    assert!(
+        !list.is_empty(),
+        "more sockets from port {client_port} than logged"
+    );
+    let backend = list.remove(0);
+    assert_ne!(backend, postmaster, "a backend of its own");
+    backend
+}
+
+/// Counts over the backends' sockets.
+#[derive(Default)]
+struct BackendTally {
+    rows: usize,
+    /// Backends ss saw holding their socket.
+    matched: usize,
+    close_waits: usize,
+    postmaster_closes: usize,
+    /// Who held each connection last: the report counts it for them.
+    held_last: BTreeMap<u32, u64>,
+}
+
+/// An accepted socket: queued rows name the postmaster, the rest the
+/// backend (or the postmaster where ftrace says it made them), and ss saw
+/// none but those two holding it.
+fn assert_backend_owns_accepted(
+    s: &Sock,
+    seen: &Seen,
+    traced: &Traced,
+    backend: u32,
+    postmaster: u32,
+    tally: &mut BackendTally,
+) {
+    let (before, after) = s.queued_then_accepted(seen);
+    assert_eq!(
+        before.iter().map(|r| r.new.as_str()).collect::<Vec<_>>(),
+        ["SYN_RECV", "ESTABLISHED"],
+        "queued until the postmaster accepts it: {:#?}",
+        s.life.rows
+    );
+    for r in before {
         assert_eq!(
-            before.iter().map(|r| r.new.as_str()).collect::<Vec<_>>(),
-            ["SYN_RECV", "ESTABLISHED"],
-            "queued until the postmaster accepts it: {:#?}",
-            s.life.rows
+            pid_of(r),
+            postmaster,
+            "the listener's owner while queued: {r}"
         );
-        for r in before {
-            assert_eq!(
-                pid_of(r),
-                postmaster,
-                "the listener's owner while queued: {r}"
-            );
-        }
-        for r in s.life.rows.iter() {
-            assert_eq!(
-                r.comm.as_deref(),
-                Some("postgres"),
-                "the process's name: {r}"
-            );
-            assert!(r.thread.is_none(), "one thread, named as the process: {r}");
-        }
-        // The backend's, unless the postmaster, slow to close its copy
-        // after the fork, dropped the last reference: the kernel then made
-        // the close in the postmaster, which held the socket last, and
-        // from the backend's exit on (ftrace says when) it held it alone.
-        let makers: Vec<Option<u32>> = after
-            .iter()
-            .map(|r| traced.maker(s.life.rport(), r))
-            .collect();
-        let postmaster_kept_it = makers.contains(&Some(postmaster));
-        assert!(
-            traced.exits.contains_key(&backend),
-            "ftrace saw backend {backend} end"
-        );
-        let mut expected = backend;
-        for (r, maker) in after.iter().zip(makers) {
-            if let Some(maker) = maker {
-                assert!(
-                    [backend, postmaster].contains(&maker),
-                    "{r} made by {maker}, neither backend {backend} nor the postmaster"
-                );
-                postmaster_closes += usize::from(maker == postmaster);
-                expected = maker;
-            } else if postmaster_kept_it && traced.ended_before(backend, r.ts_ns) {
-                expected = postmaster;
-            }
-            assert_eq!(
-                pid_of(r),
-                expected,
-                "socket {} {}: the backend's: {r}",
-                s.life.sock,
-                s.life.path()
-            );
-            close_waits += usize::from(r.new == "CLOSE_WAIT");
-        }
-        *held_last.entry(expected).or_default() += 1;
-        // ss: the backend holds it (the postmaster too, between its
-        // accept and its close after the fork).
-        let held: BTreeSet<u32> = seen
-            .holders(&s.local, &s.peer, s.from_ns, s.to_ns)
-            .iter()
-            .map(|h| h.pid)
-            .collect();
-        assert!(
-            held.is_subset(&BTreeSet::from([backend, postmaster])),
-            "ss: {held:?} hold {} -> {}, backend {backend}",
-            s.local,
-            s.peer
-        );
-        if held.contains(&backend) {
-            matched += 1;
-        }
-        rows += s.life.rows.len();
     }
+    for r in s.life.rows.iter() {
+        assert_eq!(
+            r.comm.as_deref(),
+            Some("postgres"),
+            "the process's name: {r}"
+        );
+        assert!(r.thread.is_none(), "one thread, named as the process: {r}");
+    }
+    let expected = assert_rows_after_accept(s, after, traced, backend, postmaster, tally);
+    *tally.held_last.entry(expected).or_default() += 1;
+    // ss: the backend holds it (the postmaster too, between its
+    // accept and its close after the fork).
+    let held: BTreeSet<u32> = seen
+        .holders(&s.local, &s.peer, s.from_ns, s.to_ns)
+        .iter()
+        .map(|h| h.pid)
+        .collect();
+    assert!(
+        held.is_subset(&BTreeSet::from([backend, postmaster])),
+        "ss: {held:?} hold {} -> {}, backend {backend}",
+        s.local,
+        s.peer
+    );
+    if held.contains(&backend) {
+        tally.matched += 1;
+    }
+    tally.rows += s.life.rows.len();
+}
+
+/// The rows after the accept name the backend, unless ftrace says the
+/// postmaster made them; who held the socket last.
+fn assert_rows_after_accept(
+    s: &Sock,
+    after: &[Row],
+    traced: &Traced,
+    backend: u32,
+    postmaster: u32,
+    tally: &mut BackendTally,
+) -> u32 {
+    // The backend's, unless the postmaster, slow to close its copy
+    // after the fork, dropped the last reference: the kernel then made
+    // the close in the postmaster, which held the socket last, and
+    // from the backend's exit on (ftrace says when) it held it alone.
+    let makers: Vec<Option<u32>> = after
+        .iter()
+        .map(|r| traced.maker(s.life.rport(), r))
+        .collect();
+    let postmaster_kept_it = makers.contains(&Some(postmaster));
+    assert!(
+        traced.exits.contains_key(&backend),
+        "ftrace saw backend {backend} end"
+    );
+    let mut expected = backend;
+    for (r, maker) in after.iter().zip(makers) {
+        if let Some(maker) = maker {
+            assert!(
+                [backend, postmaster].contains(&maker),
+                "{r} made by {maker}, neither backend {backend} nor the postmaster"
+            );
+            tally.postmaster_closes += usize::from(maker == postmaster);
+            expected = maker;
+        } else if postmaster_kept_it && traced.ended_before(backend, r.ts_ns) {
+            expected = postmaster;
+        }
+        assert_eq!(
+            pid_of(r),
+            expected,
+            "socket {} {}: the backend's: {r}",
+            s.life.sock,
+            s.life.path()
+        );
+        tally.close_waits += usize::from(r.new == "CLOSE_WAIT");
+    }
+    expected
+}
+
+/// pgbench's sockets are its own; every logged connection was shown; most
+/// connections were closed by pgbench first; ss caught a backend.
+fn assert_pgbench_totals(
+    socks: &[Sock],
+    accepted: &[&Sock],
+    backends: &BTreeMap<u16, Vec<u32>>,
+    [init, bench]: [u32; 2],
+    tally: &BackendTally,
+) {
+    let (close_waits, matched) = (tally.close_waits, tally.matched);
     let clients: Vec<&Sock> = socks.iter().filter(|s| s.is_client()).collect();
     assert_eq!(clients.len(), accepted.len(), "pgbench's sockets");
     for r in clients.iter().flat_map(|s| &s.life.rows) {
@@ -1080,9 +1340,16 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
         matched >= 1,
         "ss caught at least one backend holding its connection"
     );
+}
 
-    // The report counts each connection for its backend.
-    let report = tcptrace(&["report", &recording, "--format", "json", "--top", "100000"]).json();
+/// `tcptrace report` counts each connection for the process that held it
+/// last; the processes it lists.
+fn assert_report_counts_held_last(
+    recording: &str,
+    held_last: &BTreeMap<u32, u64>,
+    postmaster: u32,
+) -> usize {
+    let report = tcptrace(&["report", recording, "--format", "json", "--top", "100000"]).json();
     let processes = report["processes"].as_array().expect("processes");
     let connections = |pid: u32| {
         processes
@@ -1091,19 +1358,14 @@ fn postgres_backends_own_their_connections_not_the_postmaster() {
             .and_then(|p| p["connections"].as_u64())
             .unwrap_or(0)
     };
-    for (&pid, &n) in &held_last {
+    for (&pid, &n) in held_last {
         assert_eq!(
             connections(pid),
             n,
             "connections of {pid} (postmaster {postmaster}): {processes:#?}"
         );
     }
-    eprintln!(
-        "postgres: {} connections, {rows} server-side rows, {close_waits} ESTABLISHED -> CLOSE_WAIT, {matched} backends seen holding their socket by ss ({} samples), {postmaster_closes} closes made by the postmaster, {} processes in the report, postmaster {postmaster}",
-        accepted.len(),
-        seen.0.len(),
-        processes.len()
-    );
+    processes.len()
 }
 
 // ---------------------------------------------------------------- Redis
@@ -1117,53 +1379,119 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
     let all = tracer(&ns, port, &[]);
     let named = tracer(&ns, port, &["--comm", "redis-server"]);
     let mut procs = Procs::new(&ns);
-    let redis = |port: u16, sub: &str, extra: &[&str]| {
-        let d = dir.path(sub);
-        std::fs::create_dir_all(&d).expect("redis dir");
-        let mut cmd = Command::new("redis-server");
-        // Background threads busy with an fsync per write, and I/O
-        // threads: a close at exit may run in any of them.
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            &d,
-        ])
-        .args([
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-        ])
-        .args([
-            "--io-threads",
-            "2",
-            "--io-threads-do-reads",
-            "yes",
-            "--daemonize",
-            "no",
-        ])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-        cmd
-    };
-    let master = procs.spawn(&mut redis(port, "master", &[]));
-    wait_until("redis listening", Duration::from_secs(10), || {
-        ns.ss()
-            .iter()
-            .any(|k| k.state == "LISTEN" && k.local == listen_at)
-    });
-    let replica = procs.spawn(&mut redis(
+    let master = start_redis_master(&mut procs, &ns, &dir, port);
+    let replica = procs.spawn(&mut redis_server(
+        &dir,
         replica_port,
         "replica",
         &["--replicaof", "127.0.0.1", &port.to_string()],
     ));
     let watch = SsWatch::start(&ns, Duration::from_millis(50));
+    wait_for_replica_link(&ns, &listen_at, replica);
+    let waiting = run_redis_clients(&mut procs, &ns, port);
+    let threads: BTreeMap<u32, BTreeSet<String>> = [master, replica]
+        .into_iter()
+        .map(|p| (p, thread_names(p)))
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    stop_redis(&mut procs, [replica, master], waiting);
+    let seen = watch.finish();
+    let (all, named) = stop_both(all, named);
+    drop(procs);
+
+    assert_eq!(
+        seen.listener_always(&listen_at),
+        BTreeSet::from([master]),
+        "ss: the master holds its listener"
+    );
+    let named_lives = named.lives();
+    let kept: BTreeSet<_> = named_lives.iter().map(redis_sock_key).collect();
+    let lives = all.lives();
+    let redis = RedisTruth {
+        seen: &seen,
+        listen_at: &listen_at,
+        master,
+        replica,
+        threads: &threads,
+    };
+    let mut tally = RedisTally::default();
+    for life in &lives {
+        check_redis_socket(life, &redis, &kept, &named_lives, &mut tally);
+    }
+    assert_comm_filter_kept_them_all(&kept, &named, &tally);
+    let RedisTally {
+        server_rows,
+        with_thread,
+        cli_rows,
+        thread_seen,
+        ..
+    } = tally;
+    eprintln!(
+        "redis: {} sockets, {server_rows} redis-server rows all kept by --comm ({with_thread} made by a thread of another name: {thread_seen:?}), {cli_rows} redis-cli rows, {} ss samples, threads {threads:?}",
+        lives.len(),
+        seen.0.len()
+    );
+}
+
+/// The master, listening on `port`.
+fn start_redis_master(procs: &mut Procs, ns: &Netns, dir: &TempDir, port: u16) -> u32 {
+    let listen_at = format!("127.0.0.1:{port}");
+    let master = procs.spawn(&mut redis_server(dir, port, "master", &[]));
+    wait_until("redis listening", Duration::from_secs(10), || {
+        ns.ss()
+            .iter()
+            .any(|k| k.state == "LISTEN" && k.local == listen_at)
+    });
+    master
+}
+
+/// A redis-server on `port`, its data in `sub` of `dir`.
+fn redis_server(dir: &TempDir, port: u16, sub: &str, extra: &[&str]) -> Command {
+    let d = dir.path(sub);
+    std::fs::create_dir_all(&d).expect("redis dir");
+    let mut cmd = Command::new("redis-server");
+    // Background threads busy with an fsync per write, and I/O
+    // threads: a close at exit may run in any of them.
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        &d,
+    ])
+    .args([
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ])
+    .args([
+        "--io-threads",
+        "2",
+        "--io-threads-do-reads",
+        "yes",
+        "--daemonize",
+        "no",
+    ])
+    .args(extra)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
+    cmd
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+fn wait_for_replica_link(ns: &Netns, listen_at: &str, replica: u32) {
     wait_until(
         "the replica's link to its master",
         Duration::from_secs(10),
@@ -1175,25 +1503,21 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
             })
         },
     );
-    let cli = |args: &[&str]| {
-        let mut cmd = Command::new("redis-cli");
-        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        cmd
-    };
-    // Clients that close first, and two that wait (bounded) in BLPOP until
-    // the server goes.
+}
+
+/// Clients that close first, and two that wait (bounded) in BLPOP until
+/// the server goes: returns once those two are connected, their pids.
+fn run_redis_clients(procs: &mut Procs, ns: &Netns, port: u16) -> Vec<u32> {
+    let listen_at = format!("127.0.0.1:{port}");
     for i in 0..5 {
-        let c = procs.spawn(&mut cli(&["set", &format!("k{i}"), "v"]));
+        let c = procs.spawn(&mut redis_cli(port, &["set", &format!("k{i}"), "v"]));
         assert!(
             procs.wait(c, Duration::from_secs(10)).success(),
             "redis-cli set"
         );
     }
     let waiting: Vec<u32> = (0..2)
-        .map(|_| procs.spawn(&mut cli(&["blpop", "nothing", "20"])))
+        .map(|_| procs.spawn(&mut redis_cli(port, &["blpop", "nothing", "20"])))
         .collect();
     wait_until("two clients waiting", Duration::from_secs(10), || {
         ns.ss()
@@ -1202,14 +1526,13 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
             .count()
             >= 3
     });
-    let threads: BTreeMap<u32, BTreeSet<String>> = [master, replica]
-        .into_iter()
-        .map(|p| (p, thread_names(p)))
-        .collect();
-    thread::sleep(Duration::from_millis(200));
-    // Stopped the way a service manager stops them: the sockets they
-    // still hold close as their threads exit.
-    for pid in [replica, master] {
+    waiting
+}
+
+/// Stopped the way a service manager stops them: the sockets they still
+/// hold close as their threads exit. Then the waiting clients end.
+fn stop_redis(procs: &mut Procs, servers: [u32; 2], waiting: Vec<u32>) {
+    for pid in servers {
         // SAFETY: kill on a pid of this test's.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         assert!(
@@ -1220,7 +1543,10 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
     for c in waiting {
         procs.wait(c, Duration::from_secs(10));
     }
-    let seen = watch.finish();
+}
+
+/// Both tracers stopped, each having ended well.
+fn stop_both(all: Tracer, named: Tracer) -> (Output, Output) {
     let (all, named) = (all.stop(), named.stop());
     assert!(
         all.status.success() && named.status.success(),
@@ -1228,98 +1554,17 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
         all.stderr,
         named.stderr
     );
-    drop(procs);
+    (all, named)
+}
 
-    assert_eq!(
-        seen.listener_always(&listen_at),
-        BTreeSet::from([master]),
-        "ss: the master holds its listener"
-    );
-    // Each tracer reads its own clock: a socket is told by its ends, the
-    // states it went through and who made each step.
-    let key = |life: &Life| {
-        let s = Sock::new(life);
-        let owners: Vec<u32> = life.rows.iter().map(pid_of).collect();
-        (s.local, s.peer, life.path(), owners)
-    };
-    let named_lives = named.lives();
-    let kept: BTreeSet<_> = named_lives.iter().map(key).collect();
-    let lives = all.lives();
-    let mut server_socks = 0;
-    let (mut server_rows, mut with_thread, mut cli_rows) = (0, 0, 0);
-    let mut thread_seen = BTreeSet::new();
-    for life in &lives {
-        let s = Sock::new(life);
-        let held = seen.holders(&s.local, &s.peer, s.from_ns, s.to_ns);
-        // The server's side of a client's connection, its listener, the
-        // replica's link: held by a redis-server (ss; the short clients'
-        // accepted sockets are the master's, the one process accepting).
-        let holder = if s.local == listen_at {
-            master
-        } else if let [Holder { pid, comm: name }] = &held.iter().cloned().collect::<Vec<_>>()[..] {
-            assert!(name == "redis-cli" || *pid == replica, "ss: {held:?}");
-            *pid
-        } else {
-            assert!(held.is_empty(), "ss: several holders {held:?}");
-            // A short `redis-cli set`.
-            assert!(
-                life.rows
-                    .iter()
-                    .all(|r| r.comm.as_deref() == Some("redis-cli")),
-                "{:#?}",
-                life.rows
-            );
-            cli_rows += life.rows.len();
-            continue;
-        };
-        for h in &held {
-            assert_eq!(
-                h.pid, holder,
-                "ss holders of {} -> {}: {held:?}",
-                s.local, s.peer
-            );
-        }
-        if holder != master && holder != replica {
-            for r in &life.rows {
-                assert_eq!(
-                    (pid_of(r), r.comm.as_deref()),
-                    (holder, Some("redis-cli")),
-                    "{r}"
-                );
-            }
-            cli_rows += life.rows.len();
-            continue;
-        }
-        let (_, after) = if s.is_accepted() {
-            s.queued_then_accepted(&seen)
-        } else {
-            (&life.rows[..0], &life.rows[..])
-        };
-        for r in after {
-            assert_eq!(
-                (pid_of(r), r.comm.as_deref()),
-                (holder, Some("redis-server")),
-                "the process's name: {r}"
-            );
-            if let Some(t) = r.thread.as_deref() {
-                assert!(
-                    t != "redis-server" && threads[&holder].contains(t),
-                    "thread {t:?} of {holder}: {:?}",
-                    threads[&holder]
-                );
-                with_thread += 1;
-                thread_seen.insert(t.to_string());
-            }
-        }
-        assert!(
-            kept.contains(&key(life)),
-            "--comm redis-server dropped rows of {holder}'s: {:#?}\nkept: {:#?}",
-            life.rows,
-            named_lives.iter().find(|l| Sock::new(l).peer == s.peer)
-        );
-        server_rows += life.rows.len();
-        server_socks += 1;
-    }
+/// `--comm redis-server` kept the redis-server sockets, every row of them,
+/// and nothing else.
+fn assert_comm_filter_kept_them_all(
+    kept: &BTreeSet<(String, String, String, Vec<u32>)>,
+    named: &Output,
+    tally: &RedisTally,
+) {
+    let (server_socks, server_rows) = (tally.server_socks, tally.server_rows);
     assert_eq!(
         kept.len(),
         server_socks,
@@ -1330,11 +1575,138 @@ fn redis_rows_all_pass_a_comm_filter_whichever_thread_made_them() {
         server_rows >= 5 * 6,
         "the server side of every connection: {server_rows}"
     );
-    eprintln!(
-        "redis: {} sockets, {server_rows} redis-server rows all kept by --comm ({with_thread} made by a thread of another name: {thread_seen:?}), {cli_rows} redis-cli rows, {} ss samples, threads {threads:?}",
-        lives.len(),
-        seen.0.len()
+}
+
+/// Each tracer reads its own clock: a socket is told by its ends, the
+/// states it went through and who made each step.
+fn redis_sock_key(life: &Life) -> (String, String, String, Vec<u32>) {
+    let s = Sock::new(life);
+    let owners: Vec<u32> = life.rows.iter().map(pid_of).collect();
+    (s.local, s.peer, life.path(), owners)
+}
+
+/// What the Redis rows are checked against.
+struct RedisTruth<'a> {
+    seen: &'a Seen,
+    listen_at: &'a str,
+    master: u32,
+    replica: u32,
+    /// The servers' threads, by pid.
+    threads: &'a BTreeMap<u32, BTreeSet<String>>,
+}
+
+/// Counts over the unfiltered tracer's sockets.
+#[derive(Default)]
+struct RedisTally {
+    server_socks: usize,
+    server_rows: usize,
+    with_thread: usize,
+    cli_rows: usize,
+    thread_seen: BTreeSet<String>,
+}
+
+/// One socket of the unfiltered tracer: a redis-cli's rows name it; a
+/// redis-server's name it from whichever thread, and the `--comm` tracer
+/// kept them all.
+fn check_redis_socket(
+    life: &Life,
+    redis: &RedisTruth,
+    kept: &BTreeSet<(String, String, String, Vec<u32>)>,
+    named_lives: &[Life],
+    tally: &mut RedisTally,
+) {
+    let s = Sock::new(life);
+    let held = redis.seen.holders(&s.local, &s.peer, s.from_ns, s.to_ns);
+    let Some(holder) = redis_holder(&s, &held, redis) else {
+        tally.cli_rows += life.rows.len();
+        return;
+    };
+    for h in &held {
+        assert_eq!(
+            h.pid, holder,
+            "ss holders of {} -> {}: {held:?}",
+            s.local, s.peer
+        );
+    }
+    if holder != redis.master && holder != redis.replica {
+        for r in &life.rows {
+            assert_eq!(
+                (pid_of(r), r.comm.as_deref()),
+                (holder, Some("redis-cli")),
+                "{r}"
+            );
+        }
+        tally.cli_rows += life.rows.len();
+        return;
+    }
+    assert_server_rows_from_its_threads(&s, holder, redis, tally);
+    assert!(
+        kept.contains(&redis_sock_key(life)),
+        "--comm redis-server dropped rows of {holder}'s: {:#?}\nkept: {:#?}",
+        life.rows,
+        named_lives.iter().find(|l| Sock::new(l).peer == s.peer)
     );
+    tally.server_rows += life.rows.len();
+    tally.server_socks += 1;
+}
+
+/// The process holding a socket: the server's side of a client's
+/// connection, its listener, the replica's link are held by a
+/// redis-server (ss; the short clients' accepted sockets are the
+/// master's, the one process accepting). None for a short `redis-cli set`
+/// that ss did not see.
+fn redis_holder(s: &Sock, held: &BTreeSet<Holder>, redis: &RedisTruth) -> Option<u32> {
+    if s.local == redis.listen_at {
+        Some(redis.master)
+    } else if let [Holder { pid, comm: name }] = &held.iter().cloned().collect::<Vec<_>>()[..] {
+        assert!(name == "redis-cli" || *pid == redis.replica, "ss: {held:?}");
+        Some(*pid)
+    } else {
+        assert!(held.is_empty(), "ss: several holders {held:?}");
+        // A short `redis-cli set`.
+        assert!(
+            s.life
+                .rows
+                .iter()
+                .all(|r| r.comm.as_deref() == Some("redis-cli")),
+            "{:#?}",
+            s.life.rows
+        );
+        None
+    }
+}
+
+/// A redis-server's rows after the accept name it, and any thread they
+/// name is one of its own, not named as the process.
+fn assert_server_rows_from_its_threads(
+    s: &Sock,
+    holder: u32,
+    redis: &RedisTruth,
+    tally: &mut RedisTally,
+) {
+    let life = s.life;
+    let (_, after) = if s.is_accepted() {
+        s.queued_then_accepted(redis.seen)
+    } else {
+        (&life.rows[..0], &life.rows[..])
+    };
+    let threads = redis.threads;
+    for r in after {
+        assert_eq!(
+            (pid_of(r), r.comm.as_deref()),
+            (holder, Some("redis-server")),
+            "the process's name: {r}"
+        );
+        if let Some(t) = r.thread.as_deref() {
+            assert!(
+                t != "redis-server" && threads[&holder].contains(t),
+                "thread {t:?} of {holder}: {:?}",
+                threads[&holder]
+            );
+            tally.with_thread += 1;
+            tally.thread_seen.insert(t.to_string());
+        }
+    }
 }
 
 /// A window with nothing listening on a port, from the recorded rows

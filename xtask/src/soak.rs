@@ -7,8 +7,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -46,6 +47,41 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
     // The default format, as a recorder left running under its unit writes.
     let file = dir.join("soak.tcpt");
 
+    let (mut tracer, stderr) = start_tracer(&release, &ns, &file)?;
+    let pid = tracer.id();
+    eprintln!("xtask: soaking for {minutes} minutes");
+    let (churn_json, rss) = churn_sampling_rss(&release, &ns, minutes * 60.0, clients, pid)?;
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: signalling our own child.
+    unsafe { kill(pid as i32, 2) };
+    let status = tracer.wait()?;
+    let stderr = stderr.join().expect("stderr thread");
+
+    let outcome = Outcome::new(&churn_json, &stderr, rss)?;
+    let recording = read_back(&release, &dir, &file)?;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!(
+        "soak: {minutes} minutes, {} connections",
+        json_u64(&churn_json, "connections").unwrap_or(0)
+    );
+    print_figures(&outcome, &recording, &stderr);
+    let failures = failures(&outcome, &recording, status, &stderr);
+    if failures.is_empty() {
+        println!("soak: PASS");
+        Ok(())
+    } else {
+        bail!("soak failed:\n  {}", failures.join("\n  "))
+    }
+}
+
+fn json_u64(text: &str, key: &str) -> Option<u64> {
+    json_number(text, key).map(|n| n as u64)
+}
+
+/// Starts tcptrace recording the namespace's port into rotating files and
+/// waits until it traces; the thread gathering its stderr.
+fn start_tracer(release: &Path, ns: &Netns, file: &Path) -> Result<(Child, JoinHandle<String>)> {
     let mut tracer = Command::new(release.join("tcptrace"))
         .args([
             "--port",
@@ -63,7 +99,7 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
             "10000",
         ])
         .arg("-w")
-        .arg(&file)
+        .arg(file)
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot start tcptrace")?;
@@ -82,10 +118,18 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
     });
     rx.recv_timeout(Duration::from_secs(60))
         .context("tcptrace did not start")?;
-    let pid = tracer.id();
+    Ok((tracer, stderr))
+}
 
-    let seconds = minutes * 60.0;
-    eprintln!("xtask: soaking for {minutes} minutes");
+/// Runs the churn for `seconds`, sampling the tracer's RSS every
+/// [`SAMPLE_EVERY`]: what tt-churn printed (JSON) and the samples.
+fn churn_sampling_rss(
+    release: &Path,
+    ns: &Netns,
+    seconds: f64,
+    clients: u32,
+    pid: u32,
+) -> Result<(String, Vec<u64>)> {
     let churn = Command::new("ip")
         .args(["netns", "exec", &ns.0])
         .arg(release.join("tt-churn"))
@@ -109,32 +153,73 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
         }
     }
     let churn = churn_out.join().expect("churn thread")?;
-    let churn_json = String::from_utf8_lossy(&churn.stdout).into_owned();
-    std::thread::sleep(Duration::from_secs(1));
-    // SAFETY: signalling our own child.
-    unsafe { kill(pid as i32, 2) };
-    let status = tracer.wait()?;
-    let stderr = stderr.join().expect("stderr thread");
+    Ok((String::from_utf8_lossy(&churn.stdout).into_owned(), rss))
+}
 
-    let number = |text: &str, key: &str| json_number(text, key).map(|n| n as u64);
-    let expected = number(&churn_json, "expected_transitions").context("tt-churn said no count")?;
-    let StatsLine {
-        shown,
-        lost,
-        missed,
-        gaps,
-        ..
-    } = stderr
-        .lines()
-        .find_map(parse_stats_line)
-        .context("tcptrace printed no stats line")?;
-    let missed = missed.unwrap_or(0);
-    let half = rss.len() / 2;
-    let first = rss[..half.max(1)].iter().copied().max().unwrap_or(0);
-    let second = rss[half..].iter().copied().max().unwrap_or(0);
-    // The whole rotation set reads back, every transition shown is in it,
-    // and its newest file ends with the stats record of a clean end.
-    let mut set: Vec<PathBuf> = std::fs::read_dir(&dir)?
+/// The transitions expected, what tcptrace said of them, and its memory.
+struct Outcome {
+    expected: u64,
+    shown: u64,
+    lost: u64,
+    missed: u64,
+    gaps: u64,
+    rss: Vec<u64>,
+    /// Peak RSS in the first half of the run, and in the second.
+    first: u64,
+    second: u64,
+}
+
+impl Outcome {
+    fn new(churn_json: &str, stderr: &str, rss: Vec<u64>) -> Result<Outcome> {
+        let expected =
+            json_u64(churn_json, "expected_transitions").context("tt-churn said no count")?;
+        let StatsLine {
+            shown,
+            lost,
+            missed,
+            gaps,
+            ..
+        } = stderr
+            .lines()
+            .find_map(parse_stats_line)
+            .context("tcptrace printed no stats line")?;
+        let missed = missed.unwrap_or(0);
+        let half = rss.len() / 2;
+        let first = rss[..half.max(1)].iter().copied().max().unwrap_or(0);
+        let second = rss[half..].iter().copied().max().unwrap_or(0);
+        Ok(Outcome {
+            expected,
+            shown,
+            lost,
+            missed,
+            gaps,
+            rss,
+            first,
+            second,
+        })
+    }
+
+    /// Transitions neither shown nor counted as skipped by the kernel.
+    fn unaccounted(&self) -> u64 {
+        self.expected
+            .saturating_sub(self.shown.saturating_add(self.missed))
+    }
+}
+
+/// The recording, read back whole by `tcptrace report`.
+struct ReadBack {
+    read: Output,
+    /// The transitions it holds, by the report.
+    recorded: Option<u64>,
+    /// Its newest file ends with the stats record of a clean end.
+    clean: bool,
+    files: usize,
+}
+
+/// The whole rotation set reads back, every transition shown is in it,
+/// and its newest file ends with the stats record of a clean end.
+fn read_back(release: &Path, dir: &Path, file: &Path) -> Result<ReadBack> {
+    let mut set: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.to_string_lossy().starts_with(&*file.to_string_lossy()))
         .collect();
@@ -147,17 +232,29 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
         .stderr(Stdio::piped())
         .output()?;
     let report = String::from_utf8_lossy(&read.stdout).into_owned();
-    let recorded = number(&report, "events");
+    let recorded = json_u64(&report, "events");
     let clean = report
         .split_once("\"ended_cleanly\"")
         .is_some_and(|(_, rest)| rest.trim_start_matches([':', ' ']).starts_with("true"));
-    let files = set.len();
-    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ReadBack {
+        read,
+        recorded,
+        clean,
+        files: set.len(),
+    })
+}
 
-    println!(
-        "soak: {minutes} minutes, {} connections",
-        number(&churn_json, "connections").unwrap_or(0)
-    );
+fn print_figures(o: &Outcome, recording: &ReadBack, stderr: &str) {
+    let Outcome {
+        expected,
+        shown,
+        lost,
+        missed,
+        gaps,
+        ref rss,
+        first,
+        second,
+    } = *o;
     println!("  expected transitions   {expected}");
     if let Some(line) = stderr
         .lines()
@@ -168,19 +265,39 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
     println!("  shown                  {shown}");
     println!("  lost (ring full)       {lost}");
     println!("  missed (kernel skip)   {missed}");
-    let unaccounted = expected.saturating_sub(shown.saturating_add(missed));
+    let unaccounted = o.unaccounted();
     println!(
         "  unaccounted            {unaccounted} ({:.4}%)",
         unaccounted as f64 * 100.0 / expected.max(1) as f64
     );
     println!("  sockets with gaps      {gaps} (where the unaccounted ones went missing)");
     println!(
-        "  recorded (read back)   {} in {files} files",
-        recorded.map_or("-".into(), |n| n.to_string()),
+        "  recorded (read back)   {} in {} files",
+        recording.recorded.map_or("-".into(), |n| n.to_string()),
+        recording.files,
     );
     println!("  RSS max, first half    {} KiB", first);
     println!("  RSS max, second half   {} KiB", second);
     println!("  RSS samples (KiB)      {rss:?}");
+}
+
+/// What a long unattended run must keep true, and did not.
+fn failures(o: &Outcome, recording: &ReadBack, status: ExitStatus, stderr: &str) -> Vec<String> {
+    let Outcome {
+        expected,
+        shown,
+        lost,
+        missed,
+        first,
+        second,
+        ..
+    } = *o;
+    let ReadBack {
+        ref read,
+        recorded,
+        clean,
+        ..
+    } = *recording;
     let mut failures = Vec::new();
     if !status.success() {
         failures.push(format!("tcptrace exited {status}: {stderr}"));
@@ -192,7 +309,7 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
     // the main program, and a skipped transition that the socket callback
     // had already emitted counts there too (the bench's "unaccounted" goes
     // negative by as many): a few in ten million, with every one shown.
-    if shown > expected || unaccounted as f64 > expected as f64 * UNACCOUNTED_MAX {
+    if shown > expected || o.unaccounted() as f64 > expected as f64 * UNACCOUNTED_MAX {
         failures.push(format!(
             "shown {shown} + missed {missed} vs expected {expected}"
         ));
@@ -214,10 +331,5 @@ pub fn run(root: &Path, minutes: f64, clients: u32) -> Result<()> {
     if !clean {
         failures.push("the recording does not end with the stats of a clean end".into());
     }
-    if failures.is_empty() {
-        println!("soak: PASS");
-        Ok(())
-    } else {
-        bail!("soak failed:\n  {}", failures.join("\n  "))
-    }
+    failures
 }

@@ -158,6 +158,61 @@ mod tests {
         let mut a = Attributor::new();
         let s = |t: &Transition| t.local.to_string();
         let steps = [
+            connect_steps(server, client),
+            client_closes_steps(server, client, swapper),
+        ]
+        .concat();
+        let rows: Vec<Row> = steps.iter().map(|t| a.observe_row(t)).collect();
+        let owners: Vec<(String, Option<u32>, u64)> = rows
+            .iter()
+            .map(|r| (s(&r.t), r.owner.map(|o| o.pid), r.sock))
+            .collect();
+        let want = [
+            ("0.0.0.0:80", Some(100), 1),
+            ("127.0.0.1:0", Some(200), 2),
+            ("127.0.0.1:5000", Some(200), 2),
+            ("127.0.0.1:80", Some(100), 3),
+            ("127.0.0.1:80", Some(100), 3),
+            ("127.0.0.1:5000", Some(200), 2),
+            ("127.0.0.1:80", Some(100), 3),
+            ("127.0.0.1:5000", Some(200), 2),
+            ("127.0.0.1:80", Some(100), 3),
+            ("127.0.0.1:5000", Some(200), 2),
+            ("127.0.0.1:80", Some(100), 3),
+        ];
+        let want: Vec<_> = want
+            .iter()
+            .map(|(l, p, s)| (l.to_string(), *p, *s))
+            .collect();
+        assert_eq!(owners, want);
+        // Time in the state left: unknown at birth, then exact.
+        let dwell: Vec<Option<u64>> = rows.iter().map(|r| r.dwell_ns).collect();
+        assert_eq!(
+            dwell,
+            [
+                None,
+                None,
+                Some(10),
+                None,
+                Some(0),
+                Some(980),
+                Some(980),
+                Some(10),
+                Some(3990),
+                Some(4000),
+                Some(10)
+            ]
+        );
+        // Both connection sockets are forgotten at CLOSE; the listener stays.
+        assert_eq!(a.tracked(), 1);
+        // Every state each socket left was one it was seen entering.
+        assert_eq!(a.gaps(), 0);
+    }
+
+    /// A server listens on :80 and a client connects to it: after the
+    /// listen, every transition of the handshake is made on the client's CPU.
+    fn connect_steps(server: Task, client: Task) -> Vec<Transition> {
+        vec![
             tr(
                 0,
                 LISTENER,
@@ -204,6 +259,13 @@ mod tests {
                 "127.0.0.1:80",
                 "127.0.0.1:5000",
             ),
+        ]
+    }
+
+    /// The client closes first; the transitions its FINs and ACKs cause
+    /// arrive in softirq (swapper), and the server closes its end later.
+    fn client_closes_steps(server: Task, client: Task, swapper: Task) -> Vec<Transition> {
+        vec![
             tr(
                 1000,
                 CLIENT,
@@ -258,52 +320,7 @@ mod tests {
                 "127.0.0.1:80",
                 "127.0.0.1:5000",
             ),
-        ];
-        let rows: Vec<Row> = steps.iter().map(|t| a.observe_row(t)).collect();
-        let owners: Vec<(String, Option<u32>, u64)> = rows
-            .iter()
-            .map(|r| (s(&r.t), r.owner.map(|o| o.pid), r.sock))
-            .collect();
-        let want = [
-            ("0.0.0.0:80", Some(100), 1),
-            ("127.0.0.1:0", Some(200), 2),
-            ("127.0.0.1:5000", Some(200), 2),
-            ("127.0.0.1:80", Some(100), 3),
-            ("127.0.0.1:80", Some(100), 3),
-            ("127.0.0.1:5000", Some(200), 2),
-            ("127.0.0.1:80", Some(100), 3),
-            ("127.0.0.1:5000", Some(200), 2),
-            ("127.0.0.1:80", Some(100), 3),
-            ("127.0.0.1:5000", Some(200), 2),
-            ("127.0.0.1:80", Some(100), 3),
-        ];
-        let want: Vec<_> = want
-            .iter()
-            .map(|(l, p, s)| (l.to_string(), *p, *s))
-            .collect();
-        assert_eq!(owners, want);
-        // Time in the state left: unknown at birth, then exact.
-        let dwell: Vec<Option<u64>> = rows.iter().map(|r| r.dwell_ns).collect();
-        assert_eq!(
-            dwell,
-            [
-                None,
-                None,
-                Some(10),
-                None,
-                Some(0),
-                Some(980),
-                Some(980),
-                Some(10),
-                Some(3990),
-                Some(4000),
-                Some(10)
-            ]
-        );
-        // Both connection sockets are forgotten at CLOSE; the listener stays.
-        assert_eq!(a.tracked(), 1);
-        // Every state each socket left was one it was seen entering.
-        assert_eq!(a.gaps(), 0);
+        ]
     }
 
     #[test]

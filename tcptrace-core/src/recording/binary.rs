@@ -838,10 +838,23 @@ mod tests {
     /// what JSON Lines gives back, field for field.
     #[test]
     fn rows_read_back_as_from_json_lines() {
-        use crate::model::Clock;
+        let rows = rows_of_every_shape();
+        let (gap, holders) = gap_and_holders();
+        let back = encode_and_decode(&rows, &gap, &holders);
+        assert_eq!(back.len(), rows.len() + 2);
+        let mut printer = json_printer();
+        for (row, item) in rows.iter().zip(&back) {
+            assert_reads_back_as_from_json(&mut printer, row, item);
+        }
+        assert!(matches!(&back[rows.len()], Item::Gap(g) if *g == gap));
+        assert!(matches!(&back[rows.len() + 1], Item::Holders(h) if *h == holders));
+    }
+
+    /// A row with every field set, some of them at odd values (a thread
+    /// name, a comm that is not UTF-8, a cgroup, a queued socket).
+    fn full_row() -> Row {
         use crate::model::Task;
-        use crate::output::{OutputFormat, Printer, Style, TimeFormat};
-        let base = Row {
+        Row {
             t: Transition {
                 ts_ns: 5_000_000_123,
                 skaddr: 0xffff_8880_dead_beef,
@@ -864,7 +877,14 @@ mod tests {
             close: None,
             origin: Origin::Tracepoint,
             queued: true,
-        };
+        }
+    }
+
+    /// The full row, and variants of it: no owner nor netns, a reset sent
+    /// with its reason, IPv6 from a snapshot with odd state numbers, and each
+    /// close cause from the TIME_WAIT walk.
+    fn rows_of_every_shape() -> Vec<Row> {
+        let base = full_row();
         let mut rows = vec![base];
         let mut r = base;
         r.owner = None;
@@ -893,6 +913,11 @@ mod tests {
             r.sock = u64::MAX;
             rows.push(r);
         }
+        rows
+    }
+
+    /// A gap note and a holders note.
+    fn gap_and_holders() -> (Gap, HoldersNote) {
         let gap = Gap {
             kind: "gap".into(),
             sock: 9,
@@ -916,13 +941,18 @@ mod tests {
                 },
             ],
         };
+        (gap, holders)
+    }
+
+    /// The rows, then the notes, encoded in one chunk and decoded back.
+    fn encode_and_decode(rows: &[Row], gap: &Gap, holders: &HoldersNote) -> Vec<Item> {
         let mut enc = Encoder::default();
         let mut b = Vec::new();
-        for r in &rows {
+        for r in rows {
             enc.row(&mut b, r);
         }
-        enc.gap(&mut b, &gap);
-        enc.holders(&mut b, &holders);
+        enc.gap(&mut b, gap);
+        enc.holders(&mut b, holders);
         let mut back = Vec::new();
         let mut dec = Decoder::default();
         dec.chunk(&b, &mut |item| -> Result<(), ()> {
@@ -931,8 +961,13 @@ mod tests {
         })
         .unwrap()
         .unwrap();
-        assert_eq!(back.len(), rows.len() + 2);
-        let mut printer = Printer::new(
+        back
+    }
+
+    fn json_printer() -> crate::output::Printer {
+        use crate::model::Clock;
+        use crate::output::{OutputFormat, Printer, Style, TimeFormat};
+        Printer::new(
             Style {
                 format: OutputFormat::Json,
                 time: TimeFormat::Utc,
@@ -944,33 +979,37 @@ mod tests {
                 offset_ns: 0,
                 start_ns: 0,
             },
+        )
+    }
+
+    /// The row printed as JSON Lines and parsed back is the row decoded
+    /// from the binary format, and both print the same.
+    fn assert_reads_back_as_from_json(
+        printer: &mut crate::output::Printer,
+        row: &Row,
+        item: &Item,
+    ) {
+        let mut line = Vec::new();
+        printer.row_into(&mut line, row);
+        let Ok(Item::Row(from_json)) = crate::recording::read::parse_line(line.trim_ascii_end())
+        else {
+            panic!("json row");
+        };
+        let Item::Row(from_binary) = item else {
+            panic!("binary row");
+        };
+        // Raw comm bytes that are not UTF-8 are kept as they were, where
+        // JSON has U+FFFD: they print the same.
+        let mut again = Vec::new();
+        printer.row_into(&mut again, from_binary);
+        assert_eq!(
+            String::from_utf8_lossy(&again),
+            String::from_utf8_lossy(&line)
         );
-        for (row, item) in rows.iter().zip(&back) {
-            let mut line = Vec::new();
-            printer.row_into(&mut line, row);
-            let Ok(Item::Row(from_json)) =
-                crate::recording::read::parse_line(line.trim_ascii_end())
-            else {
-                panic!("json row");
-            };
-            let Item::Row(from_binary) = item else {
-                panic!("binary row");
-            };
-            // Raw comm bytes that are not UTF-8 are kept as they were, where
-            // JSON has U+FFFD: they print the same.
-            let mut again = Vec::new();
-            printer.row_into(&mut again, from_binary);
-            assert_eq!(
-                String::from_utf8_lossy(&again),
-                String::from_utf8_lossy(&line)
-            );
-            let mut from_json = from_json;
-            from_json.owner = from_binary.owner;
-            from_json.t.task = from_binary.t.task;
-            assert_eq!(*from_binary, from_json);
-        }
-        assert!(matches!(&back[rows.len()], Item::Gap(g) if *g == gap));
-        assert!(matches!(&back[rows.len() + 1], Item::Holders(h) if *h == holders));
+        let mut from_json = from_json;
+        from_json.owner = from_binary.owner;
+        from_json.t.task = from_binary.t.task;
+        assert_eq!(*from_binary, from_json);
     }
 
     #[test]

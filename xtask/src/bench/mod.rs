@@ -48,9 +48,9 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use churn::{Netns, run_churn};
 use floor::EmptyProgram;
-use offline::{file_size, offline, recording_events};
+use offline::{Offline, file_size, offline, recording_events};
 use report::{sample_line, summarize};
-use stats::{BpfStats, Sample, cpu_ns, cpu_split, prog_stats, status_kb, wait_quiet};
+use stats::{BpfStats, ProgStats, Sample, cpu_ns, cpu_split, prog_stats, status_kb, wait_quiet};
 use sys::check_interrupted;
 use tracer::{
     TCPSTATES, TempFile, Tracer, count_tcpstates_lines, find_tcpstates, other_tracers,
@@ -114,6 +114,32 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     if !super::is_root() {
         bail!("the bench loads eBPF programs and creates network namespaces: run it as root");
     }
+    check_options(opts)?;
+    sys::catch_sigint();
+    let env = Env::new(root, opts)?;
+    remove_stale_namespaces();
+    let _stats = BpfStats::take()?;
+    println!("{}", describe_machine(opts));
+    warn_of_other_tracers();
+
+    let (mut samples, kept) = run_rounds(&env, opts)?;
+    if samples.iter().any(|s| s.bpf_run_ns.is_some()) {
+        check_interrupted()?;
+        measure_stats_floor(&env, opts, &mut samples);
+    }
+    if env.tcpstates.is_none() && opts.configs.iter().any(|c| c == "tcpstates") {
+        println!(
+            "note: tcpstates skipped: {TCPSTATES} is missing and libbpf-tools could not be installed"
+        );
+    }
+
+    check_interrupted()?;
+    let offline = offline_figures(&env, opts, kept)?;
+    write_report(&samples, &offline, opts)
+}
+
+/// The options' ranges, names and combinations.
+fn check_options(opts: &Options) -> Result<()> {
     if !(opts.seconds >= 1.0 && opts.seconds <= 3600.0) {
         bail!("--seconds must be from 1 to 3600");
     }
@@ -137,29 +163,36 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
              churn must not use: pick another port"
         );
     }
-    sys::catch_sigint();
-    let env = Env {
-        root: root.to_path_buf(),
-        // Another build to compare (for example the last release's).
-        tcptrace: std::env::var_os("TCPTRACE_BENCH_BIN")
-            .map_or_else(|| root.join("target/release/tcptrace"), PathBuf::from),
-        baseline: opts.baseline.clone(),
-        churn: root.join("target/release/tt-churn"),
-        tcpstates: if opts.configs.iter().any(|c| c == "tcpstates") {
-            find_tcpstates()
-        } else {
-            None
-        },
-        clk_tck: sys::clk_tck(),
-    };
-    for bin in [&env.tcptrace, &env.churn] {
-        if !bin.exists() {
-            bail!("{} is missing: build it first", bin.display());
+    Ok(())
+}
+
+impl Env {
+    /// The binaries the bench runs, which must be built already.
+    fn new(root: &Path, opts: &Options) -> Result<Env> {
+        let env = Env {
+            root: root.to_path_buf(),
+            // Another build to compare (for example the last release's).
+            tcptrace: std::env::var_os("TCPTRACE_BENCH_BIN")
+                .map_or_else(|| root.join("target/release/tcptrace"), PathBuf::from),
+            baseline: opts.baseline.clone(),
+            churn: root.join("target/release/tt-churn"),
+            tcpstates: if opts.configs.iter().any(|c| c == "tcpstates") {
+                find_tcpstates()
+            } else {
+                None
+            },
+            clk_tck: sys::clk_tck(),
+        };
+        for bin in [&env.tcptrace, &env.churn] {
+            if !bin.exists() {
+                bail!("{} is missing: build it first", bin.display());
+            }
         }
+        Ok(env)
     }
-    remove_stale_namespaces();
-    let _stats = BpfStats::take()?;
-    println!("{}", describe_machine(opts));
+}
+
+fn warn_of_other_tracers() {
     let others = other_tracers(None);
     if !others.is_empty() {
         println!(
@@ -167,7 +200,11 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
              transition too and skew the figures"
         );
     }
+}
 
+/// Every round of every configuration asked for, and the largest binary
+/// recording made, kept for the offline measurements.
+fn run_rounds(env: &Env, opts: &Options) -> Result<(Vec<Sample>, Option<TempFile>)> {
     let mut samples: Vec<Sample> = Vec::new();
     let mut kept: Option<TempFile> = None;
     for round in 1..=opts.rounds {
@@ -178,28 +215,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             if config == "tcpstates" && env.tcpstates.is_none() {
                 continue;
             }
-            let mut attempt = 0;
-            let (sample, recording) = loop {
-                attempt += 1;
-                check_interrupted()?;
-                thread::sleep(SETTLE);
-                let busy = wait_quiet()?;
-                let before = other_tracers(None);
-                let (mut sample, recording) = run_one(&env, opts, config, round, opts.seconds)
-                    .with_context(|| format!("round {round}, {config}"))?;
-                sample.busy_before = busy;
-                sample.other_tracers.extend(before);
-                sample.other_tracers.sort_unstable();
-                sample.other_tracers.dedup();
-                sample.attempts = attempt;
-                if !sample.disturbed() || attempt > opts.retries {
-                    break (sample, recording);
-                }
-                println!(
-                    "{} -- disturbed by other work, run again",
-                    sample_line(&sample, opts.rounds)
-                );
-            };
+            let (sample, recording) = run_until_undisturbed(env, opts, config, round)?;
             println!("{}", sample_line(&sample, opts.rounds));
             // Keep only the largest binary recording, for the offline
             // measurements (which convert it to JSON Lines themselves).
@@ -212,44 +228,77 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             samples.push(sample);
         }
     }
-    if samples.iter().any(|s| s.bpf_run_ns.is_some()) {
+    Ok((samples, kept))
+}
+
+/// One run of a configuration on a quiet machine, made again while other
+/// work disturbed it (up to `--retries` times).
+fn run_until_undisturbed(
+    env: &Env,
+    opts: &Options,
+    config: &str,
+    round: u32,
+) -> Result<(Sample, Option<TempFile>)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         check_interrupted()?;
-        match stats_floor(&env, opts) {
-            Ok((floor, runs)) => {
-                println!(
-                    "statistics' own cost: an empty program on the tracepoint measured {floor:.1} \
-                     ns per run ({runs} runs)"
-                );
-                for s in &mut samples {
-                    s.stats_floor_ns = Some(floor);
-                }
-            }
-            Err(e) => println!("note: the statistics' own cost was not measured: {e:#}"),
+        thread::sleep(SETTLE);
+        let busy = wait_quiet()?;
+        let before = other_tracers(None);
+        let (mut sample, recording) = run_one(env, opts, config, round, opts.seconds)
+            .with_context(|| format!("round {round}, {config}"))?;
+        sample.busy_before = busy;
+        sample.other_tracers.extend(before);
+        sample.other_tracers.sort_unstable();
+        sample.other_tracers.dedup();
+        sample.attempts = attempt;
+        if !sample.disturbed() || attempt > opts.retries {
+            return Ok((sample, recording));
         }
-    }
-    if env.tcpstates.is_none() && opts.configs.iter().any(|c| c == "tcpstates") {
         println!(
-            "note: tcpstates skipped: {TCPSTATES} is missing and libbpf-tools could not be installed"
+            "{} -- disturbed by other work, run again",
+            sample_line(&sample, opts.rounds)
         );
     }
+}
 
-    check_interrupted()?;
-    let offline = if opts.configs.iter().any(|c| c == "record") || kept.is_some() {
-        if kept.is_none() {
-            eprintln!("xtask: recording a 10 s churn for the offline measurements");
-            let (_, rec) = run_one(&env, opts, "record", 0, 10.0)?;
-            kept = rec;
+/// The statistics' own cost, given to every sample (or a note why not).
+fn measure_stats_floor(env: &Env, opts: &Options, samples: &mut [Sample]) {
+    match stats_floor(env, opts) {
+        Ok((floor, runs)) => {
+            println!(
+                "statistics' own cost: an empty program on the tracepoint measured {floor:.1} \
+                 ns per run ({runs} runs)"
+            );
+            for s in samples {
+                s.stats_floor_ns = Some(floor);
+            }
         }
-        match &kept {
-            Some(rec) => offline(&env.tcptrace, &rec.0)?,
-            None => Vec::new(),
-        }
-    } else {
-        Vec::new()
-    };
-    drop(kept);
+        Err(e) => println!("note: the statistics' own cost was not measured: {e:#}"),
+    }
+}
 
-    let report = summarize(&samples, &offline, opts);
+/// `read` and `report` over the largest recording, made now (10 s of
+/// churn) when `record` was asked for but none was kept.
+fn offline_figures(env: &Env, opts: &Options, mut kept: Option<TempFile>) -> Result<Vec<Offline>> {
+    if !(opts.configs.iter().any(|c| c == "record") || kept.is_some()) {
+        return Ok(Vec::new());
+    }
+    if kept.is_none() {
+        eprintln!("xtask: recording a 10 s churn for the offline measurements");
+        let (_, rec) = run_one(env, opts, "record", 0, 10.0)?;
+        kept = rec;
+    }
+    match &kept {
+        Some(rec) => offline(&env.tcptrace, &rec.0),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// The tables and goals printed, and the figures written as JSON.
+fn write_report(samples: &[Sample], offline: &[Offline], opts: &Options) -> Result<()> {
+    let report = summarize(samples, offline, opts);
     print!("{}", report.text);
     if let Some(dir) = opts.json.parent() {
         fs::create_dir_all(dir).ok();
@@ -314,16 +363,79 @@ fn run_one(
     seconds: f64,
 ) -> Result<(Sample, Option<TempFile>)> {
     let tag = format!("{}-{round}-{config}", std::process::id());
-    let port = opts.port.to_string();
-    let mut recording = None;
-    let mut tcpstates_out = None;
     // The same configuration, run by the build compared with.
     let label = config;
     let (config, tcptrace) = match config.strip_suffix("@base") {
         Some(c) => (c, env.baseline.as_ref().expect("checked in run")),
         None => (config, &env.tcptrace),
     };
-    let mut tracer = match config {
+    let Started {
+        mut tracer,
+        recording,
+        tcpstates_out,
+    } = start_tracer(env, opts, config, tcptrace, &tag)?;
+    let startup_cpu = match &mut tracer {
+        Some(t) => Some(wait_until_tracing(t, config, env.clk_tck)?),
+        None => None,
+    };
+
+    let churn = {
+        let ns = Netns::new(format!("tcptrace-bench-{}", std::process::id()))?;
+        run_churn(&env.churn, &env.root, opts, &ns, seconds)?
+    };
+    let others = other_tracers(tracer.as_ref().map(Tracer::pid));
+
+    let mut sample = Sample {
+        config: label.into(),
+        round,
+        connections: churn.connections,
+        seconds: churn.seconds,
+        rate_connections: churn.mark_connections,
+        rate_seconds: churn.mark_seconds,
+        expected: churn.expected,
+        failed_connects: churn.failed_connects,
+        other_tracers: others,
+        ..Sample::default()
+    };
+    let Some(t) = tracer else {
+        return Ok((sample, None));
+    };
+    sample.startup_cpu_ns = startup_cpu;
+    let (prog, lines) = measure_and_stop(t, env.clk_tck, &mut sample)?;
+    if config == "tcpstates" {
+        let out = tcpstates_out.expect("set for tcpstates");
+        tcpstates_counts(&mut sample, &prog, &out, &lines, opts.port)?;
+    } else {
+        tcptrace_counts(&mut sample, &prog, &lines, config)?;
+    }
+    if let Some(rec) = &recording {
+        sample.recording_bytes = Some(file_size(&rec.0));
+        sample.recording_events = recording_events(&rec.0);
+    }
+    Ok((sample, recording))
+}
+
+/// A configuration's tracer, started, and the files it writes to.
+struct Started {
+    tracer: Option<Tracer>,
+    /// tcptrace's recording (`record`, `record-json`).
+    recording: Option<TempFile>,
+    /// tcpstates' output.
+    tcpstates_out: Option<TempFile>,
+}
+
+/// Starts the tracer of a configuration (none for `untraced`).
+fn start_tracer(
+    env: &Env,
+    opts: &Options,
+    config: &str,
+    tcptrace: &Path,
+    tag: &str,
+) -> Result<Started> {
+    let port = opts.port.to_string();
+    let mut recording = None;
+    let mut tcpstates_out = None;
+    let tracer = match config {
         "untraced" => None,
         "attached" => {
             let mut cmd = Command::new(tcptrace);
@@ -362,63 +474,43 @@ fn run_one(
         }
         _ => unreachable!("configurations are checked"),
     };
+    Ok(Started {
+        tracer,
+        recording,
+        tcpstates_out,
+    })
+}
 
-    let mut startup_cpu = None;
-    if let Some(t) = &mut tracer {
-        if config == "tcpstates" {
-            t.wait_line(None, TCPSTATES_START)?;
-        } else if !t.wait_line(Some("tcptrace: tracing"), READY_LIMIT)? {
-            bail!(
-                "tcptrace did not start tracing: {}",
-                t.lines.join("\n").trim()
-            );
-        }
-        if let Some(st) = t.child.try_wait()? {
-            bail!("the tracer exited ({st}): {}", t.lines.join("\n").trim());
-        }
-        startup_cpu = Some(cpu_ns(t.pid(), env.clk_tck)?);
+/// Waits until the tracer is attached; its CPU time until then.
+fn wait_until_tracing(t: &mut Tracer, config: &str, clk_tck: u64) -> Result<u64> {
+    if config == "tcpstates" {
+        t.wait_line(None, TCPSTATES_START)?;
+    } else if !t.wait_line(Some("tcptrace: tracing"), READY_LIMIT)? {
+        bail!(
+            "tcptrace did not start tracing: {}",
+            t.lines.join("\n").trim()
+        );
     }
+    if let Some(st) = t.child.try_wait()? {
+        bail!("the tracer exited ({st}): {}", t.lines.join("\n").trim());
+    }
+    cpu_ns(t.pid(), clk_tck)
+}
 
-    let churn = {
-        let ns = Netns::new(format!("tcptrace-bench-{}", std::process::id()))?;
-        run_churn(&env.churn, &env.root, opts, &ns, seconds)?
-    };
-    let others = other_tracers(tracer.as_ref().map(Tracer::pid));
-
-    let mut sample = Sample {
-        config: label.into(),
-        round,
-        connections: churn.connections,
-        seconds: churn.seconds,
-        rate_connections: churn.mark_connections,
-        rate_seconds: churn.mark_seconds,
-        expected: churn.expected,
-        failed_connects: churn.failed_connects,
-        other_tracers: others,
-        ..Sample::default()
-    };
-    let Some(mut t) = tracer else {
-        return Ok((sample, None));
-    };
-
-    // Let the tracer catch up with the ring before its CPU time is read.
+/// Once the tracer has caught up: its CPU time, peak RSS and programs'
+/// statistics into the sample; then it is stopped. Its programs'
+/// statistics and the lines it printed.
+fn measure_and_stop(
+    mut t: Tracer,
+    clk_tck: u64,
+    sample: &mut Sample,
+) -> Result<(ProgStats, Vec<String>)> {
     let pid = t.pid();
-    let mut cpu = cpu_ns(pid, env.clk_tck)?;
-    let deadline = Instant::now() + CATCH_UP_LIMIT;
-    loop {
-        thread::sleep(Duration::from_millis(200));
-        check_interrupted()?;
-        let now = cpu_ns(pid, env.clk_tck)?;
-        if now == cpu || Instant::now() > deadline {
-            break;
-        }
-        cpu = now;
-    }
+    wait_caught_up(pid, clk_tck)?;
     let prog = prog_stats(pid)?;
-    let (user, sys) = cpu_split(pid, env.clk_tck)?;
+    let (user, sys) = cpu_split(pid, clk_tck)?;
     sample.cpu_ns = Some(user + sys);
     sample.sys_ns = Some(sys);
-    sample.startup_cpu_ns = startup_cpu;
     sample.rss_kb = status_kb(pid, "VmHWM:");
     sample.bpf_run_ns = Some(prog.run_time_ns);
     sample.bpf_run_cnt = Some(prog.run_cnt);
@@ -426,47 +518,75 @@ fn run_one(
     sample.programs = Some(prog.programs);
     t.wait_line(None, Duration::ZERO)?;
     let lines = t.stop()?;
+    Ok((prog, lines))
+}
 
-    if config == "tcpstates" {
-        sample.recursion_misses = Some(prog.recursion_misses);
-        let out = tcpstates_out.expect("set for tcpstates");
-        sample.captured = Some(count_tcpstates_lines(&out.0, opts.port)?);
-        sample.ring_lost = Some(
-            lines
-                .iter()
-                .filter_map(|l| l.strip_prefix("lost "))
-                .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-                .sum(),
-        );
-    } else {
-        let stats = lines
-            .iter()
-            .rev()
-            .find_map(|l| parse_stats_line(l))
-            .ok_or_else(|| {
-                anyhow!(
-                    "tcptrace printed no stats line: {}",
-                    lines.join("\n").trim()
-                )
-            })?;
-        sample.filtered = Some(stats.filtered);
-        sample.ring_lost = Some(stats.lost);
-        // `attached` captures nothing by design: nothing is missing, and
-        // its catcher counts what it drops as filtered, not caught.
-        if config != "attached" {
-            sample.captured = Some(stats.shown);
-            sample.reported_missed = stats.missed;
-            sample.gaps = Some(stats.gaps);
-            // tcptrace's programs skip each other's nested runs by design;
-            // what it reports is what its catcher did not recover.
-            let missed = stats.missed.unwrap_or(prog.recursion_misses);
-            sample.recursion_misses = Some(missed);
-            sample.caught = Some(prog.recursion_misses.saturating_sub(missed));
+/// Lets the tracer catch up with the ring before its CPU time is read:
+/// until that time stops growing, or [`CATCH_UP_LIMIT`].
+fn wait_caught_up(pid: i32, clk_tck: u64) -> Result<()> {
+    let mut cpu = cpu_ns(pid, clk_tck)?;
+    let deadline = Instant::now() + CATCH_UP_LIMIT;
+    loop {
+        thread::sleep(Duration::from_millis(200));
+        check_interrupted()?;
+        let now = cpu_ns(pid, clk_tck)?;
+        if now == cpu || Instant::now() > deadline {
+            return Ok(());
         }
+        cpu = now;
     }
-    if let Some(rec) = &recording {
-        sample.recording_bytes = Some(file_size(&rec.0));
-        sample.recording_events = recording_events(&rec.0);
+}
+
+/// What tcpstates captured (its lines for the churn's port) and lost.
+fn tcpstates_counts(
+    sample: &mut Sample,
+    prog: &ProgStats,
+    out: &TempFile,
+    lines: &[String],
+    port: u16,
+) -> Result<()> {
+    sample.recursion_misses = Some(prog.recursion_misses);
+    sample.captured = Some(count_tcpstates_lines(&out.0, port)?);
+    sample.ring_lost = Some(
+        lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("lost "))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum(),
+    );
+    Ok(())
+}
+
+/// What tcptrace's closing stats line says it showed, filtered and lost.
+fn tcptrace_counts(
+    sample: &mut Sample,
+    prog: &ProgStats,
+    lines: &[String],
+    config: &str,
+) -> Result<()> {
+    let stats = lines
+        .iter()
+        .rev()
+        .find_map(|l| parse_stats_line(l))
+        .ok_or_else(|| {
+            anyhow!(
+                "tcptrace printed no stats line: {}",
+                lines.join("\n").trim()
+            )
+        })?;
+    sample.filtered = Some(stats.filtered);
+    sample.ring_lost = Some(stats.lost);
+    // `attached` captures nothing by design: nothing is missing, and
+    // its catcher counts what it drops as filtered, not caught.
+    if config != "attached" {
+        sample.captured = Some(stats.shown);
+        sample.reported_missed = stats.missed;
+        sample.gaps = Some(stats.gaps);
+        // tcptrace's programs skip each other's nested runs by design;
+        // what it reports is what its catcher did not recover.
+        let missed = stats.missed.unwrap_or(prog.recursion_misses);
+        sample.recursion_misses = Some(missed);
+        sample.caught = Some(prog.recursion_misses.saturating_sub(missed));
     }
-    Ok((sample, recording))
+    Ok(())
 }

@@ -186,14 +186,47 @@ pub(super) fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options)
         .copied()
         .filter(|c| samples.iter().any(|s| s.config == *c))
         .collect();
-    let of = |c: &str| -> Vec<&Sample> { samples.iter().filter(|s| s.config == c).collect() };
-    let base = spread(of("untraced").iter().map(|s| s.rate()).collect()).map(|s| s.median);
+    let table = spread_table(samples, &configs);
+    let rounds = runs_of(samples, configs.first().copied().unwrap_or("untraced")).len();
 
+    let mut t = String::new();
+    write_table(&mut t, &configs, &table, rounds, opts);
+    let disturbed = disturbed_runs(samples);
+    if !disturbed.is_empty() {
+        let _ = writeln!(
+            t,
+            "warning: still disturbed by other work after retries: {}",
+            disturbed.join(", ")
+        );
+    }
+    write_legend(&mut t);
+
+    let goals = goals(samples, &table, offline);
+    write_goals(&mut t, &goals, !disturbed.is_empty());
+
+    let json = json(samples, &configs, &table, offline, &goals, opts);
+    Report { text: t, json }
+}
+
+/// The runs of one configuration, in the order they were made.
+fn runs_of<'s>(samples: &'s [Sample], config: &str) -> Vec<&'s Sample> {
+    samples.iter().filter(|s| s.config == config).collect()
+}
+
+/// Each metric's spread over rounds, for each configuration that has it.
+fn spread_table<'a>(samples: &[Sample], configs: &[&'a str]) -> Table<'a> {
+    let base = spread(
+        runs_of(samples, "untraced")
+            .iter()
+            .map(|s| s.rate())
+            .collect(),
+    )
+    .map(|s| s.median);
     // metric -> config -> spread
     let mut table: Table = BTreeMap::new();
     for (i, (_, f, _)) in METRICS.iter().enumerate() {
-        for c in &configs {
-            let vals: Vec<f64> = of(c)
+        for c in configs {
+            let vals: Vec<f64> = runs_of(samples, c)
                 .iter()
                 .filter_map(|s| f(s, base.unwrap_or(f64::NAN)))
                 .filter(|v| v.is_finite())
@@ -203,32 +236,19 @@ pub(super) fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options)
             }
         }
     }
+    table
+}
 
-    let mut t = String::new();
-    let rounds = of(configs.first().copied().unwrap_or("untraced")).len();
+/// The table of medians (and spreads, over more than one round): a row per
+/// metric that any configuration has, a column per configuration.
+fn write_table(t: &mut String, configs: &[&str], table: &Table, rounds: usize, opts: &Options) {
     let _ = writeln!(
         t,
         "\nmedian (min to max) over {rounds} rounds of {} s, mode {}",
         opts.seconds, opts.mode
     );
     // Cells first, then each column as wide as its widest cell.
-    let mut rows: Vec<(&str, Vec<String>)> = Vec::new();
-    for (i, (name, _, fmt)) in METRICS.iter().enumerate() {
-        if !configs.iter().any(|c| table.contains_key(&(i, c))) {
-            continue;
-        }
-        let cells = configs
-            .iter()
-            .map(|c| match table.get(&(i, c)) {
-                Some(sp) if rounds > 1 => {
-                    format!("{} ({} to {})", fmt(sp.median), fmt(sp.min), fmt(sp.max))
-                }
-                Some(sp) => fmt(sp.median),
-                None => "-".into(),
-            })
-            .collect();
-        rows.push((name, cells));
-    }
+    let rows = table_rows(configs, table, rounds);
     let widths: Vec<usize> = configs
         .iter()
         .enumerate()
@@ -252,18 +272,41 @@ pub(super) fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options)
         }
         t.push('\n');
     }
-    let disturbed: Vec<String> = samples
+}
+
+/// The table's cells: (metric, a cell per configuration).
+fn table_rows(configs: &[&str], table: &Table, rounds: usize) -> Vec<(&'static str, Vec<String>)> {
+    let mut rows: Vec<(&str, Vec<String>)> = Vec::new();
+    for (i, (name, _, fmt)) in METRICS.iter().enumerate() {
+        if !configs.iter().any(|c| table.contains_key(&(i, c))) {
+            continue;
+        }
+        let cells = configs
+            .iter()
+            .map(|c| match table.get(&(i, c)) {
+                Some(sp) if rounds > 1 => {
+                    format!("{} ({} to {})", fmt(sp.median), fmt(sp.min), fmt(sp.max))
+                }
+                Some(sp) => fmt(sp.median),
+                None => "-".into(),
+            })
+            .collect();
+        rows.push((name, cells));
+    }
+    rows
+}
+
+/// "round N CONFIG" of each run still disturbed after its retries.
+fn disturbed_runs(samples: &[Sample]) -> Vec<String> {
+    samples
         .iter()
         .filter(|s| s.disturbed())
         .map(|s| format!("round {} {}", s.round, s.config))
-        .collect();
-    if !disturbed.is_empty() {
-        let _ = writeln!(
-            t,
-            "warning: still disturbed by other work after retries: {}",
-            disturbed.join(", ")
-        );
-    }
+        .collect()
+}
+
+/// What the table's figures mean and where they come from.
+fn write_legend(t: &mut String) {
     let _ = writeln!(
         t,
         "conn/s: connections made in the first {:.0}% of each run, before BPF statistics are \
@@ -290,17 +333,19 @@ pub(super) fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options)
          emitted or read.",
         RATE_UNTIL * 100.0
     );
+}
 
-    let goals = goals(samples, &table, offline);
+/// The goals, each marked PASS, MISS or n/a.
+fn write_goals(t: &mut String, goals: &[Goal], disturbed: bool) {
     let _ = writeln!(t, "\ngoals");
-    if !disturbed.is_empty() {
+    if disturbed {
         let _ = writeln!(
             t,
             "  (computed with runs disturbed by other work, see the warning above: rerun on a \
              quiet machine before trusting them)"
         );
     }
-    for (what, ok, detail) in &goals {
+    for (what, ok, detail) in goals {
         let mark = match ok {
             Some(true) => "PASS",
             Some(false) => "MISS",
@@ -308,21 +353,32 @@ pub(super) fn summarize(samples: &[Sample], offline: &[Offline], opts: &Options)
         };
         let _ = writeln!(t, "  {mark}  {what}: {detail}");
     }
-
-    let json = json(samples, &configs, &table, offline, &goals, opts);
-    Report { text: t, json }
 }
 
 /// The goals the figures are held against: (what, met, detail).
 fn goals(samples: &[Sample], table: &Table, offline: &[Offline]) -> Vec<Goal> {
-    let of = |c: &str| -> Vec<&Sample> { samples.iter().filter(|s| s.config == c).collect() };
+    let mut goals = loss_goals(samples);
+    goals.extend(rate_goals(table));
+    goals.extend(cpu_goals(table));
+    goals.extend(vs_tcpstates_goal(table));
+    goals.extend(vs_base_goals(table));
+    goals.extend(record_vs_text_goals(table));
+    goals.extend(bytes_per_event_goal(table));
+    goals.extend(offline_goals(offline));
+    goals
+}
+
+/// A metric's spread for a configuration, by the metric's name.
+fn metric(table: &Table, metric: &str, c: &str) -> Option<Spread> {
+    let i = METRICS.iter().position(|m| m.0 == metric)?;
+    table.get(&(i, c)).copied()
+}
+
+/// Each tracing configuration: every run captured all it expected.
+fn loss_goals(samples: &[Sample]) -> Vec<Goal> {
     let mut goals: Vec<Goal> = Vec::new();
-    let get = |metric: &str, c: &str| -> Option<Spread> {
-        let i = METRICS.iter().position(|m| m.0 == metric)?;
-        table.get(&(i, c)).copied()
-    };
     for c in ["text", "record", "record-json"] {
-        let runs = of(c);
+        let runs = runs_of(samples, c);
         if runs.is_empty() {
             continue;
         }
@@ -350,8 +406,14 @@ fn goals(samples: &[Sample], table: &Table, offline: &[Offline]) -> Vec<Goal> {
             ),
         ));
     }
+    goals
+}
+
+/// Each tracing configuration keeps most of the untraced rate.
+fn rate_goals(table: &Table) -> Vec<Goal> {
+    let mut goals: Vec<Goal> = Vec::new();
     for c in ["text", "record", "record-json"] {
-        if let Some(r) = get("vs untraced", c) {
+        if let Some(r) = metric(table, "vs untraced", c) {
             goals.push((
                 format!(
                     "{c}: traced >= {:.0}% of untraced conn/s",
@@ -362,13 +424,19 @@ fn goals(samples: &[Sample], table: &Table, offline: &[Offline]) -> Vec<Goal> {
             ));
         }
     }
+    goals
+}
+
+/// The programs' time per event, and userspace's.
+fn cpu_goals(table: &Table) -> Vec<Goal> {
+    let mut goals: Vec<Goal> = Vec::new();
     // The programs' own time: the statistics' clock reads are the
     // instrument's, and both figures are shown.
     for c in ["text", "record", "record-json"] {
-        let Some(raw) = get("BPF ns/event", c) else {
+        let Some(raw) = metric(table, "BPF ns/event", c) else {
             continue;
         };
-        let (judged, detail) = match get("  less the statistics' cost", c) {
+        let (judged, detail) = match metric(table, "  less the statistics' cost", c) {
             Some(b) => (
                 b.median,
                 format!(
@@ -384,7 +452,7 @@ fn goals(samples: &[Sample], table: &Table, offline: &[Offline]) -> Vec<Goal> {
             detail,
         ));
     }
-    if let Some(u) = get("user CPU ns/event", "record") {
+    if let Some(u) = metric(table, "user CPU ns/event", "record") {
         goals.push((
             format!(
                 "record: userspace <= {:.1} us CPU/event",
@@ -394,27 +462,43 @@ fn goals(samples: &[Sample], table: &Table, offline: &[Offline]) -> Vec<Goal> {
             format!("median {:.0} ns", u.median),
         ));
     }
-    if let (Some(tt), Some(ts)) = (get("conn/s", "text"), get("conn/s", "tcpstates")) {
-        let tt_miss = get("missing (of expected)", "text").map_or(f64::NAN, |s| s.median);
-        let ts_miss = get("missing (of expected)", "tcpstates").map_or(f64::NAN, |s| s.median);
-        goals.push((
-            format!(
-                "text vs tcpstates: >= {GOAL_VS_TCPSTATES:.0}x its traced conn/s, and fewer missing"
-            ),
-            Some(tt.median >= GOAL_VS_TCPSTATES * ts.median && tt_miss < ts_miss),
-            format!(
-                "{:.1}x ({} vs {} conn/s); missing {} vs {}",
-                tt.median / ts.median,
-                group(tt.median),
-                group(ts.median),
-                frac(tt_miss),
-                frac(ts_miss)
-            ),
-        ));
-    }
+    goals
+}
+
+/// text far ahead of tcpstates, and missing less.
+fn vs_tcpstates_goal(table: &Table) -> Option<Goal> {
+    let (tt, ts) = (
+        metric(table, "conn/s", "text")?,
+        metric(table, "conn/s", "tcpstates")?,
+    );
+    let tt_miss = metric(table, "missing (of expected)", "text").map_or(f64::NAN, |s| s.median);
+    let ts_miss =
+        metric(table, "missing (of expected)", "tcpstates").map_or(f64::NAN, |s| s.median);
+    Some((
+        format!(
+            "text vs tcpstates: >= {GOAL_VS_TCPSTATES:.0}x its traced conn/s, and fewer missing"
+        ),
+        Some(tt.median >= GOAL_VS_TCPSTATES * ts.median && tt_miss < ts_miss),
+        format!(
+            "{:.1}x ({} vs {} conn/s); missing {} vs {}",
+            tt.median / ts.median,
+            group(tt.median),
+            group(ts.median),
+            frac(tt_miss),
+            frac(ts_miss)
+        ),
+    ))
+}
+
+/// Each configuration against the same one run by the build compared with.
+fn vs_base_goals(table: &Table) -> Vec<Goal> {
+    let mut goals: Vec<Goal> = Vec::new();
     for c in ["attached", "text", "record"] {
         let base = format!("{c}@base");
-        if let (Some(now), Some(then)) = (get("vs untraced", c), get("vs untraced", &base)) {
+        if let (Some(now), Some(then)) = (
+            metric(table, "vs untraced", c),
+            metric(table, "vs untraced", &base),
+        ) {
             goals.push((
                 format!(
                     "{c}: within {:.0} points of the build compared with",
@@ -429,10 +513,19 @@ fn goals(samples: &[Sample], table: &Table, offline: &[Offline]) -> Vec<Goal> {
             ));
         }
     }
-    for (c, text, record) in ["record", "record-json"]
-        .into_iter()
-        .filter_map(|c| Some((c, get("vs untraced", "text")?, get("vs untraced", c)?)))
-    {
+    goals
+}
+
+/// Recording costs the churn little more than printing text.
+fn record_vs_text_goals(table: &Table) -> Vec<Goal> {
+    let mut goals: Vec<Goal> = Vec::new();
+    for (c, text, record) in ["record", "record-json"].into_iter().filter_map(|c| {
+        Some((
+            c,
+            metric(table, "vs untraced", "text")?,
+            metric(table, "vs untraced", c)?,
+        ))
+    }) {
         goals.push((
             format!(
                 "{c}: within {:.0} points of text (share of untraced conn/s)",
@@ -446,13 +539,23 @@ fn goals(samples: &[Sample], table: &Table, offline: &[Offline]) -> Vec<Goal> {
             ),
         ));
     }
-    if let Some(b) = get("recorded bytes/event", "record") {
-        goals.push((
-            format!("record: <= {GOAL_BYTES_PER_EVENT:.0} bytes/event (default format)"),
-            Some(b.median <= GOAL_BYTES_PER_EVENT),
-            format!("median {:.1} bytes", b.median),
-        ));
-    }
+    goals
+}
+
+/// The default format's size per transition.
+fn bytes_per_event_goal(table: &Table) -> Option<Goal> {
+    let b = metric(table, "recorded bytes/event", "record")?;
+    Some((
+        format!("record: <= {GOAL_BYTES_PER_EVENT:.0} bytes/event (default format)"),
+        Some(b.median <= GOAL_BYTES_PER_EVENT),
+        format!("median {:.1} bytes", b.median),
+    ))
+}
+
+/// read and report: the binary format against JSON Lines, and each
+/// command's own rate.
+fn offline_goals(offline: &[Offline]) -> Vec<Goal> {
+    let mut goals: Vec<Goal> = Vec::new();
     for what in ["read", "report"] {
         let find = |f: &str| offline.iter().find(|o| o.what == what && o.format == f);
         if let (Some(json), Some(bin)) = (find("JSON Lines"), find("binary")) {
@@ -502,6 +605,30 @@ fn json(
     opts: &Options,
 ) -> String {
     let mut j = String::from("{\n");
+    json_setting(&mut j, opts);
+    j.push_str("  \"samples\": [\n");
+    json_items(&mut j, samples.iter().map(json_sample));
+    j.push_str("  ],\n  \"summary\": {\n");
+    json_items(&mut j, configs.iter().map(|c| json_summary(c, table)));
+    j.push_str("  },\n  \"offline\": [\n");
+    json_items(&mut j, offline.iter().map(json_offline));
+    j.push_str("  ],\n  \"goals\": [\n");
+    json_items(&mut j, goals.iter().map(json_goal));
+    j.push_str("  ]\n}\n");
+    j
+}
+
+/// Items of a JSON list or object, a line each, commas between them.
+fn json_items(j: &mut String, items: impl ExactSizeIterator<Item = String>) {
+    let n = items.len();
+    for (k, item) in items.enumerate() {
+        j.push_str(&item);
+        j.push_str(if k + 1 < n { ",\n" } else { "\n" });
+    }
+}
+
+/// The options, the kernel and the CPUs the bench ran with.
+fn json_setting(j: &mut String, opts: &Options) {
     let _ = writeln!(
         j,
         "  \"options\": {{\"seconds\": {}, \"rounds\": {}, \"mode\": {}, \"port\": {}, \
@@ -527,109 +654,109 @@ fn json(
         "  \"cpus\": {},",
         thread::available_parallelism().map_or(0, |n| n.get())
     );
-    j.push_str("  \"samples\": [\n");
-    for (k, s) in samples.iter().enumerate() {
-        let _ = write!(
-            j,
-            "    {{\"config\": {}, \"round\": {}, \"connections\": {}, \"seconds\": {}, \
-             \"conn_per_s\": {}, \"rate_connections\": {}, \"rate_seconds\": {}, \"expected\": {}, \"failed_connects\": {}, \"captured\": {}, \
-             \"filtered\": {}, \"ring_lost\": {}, \"recursion_misses\": {}, \"bpf_run_time_ns\": {}, \
-             \"bpf_run_cnt\": {}, \"bpf_ns_per_event\": {}, \"bpf_runs_total\": {}, \
-             \"stats_floor_ns\": {}, \"bpf_ns_less_stats\": {}, \"cpu_ns\": {}, \"sys_ns\": {}, \
-             \"startup_cpu_ns\": {}, \"user_ns_per_event\": {}, \"peak_rss_kb\": {}, \
-             \"recording_bytes\": {}, \"recording_events\": {}, \"reported_missed\": {}, \
-             \"gaps\": {}, \"caught\": {}, \"programs\": {}, \"busy_before\": {}, \
-             \"other_tracers\": {:?}, \"attempts\": {}}}",
-            jstr(&s.config),
-            s.round,
-            s.connections,
-            jnum(s.seconds),
-            jnum(s.rate()),
-            s.rate_connections,
-            jnum(s.rate_seconds),
-            s.expected,
-            s.failed_connects,
-            jopt(s.captured),
-            jopt(s.filtered),
-            jopt(s.ring_lost),
-            jopt(s.recursion_misses),
-            jopt(s.bpf_run_ns),
-            jopt(s.bpf_run_cnt),
-            s.bpf_ns_per_event().map_or("null".into(), jnum),
-            jopt(s.bpf_runs_total),
-            s.stats_floor_ns.map_or("null".into(), jnum),
-            s.bpf_ns_less_stats().map_or("null".into(), jnum),
-            jopt(s.cpu_ns),
-            jopt(s.sys_ns),
-            jopt(s.startup_cpu_ns),
-            s.user_ns_per_event().map_or("null".into(), jnum),
-            jopt(s.rss_kb),
-            jopt(s.recording_bytes),
-            jopt(s.recording_events),
-            jopt(s.reported_missed),
-            jopt(s.gaps),
-            jopt(s.caught),
-            jopt(s.programs),
-            jnum(s.busy_before),
-            s.other_tracers,
-            s.attempts,
-        );
-        j.push_str(if k + 1 < samples.len() { ",\n" } else { "\n" });
-    }
-    j.push_str("  ],\n  \"summary\": {\n");
-    for (ci, c) in configs.iter().enumerate() {
-        let _ = write!(j, "    {}: {{", jstr(c));
-        let mut first = true;
-        for (i, (name, _, _)) in METRICS.iter().enumerate() {
-            if let Some(sp) = table.get(&(i, c)) {
-                if !first {
-                    j.push_str(", ");
-                }
-                first = false;
-                let _ = write!(
-                    j,
-                    "{}: {{\"median\": {}, \"min\": {}, \"max\": {}}}",
-                    jstr(name.trim()),
-                    jnum(sp.median),
-                    jnum(sp.min),
-                    jnum(sp.max)
-                );
+}
+
+/// One run: its churn and what was captured, then what tracing it cost.
+fn json_sample(s: &Sample) -> String {
+    let mut o = format!(
+        "    {{\"config\": {}, \"round\": {}, \"connections\": {}, \"seconds\": {}, \
+         \"conn_per_s\": {}, \"rate_connections\": {}, \"rate_seconds\": {}, \"expected\": {}, \"failed_connects\": {}, \"captured\": {}, \
+         \"filtered\": {}, \"ring_lost\": {}, \"recursion_misses\": {}, ",
+        jstr(&s.config),
+        s.round,
+        s.connections,
+        jnum(s.seconds),
+        jnum(s.rate()),
+        s.rate_connections,
+        jnum(s.rate_seconds),
+        s.expected,
+        s.failed_connects,
+        jopt(s.captured),
+        jopt(s.filtered),
+        jopt(s.ring_lost),
+        jopt(s.recursion_misses),
+    );
+    let _ = write!(
+        o,
+        "\"bpf_run_time_ns\": {}, \
+         \"bpf_run_cnt\": {}, \"bpf_ns_per_event\": {}, \"bpf_runs_total\": {}, \
+         \"stats_floor_ns\": {}, \"bpf_ns_less_stats\": {}, \"cpu_ns\": {}, \"sys_ns\": {}, \
+         \"startup_cpu_ns\": {}, \"user_ns_per_event\": {}, \"peak_rss_kb\": {}, \
+         \"recording_bytes\": {}, \"recording_events\": {}, \"reported_missed\": {}, \
+         \"gaps\": {}, \"caught\": {}, \"programs\": {}, \"busy_before\": {}, \
+         \"other_tracers\": {:?}, \"attempts\": {}}}",
+        jopt(s.bpf_run_ns),
+        jopt(s.bpf_run_cnt),
+        s.bpf_ns_per_event().map_or("null".into(), jnum),
+        jopt(s.bpf_runs_total),
+        s.stats_floor_ns.map_or("null".into(), jnum),
+        s.bpf_ns_less_stats().map_or("null".into(), jnum),
+        jopt(s.cpu_ns),
+        jopt(s.sys_ns),
+        jopt(s.startup_cpu_ns),
+        s.user_ns_per_event().map_or("null".into(), jnum),
+        jopt(s.rss_kb),
+        jopt(s.recording_bytes),
+        jopt(s.recording_events),
+        jopt(s.reported_missed),
+        jopt(s.gaps),
+        jopt(s.caught),
+        jopt(s.programs),
+        jnum(s.busy_before),
+        s.other_tracers,
+        s.attempts,
+    );
+    o
+}
+
+/// One configuration's line of the summary: each metric's spread.
+fn json_summary(c: &str, table: &Table) -> String {
+    let mut j = String::new();
+    let _ = write!(j, "    {}: {{", jstr(c));
+    let mut first = true;
+    for (i, (name, _, _)) in METRICS.iter().enumerate() {
+        if let Some(sp) = table.get(&(i, c)) {
+            if !first {
+                j.push_str(", ");
             }
+            first = false;
+            let _ = write!(
+                j,
+                "{}: {{\"median\": {}, \"min\": {}, \"max\": {}}}",
+                jstr(name.trim()),
+                jnum(sp.median),
+                jnum(sp.min),
+                jnum(sp.max)
+            );
         }
-        j.push('}');
-        j.push_str(if ci + 1 < configs.len() { ",\n" } else { "\n" });
     }
-    j.push_str("  },\n  \"offline\": [\n");
-    for (k, o) in offline.iter().enumerate() {
-        let _ = write!(
-            j,
-            "    {{\"format\": {}, \"command\": {}, \"events\": {}, \"bytes\": {}, \"wall_s\": {}, \
-             \"cpu_s\": {}, \"events_per_s\": {}, \"peak_rss_kb\": {}, \"ok\": {}}}",
-            jstr(o.format),
-            jstr(&o.command),
-            o.events,
-            o.bytes,
-            jnum(o.wall_s),
-            jnum(o.cpu_s),
-            jnum(o.eps()),
-            o.maxrss_kb,
-            o.ok
-        );
-        j.push_str(if k + 1 < offline.len() { ",\n" } else { "\n" });
-    }
-    j.push_str("  ],\n  \"goals\": [\n");
-    for (k, (what, ok, detail)) in goals.iter().enumerate() {
-        let _ = write!(
-            j,
-            "    {{\"goal\": {}, \"met\": {}, \"detail\": {}}}",
-            jstr(what),
-            ok.map_or("null".into(), |b| b.to_string()),
-            jstr(detail)
-        );
-        j.push_str(if k + 1 < goals.len() { ",\n" } else { "\n" });
-    }
-    j.push_str("  ]\n}\n");
+    j.push('}');
     j
+}
+
+fn json_offline(o: &Offline) -> String {
+    format!(
+        "    {{\"format\": {}, \"command\": {}, \"events\": {}, \"bytes\": {}, \"wall_s\": {}, \
+         \"cpu_s\": {}, \"events_per_s\": {}, \"peak_rss_kb\": {}, \"ok\": {}}}",
+        jstr(o.format),
+        jstr(&o.command),
+        o.events,
+        o.bytes,
+        jnum(o.wall_s),
+        jnum(o.cpu_s),
+        jnum(o.eps()),
+        o.maxrss_kb,
+        o.ok
+    )
+}
+
+fn json_goal((what, ok, detail): &Goal) -> String {
+    format!(
+        "    {{\"goal\": {}, \"met\": {}, \"detail\": {}}}",
+        jstr(what),
+        ok.map_or("null".into(), |b| b.to_string()),
+        jstr(detail)
+    )
 }
 
 fn jstr(s: &str) -> String {
