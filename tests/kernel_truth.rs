@@ -22,8 +22,8 @@ fn sockets_that_exist_before_tcptrace_starts_appear_as_snapshot_lines() {
         .hold_ms(100)
         .start();
     // Open until the tracer has looked: longer than a tracer takes to
-    // start under the kernel matrix's arm64 emulation (over 2 s).
-    let client = ns.client(&addr, ClientMode::Close).hold_ms(6000).start();
+    // start under the kernel matrix's arm64 emulation (over 6 s seen).
+    let client = ns.client(&addr, ClientMode::Close).hold_ms(20000).start();
     let (spid, cpid) = (server.pid, client.pid);
     sleep(Duration::from_millis(300));
     let tracer = Tracer::builder()
