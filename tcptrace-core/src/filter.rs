@@ -231,6 +231,7 @@ mod tests {
             close: None,
             origin: Origin::Tracepoint,
             queued: false,
+            timing: crate::model::Timing::Exact,
         }
     }
 

@@ -10,7 +10,11 @@
 //! order. A row nothing waits ahead of goes out at once, without a copy
 //! through the queue: the common case under churn. Rows the time-wait table
 //! gives (it is polled, not traced) join the ring's by time, once every
-//! ring event older than them has been read.
+//! ring event older than them has been read. They carry the kernel's time
+//! where it is known, often older than ring rows already out: those go out
+//! at the next release, after the rows already out (a reader of the output
+//! sees them as late as the poll that found them; a recording keeps that
+//! order, so that a replay prints what the live run printed).
 //!
 //! Kernel-free: the live driver feeds rows, sent resets and the read mark,
 //! and a [`Sink`] takes what may go out.
@@ -120,9 +124,15 @@ impl Order {
         self.release_from(true, sink)
     }
 
-    /// Rows the time-wait table gave, oldest first.
+    /// Rows the time-wait table gave. Each joins the others by time: a
+    /// read dates a change back to the kernel's moment where it can (a
+    /// time-wait socket entering TIME_WAIT with the `-> CLOSE` that made
+    /// it), earlier than rows of an earlier read still waiting.
     pub fn table_rows(&mut self, rows: impl IntoIterator<Item = Row>) {
-        self.table.extend(rows);
+        for row in rows {
+            let at = self.table.partition_point(|q| q.t.ts_ns <= row.t.ts_ns);
+            self.table.insert(at, row);
+        }
     }
 
     /// Every ring event stamped before `ts_ns` has been read and pushed.
@@ -247,6 +257,7 @@ mod tests {
             close: None,
             origin: Origin::Tracepoint,
             queued: true,
+            timing: crate::model::Timing::Exact,
         }
     }
 
@@ -415,6 +426,20 @@ mod tests {
         order.read_up_to(5 * MS);
         order.release(&mut out).unwrap();
         assert_eq!(out.socks(), [1]);
+    }
+
+    #[test]
+    fn a_time_wait_row_dated_before_rows_already_out_goes_out_at_the_next_release() {
+        let (mut order, mut out) = (Order::new(), Out::default());
+        order.push(&plain(1, 1), &mut out).unwrap();
+        order.push(&plain(3, 300), &mut out).unwrap();
+        order.read_up_to(300 * MS);
+        // The read 250 ms after the close found the time-wait socket it
+        // made: dated back to that close, after a later read's older row.
+        order.table_rows([time_wait(5, 260)]);
+        order.table_rows([time_wait(2, 1)]);
+        order.release(&mut out).unwrap();
+        assert_eq!(out.socks(), [1, 3, 2, 5]);
     }
 
     #[test]

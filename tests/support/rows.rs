@@ -59,6 +59,10 @@ pub struct Row {
     pub reset_reason: Option<String>,
     /// `tracepoint`, `snapshot`, `timewait`...
     pub origin: String,
+    /// `timer` or `poll` where a time-wait table row's time is known only
+    /// to its timer or to the poll; none where it is the kernel's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<String>,
     /// With `--show-skaddr` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skaddr: Option<String>,

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::finwait2::FinWait2;
 use crate::fasthash::{FastMap, FastSet};
 use crate::model::Item;
 use crate::model::State;
@@ -220,6 +221,8 @@ pub struct Analysis {
     pub(super) followed_time_wait: bool,
     /// When `in_time_wait` is next rid of connections surely gone.
     prune_time_wait_ns: u64,
+    /// Time in FIN_WAIT2 of connections handed to the time-wait table.
+    pub(super) fin_wait2: FinWait2,
     pub(super) listeners: Vec<Listener>,
     /// Listening sockets now up -> index in `listeners`.
     listening: FastMap<u64, usize>,
@@ -254,6 +257,7 @@ impl Analysis {
             in_time_wait: FastMap::default(),
             followed_time_wait: false,
             prune_time_wait_ns: 0,
+            fin_wait2: FinWait2::default(),
             listeners: Vec::new(),
             listening: FastMap::default(),
             child_of: FastMap::default(),
@@ -322,7 +326,9 @@ impl Analysis {
         if r.origin == Origin::Tracepoint {
             self.events += 1;
         }
-        if let (Some(ns), true) = (r.dwell_ns, t.old != State::CLOSE) {
+        if t.old != State::CLOSE
+            && let Some(ns) = self.fin_wait2.settle(r)
+        {
             self.record_dwell(t.old, ns);
         }
         if let Some(o) = &r.owner {
@@ -374,6 +380,9 @@ impl Analysis {
                 .retain(|_, w| now.saturating_sub(w.since_ns) <= 2 * TIME_WAIT_SUBSTATE_NS);
             self.prune_time_wait_ns = now + 10_000_000_000;
         }
+        for ns in self.fin_wait2.expired(now) {
+            self.record_dwell(State::FIN_WAIT2, ns);
+        }
     }
 
     /// A row from the kernel's time-wait table: the connection moves
@@ -384,6 +393,15 @@ impl Analysis {
         // After the socket's CLOSE: only the time spent in TIME_WAIT is
         // new (FIN_WAIT2 was counted from the tracepoint).
         if let (Some(ns), State::TIME_WAIT) = (r.dwell_ns, t.old) {
+            self.record_dwell(t.old, ns);
+        }
+        // FIN_WAIT2 until the peer's FIN (or the timeout), from the same
+        // start as the tracepoint's row, counted instead of it.
+        if let Some(ns) = self
+            .fin_wait2
+            .settle(r)
+            .filter(|_| t.old == State::FIN_WAIT2)
+        {
             self.record_dwell(t.old, ns);
         }
         // A time-wait socket the snapshot found was open until now.
@@ -662,11 +680,14 @@ impl Analysis {
     }
 
     fn record_dwell(&mut self, state: State, ns: u64) {
-        let h = self.dwell.entry(state).or_insert_with(|| {
-            Histogram::new_with_bounds(1, 24 * 3600 * 1_000_000, 3).expect("valid bounds")
-        });
+        let h = self.dwell.entry(state).or_insert_with(dwell_histogram);
         h.saturating_record((ns / 1000).max(1));
     }
+}
+
+/// Time in one state, in microseconds, up to a day.
+pub(super) fn dwell_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 24 * 3600 * 1_000_000, 3).expect("valid bounds")
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
+use super::finwait2::FinWait2;
 use crate::analyse::Report;
 use crate::model::{Close, Origin, Row};
 use crate::model::{Phase, State};
@@ -58,6 +59,8 @@ pub struct Pictures {
     refused: BTreeMap<(u32, u16), Vec<(u64, u64)>>,
     /// Minimum time a refused slot spans; doubles at each merge.
     refused_gap_ns: u64,
+    /// Time in FIN_WAIT2 of connections handed to the time-wait table.
+    fin_wait2: FinWait2,
 }
 
 impl Pictures {
@@ -67,30 +70,35 @@ impl Pictures {
 
     pub fn add(&mut self, r: &Row) {
         let t = &r.t;
-        self.first_ns.get_or_insert(t.ts_ns);
+        self.first_ns = Some(self.first_ns.map_or(t.ts_ns, |f| f.min(t.ts_ns)));
         self.last_ns = self.last_ns.max(t.ts_ns);
         // Sockets per state. Time-wait sockets count from the table's rows.
-        if let Some(old) = self.state_of.remove(&r.sock) {
+        let left = self.state_of.remove(&r.sock);
+        if let Some(old) = left {
             self.now[old.slot()] = self.now[old.slot()].saturating_sub(1);
         }
-        if t.new != State::CLOSE {
-            self.now[t.new.slot()] += 1;
-            self.state_of.insert(r.sock, t.new);
+        let entered = (t.new != State::CLOSE).then_some(t.new);
+        if let Some(new) = entered {
+            self.now[new.slot()] += 1;
+            self.state_of.insert(r.sock, new);
         }
-        self.sample(t.ts_ns);
+        if self.samples.last().is_some_and(|(last, _)| t.ts_ns < *last) {
+            self.backdate(t.ts_ns, left, entered);
+        } else {
+            self.sample(t.ts_ns);
+        }
         if r.close == Some(Close::Refused) {
             self.refuse(t.netns, t.remote.port(), t.ts_ns);
         }
 
-        if let (Some(ns), true) = (
-            r.dwell_ns,
-            r.origin != Origin::Snapshot && t.old != State::CLOSE,
-        ) {
-            let bucket = match ns {
-                n if n < 100_000 => 0,
-                n => ((n as f64 / 100_000.0).log10().floor() as usize + 1).min(7),
-            };
-            self.dwell.entry(t.old).or_default()[bucket] += 1;
+        if r.origin != Origin::Snapshot
+            && t.old != State::CLOSE
+            && let Some(ns) = self.fin_wait2.settle(r)
+        {
+            self.count_dwell(t.old, ns);
+        }
+        for ns in self.fin_wait2.expired(t.ts_ns) {
+            self.count_dwell(State::FIN_WAIT2, ns);
         }
 
         let line = match self.line_of.get(&r.sock) {
@@ -121,6 +129,43 @@ impl Pictures {
                 l.segments.push((t.ts_ns, t.new));
                 l.end = None;
             }
+        }
+    }
+
+    fn count_dwell(&mut self, state: State, ns: u64) {
+        self.dwell.entry(state).or_default()[dwell_bucket(ns)] += 1;
+    }
+
+    /// A row dated before the latest sample (a time-wait table row takes
+    /// the kernel's moment, found by a later read): its change counts from
+    /// its own time, in every sample since.
+    fn backdate(&mut self, ts: u64, left: Option<State>, entered: Option<State>) {
+        let apply = |c: &mut [u32; State::SLOTS]| {
+            if let Some(old) = left {
+                c[old.slot()] = c[old.slot()].saturating_sub(1);
+            }
+            if let Some(new) = entered {
+                c[new.slot()] += 1;
+            }
+        };
+        let at = self.samples.partition_point(|(s, _)| *s < ts);
+        for (_, c) in &mut self.samples[at..] {
+            apply(c);
+        }
+        if self.samples.get(at).is_some_and(|(s, _)| *s == ts) {
+            return;
+        }
+        // A step of its own, from the counts just before it.
+        let mut counts = match at.checked_sub(1) {
+            Some(i) => self.samples[i].1,
+            None => [0; State::SLOTS],
+        };
+        apply(&mut counts);
+        self.samples.insert(at, (ts, counts));
+        if self.samples.len() >= MAX_SAMPLES {
+            let kept: Vec<_> = self.samples.iter().step_by(2).copied().collect();
+            self.samples = kept;
+            self.gap_ns = (self.gap_ns * 2).max(1_000_000);
         }
     }
 
@@ -253,9 +298,17 @@ impl Pictures {
                 points.push(format!("{:.1},{:.1}", x(*t), y(c[st])));
                 prev = Some(c[st]);
             }
+            // The counts themselves, for tools: time (ns, the recording's
+            // clock) and count of each sample.
+            let counts: Vec<String> = self
+                .samples
+                .iter()
+                .map(|(t, c)| format!("{t}:{}", c[st]))
+                .collect();
             let _ = write!(
                 s,
-                "<polyline class=\"state\" data-state=\"{state}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>",
+                "<polyline class=\"state\" data-state=\"{state}\" data-counts=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>",
+                counts.join(" "),
                 colour(state),
                 points.join(" ")
             );
@@ -374,7 +427,7 @@ impl Pictures {
                 let (x0, x1) = (x(*start), x(end).max(x(*start) + 1.0));
                 let _ = write!(
                     s,
-                    "<rect class=\"segment\" data-sock=\"{}\" x=\"{x0:.1}\" y=\"{}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\"><title>{state}</title></rect>",
+                    "<rect class=\"segment\" data-sock=\"{}\" data-state=\"{state}\" data-from-ns=\"{start}\" data-to-ns=\"{end}\" x=\"{x0:.1}\" y=\"{}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\"><title>{state}</title></rect>",
                     l.sock,
                     y + 2.0,
                     x1 - x0,
@@ -394,7 +447,13 @@ impl Pictures {
         let mut s = format!(
             "<svg id=\"dwell-histograms\" width=\"{w}\" height=\"{hgt}\" viewBox=\"0 0 {w} {hgt}\" xmlns=\"http://www.w3.org/2000/svg\">"
         );
-        for (i, (state, buckets)) in self.dwell.iter().enumerate() {
+        // Connections still waiting for a time-wait row count with the
+        // tracepoint's time in FIN_WAIT2.
+        let mut dwell = self.dwell.clone();
+        for ns in self.fin_wait2.waiting() {
+            dwell.entry(State::FIN_WAIT2).or_default()[dwell_bucket(ns)] += 1;
+        }
+        for (i, (state, buckets)) in dwell.iter().enumerate() {
             let (ox, oy) = ((i % cols) as f64 * cell_w, (i / cols) as f64 * cell_h);
             let max = buckets.iter().copied().max().unwrap_or(0).max(1);
             let _ = write!(
@@ -421,6 +480,14 @@ impl Pictures {
         }
         s.push_str("</svg>\n");
         s
+    }
+}
+
+/// The histogram bucket of a time in state: below 0.1 ms, then by decade.
+fn dwell_bucket(ns: u64) -> usize {
+    match ns {
+        n if n < 100_000 => 0,
+        n => ((n as f64 / 100_000.0).log10().floor() as usize + 1).min(7),
     }
 }
 

@@ -10,6 +10,7 @@
 //! `--format json` prints), `text.rs` lays that out as tables, and
 //! [`html`] draws it as a page of pictures.
 
+mod finwait2;
 mod fold;
 pub mod html;
 mod report;

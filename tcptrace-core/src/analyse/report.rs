@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::fold::{Analysis, Counts, Open, ProcessTally, TIME_WAIT_SUBSTATE_NS, Window};
+use super::fold::{
+    Analysis, Counts, Open, ProcessTally, TIME_WAIT_SUBSTATE_NS, Window, dwell_histogram,
+};
 use crate::model::{Spec, State, Stats, Task};
 
 #[derive(Serialize, Debug)]
@@ -372,7 +374,16 @@ impl Analysis {
     }
 
     fn dwell_rows(&self) -> Vec<DwellRow> {
-        self.dwell
+        // Connections still waiting for a time-wait row count with the
+        // tracepoint's time in FIN_WAIT2.
+        let mut dwell = self.dwell.clone();
+        for ns in self.fin_wait2.waiting() {
+            dwell
+                .entry(State::FIN_WAIT2)
+                .or_insert_with(dwell_histogram)
+                .saturating_record((ns / 1000).max(1));
+        }
+        dwell
             .iter()
             .map(|(s, h)| DwellRow {
                 state: *s,

@@ -147,6 +147,7 @@ impl Attributor {
             close: None,
             origin: Origin::Snapshot,
             queued: false,
+            timing: crate::model::Timing::Exact,
         }
     }
 

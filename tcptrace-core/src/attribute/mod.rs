@@ -135,6 +135,7 @@ impl Attributor {
             close: self.lives.close_cause(t),
             origin: Origin::Tracepoint,
             queued,
+            timing: crate::model::Timing::Exact,
         };
         self.listeners.changed(t);
         if t.new == State::CLOSE {

@@ -31,6 +31,7 @@ impl Attributor {
                 close: None,
                 origin: Origin::Tracepoint,
                 queued: s.queued,
+                timing: crate::model::Timing::Exact,
             });
         }
         stuck.sort_by_key(|r| r.sock);

@@ -18,6 +18,42 @@ pub struct Row {
     /// The socket waits in its listener's queue: `owner` is the listener's,
     /// no process has accepted it yet.
     pub queued: bool,
+    /// How well `t.ts_ns` (and so `dwell_ns`) is known: the kernel's own
+    /// time for every traced row; a time-wait table row may only be known
+    /// to its timer's tick or to the poll.
+    pub timing: Timing,
+}
+
+/// How well a row's time is known.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Timing {
+    /// The kernel's time of the change (a traced row, or a time-wait row
+    /// that took the moment of the `-> CLOSE` it belongs to).
+    #[default]
+    Exact,
+    /// Derived from the time-wait socket's timer, as sock_diag reports it:
+    /// known to the kernel's tick (4 ms at HZ=250).
+    Timer,
+    /// Only known to lie between two reads of the time-wait table: the
+    /// row is stamped when the read found the change.
+    Poll,
+}
+
+impl Timing {
+    /// As JSON writes it (`"timing"`, absent when exact).
+    pub fn name(self) -> &'static str {
+        match self {
+            Timing::Exact => "exact",
+            Timing::Timer => "timer",
+            Timing::Poll => "poll",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Timing> {
+        [Timing::Exact, Timing::Timer, Timing::Poll]
+            .into_iter()
+            .find(|t| t.name() == name)
+    }
 }
 
 /// Where a row comes from.

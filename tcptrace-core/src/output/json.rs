@@ -17,7 +17,7 @@ use std::io::Write as _;
 use super::bytes::{is_plain, push_frac, push_ip, push_micros, push_u64, put};
 use super::{Printer, TimeFormat};
 use crate::cgroup;
-use crate::model::{Origin, Row, State, Transition};
+use crate::model::{Origin, Row, State, Timing, Transition};
 
 /// Declares [`Key`] from `Variant = "name"` pairs, with each key's pieces
 /// of JSON made at compile time: the writer copies `,"name":` in one go.
@@ -121,6 +121,9 @@ keys! {
     Close = "close",
     ResetReason = "reset_reason",
     Origin = "origin",
+    /// "timer" or "poll": how well a time-wait table row's time is known;
+    /// absent when it is the kernel's own.
+    Timing = "timing",
     /// Only with `--show-skaddr`.
     Skaddr = "skaddr",
 }
@@ -139,6 +142,9 @@ impl Printer {
         json_socket(b, t);
         json_states(b, row);
         json_close(b, row);
+        if row.timing != Timing::Exact {
+            push_field_str(b, Key::Timing, row.timing.name());
+        }
         if self.style.show_skaddr {
             match t.skaddr {
                 0 => put(b, Key::Skaddr.null()),
@@ -393,6 +399,7 @@ mod tests {
         r.owner.as_mut().unwrap().cgroup = crate::cgroup::intern(&path);
         r.queued = true;
         r.close = Some(Close::ResetSent(Some("TCP_STATE")));
+        r.timing = crate::model::Timing::Timer;
         let s = render(json(TimeFormat::Utc, true), &r);
         let written: Vec<Key> = Key::ALL
             .iter()

@@ -221,6 +221,7 @@ mod tests {
             close: None,
             origin: Origin::Tracepoint,
             queued: false,
+            timing: crate::model::Timing::Exact,
         }
     }
 

@@ -12,7 +12,7 @@ use std::io::{self, Write};
 use super::bytes::{is_plain, pad, push_addr, push_frac, push_micros, push_u64, put};
 use super::{Printer, TimeFormat, escape_comm};
 use crate::cgroup;
-use crate::model::{Origin, Phase, Row, State, Task, Transition};
+use crate::model::{Origin, Phase, Row, State, Task, Timing, Transition};
 
 /// Width of an address column: fits `255.255.255.255:65535`.
 const ADDR_WIDTH: usize = 21;
@@ -208,6 +208,13 @@ impl Printer {
             Origin::Tracepoint => {}
             Origin::Snapshot => put(b, b"  snapshot"),
             Origin::TimeWait => put(b, b"  time-wait table"),
+        }
+        // A time only known to the time-wait socket's timer, or to the
+        // poll, says so: its MS is no better.
+        match row.timing {
+            Timing::Exact => {}
+            Timing::Timer => put(b, b" (time: timer)"),
+            Timing::Poll => put(b, b" (time: poll)"),
         }
         if row.queued {
             put(b, b"  queued");

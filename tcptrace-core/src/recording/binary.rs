@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use crate::fasthash::FastMap;
 use crate::model::{
     Close, Comm, Family, Gap, Header, Holder, HoldersNote, Item, Origin, Row, State, Stats, Task,
-    Transition,
+    Timing, Transition,
 };
 
 /// The first bytes of a binary recording: not text (the high first byte),
@@ -63,6 +63,9 @@ const F_EXT: u8 = 0x80;
 const E_REASON: u8 = 0x10;
 /// The socket's kernel address follows, 8 bytes (`--show-skaddr`).
 const E_SKADDR: u8 = 0x20;
+/// Two bits: how well the row's time is known (0 exact, 1 timer, 2 poll).
+/// Recordings made before them read as exact.
+const E_TIMING_SHIFT: u8 = 6;
 
 /// Dictionary entries a file may hold before the writer starts them over
 /// (a host with endless clients would otherwise grow them without bound).
@@ -316,6 +319,11 @@ impl Encoder {
         if reason.is_some() {
             ext |= E_REASON;
         }
+        ext |= match row.timing {
+            Timing::Exact => 0,
+            Timing::Timer => 1,
+            Timing::Poll => 2,
+        } << E_TIMING_SHIFT;
         let skaddr = (self.skaddr && t.skaddr != 0).then_some(t.skaddr);
         if skaddr.is_some() {
             ext |= E_SKADDR;
@@ -748,9 +756,12 @@ impl Decoder {
             return Err(c.bad("a reset reason without a reset sent"));
         }
         let skaddr = if ext & E_SKADDR != 0 { c.u64_le()? } else { 0 };
-        if ext & !0x3f != 0 {
-            return Err(c.bad("unknown row flags"));
-        }
+        let timing = match ext >> E_TIMING_SHIFT {
+            0 => Timing::Exact,
+            1 => Timing::Timer,
+            2 => Timing::Poll,
+            _ => return Err(c.bad("an unknown timing")),
+        };
         Ok(sink(Item::Row(Row {
             t: Transition {
                 ts_ns,
@@ -774,6 +785,7 @@ impl Decoder {
             dwell_ns,
             origin,
             close,
+            timing,
         })))
     }
 }
@@ -877,12 +889,14 @@ mod tests {
             close: None,
             origin: Origin::Tracepoint,
             queued: true,
+            timing: crate::model::Timing::Exact,
         }
     }
 
     /// The full row, and variants of it: no owner nor netns, a reset sent
-    /// with its reason, IPv6 from a snapshot with odd state numbers, and each
-    /// close cause from the TIME_WAIT walk.
+    /// with its reason, IPv6 from a snapshot with odd state numbers, each
+    /// close cause from the TIME_WAIT walk, and time-wait rows of each
+    /// timing.
     fn rows_of_every_shape() -> Vec<Row> {
         let base = full_row();
         let mut rows = vec![base];
@@ -911,6 +925,15 @@ mod tests {
             r.origin = Origin::TimeWait;
             r.t.thread = Comm::default();
             r.sock = u64::MAX;
+            rows.push(r);
+        }
+        // A time-wait row's time known to its timer, and one to the poll,
+        // stamped before the row ahead of it.
+        for timing in [Timing::Timer, Timing::Poll] {
+            let mut r = base;
+            r.origin = Origin::TimeWait;
+            r.timing = timing;
+            r.t.ts_ns -= 250_000_000;
             rows.push(r);
         }
         rows
@@ -1035,6 +1058,7 @@ mod tests {
             close: None,
             origin: Origin::Tracepoint,
             queued: false,
+            timing: crate::model::Timing::Exact,
         };
         let n = DICT_LIMIT as u32 + 10;
         for i in 0..n {

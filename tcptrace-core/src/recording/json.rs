@@ -63,6 +63,10 @@ pub struct JsonRow<'a> {
     /// "tracepoint", "snapshot" or "timewait".
     #[serde(default = "tracepoint", borrow)]
     pub origin: Cow<'a, str>,
+    /// "timer" or "poll"; absent (recordings before it, and rows whose
+    /// time is the kernel's own): exact.
+    #[serde(default, borrow)]
+    pub timing: Option<Cow<'a, str>>,
     #[serde(default)]
     pub skaddr: Option<Hex>,
 }

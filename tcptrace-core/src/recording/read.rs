@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
 
-use crate::model::{Close, Comm, Family, Header, Item, Origin, Row, State, Task, Transition};
+use crate::model::{
+    Close, Comm, Family, Header, Item, Origin, Row, State, Task, Timing, Transition,
+};
 use crate::output::json::Key;
 use crate::recording::binary::{self, CHUNK_HEAD, Decoder, PREAMBLE};
 use crate::recording::json::{Hex, JsonRow};
@@ -564,6 +566,7 @@ fn blank_row() -> JsonRow<'static> {
         close: None,
         reset_reason: None,
         origin: Cow::Borrowed("tracepoint"),
+        timing: None,
         skaddr: None,
     }
 }
@@ -610,6 +613,7 @@ fn store<'a>(
         Key::Close => row.close = opt_str(number, text_value)?.map(Cow::Borrowed),
         Key::ResetReason => row.reset_reason = opt_str(number, text_value)?.map(Cow::Borrowed),
         Key::Origin => row.origin = Cow::Borrowed(text_value?),
+        Key::Timing => row.timing = Some(Cow::Borrowed(text_value?)),
         Key::Skaddr => {
             row.skaddr = match (text_value, number) {
                 (Some(v), _) => Some(Hex(u64::from_str_radix(v.strip_prefix("0x")?, 16).ok()?)),
@@ -709,6 +713,12 @@ fn row_of(j: &JsonRow) -> Result<Row, String> {
                     .ok_or_else(|| format!("unknown close {name:?}"))?,
             ),
             None => None,
+        },
+        timing: match &j.timing {
+            Some(name) => {
+                Timing::from_name(name).ok_or_else(|| format!("unknown timing {name:?}"))?
+            }
+            None => Timing::Exact,
         },
     })
 }

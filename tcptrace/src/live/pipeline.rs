@@ -12,7 +12,7 @@ use tcptrace_core::attribute::{Attributor, Unverified};
 use tcptrace_core::decode::{Decoded, classify};
 use tcptrace_core::filter::{Admit, Filter};
 use tcptrace_core::model::{
-    Holders, HoldersNote, Item, Origin, Row, Transition, intern_reason, monotonic_ns,
+    Holders, HoldersNote, Item, Origin, Row, Timing, Transition, intern_reason, monotonic_ns,
 };
 use tcptrace_core::order::{Order, Sink};
 use tcptrace_core::output::metrics::Metrics;
@@ -70,6 +70,10 @@ impl Pipeline {
         let result = self.process(capture, &mut batch, last);
         self.batch = batch;
         result?;
+        if last {
+            // Once the ring's last rows had their chance to date them.
+            self.order.table_rows(self.tail.timewait.finish());
+        }
         self.order.release(&mut self.tail)
     }
 
@@ -193,6 +197,7 @@ impl Pipeline {
                     close: None,
                     origin: Origin::Tracepoint,
                     queued: false,
+                    timing: Timing::Exact,
                 };
                 if self.tail.filter.passes(&row)
                     && !known.is_empty()
@@ -255,7 +260,9 @@ impl Sink for Tail {
             if let Some(end) = self.timewait.reused(row) {
                 self.show(&end)?;
             }
-            self.timewait.watch(row);
+            if let Some(end) = self.timewait.watch(row) {
+                self.show(&end)?;
+            }
         }
         self.show(row)?;
         if self.outputs.stdout_full() {
