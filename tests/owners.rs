@@ -6,6 +6,7 @@
 //! against it: states, pid, process name, "queued", thread name.
 
 use std::collections::BTreeSet;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -833,4 +834,98 @@ fn a_containers_sockets_carry_the_name_its_runtime_gave_it() {
         .unwrap_or_else(|| panic!("{report}"));
     assert_eq!(server_row["container"], id.as_str());
     assert_eq!(server_row["container_name"], "web-1");
+}
+
+/// A listener with TCP Fast Open in `ns`: listens, says so, waits for a
+/// line on stdin, closes, says so.
+fn fast_open_listener(ns: &Netns, port: u16) -> std::process::Child {
+    let script = "import socket, sys\n\
+        l = socket.socket()\n\
+        l.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)\n\
+        l.bind(('127.0.0.1', int(sys.argv[1]))); l.listen(16)\n\
+        print('listening', flush=True)\n\
+        sys.stdin.readline()\n\
+        l.close()\n\
+        print('closed', flush=True)\n";
+    let mut child = ns.spawn(
+        std::process::Command::new("python3")
+            .args(["-c", script, &port.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped()),
+    );
+    assert_eq!(read_line(&mut child), "listening");
+    child
+}
+
+fn read_line(child: &mut std::process::Child) -> String {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim().to_owned()
+}
+
+#[test]
+fn fast_open_children_reset_by_their_listeners_close_name_its_owner() {
+    let ns = Netns::new();
+    let port = unique_port();
+    // 0x207: Fast Open on both sides, with no cookie asked by either.
+    ns.sysctl("net.ipv4.tcp_fastopen", "519");
+    // The client's handshake ACK is lost: the child its SYN's data made
+    // waits in the accept queue in SYN_RECV.
+    let drop_acks = [
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        &port.to_string(),
+        "--tcp-flags",
+        "SYN,ACK,FIN,RST",
+        "ACK",
+        "-j",
+        "DROP",
+    ];
+    let status = ns
+        .spawn(std::process::Command::new("iptables").args(drop_acks))
+        .wait()
+        .unwrap();
+    assert!(status.success(), "iptables in the namespace");
+    let tracer = json_tracer(&ns, port).start();
+    let mut server = fast_open_listener(&ns, port);
+    let owner = only(holders_of(&ns, "LISTEN", port), "listener");
+    assert_eq!(owner.pid, server.id());
+    let client = "import socket, sys, time\n\
+        c = socket.socket()\n\
+        c.sendto(b'hello', socket.MSG_FASTOPEN, ('127.0.0.1', int(sys.argv[1])))\n\
+        time.sleep(30)\n";
+    let mut client =
+        ns.spawn(std::process::Command::new("python3").args(["-c", client, &port.to_string()]));
+    // The kernel's view: a child in SYN_RECV, its data in, held by no one.
+    let child = holders_when(&ns, "the Fast Open child", |s| {
+        s.state == "SYN-RECV" && s.on_port(port)
+    });
+    assert!(child.is_empty(), "{child:?}");
+    // The server closes its listener: the kernel resets the child.
+    writeln!(server.stdin.as_mut().unwrap()).unwrap();
+    assert_eq!(read_line(&mut server), "closed");
+    ns.settle("SYN-RECV");
+    let _ = server.wait();
+    let _ = client.kill();
+    let _ = client.wait();
+    let out = tracer.stop();
+    assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+
+    let lives = out.lives();
+    let child = life(&lives, "LISTEN>SYN_RECV>CLOSE");
+    assert_rows(
+        child,
+        &[
+            Want::row("LISTEN>SYN_RECV", &owner).queued(),
+            Want::row("SYN_RECV>CLOSE", &owner).queued(),
+        ],
+    );
+    let reset = child.rows.last().unwrap();
+    assert_eq!(reset.close.as_deref(), Some("reset sent"), "{reset}");
 }

@@ -7,6 +7,7 @@
 //! start-up snapshot has no kernel address yet; it keeps its own holders
 //! until its first transition tells it.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 
 use crate::fasthash::FastMap;
@@ -28,6 +29,33 @@ struct Listener {
 #[derive(Debug, Default)]
 pub(super) struct Listeners {
     by_port: FastMap<(u32, u16), Vec<Listener>>,
+    /// The listeners closed last, with their owner then: a listener's
+    /// close resets the children still in its queue (a Fast Open child in
+    /// SYN_RECV, a completed one in ESTABLISHED) just after its own
+    /// `LISTEN -> CLOSE`, inside the same call, when the listener is no
+    /// longer listed.
+    closed: VecDeque<Closed>,
+}
+
+#[derive(Debug)]
+struct Closed {
+    netns: u32,
+    port: u16,
+    addr: IpAddr,
+    owner: Option<Task>,
+}
+
+/// Closed listeners remembered: a process closes its listeners one after
+/// the other, each one's children right after it.
+const CLOSED_KEPT: usize = 8;
+
+/// The owner of listener `l`: its socket's, or, for the snapshot's
+/// listener not seen to move yet, its own.
+fn owner_of(l: &Listener, socks: &FastMap<u64, Sock>) -> Option<Task> {
+    match socks.get(&l.skaddr) {
+        Some(s) if l.skaddr != 0 => s.holders.owner(),
+        _ => l.holders.owner(),
+    }
 }
 
 impl Listeners {
@@ -67,17 +95,28 @@ impl Listeners {
     }
 
     /// A socket made `t`: it may start or stop listening.
-    pub(super) fn changed(&mut self, t: &Transition) {
+    pub(super) fn changed(&mut self, socks: &FastMap<u64, Sock>, t: &Transition) {
         if t.new == State::LISTEN {
             self.add(t, t.skaddr, Holders::default());
         } else if t.old == State::LISTEN && t.new != State::SYN_RECV {
-            self.forget(t);
+            self.forget(socks, t);
         }
     }
 
-    fn forget(&mut self, t: &Transition) {
+    fn forget(&mut self, socks: &FastMap<u64, Sock>, t: &Transition) {
         let key = (t.netns, t.local.port());
         if let Some(list) = self.by_port.get_mut(&key) {
+            for l in list.iter().filter(|l| l.skaddr == t.skaddr) {
+                if self.closed.len() >= CLOSED_KEPT {
+                    self.closed.pop_front();
+                }
+                self.closed.push_back(Closed {
+                    netns: t.netns,
+                    port: t.local.port(),
+                    addr: l.addr,
+                    owner: owner_of(l, socks),
+                });
+            }
             list.retain(|l| l.skaddr != t.skaddr);
             if list.is_empty() {
                 self.by_port.remove(&key);
@@ -91,16 +130,26 @@ impl Listeners {
     /// (SO_REUSEPORT, or the same port in namespaces the kernel's BTF did
     /// not let us tell apart) make it unknowable from here until the child
     /// is accepted, so unknown.
+    /// A queued child whose listener has just closed (the close resets
+    /// it) has that listener's owner.
     pub(super) fn owner(&self, socks: &FastMap<u64, Sock>, t: &Transition) -> Option<Task> {
-        let mut owners = self
-            .by_port
-            .get(&(t.netns, t.local.port()))?
+        let serves = |addr: IpAddr| addr == t.local.ip() || addr.is_unspecified();
+        let Some(listening) = self.by_port.get(&(t.netns, t.local.port())) else {
+            // Only a child already queued: none is born of a closed one.
+            if t.old == State::LISTEN {
+                return None;
+            }
+            return self
+                .closed
+                .iter()
+                .rev()
+                .find(|c| c.netns == t.netns && c.port == t.local.port() && serves(c.addr))
+                .and_then(|c| c.owner);
+        };
+        let mut owners = listening
             .iter()
-            .filter(|l| l.addr == t.local.ip() || l.addr.is_unspecified())
-            .map(|l| match socks.get(&l.skaddr) {
-                Some(s) if l.skaddr != 0 => s.holders.owner(),
-                _ => l.holders.owner(),
-            });
+            .filter(|l| serves(l.addr))
+            .map(|l| owner_of(l, socks));
         let first = owners.next()??;
         owners
             .all(|o| o.is_some_and(|o| o.pid == first.pid))
@@ -193,6 +242,65 @@ mod tests {
             "127.0.0.1:10",
         ));
         assert_eq!(r.owner.map(|o| o.pid), Some(1));
+    }
+
+    #[test]
+    fn children_reset_by_their_listeners_close_name_its_owner() {
+        let mut a = Attributor::new();
+        let server = task(100, "server");
+        let softirq = task(0, "swapper/0");
+        a.observe_row(&tr(
+            0,
+            LISTENER,
+            server,
+            State::CLOSE,
+            State::LISTEN,
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+        ));
+        // A Fast Open child, queued in SYN_RECV (its SYN carried data).
+        let queued = a.observe_row(&tr(
+            10,
+            CHILD,
+            softirq,
+            State::LISTEN,
+            State::SYN_RECV,
+            "127.0.0.1:80",
+            "127.0.0.1:5000",
+        ));
+        assert_eq!((queued.owner, queued.queued), (Some(server), true));
+        // The server closes its listener; the kernel resets the child
+        // inside that close, after the listener's own row.
+        a.observe_row(&tr(
+            20,
+            LISTENER,
+            server,
+            State::LISTEN,
+            State::CLOSE,
+            "0.0.0.0:80",
+            "0.0.0.0:0",
+        ));
+        let reset = a.observe_row(&tr(
+            20,
+            CHILD,
+            server,
+            State::SYN_RECV,
+            State::CLOSE,
+            "127.0.0.1:80",
+            "127.0.0.1:5000",
+        ));
+        assert_eq!((reset.owner, reset.queued), (Some(server), true));
+        // Another port's child does not inherit it.
+        let other = a.observe_row(&tr(
+            30,
+            CLIENT,
+            softirq,
+            State::LISTEN,
+            State::SYN_RECV,
+            "127.0.0.1:81",
+            "127.0.0.1:5001",
+        ));
+        assert_eq!(other.owner, None);
     }
 
     #[test]

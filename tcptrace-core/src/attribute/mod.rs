@@ -137,7 +137,7 @@ impl Attributor {
             queued,
             timing: crate::model::Timing::Exact,
         };
-        self.listeners.changed(t);
+        self.listeners.changed(&self.socks, t);
         if t.new == State::CLOSE {
             self.end_life(t);
         }
