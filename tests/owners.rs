@@ -874,24 +874,23 @@ fn fast_open_children_reset_by_their_listeners_close_name_its_owner() {
     ns.sysctl("net.ipv4.tcp_fastopen", "519");
     // The client's handshake ACK is lost: the child its SYN's data made
     // waits in the accept queue in SYN_RECV.
-    let drop_acks = [
-        "-A",
-        "INPUT",
-        "-p",
-        "tcp",
-        "--dport",
-        &port.to_string(),
-        "--tcp-flags",
-        "SYN,ACK,FIN,RST",
-        "ACK",
-        "-j",
-        "DROP",
-    ];
-    let status = ns
-        .spawn(std::process::Command::new("iptables").args(drop_acks))
-        .wait()
+    let rules = format!(
+        "add table inet tt\n\
+         add chain inet tt in {{ type filter hook input priority 0; }}\n\
+         add rule inet tt in tcp dport {port} tcp flags & (syn | ack | fin | rst) == ack drop\n"
+    );
+    let mut nft = ns.spawn(
+        std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped()),
+    );
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
         .unwrap();
-    assert!(status.success(), "iptables in the namespace");
+    let status = nft.wait().unwrap();
+    assert!(status.success(), "nft in the namespace");
     let tracer = json_tracer(&ns, port).start();
     let mut server = fast_open_listener(&ns, port);
     let owner = only(holders_of(&ns, "LISTEN", port), "listener");

@@ -51,6 +51,8 @@ const SCENARIOS: &[(&str, &[&str])] = &[
         &[
             "sockets_that_exist_before_tcptrace_starts_appear_as_snapshot_lines",
             "an_active_close_goes_through_time_wait_to_its_end",
+            "client_closes_after_the_peers_fin_the_time_wait_row_takes_the_closes_moment",
+            "an_orphan_in_fin_wait2_that_gets_the_peers_fin_later_takes_its_timers_moment",
         ],
     ),
     (
@@ -84,6 +86,7 @@ const OWNER_SCENARIOS: &[&str] = &[
     "socket_passed_over_a_unix_socket_is_named_for_its_receiver",
     "rows_before_accept_carry_the_listeners_owner_as_queued",
     "a_daemons_launcher_is_never_named_after_it_exited",
+    "fast_open_children_reset_by_their_listeners_close_name_its_owner",
 ];
 
 const OWNERS_LINE_SCENARIO: &str =
