@@ -695,6 +695,45 @@ mod tests {
     use crate::analyse::listeners_text;
     use crate::analyse::scenario::{analyse, row};
 
+    /// Time in FIN_WAIT2 as the report tells it, for one connection
+    /// closed by us: (count, max ms).
+    fn fin_wait2(rows: &[String]) -> (u64, f64) {
+        let r = analyse(rows);
+        let d = r
+            .dwell
+            .iter()
+            .find(|d| d.state.name() == "FIN_WAIT2")
+            .unwrap();
+        (d.count, d.max_ms)
+    }
+
+    #[test]
+    fn fin_wait2_counts_once_until_the_peers_fin_the_time_wait_table_saw() {
+        let ms = |line: String, ms: &str| line.replace(r#""ms":null"#, &format!(r#""ms":{ms}"#));
+        let est = row(1, 0, "SYN_SENT", "ESTABLISHED", "");
+        let fw1 = ms(row(1, 100, "ESTABLISHED", "FIN_WAIT1", ""), "100");
+        let fw2 = ms(row(1, 101, "FIN_WAIT1", "FIN_WAIT2", ""), "1");
+        // An orphan: its socket closes at once, the peer's FIN comes 1.5 s
+        // later, and the time-wait table's row says so.
+        let closed = ms(row(1, 101, "FIN_WAIT2", "CLOSE", ""), "0.005");
+        let fin = ms(
+            row(
+                1,
+                1601,
+                "FIN_WAIT2",
+                "TIME_WAIT",
+                r#","origin":"timewait","timing":"timer""#,
+            ),
+            "1500",
+        );
+        let lines = [est, fw1, fw2, closed, fin];
+        let (count, max) = fin_wait2(&lines);
+        assert_eq!(count, 1);
+        assert!((1499.0..1501.0).contains(&max), "{max}");
+        // Without the table (--no-timewait): until its socket closed.
+        assert_eq!(fin_wait2(&lines[..4]), (1, 0.005));
+    }
+
     #[test]
     fn a_listener_from_before_an_unsnapshotted_recording_still_opens_a_window() {
         let rows = [

@@ -320,6 +320,21 @@ mod tests {
     }
 
     #[test]
+    fn a_time_wait_row_says_how_well_its_time_is_known() {
+        let mut r = row();
+        r.origin = Origin::TimeWait;
+        for (timing, note) in [
+            (Timing::Exact, "  time-wait table\n"),
+            (Timing::Timer, "  time-wait table (time: timer)\n"),
+            (Timing::Poll, "  time-wait table (time: poll)\n"),
+        ] {
+            r.timing = timing;
+            let line = render(text(TimeFormat::None), &r);
+            assert!(line.ends_with(&format!("3{note}")), "{line:?}");
+        }
+    }
+
+    #[test]
     fn unknown_owner_and_dwell_are_dashes_not_zeros() {
         let mut r = row();
         r.owner = None;
