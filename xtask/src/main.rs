@@ -364,6 +364,37 @@ fn ensure_chromium() -> Result<()> {
     status("apt-get", &["install", "-y", "-qq", "chromium"])
 }
 
+/// The fleet's real components: Debian's Prometheus scrapes `--metrics`
+/// in tests/otlp.rs (which fails, saying so, where it is missing); skopeo
+/// checks the OCI image archive in tests/package.rs.
+fn ensure_fleet() -> Result<()> {
+    let missing: Vec<&str> = [
+        ("prometheus", Path::new("/usr/bin/prometheus").is_file()),
+        ("skopeo", which("skopeo")),
+    ]
+    .into_iter()
+    .filter(|(_, present)| !present)
+    .map(|(package, _)| package)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !which("apt-get") || !is_root() {
+        bail!(
+            "the tests need Debian's {} (apt-get install {0}) for the fleet's paths",
+            missing.join(" ")
+        );
+    }
+    eprintln!(
+        "xtask: installing {} (for the fleet tests)",
+        missing.join(", ")
+    );
+    let _ = status("apt-get", &["update", "-qq"]);
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    status("apt-get", &args)
+}
+
 /// The real servers of tests/servers.rs, at the paths the tests run them
 /// from (Debian's postgres is outside PATH, under its major version).
 fn ensure_servers() -> Result<()> {
@@ -406,6 +437,7 @@ fn ensure_servers() -> Result<()> {
 fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     ensure_chromium()?;
     ensure_servers()?;
+    ensure_fleet()?;
     cargo(&["fmt", "--all", "--", "--check"])
         .context("formatting differs: run `cargo fmt --all`")?;
     cargo(&[

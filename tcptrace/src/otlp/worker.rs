@@ -239,10 +239,10 @@ impl Worker {
             self.memory.push_back(b);
             return;
         }
-        self.to_spool(b, false);
+        self.spool_batch(b, false);
     }
 
-    fn to_spool(&mut self, b: Batch, front: bool) {
+    fn spool_batch(&mut self, b: Batch, front: bool) {
         let Some(spool) = &mut self.spool else {
             let why = match &self.failing {
                 Some(f) => format!("the collector is unreachable ({f}) and no spool is kept"),
@@ -388,7 +388,7 @@ impl Worker {
         self.memory_bytes = 0;
         // In front of what the spool holds: these are older.
         for b in rest.into_iter().rev() {
-            self.to_spool(b, true);
+            self.spool_batch(b, true);
         }
     }
 
