@@ -221,6 +221,11 @@ impl Exporter {
         let thread = std::thread::Builder::new()
             .name("tcptrace-otlp".into())
             .spawn(move || {
+                // Capabilities are a thread's own: this one talks to the
+                // network and needs none, whatever the tracer keeps.
+                if let Err(e) = crate::kernel::privileges::drop_all_but(&[]) {
+                    log::warn!("otlp: cannot drop capabilities: {e}");
+                }
                 match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
