@@ -18,6 +18,7 @@ mod dist;
 mod fuzz;
 mod hookcost;
 mod kernels;
+mod oci;
 mod soak;
 
 /// bpf-linker 0.11 and later default to LLVM 23, which this nightly is not.
@@ -68,7 +69,7 @@ enum Cmd {
     /// Build the release for production hosts in target/dist/: static
     /// x86_64 and aarch64 binaries (musl) with the eBPF object inside, man
     /// pages, completions and a systemd unit, as a tarball and a .deb for
-    /// each architecture.
+    /// each architecture; and an OCI image archive of the binary for each.
     Dist,
     /// Run the cargo-fuzz targets (recording reader, argument parsers) for
     /// SECONDS each; installs cargo-fuzz if missing.
@@ -478,6 +479,8 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     cmd.env("TCPTRACE_TARBALL", &release.tarball);
     cmd.env("TCPTRACE_ARM64_DEB", &release.arm64_deb);
     cmd.env("TCPTRACE_ARM64_TARBALL", &release.arm64_tarball);
+    cmd.env("TCPTRACE_OCI", &release.image);
+    cmd.env("TCPTRACE_ARM64_OCI", &release.arm64_image);
     if !is_root() {
         if which("sudo") {
             eprintln!(
