@@ -180,6 +180,37 @@ fn tracer(ns: &Netns, port: u16, refused: u16) -> TracerBuilder {
         .json()
 }
 
+/// The effective capabilities of `pid`'s thread named `name`, as
+/// /proc says.
+fn thread_capabilities(pid: u32, name: &str) -> Option<u64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+        let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+        return u64::from_str_radix(eff.trim(), 16).ok();
+    }
+    None
+}
+
+/// The records the collector acknowledged, as `--metrics` at `addr` says.
+fn sent(addr: &str) -> u64 {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://{addr}/metrics")])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("tcptrace_otlp_records_total{result=\"sent\"} "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The closing line's otlp part: (sent, dropped).
 fn otlp_stats(out: &Output) -> (u64, u64) {
     let line = out
@@ -209,6 +240,9 @@ fn every_row_shown_arrives_once_with_its_attributes() {
         .args(&["--otlp-header", "Authorization=Bearer fleet-token"])
         .start();
     scenario(&ns, port, refused);
+    // The thread that talks to the network holds no capability, whatever
+    // the tracer's own thread keeps.
+    assert_eq!(thread_capabilities(t.pid(), "tcptrace-otlp"), Some(0));
     let out = t.stop();
     assert!(out.status.success(), "{}", out.stderr);
     let rows = out.all_rows();
@@ -282,6 +316,7 @@ fn a_collector_killed_and_restarted_mid_run_loses_nothing() {
     let (port, collector) = (unique_port(), unique_port());
     let received = dir.path("received.jsonl");
     let receiver = Receiver::start(collector, &received, &[]);
+    let metrics = format!("127.0.0.1:{}", unique_port());
     let t = Tracer::builder()
         .netns(&ns)
         .port(port)
@@ -289,15 +324,21 @@ fn a_collector_killed_and_restarted_mid_run_loses_nothing() {
         .json()
         .args(&["--otlp", &url(collector)])
         .args(&["--otlp-spool", &dir.path("spool")])
+        .args(&["--metrics", &metrics])
         .start();
     let addr = format!("127.0.0.1:{port}");
     let server = ns.server(&addr, ServerMode::WaitPeerClose).conns(9).start();
     ns.client(&addr, ClientMode::Close).repeat(3).run();
-    // The listener's row and three connections' ten.
+    // The listener's row and three connections' ten, acknowledged: the
+    // collector dies between requests. (Killed between taking a request
+    // and answering it, it would get that request again: at least once.)
     let first = 1 + 3 * 10;
-    wait_until("the first rows arrive", Duration::from_secs(10), || {
-        receiver.records().len() >= first
-    });
+    wait_until(
+        "the first rows are acknowledged",
+        Duration::from_secs(10),
+        || sent(&metrics) >= first,
+    );
+    assert_eq!(receiver.records().len(), first as usize);
     receiver.kill();
     // While the collector is dead.
     ns.client(&addr, ClientMode::Close).repeat(3).run();
@@ -318,6 +359,52 @@ fn a_collector_killed_and_restarted_mid_run_loses_nothing() {
         assert_record_is_row(r, row);
     }
     assert!(out.stderr.contains("takes records again"), "{}", out.stderr);
+    assert_eq!(otlp_stats(&out), (n as u64, 0));
+}
+
+#[test]
+fn a_collector_that_dies_before_answering_gets_that_request_again_and_nothing_else_twice() {
+    let dir = TempDir::new("otlp-die");
+    let ns = Netns::new();
+    let (port, collector) = (unique_port(), unique_port());
+    let received = dir.path("received.jsonl");
+    let mut dying = Receiver::start(collector, &received, &["--die-after", "1"]);
+    let t = Tracer::builder()
+        .netns(&ns)
+        .port(port)
+        .no_timewait()
+        .json()
+        .args(&["--otlp", &url(collector)])
+        .args(&["--otlp-spool", &dir.path("spool")])
+        .start();
+    let addr = format!("127.0.0.1:{port}");
+    let server = ns.server(&addr, ServerMode::WaitPeerClose).conns(4).start();
+    ns.client(&addr, ClientMode::Close).repeat(2).run();
+    wait_until(
+        "the collector dies mid-request",
+        Duration::from_secs(10),
+        || matches!(dying.child.try_wait(), Ok(Some(_))),
+    );
+    let taken = records(&received).len();
+    assert!(taken > 0);
+    let receiver = Receiver::start(collector, &received, &[]);
+    ns.client(&addr, ClientMode::Close).repeat(2).run();
+    server.finish();
+    let n = 2 + 4 * 10;
+    wait_until("every row arrives", Duration::from_secs(20), || {
+        receiver.records().len() >= n + taken
+    });
+    let out = t.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    let all = records(&received);
+    // The request the dead collector took, and only it, came twice, the
+    // same records: dropping repeats by tcptrace.seq leaves every row once.
+    let (first, rest) = all.split_at(taken);
+    assert_eq!(&rest[..taken], first, "the same request, sent again");
+    let got = exactly_once(rest, n);
+    for (r, row) in got.iter().zip(&out.all_rows()) {
+        assert_record_is_row(r, row);
+    }
     assert_eq!(otlp_stats(&out), (n as u64, 0));
 }
 

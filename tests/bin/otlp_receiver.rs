@@ -9,7 +9,9 @@
 //!                    [--unavailable N]
 //!
 //! `--status CODE` answers every request with CODE and keeps nothing;
-//! `--unavailable N` answers the first N requests 503 with Retry-After: 1.
+//! `--unavailable N` answers the first N requests 503 with Retry-After: 1;
+//! `--die-after N` exits once it has written the records of the Nth
+//! request, before answering it (a collector that dies mid-request).
 //! Prints `listening` on stdout once bound.
 
 use std::collections::BTreeMap;
@@ -30,6 +32,7 @@ struct Options {
     out: String,
     status: Option<u16>,
     unavailable: u64,
+    die_after: Option<u64>,
 }
 
 fn options() -> Options {
@@ -39,6 +42,7 @@ fn options() -> Options {
         out: String::new(),
         status: None,
         unavailable: 0,
+        die_after: None,
     };
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
@@ -47,6 +51,7 @@ fn options() -> Options {
             "--out" => o.out = value(),
             "--status" => o.status = Some(value().parse().expect("--status CODE")),
             "--unavailable" => o.unavailable = value().parse().expect("--unavailable N"),
+            "--die-after" => o.die_after = Some(value().parse().expect("--die-after N")),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -126,6 +131,9 @@ fn serve(
             // One write per request: a reader sees whole lines but the last.
             let mut f = out.lock().unwrap_or_else(|p| p.into_inner());
             f.write_all(lines.as_bytes())?;
+            if o.die_after == Some(n + 1) {
+                std::process::exit(3);
+            }
         }
         let answer = if code == 200 {
             ExportLogsServiceResponse::default().encode_to_vec()
