@@ -456,6 +456,52 @@ fn rows_left_in_the_spool_go_out_with_the_next_run() {
     assert!(left.is_empty(), "left in the spool: {left:?}");
 }
 
+#[test]
+fn what_a_full_spool_cannot_keep_is_counted_and_said() {
+    let dir = TempDir::new("otlp-full");
+    let ns = Netns::new();
+    let (port, collector) = (unique_port(), unique_port());
+    // A collector that never takes anything: every request is retried.
+    let _receiver = Receiver::start(
+        collector,
+        &dir.path("received.jsonl"),
+        &["--unavailable", "1000000"],
+    );
+    let spool = dir.path("spool");
+    let t = Tracer::builder()
+        .netns(&ns)
+        .port(port)
+        .no_timewait()
+        .json()
+        .args(&["--otlp", &url(collector)])
+        .args(&["--otlp-spool", &spool, "--otlp-spool-size", "4K"])
+        .start();
+    ns.connections(&format!("127.0.0.1:{port}"), 60);
+    let out = t.stop();
+    assert!(out.status.success(), "{}", out.stderr);
+    let rows = out.all_rows().len() as u64;
+    assert_eq!(rows, 2 + 60 * 10);
+    let (sent, dropped) = otlp_stats(&out);
+    assert_eq!(sent, 0);
+    assert!(dropped > 0, "{}", out.stderr);
+    assert!(out.stderr.contains("is full"), "{}", out.stderr);
+    // Whatever was not dropped waits in the spool: every row accounted for.
+    let waiting: u64 = std::fs::read_dir(&spool)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            let stem = name.strip_suffix(".otlp.gz")?.to_string();
+            stem.split_once('-')?.1.parse::<u64>().ok()
+        })
+        .sum();
+    assert_eq!(dropped + waiting, rows, "{}", out.stderr);
+    let size: u64 = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(size <= 4096, "the spool holds {size} bytes");
+}
+
 /// A recording of the scenario, and its rows as `read --format json` prints
 /// them.
 fn recorded(dir: &TempDir) -> (String, Vec<Row>) {
