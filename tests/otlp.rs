@@ -527,7 +527,10 @@ fn read_ships_every_row_of_a_recording_and_exits_when_acknowledged() {
         &dir.path("received.jsonl"),
         &["--unavailable", "2"],
     );
-    let out = tcptrace(&["read", &rec, "--otlp", &url(collector)]);
+    // By name: the static build resolves it as the collector's service
+    // name would be.
+    let by_name = format!("http://localhost:{collector}");
+    let out = tcptrace(&["read", &rec, "--otlp", &by_name]);
     assert!(out.status.success(), "{}", out.stderr);
     assert!(out.stdout.is_empty(), "{}", out.stdout);
     assert!(
