@@ -217,7 +217,7 @@ fn ship(args: &ReadArgs, endpoint: &otlp::Endpoint, filter: &mut Filter) -> Resu
                 .unwrap_or(otlp::DEFAULT_SPOOL_SIZE),
         )
     });
-    let exporter = otlp::Exporter::start(endpoint, &args.otlp.otlp_headers, spool, true)
+    let exporter = otlp::Exporter::start(endpoint, &args.otlp.otlp_headers, spool, true, None)
         .map_err(Failure::BadInput)?;
     let style = args.output.style();
     let mut exporter = Some(exporter);

@@ -234,13 +234,15 @@ fn start_otlp(args: &LiveArgs, clock: Clock) -> Result<Option<otlp::Feed>, Failu
         .unwrap_or(otlp::DEFAULT_SPOOL_SIZE);
     let chosen = args.otlp.otlp_spool.is_some() || args.record.write.is_some();
     let headers = &args.otlp.otlp_headers;
-    let exporter = match otlp::Exporter::start(endpoint, headers, Some((&dir, limit)), false) {
+    let nice = Some(args.nice);
+    let exporter = match otlp::Exporter::start(endpoint, headers, Some((&dir, limit)), false, nice)
+    {
         Ok(e) => e,
         Err(e) if !chosen && !e.to_string().contains("another tcptrace") => {
             eprintln!(
                 "tcptrace: warning: otlp: no spool ({e:#}); while the collector is away, records                  wait in memory only (--otlp-spool DIR keeps them on disk)"
             );
-            otlp::Exporter::start(endpoint, headers, None, false).map_err(Failure::Other)?
+            otlp::Exporter::start(endpoint, headers, None, false, nice).map_err(Failure::Other)?
         }
         Err(e) => return Err(Failure::BadInput(e)),
     };

@@ -160,8 +160,12 @@ impl Spool {
         }
         let path = self.dir.join(name(n, records));
         let tmp = path.with_extension("tmp");
+        // Renamed once whole: a file under its final name is never cut
+        // short by a crash of tcptrace. Not synced: a sync per request
+        // stalled the exporter behind the disk while rows piled up, and
+        // the page cache outlives tcptrace (not a power cut).
         let written = fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(body).and_then(|()| f.sync_data()))
+            .and_then(|mut f| f.write_all(body))
             .and_then(|()| fs::rename(&tmp, &path));
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);

@@ -99,6 +99,7 @@ impl Worker {
         let mut finishing = false;
         let mut deadline: Option<Instant> = None;
         let mut open = true;
+        let mut inbox = Vec::with_capacity(BATCH_RECORDS);
         self.publish(&head);
         loop {
             if pending.is_none() && self.retry_at.is_none_or(|t| Instant::now() >= t) {
@@ -124,11 +125,17 @@ impl Worker {
             let far = Instant::now() + Duration::from_secs(3600);
             let accepting = open && self.accepting();
             tokio::select! {
-                msg = rx.recv(), if accepting => match msg {
-                    Some(e) => self.add(&e),
+                n = rx.recv_many(&mut inbox, BATCH_RECORDS), if accepting => match n {
+                    // Taken in bulk: one wake-up per message could not keep
+                    // up with a full churn.
+                    1.. => {
+                        for e in inbox.drain(..) {
+                            self.add(&e);
+                        }
+                    }
                     // No more rows: what is left goes out, for as long as
                     // the finish allows.
-                    None => {
+                    0 => {
                         open = false;
                         finishing = true;
                         deadline = self.shared.patience().map(|p| Instant::now() + p);
