@@ -248,6 +248,19 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_request_is_dropped_with_its_count() {
+        let d = dir("unreadable");
+        fs::create_dir_all(d.join(name(MIDDLE, 7))).unwrap();
+        let mut s = Spool::open(&d, 1 << 20).unwrap();
+        s.push(b"next", 2).unwrap();
+        assert!(s.front().is_none());
+        let lost = s.drop_unreadable().unwrap();
+        assert_eq!((lost.records, s.records()), (7, 2));
+        assert_eq!(s.front().unwrap(), (b"next".to_vec(), 2));
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn a_full_spool_refuses_and_a_second_user_is_refused() {
         let d = dir("full");
         let mut s = Spool::open(&d, 10).unwrap();

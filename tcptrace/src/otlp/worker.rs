@@ -276,22 +276,33 @@ impl Worker {
             self.memory_bytes -= b.body.len();
             return Some(b);
         }
-        let spool = self.spool.as_mut()?;
-        if spool.is_empty() {
-            return None;
+        // A file that cannot be read back is skipped (its records counted
+        // as dropped) and the next one taken: none may hold up the rest.
+        let mut lost = Vec::new();
+        let found = loop {
+            let Some(spool) = self.spool.as_mut() else {
+                break None;
+            };
+            if spool.is_empty() {
+                break None;
+            }
+            if let Some((body, records)) = spool.front() {
+                break Some(Batch {
+                    body: Bytes::from(body),
+                    records,
+                    from_disk: true,
+                });
+            }
+            match spool.drop_unreadable() {
+                Some(f) => lost.push(f),
+                None => break None,
+            }
+        };
+        for f in lost {
+            let why = format!("{} could not be read back", f.path.display());
+            self.dropped(f.records, &why);
         }
-        if let Some((body, records)) = spool.front() {
-            return Some(Batch {
-                body: Bytes::from(body),
-                records,
-                from_disk: true,
-            });
-        }
-        // Unreadable: skipped (counted), the next one is tried next round.
-        let lost = spool.drop_unreadable()?;
-        let why = format!("{} could not be read back", lost.path.display());
-        self.dropped(lost.records, &why);
-        None
+        found
     }
 
     /// Handles the collector's answer to `head`; true when it could not be
