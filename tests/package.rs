@@ -241,3 +241,131 @@ fn the_arm64_release_holds_a_static_aarch64_binary_and_the_same_files() {
     let x86_top = format!("tcptrace-{}-x86_64-linux", env!("CARGO_PKG_VERSION"));
     assert_eq!(list.replace(&top, "TOP"), x86_list.replace(&x86_top, "TOP"));
 }
+
+/// A blob of an OCI layout unpacked in `dir`: checked against its
+/// descriptor by `sha256sum` and its size, then returned.
+fn oci_blob(dir: &tcptrace_tests::TempDir, descriptor: &serde_json::Value) -> Vec<u8> {
+    let digest = descriptor["digest"]
+        .as_str()
+        .expect("a descriptor's digest");
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digests");
+    let path = dir.path(&format!("layout/blobs/sha256/{hex}"));
+    let (ok, sum) = run("sha256sum", &[&path]);
+    assert!(ok, "{sum}");
+    assert_eq!(sum.split_whitespace().next(), Some(hex), "{path}");
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(
+        descriptor["size"].as_u64(),
+        Some(bytes.len() as u64),
+        "{path}"
+    );
+    bytes
+}
+
+/// Checks one architecture's OCI image archive; returns the binary in
+/// its layer.
+fn check_oci_archive(var: &str, suffix: &str, arch: &str) -> Vec<u8> {
+    use serde_json::Value;
+    let archive = built(var, suffix);
+    let dir = tcptrace_tests::TempDir::new("oci");
+    std::fs::create_dir_all(dir.path("layout")).unwrap();
+    let (ok, out) = run(
+        "tar",
+        &["-xf", &archive.to_string_lossy(), "-C", &dir.path("layout")],
+    );
+    assert!(ok, "{out}");
+    let layout: Value =
+        serde_json::from_slice(&std::fs::read(dir.path("layout/oci-layout")).unwrap()).unwrap();
+    assert_eq!(layout["imageLayoutVersion"], "1.0.0");
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(dir.path("layout/index.json")).unwrap()).unwrap();
+    let entries = index["manifests"]
+        .as_array()
+        .expect("index.json lists manifests");
+    assert_eq!(entries.len(), 1, "{index}");
+    assert_eq!(entries[0]["platform"]["architecture"], arch);
+    let manifest: Value = serde_json::from_slice(&oci_blob(&dir, &entries[0])).unwrap();
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    let config: Value = serde_json::from_slice(&oci_blob(&dir, &manifest["config"])).unwrap();
+    assert_eq!(
+        (&config["architecture"], &config["os"]),
+        (&arch.into(), &"linux".into())
+    );
+    assert_eq!(config["config"]["Entrypoint"][0], "/usr/bin/tcptrace");
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "{manifest}");
+    assert_eq!(
+        layers[0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    let gz = oci_blob(&dir, &layers[0]);
+    std::fs::write(dir.path("layer.tar.gz"), &gz).unwrap();
+    // The config names the layer by its uncompressed digest.
+    let (ok, tar) = run(
+        "sh",
+        &[
+            "-c",
+            &format!("gzip -dc {} | sha256sum", dir.path("layer.tar.gz")),
+        ],
+    );
+    assert!(ok, "{tar}");
+    assert_eq!(
+        config["rootfs"]["diff_ids"][0],
+        format!("sha256:{}", tar.split_whitespace().next().unwrap())
+    );
+    std::fs::create_dir_all(dir.path("rootfs")).unwrap();
+    let (ok, out) = run(
+        "tar",
+        &["-xzf", &dir.path("layer.tar.gz"), "-C", &dir.path("rootfs")],
+    );
+    assert!(ok, "{out}");
+    // skopeo reads the archive as a registry client would, checking every
+    // digest on the way.
+    let (ok, inspect) = run(
+        "skopeo",
+        &["inspect", &format!("oci-archive:{}", archive.display())],
+    );
+    assert!(
+        ok,
+        "skopeo (apt-get install skopeo; `cargo xtask test` installs it): {inspect}"
+    );
+    let inspect: Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(inspect["Architecture"], arch);
+    assert_eq!(inspect["Digest"], entries[0]["digest"]);
+    let copy = dir.path("copy");
+    let (ok, out) = run(
+        "skopeo",
+        &[
+            "copy",
+            &format!("oci-archive:{}", archive.display()),
+            &format!("dir:{copy}"),
+        ],
+    );
+    assert!(ok, "skopeo copy: {out}");
+    std::fs::read(dir.path("rootfs/usr/bin/tcptrace")).expect("the layer holds /usr/bin/tcptrace")
+}
+
+#[test]
+fn the_oci_images_hold_the_static_binary_as_their_entrypoint() {
+    const EM_X86_64: u16 = 62;
+    const EM_AARCH64: u16 = 183;
+    let bin = check_oci_archive("TCPTRACE_OCI", "-x86_64.oci.tar", "amd64");
+    assert_eq!(elf_machine_and_interp(&bin), (EM_X86_64, false));
+    // The image's binary runs here, as a container's would.
+    let dir = tcptrace_tests::TempDir::new("oci-run");
+    let path = dir.path("tcptrace");
+    std::fs::write(&path, &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ok, version) = run(&path, &["--version"]);
+    assert!(ok, "{version}");
+    assert_eq!(
+        version.trim(),
+        format!("tcptrace {}", env!("CARGO_PKG_VERSION"))
+    );
+    let arm = check_oci_archive("TCPTRACE_ARM64_OCI", "-aarch64.oci.tar", "arm64");
+    assert_eq!(elf_machine_and_interp(&arm), (EM_AARCH64, false));
+}

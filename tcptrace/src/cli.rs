@@ -135,6 +135,9 @@ pub struct LiveArgs {
     #[command(flatten)]
     pub record: RecordArgs,
 
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
+
     /// Stop after this long (for example 30s, 5m, 1h30m; a bare number is seconds).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration,
           conflicts_with = "command")]
@@ -271,14 +274,14 @@ pub struct ReadArgs {
     /// Keep reading, like `tail -F`: print FILE from its start, then what
     /// is appended to it, and when the writer rotates it (or starts again),
     /// go on with the new FILE. For log shippers, with `--format json`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "otlp")]
     pub tail: bool,
 
     /// Instead of printing, record the rows (those the filters keep) and
     /// notes to FILE, as `--write` does: converts between the binary format
     /// and JSON Lines, joins a rotation set into one file.
     #[arg(short = 'w', long = "write", value_name = "FILE", value_parser = parse_output_path,
-          conflicts_with = "tail")]
+          conflicts_with_all = ["tail", "otlp"])]
     pub write: Option<PathBuf>,
 
     /// Format of the --write FILE: `binary`, or `json` (JSON Lines).
@@ -289,6 +292,41 @@ pub struct ReadArgs {
     /// Overwrite the --write FILE if it exists.
     #[arg(long, requires = "write")]
     pub force: bool,
+
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
+}
+
+/// `--otlp` and its companions (docs/fleets.md).
+#[derive(Args, Debug, Clone, Default)]
+#[command(next_help_heading = "OpenTelemetry")]
+pub struct OtlpArgs {
+    /// Also send every row shown to an OpenTelemetry collector, as OTLP log
+    /// records over HTTP (protobuf, gzip): http://HOST[:PORT][/PATH], port
+    /// 4318 and path /v1/logs unless given. Plain http only: send to the
+    /// node's own collector and let it forward with TLS. With `read`: ship
+    /// a recording, and exit once the collector has acknowledged it all.
+    #[arg(long, value_name = "URL", value_parser = crate::otlp::parse_endpoint)]
+    pub otlp: Option<crate::otlp::Endpoint>,
+
+    /// An HTTP header for every OTLP request, as NAME=VALUE (for
+    /// authentication: `Authorization=Bearer TOKEN`). Repeatable.
+    #[arg(long = "otlp-header", value_name = "NAME=VALUE", requires = "otlp",
+          value_parser = crate::otlp::parse_header, action = ArgAction::Append)]
+    pub otlp_headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+
+    /// Where records wait while the collector is unreachable, after a
+    /// bounded queue in memory: by default FILE.otlp-spool beside the
+    /// --write FILE, else /var/lib/tcptrace/otlp-spool (`read` waits for
+    /// the collector instead, unless given one). A later run sends what an
+    /// earlier one left.
+    #[arg(long, value_name = "DIR", requires = "otlp")]
+    pub otlp_spool: Option<PathBuf>,
+
+    /// The spool's bound: beyond it records are dropped, and counted.
+    /// SIZE takes K, M or G suffixes [default: 256M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_spool_size, requires = "otlp")]
+    pub otlp_spool_size: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -617,6 +655,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
         ));
     }
     Ok(bytes)
+}
+
+/// `--otlp-spool-size`: a size as --rotate-size takes it.
+fn parse_spool_size(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.replace("a rotation size", "a spool size"))
 }
 
 fn parse_keep(s: &str) -> Result<u32, String> {

@@ -11,6 +11,7 @@ pub mod endpoint;
 pub mod kernel;
 pub mod live;
 pub mod offline;
+pub mod otlp;
 pub mod system;
 
 /// Why tcptrace stopped without doing its job; each kind has its status.

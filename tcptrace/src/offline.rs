@@ -7,6 +7,7 @@ use anyhow::anyhow;
 
 use crate::Failure;
 use crate::cli::{ReadArgs, ReportArgs};
+use crate::otlp;
 use tcptrace_core::analyse::Analysis;
 use tcptrace_core::analyse::html::Pictures;
 use tcptrace_core::filter::{Admit, Filter};
@@ -17,6 +18,7 @@ use tcptrace_core::model::Stats;
 use tcptrace_core::output::{OutputFormat, Printer, Style, TimeFormat};
 use tcptrace_core::recording::read;
 use tcptrace_core::recording::{self, Recorder};
+use tcptrace_core::words::plural;
 
 /// Prints recorded rows as the live run printed them.
 pub fn read(args: ReadArgs) -> Result<(), Failure> {
@@ -35,6 +37,9 @@ pub fn read(args: ReadArgs) -> Result<(), Failure> {
     }
     if let Some(path) = &args.write {
         return rewrite(&args, path, &mut filter);
+    }
+    if let Some(endpoint) = &args.otlp.otlp {
+        return ship(&args, endpoint, &mut filter);
     }
     let source = if args.tail {
         Source::Tail(&args.files[0])
@@ -198,6 +203,80 @@ fn rewrite(args: &ReadArgs, path: &std::path::Path, filter: &mut Filter) -> Resu
         None => r.close(),
     };
     done.map_err(|f| Failure::Other(anyhow!(f.message)))
+}
+
+/// `read --otlp`: the rows the filters keep, to the collector, as the
+/// live run would have sent them; returns once the collector has
+/// acknowledged them all (or refused some: then status 1).
+fn ship(args: &ReadArgs, endpoint: &otlp::Endpoint, filter: &mut Filter) -> Result<(), Failure> {
+    let spool = args.otlp.otlp_spool.as_deref().map(|d| {
+        (
+            d,
+            args.otlp
+                .otlp_spool_size
+                .unwrap_or(otlp::DEFAULT_SPOOL_SIZE),
+        )
+    });
+    let exporter = otlp::Exporter::start(endpoint, &args.otlp.otlp_headers, spool, true, None)
+        .map_err(Failure::BadInput)?;
+    let style = args.output.style();
+    let mut exporter = Some(exporter);
+    let mut feed: Option<otlp::Feed> = None;
+    let bar = progress_bar(&args.files, ProgressFor::Report);
+    let result = read::read(
+        &args.files,
+        args.lenient,
+        bar.as_ref(),
+        |item| -> Result<(), ()> {
+            let clock = match &item {
+                Item::Header(h) => Some(h.clock()),
+                _ => None,
+            };
+            if let (Some(c), Some(f)) = (clock, &mut feed) {
+                f.set_clock(c);
+            }
+            let f = match (&mut feed, &mut exporter) {
+                (Some(f), _) => f,
+                (None, e) => {
+                    let e = e.take().expect("the feed takes the exporter once");
+                    feed.insert(otlp::Feed::new(e, style, clock.unwrap_or_else(Clock::now)))
+                }
+            };
+            if let Item::Row(row) = item
+                && let Admit::Show(held) = filter.admit(&row)
+            {
+                for r in held.as_deref().into_iter().chain(std::iter::once(&row)) {
+                    f.push_wait(r);
+                }
+            }
+            Ok(())
+        },
+    );
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let exporter = feed.map(|f| f.exporter).or(exporter);
+    let summary = exporter.map(|e| e.finish(None));
+    result
+        .map_err(|bad| Failure::BadInput(anyhow!(bad.0)))?
+        .ok();
+    let Some(summary) = summary else {
+        return Ok(());
+    };
+    let c = summary.counts;
+    eprintln!(
+        "tcptrace: otlp: {} sent to {}, {} dropped",
+        plural(c.sent, "record", "records"),
+        summary.shown,
+        c.dropped
+    );
+    if c.dropped > 0 {
+        return Err(Failure::Other(anyhow!(
+            "{} could not be delivered",
+            plural(c.dropped, "record", "records")
+        )));
+    }
+    Ok(())
 }
 
 #[derive(PartialEq)]

@@ -5,7 +5,8 @@
 //! pages, completions, a systemd unit and the licences. They go out as a
 //! tarball and as a .deb that puts each file where Debian looks for it, for
 //! x86_64 and for arm64 (cross-built here: the eBPF programs are the same
-//! bytes, only the userspace around them is compiled twice).
+//! bytes, only the userspace around them is compiled twice). The binary
+//! alone also goes out as a container image ([`crate::oci`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -43,8 +44,10 @@ pub const AARCH64: Arch = Arch {
 pub struct Dist {
     pub tarball: PathBuf,
     pub deb: PathBuf,
+    pub image: PathBuf,
     pub arm64_tarball: PathBuf,
     pub arm64_deb: PathBuf,
+    pub arm64_image: PathBuf,
 }
 
 /// Builds the static binary for `arch` (adding its Rust target if missing)
@@ -92,16 +95,20 @@ pub fn run(root: &Path) -> Result<Dist> {
     // they are the same text for every architecture.
     let items = items(root, &bin)?;
     let (tarball, deb) = package(&out, X86_64, &items)?;
+    let image = crate::oci::image(&out, X86_64, &items[0].bytes)?;
     let arm64 = root.join(build_static(AARCH64)?);
     let mut arm64_items = items;
     arm64_items[0].bytes =
         fs::read(&arm64).with_context(|| format!("cannot read {}", arm64.display()))?;
     let (arm64_tarball, arm64_deb) = package(&out, AARCH64, &arm64_items)?;
+    let arm64_image = crate::oci::image(&out, AARCH64, &arm64_items[0].bytes)?;
     Ok(Dist {
         tarball,
         deb,
+        image,
         arm64_tarball,
         arm64_deb,
+        arm64_image,
     })
 }
 

@@ -18,6 +18,7 @@ mod dist;
 mod fuzz;
 mod hookcost;
 mod kernels;
+mod oci;
 mod soak;
 
 /// bpf-linker 0.11 and later default to LLVM 23, which this nightly is not.
@@ -68,7 +69,7 @@ enum Cmd {
     /// Build the release for production hosts in target/dist/: static
     /// x86_64 and aarch64 binaries (musl) with the eBPF object inside, man
     /// pages, completions and a systemd unit, as a tarball and a .deb for
-    /// each architecture.
+    /// each architecture; and an OCI image archive of the binary for each.
     Dist,
     /// Run the cargo-fuzz targets (recording reader, argument parsers) for
     /// SECONDS each; installs cargo-fuzz if missing.
@@ -364,6 +365,37 @@ fn ensure_chromium() -> Result<()> {
     status("apt-get", &["install", "-y", "-qq", "chromium"])
 }
 
+/// The fleet's real components: Debian's Prometheus scrapes `--metrics`
+/// in tests/otlp.rs (which fails, saying so, where it is missing); skopeo
+/// checks the OCI image archive in tests/package.rs.
+fn ensure_fleet() -> Result<()> {
+    let missing: Vec<&str> = [
+        ("prometheus", Path::new("/usr/bin/prometheus").is_file()),
+        ("skopeo", which("skopeo")),
+    ]
+    .into_iter()
+    .filter(|(_, present)| !present)
+    .map(|(package, _)| package)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !which("apt-get") || !is_root() {
+        bail!(
+            "the tests need Debian's {} (apt-get install {0}) for the fleet's paths",
+            missing.join(" ")
+        );
+    }
+    eprintln!(
+        "xtask: installing {} (for the fleet tests)",
+        missing.join(", ")
+    );
+    let _ = status("apt-get", &["update", "-qq"]);
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    status("apt-get", &args)
+}
+
 /// The real servers of tests/servers.rs, at the paths the tests run them
 /// from (Debian's postgres is outside PATH, under its major version).
 fn ensure_servers() -> Result<()> {
@@ -406,6 +438,7 @@ fn ensure_servers() -> Result<()> {
 fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     ensure_chromium()?;
     ensure_servers()?;
+    ensure_fleet()?;
     cargo(&["fmt", "--all", "--", "--check"])
         .context("formatting differs: run `cargo fmt --all`")?;
     cargo(&[
@@ -446,6 +479,8 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     cmd.env("TCPTRACE_TARBALL", &release.tarball);
     cmd.env("TCPTRACE_ARM64_DEB", &release.arm64_deb);
     cmd.env("TCPTRACE_ARM64_TARBALL", &release.arm64_tarball);
+    cmd.env("TCPTRACE_OCI", &release.image);
+    cmd.env("TCPTRACE_ARM64_OCI", &release.arm64_image);
     if !is_root() {
         if which("sudo") {
             eprintln!(

@@ -163,4 +163,21 @@ pub struct Stats {
     /// Transitions that could not be written.
     pub lost_output: u64,
     pub duration_s: f64,
+    /// With `--otlp`: what became of the rows sent to the collector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp: Option<OtlpCounts>,
+}
+
+/// Rows handed to an OTLP collector, by what became of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtlpCounts {
+    /// Acknowledged by the collector.
+    pub sent: u64,
+    /// Lost: a full queue or spool, or refused by the collector.
+    pub dropped: u64,
+    /// Written to the disk spool while the collector was away (sent
+    /// later or still there: `waiting`).
+    pub spooled: u64,
+    /// Still in the disk spool at the end, for the next run to send.
+    pub waiting: u64,
 }

@@ -11,9 +11,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::model::Counters;
 use crate::model::State;
 use crate::model::{Close, Origin, Row};
+use crate::model::{Counters, OtlpCounts};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -43,6 +43,11 @@ struct KindLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PathLabels {
     path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,7 +84,15 @@ impl Metrics {
     /// The OpenMetrics text of a scrape. `sockets` counts the sockets
     /// tcptrace knows of, by current state; `gaps` those whose history
     /// skipped a state.
-    pub fn render(&self, counters: &Counters, sockets: &[(State, u64)], gaps: u64) -> String {
+    /// `otlp`: with `--otlp`, what became of the rows sent to the
+    /// collector.
+    pub fn render(
+        &self,
+        counters: &Counters,
+        sockets: &[(State, u64)],
+        gaps: u64,
+        otlp: Option<&OtlpCounts>,
+    ) -> String {
         let mut registry = Registry::with_prefix("tcptrace");
         let transitions = Family::<TransitionLabels, Counter>::default();
         for (old, row) in self.transitions.iter().enumerate() {
@@ -159,6 +172,32 @@ impl Metrics {
             "Sockets tcptrace follows, by current state",
             per_state,
         );
+        if let Some(o) = otlp {
+            let records = Family::<ResultLabels, Counter>::default();
+            for (result, n) in [
+                ("sent", o.sent),
+                ("dropped", o.dropped),
+                ("spooled", o.spooled),
+            ] {
+                records
+                    .get_or_create(&ResultLabels {
+                        result: result.into(),
+                    })
+                    .inc_by(n);
+            }
+            registry.register(
+                "otlp_records",
+                "Rows handed to the OTLP collector: sent (acknowledged), dropped (lost), spooled (written to the disk spool while it was away)",
+                records,
+            );
+            let waiting: Gauge = Gauge::default();
+            waiting.set(o.waiting as i64);
+            registry.register(
+                "otlp_waiting_records",
+                "Rows not yet acknowledged by the OTLP collector (in memory or in the disk spool)",
+                waiting,
+            );
+        }
         let mut text = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
         text
@@ -171,14 +210,35 @@ mod tests {
 
     #[test]
     fn the_owner_path_is_an_info_gauge_when_known() {
-        let text = Metrics::new()
-            .with_owner_path("fentry")
-            .render(&Counters::default(), &[], 0);
+        let text =
+            Metrics::new()
+                .with_owner_path("fentry")
+                .render(&Counters::default(), &[], 0, None);
         assert!(
             text.contains("tcptrace_owner_path{path=\"fentry\"} 1"),
             "{text}"
         );
-        let text = Metrics::new().render(&Counters::default(), &[], 0);
+        let text = Metrics::new().render(&Counters::default(), &[], 0, None);
         assert!(!text.contains("owner_path"), "{text}");
+        assert!(!text.contains("otlp"), "{text}");
+    }
+
+    #[test]
+    fn otlp_records_are_counted_by_result() {
+        let counts = OtlpCounts {
+            sent: 7,
+            dropped: 2,
+            spooled: 3,
+            waiting: 1,
+        };
+        let text = Metrics::new().render(&Counters::default(), &[], 0, Some(&counts));
+        for line in [
+            "tcptrace_otlp_records_total{result=\"sent\"} 7",
+            "tcptrace_otlp_records_total{result=\"dropped\"} 2",
+            "tcptrace_otlp_records_total{result=\"spooled\"} 3",
+            "tcptrace_otlp_waiting_records 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

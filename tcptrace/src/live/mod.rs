@@ -29,13 +29,14 @@ use crate::command;
 use crate::endpoint;
 use crate::kernel::capture::{Capture, Hooks, StartError};
 use crate::kernel::privileges;
+use crate::otlp;
 use crate::system::cgroups::Cgroups;
 use crate::system::snapshot::{self, Found};
 use crate::system::timewait::TimeWait;
 use tcptrace_core::analyse::Analysis;
 use tcptrace_core::attribute::Attributor;
 use tcptrace_core::filter::Filter;
-use tcptrace_core::model::{Clock, Counters, Header, Item, Spec, Stats};
+use tcptrace_core::model::{Clock, Counters, Header, Item, OtlpCounts, Spec, Stats};
 use tcptrace_core::order::Order;
 use tcptrace_core::output::metrics::Metrics;
 use tcptrace_core::recording::{self, Recorder};
@@ -54,6 +55,9 @@ const LOSS_CHECK: Duration = Duration::from_millis(200);
 const LOOKUP_EVERY: Duration = Duration::from_millis(250);
 /// With `-- COMMAND`, how long to go on tracing after it has ended.
 const DEFAULT_LINGER: Duration = Duration::from_secs(3);
+/// At the end, how long the collector may take to acknowledge what is
+/// left before it goes to the spool.
+const OTLP_PATIENCE: Duration = Duration::from_secs(5);
 /// A command that could not be started, as a shell says it.
 const COMMAND_NOT_STARTED: u8 = 127;
 /// Stopped by a signal while the command still ran.
@@ -148,6 +152,7 @@ fn attach(
     // tracing starts: a bad path costs nothing.
     let clock = Clock::now();
     let recorder = open_recording(args, clock, spec)?;
+    let otlp = start_otlp(args, clock)?;
     let hooks = match (args.no_owner_hooks, args.owner_hooks) {
         (true, _) => Hooks::Off,
         (false, OwnerHooks::Auto) => Hooks::Auto,
@@ -173,7 +178,7 @@ fn attach(
             timewait,
             following_timewait: !args.no_timewait,
             filter,
-            outputs: Outputs::new(args, clock, recorder),
+            outputs: Outputs::new(args, clock, recorder, otlp),
             tally: Tally::default(),
             count: args.count,
             metrics: metrics_listener
@@ -209,6 +214,39 @@ fn open_recording(args: &LiveArgs, clock: Clock, spec: &Spec) -> Result<Option<R
     Recorder::create(options, Header::new(clock, spec.clone()))
         .map(Some)
         .map_err(Failure::BadInput)
+}
+
+/// `--otlp`: the exporter, started before tracing so that a bad spool
+/// costs nothing. The spool is the flag's, else beside the recording, else
+/// the default directory, which may be missing where tcptrace is not
+/// installed: then records wait in memory only, and it is said.
+fn start_otlp(args: &LiveArgs, clock: Clock) -> Result<Option<otlp::Feed>, Failure> {
+    let Some(endpoint) = &args.otlp.otlp else {
+        return Ok(None);
+    };
+    let dir = otlp::spool_dir(
+        args.otlp.otlp_spool.as_deref(),
+        args.record.write.as_deref(),
+    );
+    let limit = args
+        .otlp
+        .otlp_spool_size
+        .unwrap_or(otlp::DEFAULT_SPOOL_SIZE);
+    let chosen = args.otlp.otlp_spool.is_some() || args.record.write.is_some();
+    let headers = &args.otlp.otlp_headers;
+    let nice = Some(args.nice);
+    let exporter = match otlp::Exporter::start(endpoint, headers, Some((&dir, limit)), false, nice)
+    {
+        Ok(e) => e,
+        Err(e) if !chosen && !e.to_string().contains("another tcptrace") => {
+            eprintln!(
+                "tcptrace: warning: otlp: no spool ({e:#}); while the collector is away, records                  wait in memory only (--otlp-spool DIR keeps them on disk)"
+            );
+            otlp::Exporter::start(endpoint, headers, None, false, nice).map_err(Failure::Other)?
+        }
+        Err(e) => return Err(Failure::BadInput(e)),
+    };
+    Ok(Some(otlp::Feed::new(exporter, args.output.style(), clock)))
 }
 
 /// Sockets that exist already, and netlink sockets in each namespace for
@@ -400,10 +438,18 @@ impl Live {
     fn serve_metrics(&self, stream: tokio::net::TcpStream) {
         if let Some(m) = &self.pipe.tail.metrics {
             let counters = summary::counters(&self.capture);
+            let otlp = self
+                .pipe
+                .tail
+                .outputs
+                .otlp
+                .as_ref()
+                .map(|f| f.exporter.shared().counts());
             let body = m.render(
                 &counters,
                 &self.pipe.attributor.sockets_by_state(),
                 self.pipe.attributor.gaps(),
+                otlp.as_ref(),
             );
             tokio::spawn(endpoint::answer(stream, body));
         }
@@ -495,8 +541,27 @@ impl Live {
         let gaps = summary::warn_gaps(pipe.attributor.gaps(), warned.gaps);
         drop(capture);
         summary::warn_undecodable(tally.undecodable);
-        let failure = close_recording(&mut outputs, stop, &tally, &counters, gaps, started);
-        eprintln!("{}", summary::stats_line(&tally, &counters, gaps));
+        // Before the recording closes: its stats say what became of the
+        // records.
+        let otlp = outputs
+            .otlp
+            .take()
+            .map(|f| f.exporter.finish(Some(OTLP_PATIENCE)));
+        let otlp_counts = otlp.as_ref().map(|o| o.counts);
+        let failure = close_recording(
+            &mut outputs,
+            stop,
+            &tally,
+            &counters,
+            gaps,
+            started,
+            otlp_counts,
+        );
+        let otlp_part = otlp.map(|o| o.stats_part()).unwrap_or_default();
+        eprintln!(
+            "{}{otlp_part}",
+            summary::stats_line(&tally, &counters, gaps)
+        );
         if let Some(analysis) = &analysis {
             eprint!("{}", summary::restart_summary(analysis));
         }
@@ -535,6 +600,7 @@ fn close_recording(
     counters: &Counters,
     gaps: u64,
     started: Instant,
+    otlp: Option<OtlpCounts>,
 ) -> Option<String> {
     let mut failure = match &stop {
         Stop::OutputFailed(message) => Some(message.clone()),
@@ -553,6 +619,7 @@ fn close_recording(
             gaps,
             lost_output: outputs.lost_output,
             duration_s: started.elapsed().as_secs_f64(),
+            otlp,
         };
         if let Err(f) = r.finish(stats) {
             failure = Some(f.message);

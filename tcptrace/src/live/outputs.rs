@@ -1,4 +1,5 @@
-//! Where shown rows go: the terminal (unless `-q`) and the recording. The
+//! Where shown rows go: the terminal (unless `-q`), the recording and the
+//! OTLP collector (`--otlp`, through its exporter's channel). The
 //! terminal's rows gather in a buffer written in one go per poll, not a
 //! write per row.
 
@@ -12,6 +13,7 @@ use tcptrace_core::recording::Recorder;
 
 use super::Stop;
 use crate::cli::LiveArgs;
+use crate::otlp::Feed;
 
 /// The terminal's buffer is written out once it holds this much.
 pub(super) const STDOUT_BUFFER: usize = 1 << 16;
@@ -20,13 +22,19 @@ pub(super) struct Outputs {
     pub printer: Printer,
     pub stdout: Option<Vec<u8>>,
     pub recorder: Option<Recorder>,
+    pub otlp: Option<Feed>,
     pub lost_output: u64,
 }
 
 impl Outputs {
     /// The terminal as `args` ask (with the header line for text), and the
     /// recording opened already.
-    pub fn new(args: &LiveArgs, clock: Clock, recorder: Option<Recorder>) -> Outputs {
+    pub fn new(
+        args: &LiveArgs,
+        clock: Clock,
+        recorder: Option<Recorder>,
+        otlp: Option<Feed>,
+    ) -> Outputs {
         let printer = Printer::new(args.output.style(), clock);
         let mut stdout = (!args.record.quiet).then(|| Vec::with_capacity(STDOUT_BUFFER * 2));
         if let Some(buf) = &mut stdout
@@ -39,6 +47,7 @@ impl Outputs {
             printer,
             stdout,
             recorder,
+            otlp,
             lost_output: 0,
         }
     }
@@ -49,6 +58,9 @@ impl Outputs {
         }
         if let Some(r) = &mut self.recorder {
             r.row(row).map_err(Stop::RecordFailed)?;
+        }
+        if let Some(f) = &mut self.otlp {
+            f.push(row);
         }
         Ok(())
     }
