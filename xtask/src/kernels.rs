@@ -360,7 +360,35 @@ fn ensure_packages() -> Result<()> {
     let _ = crate::status("apt-get", &["update", "-qq"]);
     let mut args = vec!["install", "-y", "-qq"];
     args.extend(&missing);
+    // QEMU's packages come from one source at one version: a newer
+    // qemu-utils already installed (these machines' image has one from
+    // backports, which apt here no longer lists) breaks the emulators'
+    // qemu-system-common, and nothing else needs it. Take the archive's.
+    let utils = qemu_utils_to_match()?;
+    if let Some(pin) = &utils {
+        eprintln!("xtask: replacing qemu-utils with {pin}, the emulators' own version");
+        args.extend(["--allow-downgrades", pin.as_str()]);
+    }
     crate::status("apt-get", &args)
+}
+
+/// `qemu-utils=VERSION` when the installed qemu-utils is not the version
+/// the archive's emulators come in.
+fn qemu_utils_to_match() -> Result<Option<String>> {
+    let installed =
+        crate::output("dpkg-query", &["-W", "-f=${Version}", "qemu-utils"]).unwrap_or_default();
+    if installed.is_empty() {
+        return Ok(None);
+    }
+    let policy = crate::output("apt-cache", &["policy", "qemu-system-x86"])?;
+    let candidate = policy
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate:"))
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && *v != "(none)");
+    Ok(candidate
+        .filter(|v| *v != installed)
+        .map(|v| format!("qemu-utils={v}")))
 }
 
 /// Where a kernel package comes from: the suite this machine's apt
