@@ -55,9 +55,10 @@ enum Cmd {
     },
     /// Only install the build prerequisites.
     Setup,
-    /// Measure what the holder-following hooks (close, fork/exit) cost
-    /// calls that involve no TCP socket: loops of each, untraced and under
-    /// tcptrace, interleaved (needs root).
+    /// Measure what the owner hooks cost system calls that involve no TCP
+    /// socket: getppid, open+close and fork loops, untraced and under each
+    /// owner path tcptrace can take here, interleaved (needs root; the
+    /// kernel matrix runs the same loops in each guest).
     HookCost {
         /// Seconds per loop, configuration and round.
         #[arg(long, default_value_t = 3.0)]
@@ -157,9 +158,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Setup => setup().map(|()| ExitCode::SUCCESS),
         Cmd::HookCost { seconds, rounds } => {
             setup()?;
-            cargo(&["build", "--release", "--package", "tcptrace"])?;
-            hookcost::run(&root.join("target/release/tcptrace"), seconds, rounds)
-                .map(|()| ExitCode::SUCCESS)
+            hookcost::run(&root, seconds, rounds).map(|()| ExitCode::SUCCESS)
         }
         Cmd::Dist => {
             setup()?;

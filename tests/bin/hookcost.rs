@@ -1,0 +1,475 @@
+//! tt-hookcost: what tcptrace's owner hooks cost system calls that involve
+//! no TCP socket, on loops that do nothing else. `cargo xtask hook-cost`
+//! runs it on this machine, and the kernel matrix inside each guest, so the
+//! loops are written once.
+//!
+//! tt-hookcost [--tcptrace PATH] [--seconds S] [--rounds N]
+//!             [--loops getppid,close,fork] [--paths auto,syscalls,none]
+//!             [--console]
+//!
+//! Loops (each call):
+//! - getppid: getppid(), which no program hooks: what every system call of
+//!   the host pays while a system-call tracepoint is attached;
+//! - close: open /dev/null and close it (the close hook runs, on either
+//!   path);
+//! - fork: fork a child that exits at once, and wait for it.
+//!
+//! Tracers, each `tcptrace --port 9 -q --no-snapshot --no-timewait` (port 9
+//! carries no traffic: every TCP transition is dropped in the kernel, so
+//! only the hooks' own cost shows):
+//! - auto: the default owner path, named as tcptrace names it at start
+//!   (fentry, or system-call tracepoints where the kernel refuses fentry);
+//! - syscalls: `--owner-hooks syscalls`, the forced fallback; left out when
+//!   the default already took it (the same path twice);
+//! - none: `--no-owner-hooks`.
+//!
+//! Each round measures every loop untraced and under each tracer (one
+//! tracer start per round and tracer), the order turned by one each round
+//! so that a drift of the machine's speed does not favour one of them. The
+//! figures are medians of the per-round rates; the per-round ratios show
+//! the noise. With `--console` one line per loop and tracer also goes to
+//! stdout for the kernel matrix to read:
+//!
+//! @@ hookcost path=fentry loop=getppid untraced=N traced=N rounds=R,R,R
+//!
+//! (rates in calls per second, R the per-round traced/untraced in percent).
+//! Exit status 2 for bad arguments, 1 when tcptrace does not start.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio, exit};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A port no loop uses: tcptrace drops every transition in the kernel.
+const QUIET_PORT: &str = "9";
+
+/// How long a tracer may take to attach: a guest under software emulation
+/// takes seconds to verify the programs.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Loop {
+    name: &'static str,
+    what: &'static str,
+    step: fn(),
+}
+
+const LOOPS: [Loop; 3] = [
+    Loop {
+        name: "getppid",
+        what: "getppid()",
+        step: getppid,
+    },
+    Loop {
+        name: "close",
+        what: "open(/dev/null) + close()",
+        step: open_close,
+    },
+    Loop {
+        name: "fork",
+        what: "fork() + child exit + waitpid()",
+        step: fork_wait,
+    },
+];
+
+fn getppid() {
+    // SAFETY: no arguments, no memory.
+    unsafe {
+        libc::getppid();
+    }
+}
+
+fn open_close() {
+    // SAFETY: a NUL-terminated path; the descriptor is closed at once.
+    unsafe {
+        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            libc::close(fd);
+        }
+    }
+}
+
+fn fork_wait() {
+    // SAFETY: the child only calls _exit, which is async-signal-safe.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::_exit(0);
+        }
+        if pid > 0 {
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+/// The loops are timed in slices this long.
+const SLICE: Duration = Duration::from_millis(1);
+
+/// Which of a loop's slice rates stands for it: a machine shared with other
+/// work (a QEMU guest whose emulator threads wait for a core, above all)
+/// stops the loop now and then for milliseconds, and a slice that waited
+/// shows a rate far too low; the slices that ran without waiting are the
+/// fastest, and the hooks' cost is in every one of them. The 90th
+/// percentile leaves the odd slice helped by chance (a timer that did not
+/// fire in it) out too.
+const QUANTILE: f64 = 0.9;
+
+/// One loop's measurement.
+#[derive(Clone, Copy)]
+struct Sample {
+    /// Calls per second in the slices that ran undisturbed ([`QUANTILE`]).
+    rate: f64,
+    /// Calls per second over the whole run, waits included.
+    overall: f64,
+}
+
+/// `step`'s rate over `seconds`, timed in slices of [`SLICE`].
+fn sample(step: fn(), seconds: f64) -> Sample {
+    let limit = Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut slices = Vec::with_capacity((seconds / SLICE.as_secs_f64()) as usize + 1);
+    let mut calls = 0u64;
+    while started.elapsed() < limit {
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < SLICE {
+            step();
+            n += 1;
+        }
+        slices.push(n as f64 / t.elapsed().as_secs_f64());
+        calls += n;
+    }
+    slices.sort_by(f64::total_cmp);
+    let at = ((slices.len() - 1) as f64 * QUANTILE).round() as usize;
+    Sample {
+        rate: slices[at],
+        overall: calls as f64 / started.elapsed().as_secs_f64(),
+    }
+}
+
+/// The tracers besides the untraced run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tracer {
+    Auto,
+    Syscalls,
+    NoHooks,
+}
+
+impl Tracer {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Tracer::Auto => &[],
+            Tracer::Syscalls => &["--owner-hooks", "syscalls"],
+            Tracer::NoHooks => &["--no-owner-hooks"],
+        }
+    }
+}
+
+/// One column of measurements: untraced, or under a tracer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Config {
+    Untraced,
+    Traced(Tracer),
+}
+
+/// tcptrace attached, dropping every transition; killed on drop.
+struct Attached {
+    child: Child,
+    /// The owner path its start line named: "fentry", "syscalls", or
+    /// "none" (no line: --no-owner-hooks).
+    path: String,
+}
+
+impl Attached {
+    fn start(tcptrace: &PathBuf, tracer: Tracer) -> Attached {
+        let mut child = Command::new(tcptrace)
+            .args(["--port", QUIET_PORT, "-q", "--no-snapshot", "--no-timewait"])
+            .args(tracer.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| die(&format!("cannot start {}: {e}", tcptrace.display())));
+        let err = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut path = "none".to_string();
+        let mut said = Vec::new();
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.starts_with("tcptrace: tracing") => {
+                    return Attached { child, path };
+                }
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("tcptrace: owners: ") {
+                        path = if rest.starts_with("fentry") {
+                            "fentry".to_string()
+                        } else {
+                            "syscalls".to_string()
+                        };
+                    }
+                    said.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    die(&format!(
+                        "tcptrace {} did not start tracing within {} s; it said:\n{}",
+                        tracer.args().join(" "),
+                        START_TIMEOUT.as_secs(),
+                        said.join("\n")
+                    ))
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Opts {
+    tcptrace: PathBuf,
+    seconds: f64,
+    rounds: u32,
+    loops: Vec<&'static Loop>,
+    tracers: Vec<Tracer>,
+    console: bool,
+}
+
+fn parse_args() -> Opts {
+    let mut o = Opts {
+        tcptrace: std::env::var_os("TCPTRACE_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("tcptrace")),
+        seconds: 1.0,
+        rounds: 3,
+        loops: LOOPS.iter().collect(),
+        tracers: vec![Tracer::Auto, Tracer::Syscalls, Tracer::NoHooks],
+        console: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| fail(&format!("{a} needs a value")))
+        };
+        match a.as_str() {
+            "--tcptrace" => o.tcptrace = PathBuf::from(value()),
+            "--seconds" => o.seconds = number(&a, &value(), 0.01, 600.0),
+            "--rounds" => o.rounds = number(&a, &value(), 1.0, 1000.0) as u32,
+            "--loops" => {
+                o.loops = list(&value(), "--loops", |name| {
+                    LOOPS.iter().find(|l| l.name == name)
+                })
+            }
+            "--paths" => {
+                o.tracers = list(&value(), "--paths", |name| match name {
+                    "auto" => Some(Tracer::Auto),
+                    "syscalls" => Some(Tracer::Syscalls),
+                    "none" => Some(Tracer::NoHooks),
+                    _ => None,
+                })
+            }
+            "--console" => o.console = true,
+            "-h" | "--help" => {
+                println!(
+                    "usage: tt-hookcost [--tcptrace PATH] [--seconds S] [--rounds N] \
+                     [--loops getppid,close,fork] [--paths auto,syscalls,none] [--console]"
+                );
+                exit(0);
+            }
+            _ => fail(&format!("unknown argument {a:?}")),
+        }
+    }
+    o
+}
+
+/// A comma-separated list of names, each known to `find`.
+fn list<T>(v: &str, flag: &str, find: impl Fn(&str) -> Option<T>) -> Vec<T> {
+    let out: Vec<T> = v
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|name| find(name).unwrap_or_else(|| fail(&format!("{flag}: unknown name {name:?}"))))
+        .collect();
+    if out.is_empty() {
+        fail(&format!("{flag} needs at least one name"));
+    }
+    out
+}
+
+fn number(flag: &str, v: &str, min: f64, max: f64) -> f64 {
+    match v.parse::<f64>() {
+        Ok(n) if (min..=max).contains(&n) => n,
+        _ => fail(&format!("{flag} {v:?}: give a number from {min} to {max}")),
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("tt-hookcost: {msg}");
+    exit(2)
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("tt-hookcost: {msg}");
+    exit(1)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    }
+}
+
+fn main() {
+    let o = parse_args();
+    let mut configs = vec![Config::Untraced];
+    configs.extend(o.tracers.iter().map(|&t| Config::Traced(t)));
+    // samples[config][loop]: one per round.
+    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); o.loops.len()]; configs.len()];
+    let mut paths: Vec<String> = vec![String::new(); configs.len()];
+    let mut skip = vec![false; configs.len()];
+    let started = Instant::now();
+    // The first calls of a fresh process run slower (page faults; in a
+    // QEMU guest, code not yet translated): not in the first round.
+    for l in &o.loops {
+        sample(l.step, 0.2);
+    }
+    for round in 0..o.rounds as usize {
+        for k in 0..configs.len() {
+            // The first round keeps the given order, so that the default
+            // path is known before the forced one is measured.
+            let c = (k + round) % configs.len();
+            if skip[c] {
+                continue;
+            }
+            if configs[c] == Config::Traced(Tracer::Syscalls)
+                && let Some(auto) = configs
+                    .iter()
+                    .position(|&x| x == Config::Traced(Tracer::Auto))
+                && paths[auto] == "syscalls"
+            {
+                // The kernel refused fentry: the default is the fallback.
+                skip[c] = true;
+                paths[c] = "syscalls".to_string();
+                continue;
+            }
+            let tracer = match configs[c] {
+                Config::Untraced => None,
+                Config::Traced(t) => Some(Attached::start(&o.tcptrace, t)),
+            };
+            if let Some(t) = &tracer {
+                paths[c] = t.path.clone();
+            }
+            for (i, l) in o.loops.iter().enumerate() {
+                samples[c][i].push(sample(l.step, o.seconds));
+            }
+        }
+    }
+    let pick = |f: fn(&Sample) -> f64| -> Vec<Vec<Vec<f64>>> {
+        samples
+            .iter()
+            .map(|per_loop| per_loop.iter().map(|v| v.iter().map(f).collect()).collect())
+            .collect()
+    };
+    let rates = pick(|s| s.rate);
+    let overall = pick(|s| s.overall);
+    let ratios = |c: usize, i: usize, rates: &[Vec<Vec<f64>>]| -> Vec<String> {
+        rates[c][i]
+            .iter()
+            .zip(&rates[0][i])
+            .map(|(t, b)| format!("{:.1}", 100.0 * t / b))
+            .collect()
+    };
+    let label = |c: usize| match configs[c] {
+        Config::Untraced => "untraced".to_string(),
+        Config::Traced(Tracer::Auto) => paths[c].clone(),
+        Config::Traced(Tracer::Syscalls) => format!("{} (forced)", paths[c]),
+        Config::Traced(Tracer::NoHooks) => "no owner hooks".to_string(),
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "hook cost: {} rounds of {} s per loop and tracer, interleaved ({:.0} s); \
+         tcptrace --port {QUIET_PORT} drops every TCP transition in the kernel",
+        o.rounds,
+        o.seconds,
+        started.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "rates: the 90th percentile of {} ms slices (the slices that waited for a CPU \
+         left out); ratio: traced / untraced, medians over the rounds",
+        SLICE.as_millis()
+    );
+    let _ = writeln!(
+        out,
+        "{:<8} {:<26} {:<18} {:>12} {:>12} {:>7} {:>9}  per round",
+        "loop", "each call", "tcptrace", "untraced /s", "traced /s", "ratio", "added ns"
+    );
+    for (i, l) in o.loops.iter().enumerate() {
+        let bare = median(&rates[0][i]);
+        for c in 1..configs.len() {
+            if skip[c] {
+                continue;
+            }
+            let traced = median(&rates[c][i]);
+            let _ = writeln!(
+                out,
+                "{:<8} {:<26} {:<18} {:>12.0} {:>12.0} {:>6.1}% {:>9.0}  {}",
+                l.name,
+                l.what,
+                label(c),
+                bare,
+                traced,
+                100.0 * traced / bare,
+                1e9 / traced - 1e9 / bare,
+                ratios(c, i, &rates).join(" ")
+            );
+        }
+    }
+    if let Some(c) = skip.iter().position(|&s| s) {
+        let _ = writeln!(
+            out,
+            "(the default took {}: --owner-hooks syscalls is the same path, measured once)",
+            paths[c]
+        );
+    }
+    if o.console {
+        for (i, l) in o.loops.iter().enumerate() {
+            for c in 1..configs.len() {
+                if skip[c] {
+                    continue;
+                }
+                let path = match configs[c] {
+                    Config::Traced(Tracer::NoHooks) => "none".to_string(),
+                    _ => paths[c].clone(),
+                };
+                let _ = writeln!(
+                    out,
+                    "@@ hookcost path={path} loop={} untraced={:.0} traced={:.0} rounds={} \
+                     overall={}",
+                    l.name,
+                    median(&rates[0][i]),
+                    median(&rates[c][i]),
+                    ratios(c, i, &rates).join(","),
+                    ratios(c, i, &overall).join(",")
+                );
+            }
+        }
+    }
+}
