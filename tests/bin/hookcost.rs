@@ -25,9 +25,10 @@
 //!
 //! Each round measures every loop untraced and under each tracer (one
 //! tracer start per round and tracer), the order turned by one each round
-//! so that a drift of the machine's speed does not favour one of them. The
-//! figures are medians of the per-round rates; the per-round ratios show
-//! the noise. With `--console` one line per loop and tracer also goes to
+//! so that a drift of the machine's speed does not favour one of them.
+//! Each rate is taken against the machine's speed at the same moments (see
+//! [`sample`]). The figures are medians of the per-round rates; the
+//! per-round ratios show the noise. With `--console` one line per loop and tracer also goes to
 //! stdout for the kernel matrix to read:
 //!
 //! @@ hookcost path=fentry loop=getppid untraced=N traced=N rounds=R,R,R
@@ -103,49 +104,116 @@ fn fork_wait() {
     }
 }
 
-/// The loops are timed in slices this long.
-const SLICE: Duration = Duration::from_millis(1);
-
-/// Which of a loop's slice rates stands for it: a machine shared with other
-/// work (a QEMU guest whose emulator threads wait for a core, above all)
-/// stops the loop now and then for milliseconds, and a slice that waited
-/// shows a rate far too low; the slices that ran without waiting are the
-/// fastest, and the hooks' cost is in every one of them. The 90th
-/// percentile leaves the odd slice helped by chance (a timer that did not
-/// fire in it) out too.
-const QUANTILE: f64 = 0.9;
+/// The loops are timed in slices of about this much CPU time, each
+/// followed by a slice of arithmetic alone.
+const SLICE: f64 = 0.001;
 
 /// One loop's measurement.
 #[derive(Clone, Copy)]
 struct Sample {
-    /// Calls per second in the slices that ran undisturbed ([`QUANTILE`]).
-    rate: f64,
-    /// Calls per second over the whole run, waits included.
-    overall: f64,
+    /// Calls per [`spin`] call: the median over the slices of each slice's
+    /// rate over the arithmetic's in the slice after it.
+    calls_per_spin: f64,
+    /// The arithmetic's median speed, in [`spin`] calls per CPU second.
+    spins: f64,
 }
 
-/// `step`'s rate over `seconds`, timed in slices of [`SLICE`].
-fn sample(step: fn(), seconds: f64) -> Sample {
+/// This thread's CPU time, in seconds: the time it waited for a CPU shared
+/// with other work is not in it.
+fn cpu_time() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// How many times `f` runs in about [`SLICE`] of CPU time.
+fn batch(mut f: impl FnMut()) -> u64 {
+    let t = cpu_time();
+    let mut n = 0u64;
+    while cpu_time() - t < SLICE {
+        f();
+        n += 1;
+    }
+    n.max(1)
+}
+
+/// How many calls of a loop, and of [`spin`], make one slice; measured
+/// once before the rounds.
+#[derive(Clone, Copy)]
+struct Batches {
+    calls: u64,
+    spins: u64,
+}
+
+fn batches(step: fn()) -> Batches {
+    let mut x = 1u64;
+    let b = Batches {
+        calls: batch(step),
+        spins: batch(|| x = spin(x)),
+    };
+    std::hint::black_box(x);
+    b
+}
+
+/// `step`'s rate over `seconds`, against the machine's speed at the time.
+///
+/// Slices are timed in this thread's CPU time, which leaves out the waits
+/// for a CPU that other work on this machine causes. In a QEMU guest, the
+/// waits of the emulator's threads for the host's cores are not seen by
+/// the guest's kernel and stay in: there the guest's speed changes from one
+/// millisecond to the next, and rates taken seconds apart, untraced then
+/// traced, differed by up to a factor of 6 in a loaded 6.12 guest. So each
+/// slice of the loop is followed by one of arithmetic that makes no system
+/// call, which the hooks cannot slow; a slowdown hits both alike, and the
+/// loop's rate over the arithmetic's keeps what the loop itself costs. The
+/// median over the slices leaves out the pairs that a wait hit in one half
+/// only. The clock is read only between slices: reading it is a system
+/// call, which the hooks of the system-call path would slow.
+fn sample(step: fn(), seconds: f64, b: Batches) -> Sample {
     let limit = Duration::from_secs_f64(seconds);
     let started = Instant::now();
-    let mut slices = Vec::with_capacity((seconds / SLICE.as_secs_f64()) as usize + 1);
-    let mut calls = 0u64;
+    let mut ratios = Vec::new();
+    let mut speeds = Vec::new();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
     while started.elapsed() < limit {
-        let t = Instant::now();
-        let mut n = 0u64;
-        while t.elapsed() < SLICE {
+        let t0 = cpu_time();
+        for _ in 0..b.calls {
             step();
-            n += 1;
         }
-        slices.push(n as f64 / t.elapsed().as_secs_f64());
-        calls += n;
+        let t1 = cpu_time();
+        for _ in 0..b.spins {
+            x = spin(x);
+        }
+        let t2 = cpu_time();
+        if t1 > t0 && t2 > t1 {
+            let speed = b.spins as f64 / (t2 - t1);
+            ratios.push(b.calls as f64 / (t1 - t0) / speed);
+            speeds.push(speed);
+        }
     }
-    slices.sort_by(f64::total_cmp);
-    let at = ((slices.len() - 1) as f64 * QUANTILE).round() as usize;
+    std::hint::black_box(x);
     Sample {
-        rate: slices[at],
-        overall: calls as f64 / started.elapsed().as_secs_f64(),
+        calls_per_spin: median(&ratios),
+        spins: median(&speeds),
     }
+}
+
+/// Iterations of the arithmetic per [`spin`] call.
+const SPIN: u64 = 64;
+
+/// Arithmetic that makes no system call and touches no memory.
+fn spin(mut x: u64) -> u64 {
+    for _ in 0..SPIN {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x = std::hint::black_box(x);
+    }
+    x
 }
 
 /// The tracers besides the untraced run.
@@ -346,9 +414,15 @@ fn main() {
     let started = Instant::now();
     // The first calls of a fresh process run slower (page faults; in a
     // QEMU guest, code not yet translated): not in the first round.
-    for l in &o.loops {
-        sample(l.step, 0.2);
-    }
+    let sizes: Vec<Batches> = o
+        .loops
+        .iter()
+        .map(|l| {
+            let b = batches(l.step);
+            sample(l.step, 0.2, b);
+            batches(l.step)
+        })
+        .collect();
     for round in 0..o.rounds as usize {
         for k in 0..configs.len() {
             // The first round keeps the given order, so that the default
@@ -376,18 +450,28 @@ fn main() {
                 paths[c] = t.path.clone();
             }
             for (i, l) in o.loops.iter().enumerate() {
-                samples[c][i].push(sample(l.step, o.seconds));
+                samples[c][i].push(sample(l.step, o.seconds, sizes[i]));
             }
         }
     }
-    let pick = |f: fn(&Sample) -> f64| -> Vec<Vec<Vec<f64>>> {
-        samples
-            .iter()
-            .map(|per_loop| per_loop.iter().map(|v| v.iter().map(f).collect()).collect())
-            .collect()
-    };
-    let rates = pick(|s| s.rate);
-    let overall = pick(|s| s.overall);
+    // Calls per second of the machine at its usual speed: the median of
+    // the arithmetic's speeds over every loop, tracer and round.
+    let speeds: Vec<f64> = samples
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|s| s.spins)
+        .collect();
+    let usual = median(&speeds);
+    let rates: Vec<Vec<Vec<f64>>> = samples
+        .iter()
+        .map(|per_loop| {
+            per_loop
+                .iter()
+                .map(|v| v.iter().map(|s| s.calls_per_spin * usual).collect())
+                .collect()
+        })
+        .collect();
     let ratios = |c: usize, i: usize, rates: &[Vec<Vec<f64>>]| -> Vec<String> {
         rates[c][i]
             .iter()
@@ -412,9 +496,9 @@ fn main() {
     );
     let _ = writeln!(
         out,
-        "rates: the 90th percentile of {} ms slices (the slices that waited for a CPU \
-         left out); ratio: traced / untraced, medians over the rounds",
-        SLICE.as_millis()
+        "rates: slices of {:.0} ms of CPU time, each loop's against arithmetic's after it \
+         (a machine that slows slows both), at the arithmetic's usual speed; medians",
+        SLICE * 1000.0
     );
     let _ = writeln!(
         out,
@@ -461,13 +545,11 @@ fn main() {
                 };
                 let _ = writeln!(
                     out,
-                    "@@ hookcost path={path} loop={} untraced={:.0} traced={:.0} rounds={} \
-                     overall={}",
+                    "@@ hookcost path={path} loop={} untraced={:.0} traced={:.0} rounds={}",
                     l.name,
                     median(&rates[0][i]),
                     median(&rates[c][i]),
-                    ratios(c, i, &rates).join(","),
-                    ratios(c, i, &overall).join(",")
+                    ratios(c, i, &rates).join(",")
                 );
             }
         }

@@ -7,9 +7,9 @@
 //! attached), open+close of /dev/null (the close hook) and fork + exit
 //! (the process hooks), each untraced, under the default owner path, under
 //! `--owner-hooks syscalls` (where the default is fentry) and under
-//! `--no-owner-hooks`, interleaved over rounds. Each rate is the 90th
-//! percentile of 1 ms slices (slices that waited for a CPU shared with
-//! other work left out), the figures medians over the rounds.
+//! `--no-owner-hooks`, interleaved over rounds. Each loop runs in slices of
+//! 1 ms of CPU time, each taken against a slice of arithmetic after it (the
+//! machine's speed at that moment), the figures medians.
 
 use std::path::Path;
 use std::process::Command;
