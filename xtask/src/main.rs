@@ -65,6 +65,10 @@ enum Cmd {
         seconds: f64,
         #[arg(long, default_value_t = 5)]
         rounds: u32,
+        /// Loops to run: getppid, close, fork (fork's figure is mostly
+        /// noise: when the child gets a CPU).
+        #[arg(long, default_value = "getppid,close")]
+        loops: String,
     },
     /// Build the release for production hosts in target/dist/: static
     /// x86_64 and aarch64 binaries (musl) with the eBPF object inside, man
@@ -156,9 +160,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
     env::set_current_dir(&root)?;
     match cli.command {
         Cmd::Setup => setup().map(|()| ExitCode::SUCCESS),
-        Cmd::HookCost { seconds, rounds } => {
+        Cmd::HookCost {
+            seconds,
+            rounds,
+            loops,
+        } => {
             setup()?;
-            hookcost::run(&root, seconds, rounds).map(|()| ExitCode::SUCCESS)
+            hookcost::run(&root, seconds, rounds, &loops).map(|()| ExitCode::SUCCESS)
         }
         Cmd::Dist => {
             setup()?;
