@@ -35,7 +35,8 @@
 //!
 //! @@ hookcost path=fentry loop=getppid untraced=N traced=N rounds=R,R,R
 //!
-//! (rates in calls per second, R the per-round traced/untraced in percent).
+//! (rates in calls per second, medians over the rounds; R each round's
+//! traced/untraced in percent, whose median is the figure).
 //! Exit status 2 for bad arguments, 1 when tcptrace does not start.
 
 use std::io::{BufRead, BufReader, Write};
@@ -509,7 +510,8 @@ fn main() {
     let _ = writeln!(
         out,
         "rates: slices of {:.0} ms of CPU time, each loop's against arithmetic's after it \
-         (a machine that slows slows both), at the arithmetic's usual speed; medians",
+         (a machine that slows slows both), at the arithmetic's usual speed; medians; \
+         ratio: the median of the rounds' traced / untraced",
         SLICE * 1000.0
     );
     let _ = writeln!(
@@ -524,6 +526,15 @@ fn main() {
                 continue;
             }
             let traced = median(&rates[c][i]);
+            // Each round's traced rate against the untraced one of the
+            // same round, taken seconds apart: the median of those ratios
+            // is steadier than the ratio of the medians when the
+            // machine's speed drifts between rounds.
+            let per_round: Vec<f64> = rates[c][i]
+                .iter()
+                .zip(&rates[0][i])
+                .map(|(t, b)| 100.0 * t / b)
+                .collect();
             let _ = writeln!(
                 out,
                 "{:<8} {:<32} {:<18} {:>12.0} {:>12.0} {:>6.1}% {:>9.0}  {}",
@@ -532,7 +543,7 @@ fn main() {
                 label(c),
                 bare,
                 traced,
-                100.0 * traced / bare,
+                median(&per_round),
                 1e9 / traced - 1e9 / bare,
                 ratios(c, i, &rates).join(" ")
             );
