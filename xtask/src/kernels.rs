@@ -105,6 +105,24 @@ const FALLBACK_ENV: &str =
 /// The label of a fallback run's binary and scenarios.
 const FALLBACK_LABEL: &str = "(syscalls)";
 
+/// The helper that measures what the owner hooks cost system calls
+/// without TCP (tests/bin/hookcost.rs; `cargo xtask hook-cost` runs it on
+/// this machine).
+const HOOK_COST_BIN: &str = "tt-hookcost";
+
+/// In each guest: getppid() and open+close loops, untraced and under the
+/// default path and the forced fallback (the helper measures the fallback
+/// once where it is the default), 1 s each, interleaved over 3 rounds.
+const HOOK_COST_ARGS: &str = "--seconds 1 --rounds 3 --loops getppid,close --paths auto,syscalls";
+
+/// The least share of its untraced getppid() rate the fentry path must
+/// keep in a guest (see [`hook_cost_problems`]).
+const FENTRY_GETPPID_FLOOR: f64 = 90.0;
+
+/// How far the fentry path's open+close may fall below the fallback's
+/// before it is a clear miss, in points of the untraced rate.
+const FENTRY_CLOSE_MARGIN: f64 = 20.0;
+
 /// Kernels whose default owner path must be fentry: Debian's x86_64 6.1
 /// and 6.12 allow fentry/fexit (the path that taxes no system call).
 fn expects_fentry(kernel: &Kernel) -> bool {
@@ -190,6 +208,54 @@ struct Outcome {
     problems: Vec<String>,
     log: PathBuf,
     seconds: u64,
+    /// The hook-cost helper's figures, one per owner path and loop.
+    hook_cost: Vec<HookCost>,
+}
+
+/// One `@@ hookcost` line: a loop's rate untraced and under one owner
+/// path, medians over the rounds, and each round's ratio.
+#[derive(Debug, Clone, PartialEq)]
+struct HookCost {
+    path: String,
+    name: String,
+    untraced: f64,
+    traced: f64,
+    /// Traced / untraced in each round, in percent.
+    rounds: Vec<f64>,
+}
+
+impl HookCost {
+    fn parse(line: &str) -> Option<HookCost> {
+        let rest = line.trim_end().strip_prefix("@@ hookcost ")?;
+        let field = |key: &str| {
+            rest.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        };
+        Some(HookCost {
+            path: field("path")?.to_string(),
+            name: field("loop")?.to_string(),
+            untraced: field("untraced")?.parse().ok()?,
+            traced: field("traced")?.parse().ok()?,
+            rounds: field("rounds")?
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?,
+        })
+    }
+
+    /// Traced / untraced, in percent: the median of the rounds' ratios
+    /// (each round's two rates were taken seconds apart; the medians of
+    /// the rates, minutes apart, drift with the machine's speed).
+    fn ratio(&self) -> f64 {
+        let mut r = self.rounds.clone();
+        r.sort_by(f64::total_cmp);
+        match r.len() {
+            0 => 100.0 * self.traced / self.untraced,
+            n if n % 2 == 1 => r[n / 2],
+            n => (r[n / 2 - 1] + r[n / 2]) / 2.0,
+        }
+    }
 }
 
 /// The kernels the matrix boots unless told otherwise: the oldest tcptrace
@@ -300,6 +366,7 @@ pub fn run(root: &Path, wanted: &[String]) -> Result<()> {
             o.seconds
         );
     }
+    print_hook_cost(&outcomes, width);
     let mut bad = false;
     for o in &outcomes {
         for f in &o.failed {
@@ -321,6 +388,51 @@ pub fn run(root: &Path, wanted: &[String]) -> Result<()> {
         bail!("the kernel matrix failed");
     }
     Ok(())
+}
+
+/// The hook-cost figures of every kernel: per owner path, each loop's
+/// traced rate as a share of its untraced rate, and the rounds' range.
+fn print_hook_cost(outcomes: &[Outcome], width: usize) {
+    if outcomes.iter().all(|o| o.hook_cost.is_empty()) {
+        return;
+    }
+    println!();
+    println!(
+        "hook cost: calls/s under tcptrace --port 9 (every TCP transition dropped in the \
+         kernel) as a share of untraced; median of the rounds (each round's range)"
+    );
+    println!(
+        "{:width$}  {:8}  {:22}  {:22}",
+        "kernel", "owners", "getppid()", "open()+close()"
+    );
+    for o in outcomes {
+        let mut paths: Vec<&str> = Vec::new();
+        for h in &o.hook_cost {
+            if !paths.contains(&h.path.as_str()) {
+                paths.push(&h.path);
+            }
+        }
+        for path in paths {
+            let cell = |name: &str| {
+                o.hook_cost
+                    .iter()
+                    .find(|h| h.path == path && h.name == name)
+                    .map(|h| {
+                        let lo = h.rounds.iter().copied().fold(f64::INFINITY, f64::min);
+                        let hi = h.rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        format!("{:5.1}% ({lo:.0}-{hi:.0}%)", h.ratio())
+                    })
+                    .unwrap_or_else(|| "-".to_string())
+            };
+            println!(
+                "{:width$}  {:8}  {:22}  {:22}",
+                o.release,
+                path,
+                cell("getppid"),
+                cell("close")
+            );
+        }
+    }
 }
 
 /// QEMU (both CPUs), a static busybox for the initramfs, depmod/modprobe,
@@ -363,7 +475,35 @@ fn ensure_packages() -> Result<()> {
     let _ = crate::status("apt-get", &["update", "-qq"]);
     let mut args = vec!["install", "-y", "-qq"];
     args.extend(&missing);
+    // QEMU's packages come from one source at one version: a newer
+    // qemu-utils already installed (these machines' image has one from
+    // backports, which apt here no longer lists) breaks the emulators'
+    // qemu-system-common, and nothing else needs it. Take the archive's.
+    let utils = qemu_utils_to_match()?;
+    if let Some(pin) = &utils {
+        eprintln!("xtask: replacing qemu-utils with {pin}, the emulators' own version");
+        args.extend(["--allow-downgrades", pin.as_str()]);
+    }
     crate::status("apt-get", &args)
+}
+
+/// `qemu-utils=VERSION` when the installed qemu-utils is not the version
+/// the archive's emulators come in.
+fn qemu_utils_to_match() -> Result<Option<String>> {
+    let installed =
+        crate::output("dpkg-query", &["-W", "-f=${Version}", "qemu-utils"]).unwrap_or_default();
+    if installed.is_empty() {
+        return Ok(None);
+    }
+    let policy = crate::output("apt-cache", &["policy", "qemu-system-x86"])?;
+    let candidate = policy
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate:"))
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && *v != "(none)");
+    Ok(candidate
+        .filter(|v| *v != installed)
+        .map(|v| format!("qemu-utils={v}")))
 }
 
 /// Where a kernel package comes from: the suite this machine's apt
@@ -633,7 +773,8 @@ fn arm64_userland(dir: &Path) -> Result<PathBuf> {
 }
 
 /// The integration test binaries for `cpu` as cargo built them last
-/// (building them if needed), by name ("live", ...).
+/// (building them if needed), by name ("live", ...), and the hook-cost
+/// helper (built with them, as a binary of the tests' package).
 fn test_binaries(cpu: Cpu) -> Result<Vec<(String, PathBuf)>> {
     let mut cargo = Command::new(crate::cargo_bin());
     cargo.args([
@@ -675,7 +816,15 @@ fn test_binaries(cpu: Cpu) -> Result<Vec<(String, PathBuf)>> {
             && SCENARIOS.iter().any(|(s, _)| *s == name)
         {
             found.push((name, PathBuf::from(exe)));
+        } else if Path::new(&exe)
+            .file_name()
+            .is_some_and(|n| n == HOOK_COST_BIN)
+        {
+            found.push((HOOK_COST_BIN.to_string(), PathBuf::from(exe)));
         }
+    }
+    if !found.iter().any(|(n, _)| n == HOOK_COST_BIN) {
+        bail!("cargo built no {HOOK_COST_BIN}");
     }
     for (name, _) in SCENARIOS {
         if !found.iter().any(|(n, _)| n == name) {
@@ -746,6 +895,16 @@ fn guest_script(root: &Path, tcptrace: &Path, tests: &[(String, PathBuf)]) -> St
     let _ = writeln!(s, "cd {} || exit 1", root.display());
     s.push_str("echo \"@@ kernel $(uname -r)\"\nerr=/tmp/probe.err\n");
     s.push_str(PROBE);
+    // First, while nothing a scenario started can still be running.
+    if let Some((_, bin)) = tests.iter().find(|(n, _)| n == HOOK_COST_BIN) {
+        let _ = writeln!(s, "echo '@@ binary {HOOK_COST_BIN}'");
+        let _ = writeln!(
+            s,
+            "timeout 300 {} {HOOK_COST_ARGS} --console 2>&1",
+            bin.display()
+        );
+        let _ = writeln!(s, "echo \"@@ exit {HOOK_COST_BIN} $?\"");
+    }
     for (name, names) in SCENARIOS {
         let Some((_, bin)) = tests.iter().find(|(n, _)| n == name) else {
             continue;
@@ -983,6 +1142,8 @@ fn outcome(
         Some(path) => format!("{programs} {path}"),
         None => programs,
     };
+    let hook_cost: Vec<HookCost> = console.lines().filter_map(HookCost::parse).collect();
+    problems.extend(hook_cost_problems(&hook_cost));
     let mut passed = Vec::new();
     let mut failed = Vec::new();
     verdicts(console, SCENARIOS, None, &mut passed, &mut failed);
@@ -1004,6 +1165,7 @@ fn outcome(
         problems,
         log,
         seconds: started.elapsed().as_secs(),
+        hook_cost,
     }
 }
 
@@ -1080,6 +1242,52 @@ fn owner_path(kernel: &Kernel, console: &str) -> (Option<String>, Vec<String>) {
         ));
     }
     (Some(path), problems)
+}
+
+/// What the hook-cost figures show wrong: none at all (the helper did not
+/// run to its end), or a clear miss on the fentry path.
+///
+/// Under QEMU's software emulation, on a machine shared with other work,
+/// the figures are noisy, so only a clear miss fails. Four runs of
+/// tt-hookcost in one 6.12 guest, the host loaded 6 times over its 2 cores
+/// (3 rounds of 1 s; each slice against arithmetic, timed by the wall clock
+/// then, which inside a guest is the CPU time the helper now uses; the
+/// median of the rounds' traced / untraced): getppid 95.9-100.6% on the
+/// fentry path (single rounds 93-104%) and 75.2-80.1% on the fallback;
+/// open+close 84.4-92.8% on fentry and 73.5-87.5% on the fallback, fentry
+/// from 2 points below it to 12 above. So getppid on fentry must keep
+/// [`FENTRY_GETPPID_FLOOR`] (a system-call tracepoint attached by mistake
+/// costs it some 20 points), and open+close on fentry may not fall more
+/// than [`FENTRY_CLOSE_MARGIN`] points below the fallback's. The issue's
+/// 97% and 95% are for real hardware: the close program's own cost may weigh
+/// more against an emulated system call than against a real one.
+fn hook_cost_problems(figures: &[HookCost]) -> Vec<String> {
+    if figures.is_empty() {
+        return vec!["no hook-cost figures (tt-hookcost did not finish)".to_string()];
+    }
+    let find = |path: &str, name: &str| figures.iter().find(|h| h.path == path && h.name == name);
+    let mut problems = Vec::new();
+    if let Some(h) = find("fentry", "getppid")
+        && h.ratio() < FENTRY_GETPPID_FLOOR
+    {
+        problems.push(format!(
+            "hook cost: getppid on the fentry path ran at {:.1}% of untraced (rounds {:?}), \
+             below {FENTRY_GETPPID_FLOOR}%",
+            h.ratio(),
+            h.rounds
+        ));
+    }
+    if let (Some(f), Some(s)) = (find("fentry", "close"), find("syscalls", "close"))
+        && f.ratio() < s.ratio() - FENTRY_CLOSE_MARGIN
+    {
+        problems.push(format!(
+            "hook cost: open+close on the fentry path ran at {:.1}% of untraced, more than \
+             {FENTRY_CLOSE_MARGIN} points below the system-call path's {:.1}%",
+            f.ratio(),
+            s.ratio()
+        ));
+    }
+    problems
 }
 
 /// The initramfs: busybox, the boot modules (uncompressed, in load order),
@@ -1274,9 +1482,18 @@ mod tests {
         )
     }
 
+    /// tt-hookcost's lines for a kernel where fentry costs nothing
+    /// measurable and the forced fallback its usual tax.
+    const FIGURES: &str = "\
+        @@ hookcost path=fentry loop=getppid untraced=150000 traced=149000 rounds=99.3,100.4,98.9\n\
+        @@ hookcost path=syscalls loop=getppid untraced=150000 traced=110000 rounds=73.3,75.0,72.1\n\
+        @@ hookcost path=fentry loop=close untraced=40000 traced=39500 rounds=98.8,99.5,97.9\n\
+        @@ hookcost path=syscalls loop=close untraced=40000 traced=32000 rounds=80.0,79.2,81.5\n";
+
     #[test]
     fn a_refused_program_fails_the_kernel_even_when_every_scenario_passes() {
         let mut console = String::from("@@ programs loaded=8 attached=8\n");
+        console.push_str(FIGURES);
         console.push_str("@@ stderr [WARN ] the socket callback is not attached (refused)\n");
         for (_, names) in SCENARIOS {
             for name in *names {
@@ -1301,7 +1518,13 @@ mod tests {
         assert!(o.failed.contains(&"live::client_closes_first".to_string()));
         let all: usize = SCENARIOS.iter().map(|(_, n)| n.len()).sum();
         assert_eq!(o.failed.len(), all - 1);
-        assert_eq!(o.problems, ["the guest did not finish its scenarios"]);
+        assert_eq!(
+            o.problems,
+            [
+                "the guest did not finish its scenarios",
+                "no hook-cost figures (tt-hookcost did not finish)"
+            ]
+        );
     }
 
     fn all_pass(runs: &[(&str, &[&str])], console: &mut String) {
@@ -1318,6 +1541,7 @@ mod tests {
             "@@ programs loaded=9 attached=9\n\
              @@ owners system-call syscall_tracepoints=0 tracepoint_programs=2\n",
         );
+        console.push_str(&FIGURES.replace("path=fentry", "path=syscalls"));
         all_pass(SCENARIOS, &mut console);
         console.push_str("@@ done\n");
         let o = read(&console);
@@ -1330,6 +1554,7 @@ mod tests {
             "@@ programs loaded=9 attached=9\n\
              @@ owners fentry syscall_tracepoints=0 tracepoint_programs=0\n",
         );
+        console.push_str(FIGURES);
         all_pass(SCENARIOS, &mut console);
         console.push_str("@@ binary owners (syscalls)\n");
         let o = read(&format!("{console}@@ done\n"));
@@ -1352,6 +1577,7 @@ mod tests {
             "@@ programs loaded=9 attached=9\n\
              @@ owners fentry syscall_tracepoints=0 tracepoint_programs=1\n",
         );
+        console.push_str(FIGURES);
         all_pass(SCENARIOS, &mut console);
         all_pass(FALLBACK, &mut console);
         let o = read(&format!("{console}@@ done\n"));
@@ -1359,5 +1585,50 @@ mod tests {
             o.problems,
             ["fentry path, yet 1 system-call tracepoint programs attached"]
         );
+    }
+
+    #[test]
+    fn hook_cost_lines_are_read_with_their_rounds() {
+        let o = read(&format!("{FIGURES}@@ done\n"));
+        assert_eq!(o.hook_cost.len(), 4);
+        let h = &o.hook_cost[1];
+        assert_eq!((h.path.as_str(), h.name.as_str()), ("syscalls", "getppid"));
+        assert_eq!(h.rounds, [73.3, 75.0, 72.1]);
+        assert!((h.ratio() - 73.3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_kernel_without_hook_cost_figures_fails() {
+        let o = read("@@ programs loaded=9 attached=9\n@@ done\n");
+        assert!(
+            o.problems
+                .iter()
+                .any(|p| p.contains("no hook-cost figures")),
+            "{:?}",
+            o.problems
+        );
+    }
+
+    #[test]
+    fn the_fentry_path_far_below_untraced_fails_and_the_fallbacks_tax_does_not() {
+        assert!(hook_cost_problems(&parse_all(FIGURES)).is_empty());
+        // The fallback's usual tax, reported as fentry: the hooks it says
+        // it took are not the ones that ran.
+        let taxed = FIGURES.replace("rounds=99.3,100.4,98.9", "rounds=73.3,74.0,72.5");
+        let problems = hook_cost_problems(&parse_all(&taxed));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("hook cost: getppid on the fentry path ran at 73.3%"));
+        // open+close within the noise of the fallback's passes; far below
+        // it does not.
+        let near = FIGURES.replace("rounds=98.8,99.5,97.9", "rounds=70.0,71.0,69.5");
+        assert!(hook_cost_problems(&parse_all(&near)).is_empty());
+        let far = FIGURES.replace("rounds=98.8,99.5,97.9", "rounds=55.0,56.0,54.0");
+        let problems = hook_cost_problems(&parse_all(&far));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("open+close on the fentry path ran at 55.0%"));
+    }
+
+    fn parse_all(text: &str) -> Vec<HookCost> {
+        text.lines().filter_map(HookCost::parse).collect()
     }
 }

@@ -56,15 +56,20 @@ enum Cmd {
     },
     /// Only install the build prerequisites.
     Setup,
-    /// Measure what the holder-following hooks (close, fork/exit) cost
-    /// calls that involve no TCP socket: loops of each, untraced and under
-    /// tcptrace, interleaved (needs root).
+    /// Measure what the owner hooks cost system calls that involve no TCP
+    /// socket: getppid, open+close and fork loops, untraced and under each
+    /// owner path tcptrace can take here, interleaved (needs root; the
+    /// kernel matrix runs the same loops in each guest).
     HookCost {
         /// Seconds per loop, configuration and round.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
         #[arg(long, default_value_t = 5)]
         rounds: u32,
+        /// Loops to run: getppid, close, fork (fork's figure is mostly
+        /// noise: when the child gets a CPU).
+        #[arg(long, default_value = "getppid,close")]
+        loops: String,
     },
     /// Build the release for production hosts in target/dist/: static
     /// x86_64 and aarch64 binaries (musl) with the eBPF object inside, man
@@ -156,11 +161,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
     env::set_current_dir(&root)?;
     match cli.command {
         Cmd::Setup => setup().map(|()| ExitCode::SUCCESS),
-        Cmd::HookCost { seconds, rounds } => {
+        Cmd::HookCost {
+            seconds,
+            rounds,
+            loops,
+        } => {
             setup()?;
-            cargo(&["build", "--release", "--package", "tcptrace"])?;
-            hookcost::run(&root.join("target/release/tcptrace"), seconds, rounds)
-                .map(|()| ExitCode::SUCCESS)
+            hookcost::run(&root, seconds, rounds, &loops).map(|()| ExitCode::SUCCESS)
         }
         Cmd::Dist => {
             setup()?;
