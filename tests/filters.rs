@@ -121,8 +121,11 @@ fn rows_come_out_in_time_order_time_wait_table_rows_included() {
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
     let all = out.all_rows();
-    let timewait = all.iter().filter(|r| r.origin == "timewait").count();
-    assert!(timewait >= 1000, "{timewait} time-wait table rows");
+    let timewait = all
+        .iter()
+        .filter(|r| r.origin == out.timewait_origin())
+        .count();
+    assert!(timewait >= 1000, "{timewait} time-wait rows");
     let stamps: Vec<u64> = all.iter().map(|r| r.ts_ns).collect();
     for (i, w) in stamps.windows(2).enumerate() {
         assert!(

@@ -27,6 +27,7 @@ pub struct Metrics {
     /// "none"): the system-call path taxes the whole host, which a fleet
     /// wants to see.
     owner_path: Option<&'static str>,
+    timewait_path: Option<&'static str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,12 +61,17 @@ impl Metrics {
         self
     }
 
+    pub fn with_timewait_path(mut self, path: &'static str) -> Metrics {
+        self.timewait_path = Some(path);
+        self
+    }
+
     pub fn count(&mut self, row: &Row) {
         match row.origin {
             Origin::Tracepoint => {
                 self.transitions[row.t.old.slot()][row.t.new.slot()] += 1;
             }
-            Origin::TimeWait => self.timewait += 1,
+            Origin::TimeWait | Origin::TimeWaitKernel => self.timewait += 1,
             Origin::Snapshot => {}
         }
         match row.close {
@@ -134,7 +140,7 @@ impl Metrics {
         );
         count(
             "timewait_changes",
-            "Changes seen in the kernel's time-wait table",
+            "Changes of connections in time-wait, polled from the kernel's table or reported by it",
             self.timewait,
         );
         if let Some(path) = self.owner_path {
@@ -143,6 +149,15 @@ impl Metrics {
             registry.register(
                 "owner_path",
                 "How accept() and close() are hooked: fentry, or syscalls (every system call on the host pays)",
+                info,
+            );
+        }
+        if let Some(path) = self.timewait_path {
+            let info = Family::<PathLabels, Gauge>::default();
+            info.get_or_create(&PathLabels { path: path.into() }).set(1);
+            registry.register(
+                "timewait_path",
+                "How connections are followed through time-wait: kernel (as it happens), polled (the time-wait table every 250 ms), or none",
                 info,
             );
         }

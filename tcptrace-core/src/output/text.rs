@@ -208,6 +208,7 @@ impl Printer {
             Origin::Tracepoint => {}
             Origin::Snapshot => put(b, b"  snapshot"),
             Origin::TimeWait => put(b, b"  time-wait table"),
+            Origin::TimeWaitKernel => put(b, b"  time-wait (kernel)"),
         }
         if row.queued {
             put(b, b"  queued");
