@@ -51,6 +51,7 @@ const SCENARIOS: &[(&str, &[&str])] = &[
         &[
             "sockets_that_exist_before_tcptrace_starts_appear_as_snapshot_lines",
             "an_active_close_goes_through_time_wait_to_its_end",
+            "a_peer_that_never_closes_ends_the_fin_wait2_timeout",
         ],
     ),
     (
@@ -109,7 +110,10 @@ const FALLBACK: &[(&str, &[&str])] = &[
     ("timewait", TIMEWAIT_SCENARIOS),
     (
         "kernel_truth",
-        &["an_active_close_goes_through_time_wait_to_its_end"],
+        &[
+            "an_active_close_goes_through_time_wait_to_its_end",
+            "a_peer_that_never_closes_ends_the_fin_wait2_timeout",
+        ],
     ),
 ];
 

@@ -257,7 +257,11 @@ impl Tail {
         match r.origin {
             Origin::Tracepoint => self.tally.shown += 1,
             Origin::Snapshot => self.tally.snapshot += 1,
-            Origin::TimeWait | Origin::TimeWaitKernel => self.tally.timewait += 1,
+            Origin::TimeWait => self.tally.timewait += 1,
+            Origin::TimeWaitKernel => {
+                self.tally.timewait += 1;
+                self.tally.timewait_kernel += 1;
+            }
         }
         let transitions = self.tally.shown + self.tally.timewait;
         if self.count.is_some_and(|n| transitions >= n) {
