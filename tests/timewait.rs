@@ -69,12 +69,15 @@ fn the_time_wait_row_comes_with_the_close_that_made_it() {
     let port = unique_port();
     let tracer = Tracer::builder().port(port).netns(&ns).json().start();
     let addr = format!("127.0.0.1:{port}");
-    let server = ns.server(&addr, ServerMode::WaitPeerClose).start();
-    let client = ns.client(&addr, ClientMode::Close).start();
+    // The client shuts its side down and keeps its socket: that socket
+    // stays in FIN_WAIT2 until the server's FIN, which makes the kernel
+    // move the connection into a time-wait socket in TIME_WAIT at once
+    // (a closed socket would become a FIN_WAIT2 orphan first).
+    let server = ns.server(&addr, ServerMode::ReplyAfterEof).start();
+    let client = ns.client(&addr, ClientMode::HalfClose).start();
     let (spid, cpid) = (server.pid, client.pid);
     client.finish();
     server.finish();
-    ns.settle("FIN-WAIT-2");
     sleep(Duration::from_millis(600));
     // Truth from outside tcptrace: the kernel holds it in TIME_WAIT now.
     let in_table = ns.ss().iter().filter(|s| s.is("TIME-WAIT")).count();
@@ -97,19 +100,18 @@ fn the_time_wait_row_comes_with_the_close_that_made_it() {
     assert!(entered.owned_by(cpid, "tt-client"), "{entered}");
     assert_eq!((entered.lport, entered.rport), (closed.lport, port));
     assert!(entered.ts_ns >= closed.ts_ns, "{entered} before {closed}");
+    let peer_fin = row(&server, "CLOSE_WAIT", "LAST_ACK", "tracepoint");
+    assert!(
+        closed.ts_ns >= peer_fin.ts_ns,
+        "{closed} before the peer's FIN"
+    );
     if from_kernel(
         &out,
         "TIME_WAIT stamped within 2 ms of the kernel entering it",
     ) {
-        // It enters TIME_WAIT once its FIN is acknowledged (the full
-        // socket's -> CLOSE) and the peer's FIN has come (the server's
-        // close), whichever is last.
-        let peer_fin = row(&server, "CLOSE_WAIT", "LAST_ACK", "tracepoint");
-        let cause = closed.ts_ns.max(peer_fin.ts_ns);
-        assert!(
-            near(entered.ts_ns, cause),
-            "{entered} vs {closed} / {peer_fin}"
-        );
+        // The kernel makes the time-wait socket, then reports the full
+        // socket -> CLOSE, in one call.
+        assert!(near(entered.ts_ns, closed.ts_ns), "{entered} vs {closed}");
         // MS: the time in FIN_WAIT2, from when the tracepoint saw it enter.
         let in_fin_wait2 =
             (entered.ts_ns - (closed.ts_ns - (closed.ms.unwrap() * 1e6) as u64)) as f64 / 1e6;
