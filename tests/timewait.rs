@@ -11,9 +11,13 @@ use std::time::Duration;
 
 use tcptrace_tests::{ClientMode, Netns, Output, Row, ServerMode, Tracer, unique_port};
 
-/// What the kernel's report adds is within this of the kernel event it
-/// names: both are stamped by the kernel in the same softirq or call.
+/// What the kernel's report adds is within this of the transition the
+/// same kernel call reports.
 const EXACT_NS: u64 = 2_000_000;
+/// ... and within this of the peer's transition that sent the segment
+/// causing it (its way through loopback: 2.6 ms seen under the kernel
+/// matrix's emulation), where the polled table is up to 250 ms late.
+const PEER_NS: u64 = 20_000_000;
 
 fn of_sock(rows: &[Row], sock: u64) -> Vec<Row> {
     rows.iter().filter(|r| r.sock == sock).cloned().collect()
@@ -61,6 +65,12 @@ fn from_kernel(out: &Output, skipped: &str) -> bool {
 
 fn near(a: u64, b: u64) -> bool {
     a.abs_diff(b) <= EXACT_NS
+}
+
+/// `a` (a time-wait change) within [`PEER_NS`] after `b` (what the peer
+/// did to cause it).
+fn soon_after(a: u64, b: u64) -> bool {
+    a >= b && a - b <= PEER_NS
 }
 
 #[test]
@@ -167,9 +177,9 @@ fn an_orphan_stays_in_fin_wait2_until_the_peers_fin() {
         "FIN_WAIT2 for {waited} ms, the peer closing after 1500"
     );
     assert!(entered.ts_ns - closed.ts_ns >= 1_400_000_000, "{entered}");
-    if from_kernel(&out, "the peer's FIN stamped within 2 ms") {
+    if from_kernel(&out, "the peer's FIN stamped within 20 ms") {
         assert!(
-            near(entered.ts_ns, peer_fin.ts_ns),
+            soon_after(entered.ts_ns, peer_fin.ts_ns),
             "{entered} vs {peer_fin}"
         );
     }
@@ -219,9 +229,9 @@ fn an_orphan_in_fin_wait2_ends_when_the_peer_resets_it() {
     let ended = row(&client, "FIN_WAIT2", "CLOSE", tw);
     assert!(ended.owned_by(cpid, "tt-client"), "{ended}");
     assert!(ended.ts_ns >= server_sock.ts_ns, "{ended} before the reset");
-    if from_kernel(&out, "the reset's end stamped within 2 ms") {
+    if from_kernel(&out, "the reset's end stamped within 20 ms") {
         assert!(
-            near(ended.ts_ns, server_sock.ts_ns),
+            soon_after(ended.ts_ns, server_sock.ts_ns),
             "{ended} vs {server_sock}"
         );
     }
