@@ -823,4 +823,12 @@ fn metrics_scraped_during_a_scenario_show_the_right_counters() {
     );
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
+    // Beside it, the time-wait path the start line named.
+    let path = if out.timewait_from_kernel() {
+        "kernel"
+    } else {
+        "polled"
+    };
+    let line = format!("tcptrace_timewait_path{{path=\"{path}\"}} 1");
+    assert!(after.contains(&line), "want {line:?} in {after}");
 }

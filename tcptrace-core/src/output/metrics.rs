@@ -196,4 +196,18 @@ mod tests {
         let text = Metrics::new().render(&Counters::default(), &[], 0);
         assert!(!text.contains("owner_path"), "{text}");
     }
+
+    #[test]
+    fn the_time_wait_path_is_an_info_gauge_beside_the_owner_path() {
+        let text = Metrics::new()
+            .with_owner_path("fentry")
+            .with_timewait_path("kernel")
+            .render(&Counters::default(), &[], 0);
+        assert!(
+            text.contains("tcptrace_timewait_path{path=\"kernel\"} 1"),
+            "{text}"
+        );
+        let text = Metrics::new().render(&Counters::default(), &[], 0);
+        assert!(!text.contains("timewait_path"), "{text}");
+    }
 }
