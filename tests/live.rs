@@ -487,11 +487,11 @@ fn text_output_has_a_header_and_aligned_rows() {
     client.finish();
     server.finish();
     let out = tracer.stop();
-    // The client's connection may also show up in the time-wait table.
+    // The client's connection may also show up in time-wait.
     let lines: Vec<&str> = out
         .stdout
         .lines()
-        .filter(|l| !l.ends_with("time-wait table"))
+        .filter(|l| !l.ends_with("time-wait table") && !l.ends_with("time-wait (kernel)"))
         .collect();
     assert_eq!(lines.len(), 13, "{}", out.stdout);
     let header = lines[0];
@@ -823,4 +823,12 @@ fn metrics_scraped_during_a_scenario_show_the_right_counters() {
     );
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
+    // Beside it, the time-wait path the start line named.
+    let path = if out.timewait_from_kernel() {
+        "kernel"
+    } else {
+        "polled"
+    };
+    let line = format!("tcptrace_timewait_path{{path=\"{path}\"}} 1");
+    assert!(after.contains(&line), "want {line:?} in {after}");
 }

@@ -132,6 +132,17 @@ pub const KIND_FORK: u8 = 4;
 pub const KIND_RELEASE: u8 = 5;
 /// Process `pid` is exiting (its thread group leader is).
 pub const KIND_EXIT: u8 = 6;
+/// The kernel made a time-wait socket (`skaddr`) for a connection whose
+/// full socket was in `oldstate` (FIN_WAIT2 or CLOSING), which that socket
+/// leaves for CLOSE just after; `newstate` is its substate (FIN_WAIT2: an
+/// orphan waiting for the peer's FIN; TIME_WAIT). The addresses, ports and
+/// namespace are the time-wait socket's, as for a transition.
+pub const KIND_TW_MADE: u8 = 7;
+/// A time-wait socket (`skaddr`) changed substate (`FIN_WAIT2 ->
+/// TIME_WAIT`: the peer's FIN) or ended (`-> CLOSE`: expiry, a new
+/// connection taking it over, a reset, its namespace going). Fields as for
+/// [`KIND_TW_MADE`].
+pub const KIND_TW_CHANGED: u8 = 8;
 
 /// What a reset tracepoint (`tcp:tcp_send_reset`, `tcp:tcp_receive_reset`)
 /// passes its tp_btf program: the socket first, always; `tcp_send_reset`'s
@@ -220,6 +231,33 @@ pub struct TaskLayout {
     pub typed: u32,
 }
 
+/// Where the kernel keeps the fields of a time-wait socket, in bytes from
+/// the start of its `struct inet_timewait_sock` (which begins with a
+/// `struct sock_common`, like every socket), from the kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimeWaitLayout {
+    /// `skc_state` of a full socket (`struct sock` also begins with its
+    /// `sock_common`): the state it leaves.
+    pub state: u32,
+    /// `skc_family` (u16), `skc_num` (local port, host order, u16),
+    /// `skc_dport` (big-endian u16).
+    pub family: u32,
+    pub num: u32,
+    pub dport: u32,
+    /// `skc_rcv_saddr`, `skc_daddr`: IPv4; `skc_v6_rcv_saddr`,
+    /// `skc_v6_daddr`: IPv6.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub saddr_v6: u32,
+    pub daddr_v6: u32,
+    /// `skc_net.net`: the `struct net *` (its inode where
+    /// [`SockLayout::inum`] says).
+    pub net: u32,
+    /// `tw_substate` (u8).
+    pub substate: u32,
+}
+
 /// The program's load-time configuration (a read-only global, so the
 /// verifier sees its values as constants).
 #[repr(C)]
@@ -239,6 +277,7 @@ pub struct Config {
     pub callback: u32,
     pub reset_sent: ResetLayout,
     pub reset_received: ResetLayout,
+    pub timewait: TimeWaitLayout,
 }
 
 pub const FAMILY_V4: u32 = 1;
@@ -307,6 +346,17 @@ pub const PROGRAM_CLOSE_FEXIT: &str = "fd_closed";
 /// gained and lost without any change of state.
 pub const PROGRAM_FORK: &str = "forked";
 pub const PROGRAM_EXIT: &str = "exited";
+/// fentry on `inet_twsk_hashdance` (`inet_twsk_hashdance_schedule` from
+/// 6.12): a time-wait socket made, in the kernel's tables ([`KIND_TW_MADE`]).
+pub const PROGRAM_TW_MADE: &str = "time_wait_made";
+/// fentry and fexit on `tcp_timewait_state_process`: a segment for a
+/// time-wait socket, which the peer's FIN moves from substate FIN_WAIT2
+/// to TIME_WAIT ([`KIND_TW_CHANGED`]).
+pub const PROGRAM_TW_SEGMENT: &str = "time_wait_segment";
+pub const PROGRAM_TW_SEGMENT_DONE: &str = "time_wait_segment_done";
+/// fentry on `inet_twsk_kill`: a time-wait socket taken out of the
+/// tables, whatever ended it ([`KIND_TW_CHANGED`] to CLOSE).
+pub const PROGRAM_TW_KILLED: &str = "time_wait_killed";
 
 /// All rings together: half a second of 500k events/s at 120 bytes (event
 /// and ring header) is 30 MB. Userspace shares it out among the rings the

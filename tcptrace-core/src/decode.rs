@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tcptrace_common::{
     AF_INET, Event, KIND_ACCEPT, KIND_EXIT, KIND_FORK, KIND_RELEASE, KIND_RESET_RECEIVED,
-    KIND_RESET_SENT,
+    KIND_RESET_SENT, KIND_TW_CHANGED, KIND_TW_MADE,
 };
 
 use crate::model::{Comm, Family, State, Task, Transition};
@@ -59,6 +59,14 @@ pub enum Decoded {
         /// The kernel's `sk_rst_reason` number (sent resets only).
         reason: u8,
     },
+    /// A time-wait socket (`t.skaddr`) made (`made`: `t.old` is the state
+    /// its full socket leaves, `t.new` its substate), moved on to TIME_WAIT
+    /// or ended (`t.new` CLOSE); addresses and namespace are the
+    /// connection's.
+    TimeWait {
+        made: bool,
+        t: Transition,
+    },
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Decoded, ShortEntry> {
@@ -96,6 +104,10 @@ pub fn classify(e: &Event) -> Decoded {
             skaddr: e.skaddr,
             received: e.kind == KIND_RESET_RECEIVED,
             reason: e.reset_reason,
+        },
+        KIND_TW_MADE | KIND_TW_CHANGED => Decoded::TimeWait {
+            made: e.kind == KIND_TW_MADE,
+            t: from_event(e),
         },
         _ => Decoded::State(from_event(e)),
     }

@@ -6,7 +6,8 @@
 //! (its socket, holders and time in state: a [`model::Row`]), [`order`]
 //! (when a row may go out, in time order), [`filter`], [`output`] (text,
 //! JSON Lines, metrics), [`recording`] (write, and read back) and
-//! [`analyse`] (reports from recordings). [`model`] holds the types they
+//! [`analyse`] (reports from recordings); [`timewait`] follows the
+//! time-wait sockets the kernel reports, where it can. [`model`] holds the types they
 //! share; nothing here loads a program or needs privileges, so
 //! `cargo test -p tcptrace-core` runs anywhere.
 
@@ -20,4 +21,5 @@ pub mod model;
 pub mod order;
 pub mod output;
 pub mod recording;
+pub mod timewait;
 pub mod words;

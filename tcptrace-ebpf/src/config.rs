@@ -3,7 +3,7 @@
 //! filters and which optional programs run. A read-only global, so the
 //! verifier sees each field as a constant and drops the branches a kernel
 //! cannot take.
-use tcptrace_common::{Config, ResetLayout, SockLayout, TaskLayout};
+use tcptrace_common::{Config, ResetLayout, SockLayout, TaskLayout, TimeWaitLayout};
 
 #[unsafe(no_mangle)]
 pub(crate) static CONFIG: Config = Config {
@@ -44,6 +44,18 @@ pub(crate) static CONFIG: Config = Config {
     callback: 0,
     reset_sent: NO_RESETS,
     reset_received: NO_RESETS,
+    timewait: TimeWaitLayout {
+        state: 0,
+        family: 0,
+        num: 0,
+        dport: 0,
+        saddr: 0,
+        daddr: 0,
+        saddr_v6: 0,
+        daddr_v6: 0,
+        net: 0,
+        substate: 0,
+    },
 };
 
 /// A field of the configuration userspace wrote into the object before

@@ -40,6 +40,20 @@ pub(crate) fn kept_probed(sk: Probed) -> Option<u32> {
     netns_of(sk)
 }
 
+/// [`kept`] for a time-wait socket (`struct inet_timewait_sock`), whose
+/// local port is `skc_num` (the full socket's `inet_sport` is not there).
+/// Its namespace is always read: userspace matches it to the connection.
+#[inline(always)]
+pub(crate) fn kept_timewait<K: Kernel>(tw: K) -> Option<u32> {
+    let family: u16 = tw.at(config!(timewait.family));
+    let sport: u16 = tw.at(config!(timewait.num));
+    let dport = u16::from_be(tw.at(config!(timewait.dport)));
+    if !family_and_ports_pass(family, sport, dport) {
+        return None;
+    }
+    namespace_passes(namespace(tw, config!(timewait.net)))
+}
+
 #[inline(always)]
 fn family_and_ports_pass(family: u16, sport: u16, dport: u16) -> bool {
     let family_bit = match family {
@@ -59,12 +73,23 @@ fn netns_of<K: Kernel>(sk: K) -> Option<u32> {
     if netns_only == 0 && !K::TYPED {
         return Some(0);
     }
-    let net = sk.follow(config!(sock.net));
-    let netns = if net.is_null() {
+    namespace_passes(namespace(sk, config!(sock.net)))
+}
+
+/// The inode of the namespace of a socket whose `struct net *` is at `net`.
+#[inline(always)]
+fn namespace<K: Kernel>(sk: K, net: u32) -> u32 {
+    let net = sk.follow(net);
+    if net.is_null() {
         0
     } else {
         net.at(config!(sock.inum))
-    };
+    }
+}
+
+#[inline(always)]
+fn namespace_passes(netns: u32) -> Option<u32> {
+    let netns_only = config!(netns_only);
     if netns_only != 0 && netns != netns_only {
         return None;
     }

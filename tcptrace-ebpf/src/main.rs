@@ -15,6 +15,10 @@
 //!   fentry/fexit twins, for kernels that allow those.
 //! - [`reset`]: `tcp_send_reset`, `tcp_receive_reset`: why a socket
 //!   went to CLOSE.
+//! - [`timewait`]: `time_wait_made`, `time_wait_segment(_done)`,
+//!   `time_wait_killed` (fentry/fexit, where the kernel allows them): a
+//!   closed connection's time-wait socket, made, moved on by the peer's
+//!   FIN, ended.
 //!
 //! Shared by them: [`config`] (the offsets and filters userspace writes in
 //! before loading), [`kernel`] (reading kernel objects at those offsets,
@@ -34,6 +38,7 @@ mod owners;
 // own, which aya loads as one more map.
 mod reset;
 mod state;
+mod timewait;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -76,9 +76,11 @@ pub enum Command {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OwnerHooks {
-    /// fentry/fexit where the kernel allows them, else system calls.
+    /// fentry/fexit where the kernel allows them, else the fallback.
     Auto,
-    /// The system-call tracepoints, even where fentry would load.
+    /// The fallback, even where fentry would load: the system-call
+    /// tracepoints for accept() and close(), the time-wait table polled.
+    #[value(name = "fallback", alias = "syscalls")]
     Syscalls,
 }
 
@@ -193,18 +195,21 @@ pub struct LiveArgs {
     #[arg(long)]
     pub no_owner_hooks: bool,
 
-    /// How to hook accept() and close(). `auto` (the default) tries
-    /// fentry/fexit programs on the kernel functions they go through, which
-    /// cost only those calls, and falls back to the system-call tracepoints
-    /// where the kernel refuses them (a lockdown kernel, one without BPF
-    /// trampolines). `syscalls` takes the tracepoints, which put every
-    /// system call of every process on the host on the kernel's slow path
-    /// while attached: to compare the two on one kernel. The line
-    /// `tcptrace: owners: ...` at start says which runs. --no-owner-hooks
-    /// wins over it; given twice, the last counts (a test harness adds it
-    /// to every run).
-    #[arg(long, value_enum, value_name = "HOW", default_value_t = OwnerHooks::Auto,
-          overrides_with = "owner_hooks")]
+    /// Which kernel hooks follow owners and time-wait. `auto` (the
+    /// default) tries fentry/fexit programs on the kernel functions that
+    /// accept(), close() and time-wait go through, which cost only those
+    /// calls, and falls back where the kernel refuses them (a lockdown
+    /// kernel, one without BPF trampolines): system-call tracepoints for
+    /// accept() and close(), which put every system call of every process
+    /// on the host on the kernel's slow path while attached, and the
+    /// time-wait table read every 250 ms. `fallback` forces those, to
+    /// compare the two on one kernel. The lines `tcptrace: owners: ...` and
+    /// `tcptrace: time-wait: ...` at start say which run. Also spelt
+    /// `--owner-hooks`, and `syscalls` for `fallback`. --no-owner-hooks
+    /// wins over it for owners; given twice, the last counts (a test
+    /// harness adds it to every run).
+    #[arg(long = "hooks", visible_alias = "owner-hooks", value_enum, value_name = "HOW",
+          default_value_t = OwnerHooks::Auto, overrides_with = "owner_hooks")]
     pub owner_hooks: OwnerHooks,
 
     /// Scheduling priority (nice value, -20 to 19) of the thread that reads
@@ -776,6 +781,8 @@ mod tests {
         };
         assert_eq!(parse(&[]), OwnerHooks::Auto);
         assert_eq!(parse(&["--owner-hooks", "syscalls"]), OwnerHooks::Syscalls);
+        assert_eq!(parse(&["--hooks", "fallback"]), OwnerHooks::Syscalls);
+        assert_eq!(parse(&["--hooks", "syscalls"]), OwnerHooks::Syscalls);
         let twice = ["--owner-hooks", "syscalls", "--owner-hooks", "auto"];
         assert_eq!(parse(&twice), OwnerHooks::Auto);
     }

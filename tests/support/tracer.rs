@@ -472,6 +472,24 @@ impl Output {
         )
     }
 
+    /// The `origin` of the time-wait rows of this run: `timewait-kernel`
+    /// where tcptrace said at start that the kernel reports them
+    /// (fentry/fexit), `timewait` where it polls the time-wait table.
+    pub fn timewait_origin(&self) -> &'static str {
+        if self.timewait_from_kernel() {
+            "timewait-kernel"
+        } else {
+            "timewait"
+        }
+    }
+
+    /// tcptrace said at start that the kernel reports time-wait sockets.
+    pub fn timewait_from_kernel(&self) -> bool {
+        self.stderr
+            .lines()
+            .any(|l| l.starts_with("tcptrace: time-wait: from the kernel"))
+    }
+
     /// The `--stuck` warnings on stderr.
     pub fn stuck_lines(&self) -> Vec<&str> {
         self.stderr

@@ -35,7 +35,7 @@ impl FinWait2 {
                 None
             }
             // Counted from its start only when the close was seen.
-            Origin::TimeWait => self.waiting.remove(&r.sock).map(|_| ns),
+            o if o.is_time_wait() => self.waiting.remove(&r.sock).map(|_| ns),
             _ => Some(ns),
         }
     }

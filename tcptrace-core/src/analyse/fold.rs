@@ -319,7 +319,7 @@ impl Analysis {
     fn row(&mut self, r: &Row) {
         let t = &r.t;
         self.advance_to(t.ts_ns);
-        if r.origin == Origin::TimeWait {
+        if r.origin.is_time_wait() {
             self.time_wait_row(r);
             return;
         }

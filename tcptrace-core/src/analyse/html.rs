@@ -103,7 +103,7 @@ impl Pictures {
 
         let line = match self.line_of.get(&r.sock) {
             Some(&i) => Some(i),
-            None if self.lifelines.len() < MAX_LIFELINES && r.origin != Origin::TimeWait => {
+            None if self.lifelines.len() < MAX_LIFELINES && !r.origin.is_time_wait() => {
                 let owner = r
                     .owner
                     .map(|o| o.comm.as_str().into_owned())

@@ -65,6 +65,9 @@ pub enum Origin {
     Snapshot,
     /// A change seen in the kernel's time-wait table (polled).
     TimeWait,
+    /// A change of a time-wait socket the kernel reported as it happened
+    /// (fentry/fexit on its time-wait functions).
+    TimeWaitKernel,
 }
 
 impl Origin {
@@ -73,13 +76,25 @@ impl Origin {
             Origin::Tracepoint => "tracepoint",
             Origin::Snapshot => "snapshot",
             Origin::TimeWait => "timewait",
+            Origin::TimeWaitKernel => "timewait-kernel",
         }
     }
 
+    /// A row of a connection after its socket closed into time-wait,
+    /// polled or reported by the kernel: the same to everything downstream.
+    pub fn is_time_wait(self) -> bool {
+        matches!(self, Origin::TimeWait | Origin::TimeWaitKernel)
+    }
+
     pub fn from_name(name: &str) -> Option<Origin> {
-        [Origin::Tracepoint, Origin::Snapshot, Origin::TimeWait]
-            .into_iter()
-            .find(|o| o.name() == name)
+        [
+            Origin::Tracepoint,
+            Origin::Snapshot,
+            Origin::TimeWait,
+            Origin::TimeWaitKernel,
+        ]
+        .into_iter()
+        .find(|o| o.name() == name)
     }
 }
 

@@ -27,6 +27,7 @@ pub struct Metrics {
     /// "none"): the system-call path taxes the whole host, which a fleet
     /// wants to see.
     owner_path: Option<&'static str>,
+    timewait_path: Option<&'static str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,12 +66,17 @@ impl Metrics {
         self
     }
 
+    pub fn with_timewait_path(mut self, path: &'static str) -> Metrics {
+        self.timewait_path = Some(path);
+        self
+    }
+
     pub fn count(&mut self, row: &Row) {
         match row.origin {
             Origin::Tracepoint => {
                 self.transitions[row.t.old.slot()][row.t.new.slot()] += 1;
             }
-            Origin::TimeWait => self.timewait += 1,
+            Origin::TimeWait | Origin::TimeWaitKernel => self.timewait += 1,
             Origin::Snapshot => {}
         }
         match row.close {
@@ -147,7 +153,7 @@ impl Metrics {
         );
         count(
             "timewait_changes",
-            "Changes seen in the kernel's time-wait table",
+            "Changes of connections in time-wait, polled from the kernel's table or reported by it",
             self.timewait,
         );
         if let Some(path) = self.owner_path {
@@ -156,6 +162,15 @@ impl Metrics {
             registry.register(
                 "owner_path",
                 "How accept() and close() are hooked: fentry, or syscalls (every system call on the host pays)",
+                info,
+            );
+        }
+        if let Some(path) = self.timewait_path {
+            let info = Family::<PathLabels, Gauge>::default();
+            info.get_or_create(&PathLabels { path: path.into() }).set(1);
+            registry.register(
+                "timewait_path",
+                "How connections are followed through time-wait: kernel (as it happens), polled (the time-wait table every 250 ms), or none",
                 info,
             );
         }
@@ -240,5 +255,19 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }
+    }
+
+    #[test]
+    fn the_time_wait_path_is_an_info_gauge_beside_the_owner_path() {
+        let text = Metrics::new()
+            .with_owner_path("fentry")
+            .with_timewait_path("kernel")
+            .render(&Counters::default(), &[], 0, None);
+        assert!(
+            text.contains("tcptrace_timewait_path{path=\"kernel\"} 1"),
+            "{text}"
+        );
+        let text = Metrics::new().render(&Counters::default(), &[], 0, None);
+        assert!(!text.contains("timewait_path"), "{text}");
     }
 }

@@ -208,6 +208,7 @@ impl Printer {
             Origin::Tracepoint => {}
             Origin::Snapshot => put(b, b"  snapshot"),
             Origin::TimeWait => put(b, b"  time-wait table"),
+            Origin::TimeWaitKernel => put(b, b"  time-wait (kernel)"),
         }
         // A time only known to the time-wait socket's timer, or to the
         // poll, says so: its MS is no better.

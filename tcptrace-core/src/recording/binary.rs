@@ -309,6 +309,7 @@ impl Encoder {
             Origin::Tracepoint => 0,
             Origin::Snapshot => 1,
             Origin::TimeWait => 2,
+            Origin::TimeWaitKernel => 3,
         };
         ext |= match row.close {
             None => 0,
@@ -744,7 +745,7 @@ impl Decoder {
             0 => Origin::Tracepoint,
             1 => Origin::Snapshot,
             2 => Origin::TimeWait,
-            _ => return Err(c.bad("an unknown origin")),
+            _ => Origin::TimeWaitKernel,
         };
         let close = match (ext >> 2) & 3 {
             0 => None,

@@ -18,7 +18,7 @@ use tcptrace_common::{
 
 use crate::kernel::btf::Btf;
 use crate::kernel::ring::Ring;
-use crate::kernel::{layout, object, privileges, tracefs};
+use crate::kernel::{layout, object, privileges, timewait, tracefs};
 use crate::system::cgroups;
 use tcptrace_common::{
     PROGRAM_ACCEPT, PROGRAM_ACCEPT_FEXIT, PROGRAM_CLOSE_FENTRY, PROGRAM_CLOSE_FEXIT, PROGRAM_EXIT,
@@ -58,6 +58,8 @@ pub struct Capture {
     hook_fds: Vec<i32>,
     reset_reasons: Vec<(u8, String)>,
     owner_path: OwnerPath,
+    /// Whether the time-wait programs are attached.
+    timewait_attached: bool,
     /// Capabilities reading the counters needs once attached.
     keep: &'static [u32],
     /// Owns the program and its link.
@@ -132,12 +134,14 @@ fn privilege_message(missing: &[&str]) -> String {
 
 impl Capture {
     /// `hooks`: also attach the programs that follow who holds each
-    /// socket (accept, close, fork, exit), and how.
-    pub fn start(filter: &Filter, hooks: Hooks) -> Result<Capture, StartError> {
+    /// socket (accept, close, fork, exit), and how. `timewait`: follow
+    /// time-wait sockets with fentry/fexit if the kernel allows them.
+    pub fn start(filter: &Filter, hooks: Hooks, timewait: bool) -> Result<Capture, StartError> {
         let (release, btf_data) = check_kernel()?;
         let kernel_btf = Btf::parse(&btf_data).context(BTF_PATH)?;
         let sock = sock_layout(&kernel_btf)?;
         let task = task_layout(&kernel_btf, &release);
+        let timewait_layout = timewait.then(|| timewait::layout(&kernel_btf)).flatten();
         drop(kernel_btf);
         let callback_cgroup = callback_cgroup(&sock);
         let (ports, port_filters) = filter.kernel_ports();
@@ -151,6 +155,7 @@ impl Capture {
             callback: u32::from(callback_cgroup.is_some()),
             reset_sent,
             reset_received,
+            timewait: timewait_layout.unwrap_or_default(),
         };
         log::debug!("program configuration: {config:?}");
 
@@ -182,6 +187,14 @@ impl Capture {
         } else {
             (Vec::new(), OwnerPath::Off)
         };
+        let timewait_attached = timewait_layout.is_some()
+            && match timewait::attach(&mut ebpf, &btf) {
+                Ok(_) => true,
+                Err(e) => {
+                    log::debug!("time-wait is polled: {e:#}");
+                    false
+                }
+            };
 
         // Parsing the kernel's BTF (twice: ours and aya's) takes some 15 MiB
         // of heap. Handing it back before the rings are mapped keeps it out
@@ -216,6 +229,7 @@ impl Capture {
             hook_fds,
             reset_reasons: reasons,
             owner_path,
+            timewait_attached,
             _ebpf: ebpf,
         })
     }
@@ -231,6 +245,12 @@ impl Capture {
 
     pub fn owner_path(&self) -> OwnerPath {
         self.owner_path
+    }
+
+    /// The time-wait programs are attached: time-wait sockets are reported
+    /// from the kernel, not polled.
+    pub fn timewait_attached(&self) -> bool {
+        self.timewait_attached
     }
 
     /// Names of the kernel's reset reasons, by number.
@@ -557,7 +577,7 @@ fn attach_fexit(ebpf: &mut Ebpf, btf: &aya::Btf, name: &str, functions: &[&str])
     Err(refused)
 }
 
-fn raw_fd(fd: &aya::programs::ProgramFd) -> Result<i32> {
+pub(super) fn raw_fd(fd: &aya::programs::ProgramFd) -> Result<i32> {
     use std::os::fd::{AsFd, AsRawFd};
     Ok(fd.as_fd().as_raw_fd())
 }
@@ -629,7 +649,7 @@ fn without_holders(program: &str, e: &anyhow::Error) -> String {
 }
 
 /// The program `name` of the object, as a `P`.
-fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+pub(super) fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
@@ -641,7 +661,7 @@ where
 
 /// A program the kernel refused, in one line: the verifier's last word,
 /// not its whole log (that goes to `--debug`).
-fn refusal(e: aya::programs::ProgramError) -> anyhow::Error {
+pub(super) fn refusal(e: aya::programs::ProgramError) -> anyhow::Error {
     match e {
         aya::programs::ProgramError::LoadError {
             io_error,

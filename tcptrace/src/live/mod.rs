@@ -29,6 +29,7 @@ use crate::command;
 use crate::endpoint;
 use crate::kernel::capture::{Capture, Hooks, StartError};
 use crate::kernel::privileges;
+use crate::kernel::timewait::TimeWaitPath;
 use crate::otlp;
 use crate::system::cgroups::Cgroups;
 use crate::system::snapshot::{self, Found};
@@ -40,6 +41,7 @@ use tcptrace_core::model::{Clock, Counters, Header, Item, OtlpCounts, Spec, Stat
 use tcptrace_core::order::Order;
 use tcptrace_core::output::metrics::Metrics;
 use tcptrace_core::recording::{self, Recorder};
+use tcptrace_core::timewait::KernelTimeWait;
 
 use outputs::Outputs;
 use pipeline::{Pipeline, Tail};
@@ -158,17 +160,34 @@ fn attach(
         (false, OwnerHooks::Auto) => Hooks::Auto,
         (false, OwnerHooks::Syscalls) => Hooks::Syscalls,
     };
-    let capture = Capture::start(&filter, hooks).map_err(|e| match e {
+    // The forced fallback forces the polled time-wait table too, so that
+    // one kernel tests both paths.
+    let want_kernel_timewait = !args.no_timewait && hooks != Hooks::Syscalls;
+    let capture = Capture::start(&filter, hooks, want_kernel_timewait).map_err(|e| match e {
         StartError::Privileges(m) => Failure::Privileges(m),
         StartError::Other(e) => Failure::Other(e),
     })?;
     if let Some(line) = capture.owner_path().announcement() {
         eprintln!("{line}");
     }
+    let timewait_path = match (args.no_timewait, capture.timewait_attached()) {
+        (true, _) => TimeWaitPath::Off,
+        (false, true) => TimeWaitPath::Kernel,
+        (false, false) => TimeWaitPath::Polled,
+    };
+    if let Some(line) = timewait_path.announcement() {
+        eprintln!("{line}");
+    }
     let mut attributor = Attributor::new();
     let mut cgroups = Cgroups::new();
-    let (existing, timewait, lookups) =
-        look_around(args, spec, &filter, &mut attributor, &mut cgroups);
+    let (existing, timewait, lookups, kernel_timewait) = look_around(
+        args,
+        spec,
+        &filter,
+        &mut attributor,
+        &mut cgroups,
+        timewait_path,
+    );
     let metrics_listener = bind_metrics(args)?;
     lower_privileges(args, command, capture.capabilities_needed());
     let mut pipe = Pipeline {
@@ -176,14 +195,17 @@ fn attach(
         order: Order::new(),
         tail: Tail {
             timewait,
-            following_timewait: !args.no_timewait,
+            following_timewait: timewait_path == TimeWaitPath::Polled,
+            kernel_timewait,
             filter,
             outputs: Outputs::new(args, clock, recorder, otlp),
             tally: Tally::default(),
             count: args.count,
-            metrics: metrics_listener
-                .as_ref()
-                .map(|_| Metrics::new().with_owner_path(capture.owner_path().name())),
+            metrics: metrics_listener.as_ref().map(|_| {
+                Metrics::new()
+                    .with_owner_path(capture.owner_path().name())
+                    .with_timewait_path(timewait_path.name())
+            }),
             analysis: command.map(|_| analysis(clock, spec)),
         },
         reset_reasons: pipeline::reason_names(capture.reset_reasons()),
@@ -259,7 +281,13 @@ fn look_around(
     filter: &Filter,
     attributor: &mut Attributor,
     cgroups: &mut Cgroups,
-) -> (Option<Found>, TimeWait, Vec<snapshot::Namespace>) {
+    path: TimeWaitPath,
+) -> (
+    Option<Found>,
+    TimeWait,
+    Vec<snapshot::Namespace>,
+    Option<KernelTimeWait>,
+) {
     let mut namespaces = if args.no_snapshot && args.no_timewait {
         Vec::new()
     } else {
@@ -278,18 +306,23 @@ fn look_around(
             }
         }
     };
-    let followed = if args.no_timewait {
-        Vec::new()
-    } else {
+    let followed = if path == TimeWaitPath::Polled {
         namespaces
+    } else {
+        Vec::new()
     };
     let mut timewait = TimeWait::new(followed, snapshot::kernel_ports(filter));
+    let mut kernel = (path == TimeWaitPath::Kernel).then(KernelTimeWait::new);
     if let Some(found) = &existing {
         for row in &found.timewait {
-            timewait.watch_existing(row);
+            match &mut kernel {
+                Some(k) => k.watch_existing(row),
+                None if path == TimeWaitPath::Polled => timewait.watch_existing(row),
+                None => {}
+            }
         }
     }
-    (existing, timewait, lookups)
+    (existing, timewait, lookups, kernel)
 }
 
 /// Bound now: a port below 1024 needs a capability about to be dropped.

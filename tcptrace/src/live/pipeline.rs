@@ -16,6 +16,7 @@ use tcptrace_core::model::{
 };
 use tcptrace_core::order::{Order, Sink};
 use tcptrace_core::output::metrics::Metrics;
+use tcptrace_core::timewait::KernelTimeWait;
 
 use super::Stop;
 use super::outputs::Outputs;
@@ -47,6 +48,9 @@ pub(super) struct Pipeline {
 pub(super) struct Tail {
     pub timewait: TimeWait,
     pub following_timewait: bool,
+    /// Where the kernel reports time-wait sockets (then `timewait` is
+    /// neither fed nor polled).
+    pub kernel_timewait: Option<KernelTimeWait>,
     pub filter: Filter,
     pub outputs: Outputs,
     pub tally: Tally,
@@ -130,6 +134,26 @@ impl Pipeline {
                 received: true,
                 ..
             } => self.attributor.reset_received(skaddr),
+            Decoded::TimeWait { made: true, t } => {
+                if let Some(k) = &mut self.tail.kernel_timewait {
+                    k.made(&t);
+                }
+            }
+            // In ring order with the rows, so that it meets the connection
+            // once its `-> CLOSE` has gone out.
+            Decoded::TimeWait { made: false, t } => {
+                let row = Row {
+                    t,
+                    sock: 0,
+                    owner: None,
+                    dwell_ns: None,
+                    close: None,
+                    origin: Origin::TimeWaitKernel,
+                    timing: Timing::Exact,
+                    queued: false,
+                };
+                return self.order.push(&row, &mut self.tail);
+            }
             Decoded::Reset { skaddr, reason, .. } => {
                 let name = self
                     .reset_reasons
@@ -240,6 +264,10 @@ impl Tail {
             Origin::Tracepoint => self.tally.shown += 1,
             Origin::Snapshot => self.tally.snapshot += 1,
             Origin::TimeWait => self.tally.timewait += 1,
+            Origin::TimeWaitKernel => {
+                self.tally.timewait += 1;
+                self.tally.timewait_kernel += 1;
+            }
         }
         let transitions = self.tally.shown + self.tally.timewait;
         if self.count.is_some_and(|n| transitions >= n) {
@@ -253,6 +281,24 @@ impl Sink for Tail {
     type Error = Stop;
 
     fn ring_row(&mut self, row: &Row) -> Result<(), Stop> {
+        if let Some(k) = &mut self.kernel_timewait {
+            // A time-wait socket's change becomes its connection's row.
+            if row.origin == Origin::TimeWaitKernel {
+                return match k.changed(&row.t) {
+                    Some(r) => self.show(&r),
+                    None => Ok(()),
+                };
+            }
+            let entered = k.closed(row);
+            self.show(row)?;
+            if let Some(r) = entered {
+                self.show(&r)?;
+            }
+            if self.outputs.stdout_full() {
+                self.outputs.flush()?;
+            }
+            return Ok(());
+        }
         // Final now (a sent reset has had its chance): an orderly close is
         // followed into the time-wait table, and a connection taking over a
         // time-wait socket ends the connection that left it.

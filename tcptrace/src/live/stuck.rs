@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tcptrace_core::attribute::Unverified;
-use tcptrace_core::model::{Holders, Origin, Row, monotonic_ns};
+use tcptrace_core::model::{Holders, Row, monotonic_ns};
 use tcptrace_core::output;
 use tokio::time::Instant;
 
@@ -57,6 +57,13 @@ impl StuckWatch {
             .newly_stuck(now, threshold)
             .into_iter()
             .chain(pipe.tail.timewait.newly_stuck(now, threshold))
+            .chain(
+                pipe.tail
+                    .kernel_timewait
+                    .as_mut()
+                    .map(|k| k.newly_stuck(now, threshold))
+                    .unwrap_or_default(),
+            )
             .filter(|row| pipe.tail.filter.passes(row))
             .collect();
         if stuck.is_empty() {
@@ -71,7 +78,7 @@ impl StuckWatch {
         // Orphans in the time-wait table have no holder to look up.
         let sockets: Vec<Unverified> = stuck
             .iter()
-            .filter(|r| r.origin != Origin::TimeWait)
+            .filter(|r| !r.origin.is_time_wait())
             .map(|r| Unverified {
                 skaddr: r.t.skaddr,
                 sock: r.sock,
@@ -108,7 +115,7 @@ impl StuckWatch {
             .map(|(pid, comm)| format!("pid {pid} ({comm})"))
             .collect::<Vec<_>>()
             .join(", ");
-        let orphan = row.origin == Origin::TimeWait;
+        let orphan = row.origin.is_time_wait();
         let who = match (orphan, named.is_empty()) {
             (true, true) => "no process holds it".to_string(),
             (true, false) => format!("no process holds it (closed by {listed})"),

@@ -18,8 +18,10 @@ pub(super) struct Tally {
     pub shown: u64,
     /// Rows of existing sockets shown.
     pub snapshot: u64,
-    /// Changes found in the time-wait table and shown.
+    /// Changes of connections in time-wait shown: found in the table, or
+    /// (`timewait_kernel` of them) reported by the kernel.
     pub timewait: u64,
+    pub timewait_kernel: u64,
     pub hidden: u64,
     pub undecodable: u64,
     /// Transitions the kernel delivered a second time, shown once.
@@ -143,10 +145,17 @@ pub(super) fn stats_line(tally: &Tally, counters: &Counters, gaps: u64) -> Strin
             plural(tally.snapshot, "existing socket", "existing sockets")
         ));
     }
-    if tally.timewait > 0 {
+    let polled = tally.timewait - tally.timewait_kernel;
+    if polled > 0 {
         extra.push_str(&format!(
             ", {} from the time-wait table",
-            plural(tally.timewait, "change", "changes")
+            plural(polled, "change", "changes")
+        ));
+    }
+    if tally.timewait_kernel > 0 {
+        extra.push_str(&format!(
+            ", {} in time-wait",
+            plural(tally.timewait_kernel, "change", "changes")
         ));
     }
     let gaps = if gaps > 0 {
