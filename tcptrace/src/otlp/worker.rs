@@ -239,17 +239,19 @@ impl Worker {
         if self.current.is_empty() {
             return;
         }
-        let records = std::mem::take(&mut self.current);
         let n = std::mem::take(&mut self.current_n) as u64;
-        let request = self.envelope(&records);
-        self.current = records;
-        self.current.clear();
-        // Level 1, once over the whole request.
+        // Level 1, once over the whole request; the envelope's head and the
+        // records go in apart, never copied into one buffer.
+        let head = self.envelope_head(self.current.len());
         let mut gz = flate2::write::GzEncoder::new(
-            Vec::with_capacity(request.len() / 4),
+            Vec::with_capacity(self.current.len() / 4),
             flate2::Compression::fast(),
         );
-        let body = gz.write_all(&request).and_then(|()| gz.finish());
+        let body = gz
+            .write_all(&head)
+            .and_then(|()| gz.write_all(&self.current))
+            .and_then(|()| gz.finish());
+        self.current.clear();
         match body {
             Ok(body) => self.enqueue(Batch {
                 body: Bytes::from(body),
@@ -260,21 +262,20 @@ impl Worker {
         }
     }
 
-    /// The ExportLogsServiceRequest around the encoded `records`: one
-    /// ResourceLogs of one ScopeLogs.
-    fn envelope(&self, records: &[u8]) -> Vec<u8> {
+    /// What comes before `records` bytes of encoded log records in their
+    /// ExportLogsServiceRequest: one ResourceLogs of one ScopeLogs.
+    fn envelope_head(&self, records: usize) -> Vec<u8> {
         use record::wire::{varint, varint_len};
         let field_len = |len: usize| 1 + varint_len(len as u64) + len;
-        let scope_logs = field_len(self.scope_bytes.len()) + records.len();
+        let scope_logs = field_len(self.scope_bytes.len()) + records;
         let resource_logs = field_len(self.resource_bytes.len()) + field_len(scope_logs);
-        let mut out = Vec::with_capacity(field_len(resource_logs));
+        let mut out = Vec::with_capacity(64 + self.resource_bytes.len());
         out.push(1 << 3 | 2);
         varint(&mut out, resource_logs as u64);
         record::wire::bytes_field(&mut out, 1, &self.resource_bytes);
         out.push(2 << 3 | 2);
         varint(&mut out, scope_logs as u64);
         record::wire::bytes_field(&mut out, 1, &self.scope_bytes);
-        out.extend_from_slice(records);
         out
     }
 
