@@ -414,6 +414,16 @@ mod tests {
                 Some(Close::ResetSent(Some("NOT_SPECIFIED"))),
                 Origin::Tracepoint,
             ),
+            {
+                // No owner, no thread name, a state tcptrace has no name for.
+                let mut e = entry("10.0.0.1:1", "10.0.0.2:2", None, Origin::Tracepoint);
+                e.row.owner = None;
+                e.row.t.thread = Comm::default();
+                e.row.t.new = State(99);
+                e.row.dwell_ns = None;
+                e.row.queued = false;
+                e
+            },
         ] {
             let mut wire = Vec::new();
             super::wire::log_record(&mut wire, &e, 1_765_000_000_999_000_000);
