@@ -8,6 +8,8 @@
 //!   tt-otlp-receiver --listen 127.0.0.1:PORT --out FILE [--status CODE]
 //!                    [--unavailable N]
 //!
+//! `--discard` answers 200 without decoding or keeping anything: a
+//! receiver cheap enough not to be what an exporter benchmark measures.
 //! `--status CODE` answers every request with CODE and keeps nothing;
 //! `--unavailable N` answers the first N requests 503 with Retry-After: 1;
 //! `--die-after N` exits once it has written the records of the Nth
@@ -33,6 +35,7 @@ struct Options {
     status: Option<u16>,
     unavailable: u64,
     die_after: Option<u64>,
+    discard: bool,
 }
 
 fn options() -> Options {
@@ -43,12 +46,14 @@ fn options() -> Options {
         status: None,
         unavailable: 0,
         die_after: None,
+        discard: false,
     };
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
             "--listen" => o.listen = value(),
             "--out" => o.out = value(),
+            "--discard" => o.discard = true,
             "--status" => o.status = Some(value().parse().expect("--status CODE")),
             "--unavailable" => o.unavailable = value().parse().expect("--unavailable N"),
             "--die-after" => o.die_after = Some(value().parse().expect("--die-after N")),
@@ -124,7 +129,7 @@ fn serve(
         } else {
             (200, "OK")
         };
-        if code == 200 {
+        if code == 200 && !o.discard {
             let mut lines = String::new();
             for r in decode(&line, &headers, &body) {
                 lines.push_str(&format!("{r}\n"));

@@ -20,10 +20,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
-use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
-use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
-use opentelemetry_proto::tonic::resource::v1::Resource;
 
 use tcptrace_core::model::OtlpCounts;
 
@@ -32,8 +29,12 @@ use super::record::{self, Entry};
 use super::spool::Spool;
 use super::{Config, Shared};
 
-/// A request holds at most this many records...
+/// A request holds at most this many records while the collector keeps
+/// up...
 pub const BATCH_RECORDS: usize = 512;
+/// ...and, while a request is in flight (the exporter behind), up to this
+/// many encoded bytes: fewer, bigger requests catch up, in order.
+const BATCH_BYTES_BEHIND: usize = 4 << 20;
 /// ...and waits at most this long for more.
 const BATCH_DELAY: Duration = Duration::from_secs(1);
 /// Requests waiting in memory before the spool takes them.
@@ -57,9 +58,19 @@ type Pending = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 pub struct Worker {
     config: Config,
     client: HttpClient,
-    resource: Resource,
     shared: Arc<Shared>,
-    current: Vec<LogRecord>,
+    /// The current batch: its log records, encoded (each a ScopeLogs
+    /// field 2), and how many.
+    current: Vec<u8>,
+    current_n: usize,
+    /// One record's encoding, reused.
+    scratch: Vec<u8>,
+    /// The encoded Resource and InstrumentationScope, the same for every
+    /// request.
+    resource_bytes: Vec<u8>,
+    scope_bytes: Vec<u8>,
+    /// A request is in flight: batches grow to BATCH_BYTES_BEHIND.
+    busy: bool,
     /// When the current batch goes out however few it holds.
     due: Option<Instant>,
     memory: VecDeque<Batch>,
@@ -78,9 +89,18 @@ impl Worker {
         Worker {
             config,
             client: http::client(),
-            resource: record::resource(),
+            resource_bytes: record::resource().encode_to_vec(),
+            scope_bytes: InstrumentationScope {
+                name: "tcptrace".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
             shared,
-            current: Vec::with_capacity(BATCH_RECORDS),
+            current: Vec::new(),
+            current_n: 0,
+            scratch: Vec::with_capacity(1024),
+            busy: false,
             due: None,
             memory: VecDeque::new(),
             memory_bytes: 0,
@@ -105,6 +125,11 @@ impl Worker {
             if pending.is_none() && self.retry_at.is_none_or(|t| Instant::now() >= t) {
                 self.retry_at = None;
                 if head.is_none() {
+                    // What grew while the last request was out goes now
+                    // rather than at its deadline.
+                    if self.current_n >= BATCH_RECORDS && self.memory.is_empty() {
+                        self.seal();
+                    }
                     head = self.next_batch();
                 }
                 if let Some(b) = &head {
@@ -122,6 +147,7 @@ impl Worker {
             if finishing && head.is_none() && self.is_empty() {
                 break;
             }
+            self.busy = pending.is_some();
             let far = Instant::now() + Duration::from_secs(3600);
             let accepting = open && self.accepting();
             tokio::select! {
@@ -129,8 +155,10 @@ impl Worker {
                     // Taken in bulk: one wake-up per message could not keep
                     // up with a full churn.
                     1.. => {
+                        // Observed when taken: one clock read a bulk.
+                        let now = record::unix_now_ns();
                         for e in inbox.drain(..) {
-                            self.add(&e);
+                            self.add(&e, now);
                         }
                     }
                     // No more rows: what is left goes out, for as long as
@@ -182,18 +210,25 @@ impl Worker {
     }
 
     fn is_empty(&self) -> bool {
-        self.current.is_empty()
+        self.current_n == 0
             && self.memory.is_empty()
             && self.spool.as_ref().is_none_or(Spool::is_empty)
     }
 
-    fn add(&mut self, e: &Entry) {
-        self.current
-            .push(record::log_record(e, record::unix_now_ns()));
-        if self.current.len() == 1 {
+    fn add(&mut self, e: &Entry, observed_ns: u64) {
+        self.scratch.clear();
+        record::wire::log_record(&mut self.scratch, e, observed_ns);
+        record::wire::bytes_field(&mut self.current, 2, &self.scratch);
+        self.current_n += 1;
+        if self.current_n == 1 {
             self.due = Some(Instant::now() + BATCH_DELAY);
         }
-        if self.current.len() >= BATCH_RECORDS {
+        let full = if self.busy {
+            self.current.len() >= BATCH_BYTES_BEHIND
+        } else {
+            self.current_n >= BATCH_RECORDS
+        };
+        if full {
             self.seal();
         }
     }
@@ -204,27 +239,19 @@ impl Worker {
         if self.current.is_empty() {
             return;
         }
-        let records = std::mem::take(&mut self.current);
-        let n = records.len() as u64;
-        let request = ExportLogsServiceRequest {
-            resource_logs: vec![ResourceLogs {
-                resource: Some(self.resource.clone()),
-                scope_logs: vec![ScopeLogs {
-                    scope: Some(InstrumentationScope {
-                        name: "tcptrace".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
-                    log_records: records,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        };
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let n = std::mem::take(&mut self.current_n) as u64;
+        // Level 1, once over the whole request; the envelope's head and the
+        // records go in apart, never copied into one buffer.
+        let head = self.envelope_head(self.current.len());
+        let mut gz = flate2::write::GzEncoder::new(
+            Vec::with_capacity(self.current.len() / 4),
+            flate2::Compression::fast(),
+        );
         let body = gz
-            .write_all(&request.encode_to_vec())
+            .write_all(&head)
+            .and_then(|()| gz.write_all(&self.current))
             .and_then(|()| gz.finish());
+        self.current.clear();
         match body {
             Ok(body) => self.enqueue(Batch {
                 body: Bytes::from(body),
@@ -233,6 +260,23 @@ impl Worker {
             }),
             Err(e) => self.dropped(n, &format!("cannot compress a request: {e}")),
         }
+    }
+
+    /// What comes before `records` bytes of encoded log records in their
+    /// ExportLogsServiceRequest: one ResourceLogs of one ScopeLogs.
+    fn envelope_head(&self, records: usize) -> Vec<u8> {
+        use record::wire::{varint, varint_len};
+        let field_len = |len: usize| 1 + varint_len(len as u64) + len;
+        let scope_logs = field_len(self.scope_bytes.len()) + records;
+        let resource_logs = field_len(self.resource_bytes.len()) + field_len(scope_logs);
+        let mut out = Vec::with_capacity(64 + self.resource_bytes.len());
+        out.push(1 << 3 | 2);
+        varint(&mut out, resource_logs as u64);
+        record::wire::bytes_field(&mut out, 1, &self.resource_bytes);
+        out.push(2 << 3 | 2);
+        varint(&mut out, scope_logs as u64);
+        record::wire::bytes_field(&mut out, 1, &self.scope_bytes);
+        out
     }
 
     /// Memory while the spool is empty (so that order holds), then the
@@ -412,7 +456,7 @@ impl Worker {
 
     /// Records not acknowledged yet, for the metrics.
     fn publish(&self, head: &Option<Batch>) {
-        let n = self.current.len() as u64
+        let n = self.current_n as u64
             + self.memory.iter().map(|b| b.records).sum::<u64>()
             + head
                 .as_ref()
