@@ -7,7 +7,7 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Valu
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, SeverityNumber};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
-use tcptrace_core::model::Row;
+use tcptrace_core::model::{Row, Timing};
 #[cfg(test)]
 use tcptrace_core::{cgroup, model::Origin};
 
@@ -91,6 +91,9 @@ pub fn log_record(e: &Entry, observed_ns: u64) -> LogRecord {
         a.push(kv("tcp.queued", Value::BoolValue(true)));
     }
     a.push(s("tcp.origin", row.origin.name()));
+    if row.timing != Timing::Exact {
+        a.push(s("tcp.timing", row.timing.name()));
+    }
     a.push(i("tcptrace.seq", e.seq as i64));
     let (severity, text) = if row.close.is_some() {
         (SeverityNumber::Warn, "WARN")
@@ -192,7 +195,7 @@ pub mod wire {
     use std::io::Write as _;
 
     use tcptrace_core::cgroup;
-    use tcptrace_core::model::Origin;
+    use tcptrace_core::model::{Origin, Timing};
 
     use super::{Entry, state_name};
 
@@ -346,6 +349,9 @@ pub mod wire {
             kv_bool(out, "tcp.queued", true);
         }
         kv_str(out, "tcp.origin", row.origin.name());
+        if row.timing != Timing::Exact {
+            kv_str(out, "tcp.timing", row.timing.name());
+        }
         kv_int(out, "tcptrace.seq", e.seq as i64);
         if observed_ns != 0 {
             tag(out, 11, FIXED64);
@@ -422,6 +428,12 @@ mod tests {
                 e.row.t.new = State(99);
                 e.row.dwell_ns = None;
                 e.row.queued = false;
+                e
+            },
+            {
+                // A time-wait row whose end only a read of the table saw.
+                let mut e = entry("10.0.0.1:1", "10.0.0.2:2", None, Origin::TimeWait);
+                e.row.timing = Timing::Poll;
                 e
             },
         ] {
