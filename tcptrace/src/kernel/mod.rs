@@ -1,6 +1,7 @@
 //! The kernel side: what the kernel allows ([`privileges`], [`tracefs`],
 //! [`btf`], [`layout`]), loading and attaching the eBPF programs
-//! ([`object`], [`capture`]) and reading their rings ([`ring`]).
+//! ([`object`], [`capture`]), reading their rings ([`ring`]) and asking
+//! who holds a socket ([`task_files`]).
 
 pub mod btf;
 pub mod capture;
@@ -8,4 +9,5 @@ pub mod layout;
 pub mod object;
 pub mod privileges;
 pub mod ring;
+pub mod task_files;
 pub mod tracefs;

@@ -30,6 +30,7 @@ use crate::endpoint;
 use crate::kernel::capture::{Capture, Hooks, StartError};
 use crate::kernel::privileges;
 use crate::system::cgroups::Cgroups;
+use crate::system::holders::Finder;
 use crate::system::snapshot::{self, Found};
 use crate::system::timewait::TimeWait;
 use tcptrace_core::analyse::Analysis;
@@ -153,7 +154,7 @@ fn attach(
         (false, OwnerHooks::Auto) => Hooks::Auto,
         (false, OwnerHooks::Syscalls) => Hooks::Syscalls,
     };
-    let capture = Capture::start(&filter, hooks).map_err(|e| match e {
+    let mut capture = Capture::start(&filter, hooks).map_err(|e| match e {
         StartError::Privileges(m) => Failure::Privileges(m),
         StartError::Other(e) => Failure::Other(e),
     })?;
@@ -162,8 +163,9 @@ fn attach(
     }
     let mut attributor = Attributor::new();
     let mut cgroups = Cgroups::new();
+    let finder = Finder::new(capture.take_task_files());
     let (existing, timewait, lookups) =
-        look_around(args, spec, &filter, &mut attributor, &mut cgroups);
+        look_around(args, spec, &filter, &finder, &mut attributor, &mut cgroups);
     let metrics_listener = bind_metrics(args)?;
     lower_privileges(args, command, capture.capabilities_needed());
     let mut pipe = Pipeline {
@@ -185,6 +187,7 @@ fn attach(
         batch: Vec::new(),
         cgroups,
         lookups,
+        finder,
         owner_hooks: !args.no_owner_hooks,
     };
     if let Some(found) = existing {
@@ -219,6 +222,7 @@ fn look_around(
     args: &LiveArgs,
     spec: &Spec,
     filter: &Filter,
+    finder: &Finder,
     attributor: &mut Attributor,
     cgroups: &mut Cgroups,
 ) -> (Option<Found>, TimeWait, Vec<snapshot::Namespace>) {
@@ -232,7 +236,7 @@ fn look_around(
     let existing = if args.no_snapshot {
         None
     } else {
-        match snapshot::take(&mut namespaces, filter, attributor, cgroups) {
+        match snapshot::take(finder, &mut namespaces, filter, attributor, cgroups) {
             Ok(found) => Some(found),
             Err(e) => {
                 eprintln!("tcptrace: warning: no snapshot of the existing sockets: {e:#}");
@@ -278,16 +282,13 @@ fn lower_privileges(args: &LiveArgs, command: Option<&command::Prepared>, needed
             args.nice
         );
     }
-    // Attached, files open: nothing ahead needs a capability but reading
-    // other processes' descriptor tables, to tell who holds a socket.
-    // Starting the command as the sudo caller needs two more, until then.
+    // Attached, files open, the iterator that tells who holds a socket
+    // linked: nothing ahead needs a capability but what this kernel asks
+    // for reading our own BPF objects. Starting the command as the sudo
+    // caller needs two more, until then.
     let keep_for_command: &[u32] = match command {
-        Some(c) if c.needs_setuid() => &[
-            privileges::CAP_SYS_PTRACE,
-            privileges::CAP_SETUID,
-            privileges::CAP_SETGID,
-        ],
-        _ => &[privileges::CAP_SYS_PTRACE],
+        Some(c) if c.needs_setuid() => &[privileges::CAP_SETUID, privileges::CAP_SETGID],
+        _ => &[],
     };
     if let Err(e) = privileges::drop_all_but(&[keep_for_command, needed].concat()) {
         log::warn!("cannot drop capabilities: {e}");
@@ -430,12 +431,7 @@ impl Live {
                 self.deadline = Some(Instant::now());
             }
         }
-        let keep = [
-            &[privileges::CAP_SYS_PTRACE],
-            self.capture.capabilities_needed(),
-        ]
-        .concat();
-        if let Err(e) = privileges::drop_all_but(&keep) {
+        if let Err(e) = privileges::drop_all_but(self.capture.capabilities_needed()) {
             log::warn!("cannot drop capabilities: {e}");
         }
     }
