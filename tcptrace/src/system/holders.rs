@@ -55,8 +55,13 @@ impl Finder {
         if inodes.is_empty() {
             return HashMap::new();
         }
+        let started = std::time::Instant::now();
         let (task_files, warned) = match self {
-            Finder::Proc => return sockdiag::owners(inodes),
+            Finder::Proc => {
+                let found = sockdiag::owners(inodes);
+                log::debug!("/proc/PID/fd read in {:?}", started.elapsed());
+                return found;
+            }
             Finder::Kernel { task_files, warned } => (task_files, warned),
         };
         let mut held = match task_files.walk() {
@@ -68,7 +73,11 @@ impl Finder {
                 return HashMap::new();
             }
         };
-        log::debug!("{} socket descriptors in the processes' tables", held.len());
+        log::debug!(
+            "{} socket descriptors in the processes' tables, walked in {:?}",
+            held.len(),
+            started.elapsed()
+        );
         held.retain(|h| inodes.contains(&h.inode));
         held.sort_unstable_by_key(|h| (h.tgid, h.fd));
         let mut found: HashMap<u32, Vec<(u32, String)>> = HashMap::new();
