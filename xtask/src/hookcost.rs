@@ -13,8 +13,9 @@
 //!
 //! Each loop runs untraced, under `tcptrace --no-owner-hooks` and under
 //! tcptrace (both filtering out every TCP transition, so only the hooks'
-//! own cost shows), interleaved over rounds; the figures are medians of the
-//! per-round rates.
+//! own cost shows), and with `--against BINARY` under that tcptrace too,
+//! interleaved over rounds; the figures are medians of the per-round
+//! rates, in calls per CPU second of the loop (its children's included).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -82,9 +83,31 @@ fn fork_wait() {
     }
 }
 
-/// Calls per second of `step` over `seconds`.
+/// CPU time this thread and its reaped children have used, in seconds:
+/// what the hooks add is charged to the task making the call (the fork
+/// loop's exits to the children).
+fn cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime and getrusage fill the structs they are given.
+    let children = unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9 + children
+}
+
+/// Calls of `step` per CPU second, over `seconds` of wall time. Per CPU
+/// second rather than per second: on a machine shared with other work
+/// the loop's share of a CPU varies far more than what a call costs.
 fn rate(step: fn(), seconds: f64) -> f64 {
     let started = Instant::now();
+    let cpu_before = cpu_seconds();
     let limit = Duration::from_secs_f64(seconds);
     let mut n: u64 = 0;
     while started.elapsed() < limit {
@@ -93,7 +116,7 @@ fn rate(step: fn(), seconds: f64) -> f64 {
         }
         n += 64;
     }
-    n as f64 / started.elapsed().as_secs_f64()
+    n as f64 / (cpu_seconds() - cpu_before)
 }
 
 /// tcptrace attached, dropping every transition; killed on drop.
@@ -139,18 +162,33 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn run(tcptrace: &Path, seconds: f64, rounds: u32) -> Result<()> {
+pub fn run(tcptrace: &Path, against: Option<&Path>, seconds: f64, rounds: u32) -> Result<()> {
     println!("hook cost: {rounds} rounds of {seconds} s per loop and configuration, interleaved");
-    println!(
+    print!(
         "{:<8} {:<32} {:>12} {:>12} {:>12} {:>7} {:>9}",
         "loop", "each call", "untraced /s", "no hooks /s", "traced /s", "ratio", "added ns"
     );
+    if let Some(other) = against {
+        print!("  {:>12} {:>7} {:>9}", "against /s", "ratio", "added ns");
+        println!();
+        println!("(against: {})", other.display());
+    } else {
+        println!();
+    }
     for l in &LOOPS {
-        let (mut bare, mut unhooked, mut traced) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut bare, mut unhooked, mut traced, mut other) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             bare.push(rate(l.step, seconds));
-            for (hooks, rates) in [(false, &mut unhooked), (true, &mut traced)] {
-                let t = Attached::start(tcptrace, hooks)?;
+            let mut runs = vec![
+                (tcptrace, false, &mut unhooked),
+                (tcptrace, true, &mut traced),
+            ];
+            if let Some(o) = against {
+                runs.push((o, true, &mut other));
+            }
+            for (bin, hooks, rates) in runs {
+                let t = Attached::start(bin, hooks)?;
                 rates.push(rate(l.step, seconds));
                 drop(t);
             }
@@ -162,8 +200,8 @@ pub fn run(tcptrace: &Path, seconds: f64, rounds: u32) -> Result<()> {
         );
         // Against the untraced loop: the hooks' cost shows as the gap
         // between the no-hooks and traced columns.
-        let added_ns = (1e9 / t - 1e9 / b).max(0.0);
-        println!(
+        let added_ns = |rate: f64| (1e9 / rate - 1e9 / b).max(0.0);
+        print!(
             "{:<8} {:<32} {:>12.0} {:>12.0} {:>12.0} {:>6.1}% {:>9.0}",
             l.name,
             l.what,
@@ -171,8 +209,13 @@ pub fn run(tcptrace: &Path, seconds: f64, rounds: u32) -> Result<()> {
             u,
             t,
             100.0 * t / b,
-            added_ns
+            added_ns(t)
         );
+        if !other.is_empty() {
+            let o = median(&mut other);
+            print!("  {:>12.0} {:>6.1}% {:>9.0}", o, 100.0 * o / b, added_ns(o));
+        }
+        println!();
     }
     Ok(())
 }

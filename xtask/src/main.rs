@@ -64,6 +64,10 @@ enum Cmd {
         seconds: f64,
         #[arg(long, default_value_t = 5)]
         rounds: u32,
+        /// Also run another tcptrace binary (an experiment built aside),
+        /// interleaved with this build in the same run.
+        #[arg(long, value_name = "BINARY")]
+        against: Option<PathBuf>,
     },
     /// Build the release for production hosts in target/dist/: static
     /// x86_64 and aarch64 binaries (musl) with the eBPF object inside, man
@@ -155,11 +159,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
     env::set_current_dir(&root)?;
     match cli.command {
         Cmd::Setup => setup().map(|()| ExitCode::SUCCESS),
-        Cmd::HookCost { seconds, rounds } => {
+        Cmd::HookCost {
+            seconds,
+            rounds,
+            against,
+        } => {
             setup()?;
             cargo(&["build", "--release", "--package", "tcptrace"])?;
-            hookcost::run(&root.join("target/release/tcptrace"), seconds, rounds)
-                .map(|()| ExitCode::SUCCESS)
+            hookcost::run(
+                &root.join("target/release/tcptrace"),
+                against.as_deref(),
+                seconds,
+                rounds,
+            )
+            .map(|()| ExitCode::SUCCESS)
         }
         Cmd::Dist => {
             setup()?;
