@@ -62,7 +62,9 @@ pub extern "C" fn task_sockets(ctx: *const TaskFile) -> i32 {
         _ if reference => Probed(core::ptr::null()),
         _ => return 0,
     };
-    let leader = task.follow(config!(task.group_leader));
+    // A probe: 5.10's verifier was never shown a typed load spanning
+    // elements of `comm`.
+    let leader = Probed(task.follow(config!(task.group_leader)).0);
     let comm: [u64; 2] = [
         leader.at(config!(task.comm)),
         leader.at(config!(task.comm) + 8),
