@@ -666,8 +666,11 @@ fn a_server_that_never_closes_is_reported_stuck_in_close_wait() {
         .hold_ms(60000)
         .start();
     let server_pid = server.pid;
-    ns.client(&addr, ClientMode::Close).run();
+    // The server's socket enters CLOSE_WAIT after this instant, and some
+    // time before the client has exited and been reaped: under emulation
+    // that can take longer than the look-up of its holders.
     let closed = Instant::now();
+    ns.client(&addr, ClientMode::Close).run();
     // Not before the threshold...
     std::thread::sleep(Duration::from_millis(600));
     assert!(

@@ -258,6 +258,46 @@ pub struct TimeWaitLayout {
     pub substate: u32,
 }
 
+/// What [`PROGRAM_TASK_FILES`] reads of each descriptor: `file.f_op`,
+/// `file.f_inode`, `inode.i_ino`, in bytes, from the kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileLayout {
+    pub f_op: u32,
+    pub f_inode: u32,
+    pub i_ino: u32,
+    /// Nonzero where the kernel has `bpf_sock_from_file` (5.11 on), which
+    /// tells a socket's file for sure. Before, the program reports every
+    /// file whose private data points at a socket pointing back at it,
+    /// with its `f_op`, and userspace keeps those whose `f_op` is that of
+    /// [`FileLayout::reference_fd`]: `socket_file_ops`, which only sockets have.
+    pub sock_from_file: u32,
+    /// A socket descriptor of tcptrace's own, kept open while it runs: the
+    /// program marks it ([`HeldSocket::reference`]) whatever the filters.
+    pub reference_fd: u32,
+}
+
+/// One descriptor of a process that refers to a TCP (or other inet) socket
+/// the filters keep, as [`PROGRAM_TASK_FILES`] writes it to its reader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeldSocket {
+    /// The kernel's `struct sock *`, as in [`Event::skaddr`].
+    pub skaddr: u64,
+    /// The file's `f_op`; see [`FileLayout::sock_from_file`].
+    pub f_op: u64,
+    /// Thread group id (as the kernel numbers it, like [`Event::pid`]).
+    pub tgid: u32,
+    /// The socket's inode, as in `/proc/PID/fd/N -> socket:[INODE]`.
+    pub inode: u32,
+    /// The descriptor's number.
+    pub fd: u32,
+    /// Nonzero for tcptrace's own [`FileLayout::reference_fd`].
+    pub reference: u32,
+    /// The process's name (its thread group leader's `comm`).
+    pub comm: [u8; 16],
+}
+
 /// The program's load-time configuration (a read-only global, so the
 /// verifier sees its values as constants).
 #[repr(C)]
@@ -265,6 +305,7 @@ pub struct TimeWaitLayout {
 pub struct Config {
     pub sock: SockLayout,
     pub task: TaskLayout,
+    pub file: FileLayout,
     /// Bit set of the families to keep: [`FAMILY_V4`], [`FAMILY_V6`].
     pub families: u32,
     /// Bit set of the port filters in force: [`PORT_ANY`], [`PORT_LOCAL`],
@@ -357,6 +398,10 @@ pub const PROGRAM_TW_SEGMENT_DONE: &str = "time_wait_segment_done";
 /// fentry on `inet_twsk_kill`: a time-wait socket taken out of the
 /// tables, whatever ended it ([`KIND_TW_CHANGED`] to CLOSE).
 pub const PROGRAM_TW_KILLED: &str = "time_wait_killed";
+/// An `iter/task_file` iterator: every descriptor of every process that
+/// refers to a socket the filters keep, as [`HeldSocket`]s. Who holds a
+/// socket, found without reading other processes' `/proc/PID/fd`.
+pub const PROGRAM_TASK_FILES: &str = "task_sockets";
 
 /// All rings together: half a second of 500k events/s at 120 bytes (event
 /// and ring header) is 30 MB. Userspace shares it out among the rings the

@@ -3,7 +3,7 @@
 //! filters and which optional programs run. A read-only global, so the
 //! verifier sees each field as a constant and drops the branches a kernel
 //! cannot take.
-use tcptrace_common::{Config, ResetLayout, SockLayout, TaskLayout, TimeWaitLayout};
+use tcptrace_common::{Config, FileLayout, ResetLayout, SockLayout, TaskLayout, TimeWaitLayout};
 
 #[unsafe(no_mangle)]
 pub(crate) static CONFIG: Config = Config {
@@ -37,6 +37,13 @@ pub(crate) static CONFIG: Config = Config {
         head_num_shift: 0,
         head_family_shift: 0,
         typed: 0,
+    },
+    file: FileLayout {
+        f_op: 0,
+        f_inode: 0,
+        i_ino: 0,
+        sock_from_file: 0,
+        reference_fd: 0,
     },
     families: 0,
     port_filters: 0,

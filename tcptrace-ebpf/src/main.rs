@@ -13,6 +13,8 @@
 //!   holds a socket, since a transition names only the task that made it;
 //!   `accept_returned`, `file_closing`, `fd_closed`: the first two's
 //!   fentry/fexit twins, for kernels that allow those.
+//! - [`holders`]: `task_sockets`, an iterator over every process's
+//!   descriptors that userspace reads to learn who holds a socket.
 //! - [`reset`]: `tcp_send_reset`, `tcp_receive_reset`: why a socket
 //!   went to CLOSE.
 //! - [`timewait`]: `time_wait_made`, `time_wait_segment(_done)`,
@@ -31,6 +33,7 @@ mod callback;
 mod config;
 mod emit;
 mod filter;
+mod holders;
 mod kernel;
 mod owners;
 // Singular: `tcp_send_reset`'s log record carries its module's path, and

@@ -56,7 +56,7 @@ fn current_files() -> u64 {
 /// is a `struct socket` whose sock points back at it. Any other file's
 /// private data fails that test.
 #[inline(always)]
-fn file_socket(file: Probed) -> Option<Probed> {
+pub(crate) fn file_socket(file: Probed) -> Option<Probed> {
     let socket = file.follow(config!(task.private_data)).nonnull()?;
     let sk = socket.follow(config!(task.sk)).nonnull()?;
     (sk.at::<u64>(config!(task.sk_socket)) == socket.0 as u64).then_some(sk)

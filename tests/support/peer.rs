@@ -99,9 +99,18 @@ pub struct PeerBuilder<'a> {
     ns: &'a Netns,
     server: bool,
     args: Vec<String>,
+    /// Run as user nobody rather than root.
+    nobody: bool,
 }
 
 impl PeerBuilder<'_> {
+    /// Runs it as user and group nobody: another user's process, whose
+    /// descriptor table only CAP_SYS_PTRACE opens in /proc.
+    pub fn as_nobody(mut self) -> Self {
+        self.nobody = true;
+        self
+    }
+
     fn opt(mut self, flag: &str, value: impl ToString) -> Self {
         self.args.push(flag.to_string());
         self.args.push(value.to_string());
@@ -145,7 +154,17 @@ impl PeerBuilder<'_> {
 
     /// Starts it; a server has its listener up when this returns.
     pub fn start(self) -> Peer {
-        let mut cmd = Command::new(peer_bin());
+        // setpriv execs the peer: the pid stays the peer's. (A uid set
+        // on the Command would change before the namespace is entered,
+        // which only root may.)
+        let mut cmd = if self.nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(peer_bin());
+            c
+        } else {
+            Command::new(peer_bin())
+        };
         cmd.args(&self.args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -186,6 +205,7 @@ impl Netns {
             ns: self,
             server: true,
             args: vec!["server".into(), addr.into()],
+            nobody: false,
         }
         .opt("--mode", mode.flag())
     }
@@ -196,6 +216,7 @@ impl Netns {
             ns: self,
             server: false,
             args: vec!["client".into(), addr.into()],
+            nobody: false,
         }
         .opt("--mode", mode.flag())
     }

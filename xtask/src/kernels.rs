@@ -71,6 +71,7 @@ const SCENARIOS: &[(&str, &[&str])] = &[
     (
         "hardening",
         &[
+            "every_capability_is_dropped_once_tracing",
             "cap_net_admin_adds_the_socket_callback",
             "no_owner_hooks_attaches_no_syscall_or_process_hook_and_still_traces",
             OWNERS_LINE_SCENARIO,

@@ -3,21 +3,23 @@
 
 use std::collections::VecDeque;
 use std::fs;
+use std::os::fd::AsRawFd;
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray},
-    programs::{BtfTracePoint, CgroupAttachMode, FEntry, FExit, SockOps, TracePoint},
+    programs::{BtfTracePoint, CgroupAttachMode, FEntry, FExit, Iter, SockOps, TracePoint},
 };
 use tcptrace_common::{
     CONFIG_GLOBAL, COUNTER_CAUGHT, COUNTER_COVERED, COUNTER_FILTERED, COUNTER_LOST, COUNTERS_MAP,
-    Config, EVENTS_MAPS, Event, PORTS_MAP, PROGRAM, PROGRAM_CALLBACK, PROGRAM_CATCHER, RING_BYTES,
-    RING_UNUSED_BYTES, RINGS, SockLayout, TaskLayout,
+    Config, EVENTS_MAPS, Event, FileLayout, PORTS_MAP, PROGRAM, PROGRAM_CALLBACK, PROGRAM_CATCHER,
+    PROGRAM_TASK_FILES, RING_BYTES, RING_UNUSED_BYTES, RINGS, SockLayout, TaskLayout,
 };
 
 use crate::kernel::btf::Btf;
 use crate::kernel::ring::Ring;
+use crate::kernel::task_files::{self, TaskFiles};
 use crate::kernel::{layout, object, privileges, timewait, tracefs};
 use crate::system::cgroups;
 use tcptrace_common::{
@@ -60,8 +62,11 @@ pub struct Capture {
     owner_path: OwnerPath,
     /// Whether the time-wait programs are attached.
     timewait_attached: bool,
-    /// Capabilities reading the counters needs once attached.
-    keep: &'static [u32],
+    /// Capabilities the run needs once attached (see
+    /// [`Capture::capabilities_needed`]).
+    keep: Vec<u32>,
+    /// The iterator that tells who holds a socket, until taken.
+    task_files: Option<TaskFiles>,
     /// Owns the program and its link.
     _ebpf: Ebpf,
 }
@@ -142,13 +147,24 @@ impl Capture {
         let sock = sock_layout(&kernel_btf)?;
         let task = task_layout(&kernel_btf, &release);
         let timewait_layout = timewait.then(|| timewait::layout(&kernel_btf)).flatten();
+        let file = file_layout(&kernel_btf, &release);
         drop(kernel_btf);
+        // The iterator's reference socket; without one, no iterator.
+        let reference = task_files::reference_socket()
+            .map_err(|e| log::warn!("{}", without_iterator(&anyhow!(e))))
+            .ok();
         let callback_cgroup = callback_cgroup(&sock);
         let (ports, port_filters) = filter.kernel_ports();
         let (reset_sent, reset_received, reasons) = reset_layouts();
         let config = Config {
             sock,
             task: task.unwrap_or_default(),
+            file: FileLayout {
+                reference_fd: reference
+                    .as_ref()
+                    .map_or(u32::MAX, |r| r.as_raw_fd() as u32),
+                ..file.unwrap_or_default()
+            },
             families: filter.kernel_families(),
             port_filters: u32::from(port_filters),
             netns_only: filter.spec().netns.unwrap_or(0),
@@ -195,6 +211,18 @@ impl Capture {
                     false
                 }
             };
+        let task_files = match (task, file, reference) {
+            (Some(_), Some(file), Some(reference)) => {
+                match attach_task_files(&mut ebpf, &btf, reference, file.sock_from_file != 0) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        log::warn!("{}", without_iterator(&e));
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
 
         // Parsing the kernel's BTF (twice: ours and aya's) takes some 15 MiB
         // of heap. Handing it back before the rings are mapped keeps it out
@@ -212,13 +240,20 @@ impl Capture {
                 .ok_or_else(|| anyhow!("no {COUNTERS_MAP} map"))?,
         )
         .map_err(|e| anyhow!(e))?;
-        let keep = if readable_without_capabilities(&counters) {
-            &[][..]
-        } else {
-            &[privileges::CAP_BPF][..]
-        };
+        let mut keep = Vec::new();
+        if !readable_without_capabilities(&counters)
+            || task_files
+                .as_ref()
+                .is_some_and(|t| !t.usable_without_capabilities())
+        {
+            keep.push(privileges::CAP_BPF);
+        }
+        if task_files.is_none() {
+            keep.push(privileges::CAP_SYS_PTRACE);
+        }
         Ok(Capture {
             keep,
+            task_files,
             waiting: rings.iter().map(|_| VecDeque::new()).collect(),
             rings,
             fresh: Vec::new(),
@@ -234,13 +269,21 @@ impl Capture {
         })
     }
 
-    /// The capabilities the run still needs once attached, to read the
-    /// kernel-side counters (lost, filtered): none on most kernels,
-    /// CAP_BPF on those that refuse every bpf() command to a process
-    /// without it, the descriptors it holds included (Debian 11's 5.10
-    /// with unprivileged BPF disabled).
-    pub fn capabilities_needed(&self) -> &'static [u32] {
-        self.keep
+    /// The capabilities the run still needs once attached: none on most
+    /// kernels. CAP_BPF on those that refuse every bpf() command to a
+    /// process without it, the descriptors it holds included (Debian 11's
+    /// 5.10 with unprivileged BPF disabled): reading the counters (lost,
+    /// filtered) and walking the iterator. CAP_SYS_PTRACE where the
+    /// iterator could not be attached: holders are then found in other
+    /// processes' `/proc/PID/fd`.
+    pub fn capabilities_needed(&self) -> &[u32] {
+        &self.keep
+    }
+
+    /// The iterator that tells who holds a socket, if it is attached
+    /// (once: it moves to whoever looks holders up).
+    pub fn take_task_files(&mut self) -> Option<TaskFiles> {
+        self.task_files.take()
     }
 
     pub fn owner_path(&self) -> OwnerPath {
@@ -641,6 +684,26 @@ fn attach_process_programs(ebpf: &mut Ebpf, btf: &aya::Btf) -> Vec<i32> {
     fds
 }
 
+/// Loads and links the iterator over every process's descriptors.
+fn attach_task_files(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    reference: std::os::fd::OwnedFd,
+    sock_from_file: bool,
+) -> Result<TaskFiles> {
+    let p = program::<Iter>(ebpf, PROGRAM_TASK_FILES)?;
+    p.load("task_file", btf).map_err(refusal)?;
+    let fd = raw_fd(p.fd().map_err(|e| anyhow!(e))?)?;
+    TaskFiles::link(fd, reference, sock_from_file)
+}
+
+fn without_iterator(e: &anyhow::Error) -> String {
+    format!(
+        "the iterator over processes' descriptors is not attached ({e:#}): tcptrace keeps \
+         CAP_SYS_PTRACE to find who holds a socket in /proc/PID/fd"
+    )
+}
+
 fn without_holders(program: &str, e: &anyhow::Error) -> String {
     format!(
         "the program {program} is not attached ({e:#}): sockets it would have followed from \
@@ -897,6 +960,28 @@ fn task_layout(btf: &Btf, release: &str) -> Option<TaskLayout> {
     })
 }
 
+/// Where this kernel keeps what the iterator reads of a file. None (with
+/// the reason logged) when the BTF lacks any of it.
+fn file_layout(btf: &Btf, release: &str) -> Option<FileLayout> {
+    let member = |name: &str, member: &str| {
+        let found = btf.member_offset(name, member);
+        if found.is_none() {
+            log::warn!(
+                "{}",
+                without_iterator(&anyhow!("the kernel's BTF has no {name}.{member}"))
+            );
+        }
+        found
+    };
+    Some(FileLayout {
+        f_op: member("file", "f_op")?,
+        f_inode: member("file", "f_inode")?,
+        i_ino: member("inode", "i_ino")?,
+        sock_from_file: u32::from(version(release).is_some_and(|v| v >= SOCK_FROM_FILE_KERNEL)),
+        reference_fd: 0,
+    })
+}
+
 /// What the reset tracepoints pass their programs, and the names of the
 /// reasons. They only annotate closes: without tracefs or the tracepoints
 /// tcptrace still traces every transition.
@@ -939,6 +1024,9 @@ const OLDEST_KERNEL: (u32, u32) = (5, 8);
 /// From this kernel on, `bpf_get_current_task_btf` gives the programs a
 /// typed pointer to the current task.
 const TYPED_TASK_KERNEL: (u32, u32) = (5, 11);
+
+/// From this kernel on, `bpf_sock_from_file` tells a socket's file.
+const SOCK_FROM_FILE_KERNEL: (u32, u32) = (5, 11);
 
 /// The major and minor version of a kernel release (`uname -r`).
 /// From 5.11 BPF memory is charged to the memory cgroup instead of

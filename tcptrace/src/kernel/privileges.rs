@@ -62,10 +62,9 @@ pub fn prioritize(nice: i32) -> std::io::Result<()> {
 
 /// Gives up every capability for good (effective, permitted, inheritable,
 /// ambient) but those in `keep`, and those only if held now. Called once the
-/// program is attached and the files are open: from then on the process
-/// only reads what it already holds, and `/proc/PID/fd` of other
-/// processes (CAP_SYS_PTRACE, to tell who holds a socket), so a bug in the
-/// rest of the run cannot be used to do more.
+/// programs are attached and the files are open: from then on the process
+/// only reads what it already holds (rings, counters, the iterator's
+/// link), so a bug in the rest of the run cannot be used to do more.
 pub fn drop_all_but(keep: &[u32]) -> std::io::Result<()> {
     // SAFETY: prctl with constant arguments.
     unsafe {

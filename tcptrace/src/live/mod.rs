@@ -32,6 +32,7 @@ use crate::kernel::privileges;
 use crate::kernel::timewait::TimeWaitPath;
 use crate::otlp;
 use crate::system::cgroups::Cgroups;
+use crate::system::holders::Finder;
 use crate::system::snapshot::{self, Found};
 use crate::system::timewait::TimeWait;
 use tcptrace_core::analyse::Analysis;
@@ -163,10 +164,11 @@ fn attach(
     // The forced fallback forces the polled time-wait table too, so that
     // one kernel tests both paths.
     let want_kernel_timewait = !args.no_timewait && hooks != Hooks::Syscalls;
-    let capture = Capture::start(&filter, hooks, want_kernel_timewait).map_err(|e| match e {
-        StartError::Privileges(m) => Failure::Privileges(m),
-        StartError::Other(e) => Failure::Other(e),
-    })?;
+    let mut capture =
+        Capture::start(&filter, hooks, want_kernel_timewait).map_err(|e| match e {
+            StartError::Privileges(m) => Failure::Privileges(m),
+            StartError::Other(e) => Failure::Other(e),
+        })?;
     if let Some(line) = capture.owner_path().announcement() {
         eprintln!("{line}");
     }
@@ -180,10 +182,12 @@ fn attach(
     }
     let mut attributor = Attributor::new();
     let mut cgroups = Cgroups::new();
+    let finder = Finder::new(capture.take_task_files());
     let (existing, timewait, lookups, kernel_timewait) = look_around(
         args,
         spec,
         &filter,
+        &finder,
         &mut attributor,
         &mut cgroups,
         timewait_path,
@@ -212,6 +216,7 @@ fn attach(
         batch: Vec::new(),
         cgroups,
         lookups,
+        finder,
         owner_hooks: !args.no_owner_hooks,
     };
     if let Some(found) = existing {
@@ -279,6 +284,7 @@ fn look_around(
     args: &LiveArgs,
     spec: &Spec,
     filter: &Filter,
+    finder: &Finder,
     attributor: &mut Attributor,
     cgroups: &mut Cgroups,
     path: TimeWaitPath,
@@ -298,7 +304,7 @@ fn look_around(
     let existing = if args.no_snapshot {
         None
     } else {
-        match snapshot::take(&mut namespaces, filter, attributor, cgroups) {
+        match snapshot::take(finder, &mut namespaces, filter, attributor, cgroups) {
             Ok(found) => Some(found),
             Err(e) => {
                 eprintln!("tcptrace: warning: no snapshot of the existing sockets: {e:#}");
@@ -349,16 +355,13 @@ fn lower_privileges(args: &LiveArgs, command: Option<&command::Prepared>, needed
             args.nice
         );
     }
-    // Attached, files open: nothing ahead needs a capability but reading
-    // other processes' descriptor tables, to tell who holds a socket.
-    // Starting the command as the sudo caller needs two more, until then.
+    // Attached, files open, the iterator that tells who holds a socket
+    // linked: nothing ahead needs a capability but what this kernel asks
+    // for reading our own BPF objects. Starting the command as the sudo
+    // caller needs two more, until then.
     let keep_for_command: &[u32] = match command {
-        Some(c) if c.needs_setuid() => &[
-            privileges::CAP_SYS_PTRACE,
-            privileges::CAP_SETUID,
-            privileges::CAP_SETGID,
-        ],
-        _ => &[privileges::CAP_SYS_PTRACE],
+        Some(c) if c.needs_setuid() => &[privileges::CAP_SETUID, privileges::CAP_SETGID],
+        _ => &[],
     };
     if let Err(e) = privileges::drop_all_but(&[keep_for_command, needed].concat()) {
         log::warn!("cannot drop capabilities: {e}");
@@ -509,12 +512,7 @@ impl Live {
                 self.deadline = Some(Instant::now());
             }
         }
-        let keep = [
-            &[privileges::CAP_SYS_PTRACE],
-            self.capture.capabilities_needed(),
-        ]
-        .concat();
-        if let Err(e) = privileges::drop_all_but(&keep) {
+        if let Err(e) = privileges::drop_all_but(self.capture.capabilities_needed()) {
             log::warn!("cannot drop capabilities: {e}");
         }
     }

@@ -37,8 +37,9 @@ pub(super) struct Pipeline {
     /// Reused between reads of the rings.
     pub batch: Vec<Event>,
     pub cgroups: Cgroups,
-    /// Namespaces to look up holders in (see `holders`).
+    /// Namespaces to look up holders in, and how (see `holders`).
     pub lookups: Vec<snapshot::Namespace>,
+    pub finder: holders::Finder,
     /// The accept, close, fork and exit hooks are attached.
     pub owner_hooks: bool,
 }
@@ -203,7 +204,7 @@ impl Pipeline {
         if sockets.is_empty() {
             return Ok(out);
         }
-        let found = holders::look_up(&mut self.lookups, &mut self.cgroups, sockets);
+        let found = holders::look_up(&self.finder, &mut self.lookups, &mut self.cgroups, sockets);
         let now = monotonic_ns();
         for s in sockets {
             let changed = found

@@ -69,7 +69,7 @@ impl StuckWatch {
         if stuck.is_empty() {
             return Ok(());
         }
-        let connecting = holders::connecting_ends(&mut pipe.lookups, &stuck);
+        let connecting = holders::connecting_ends(&pipe.finder, &mut pipe.lookups, &stuck);
         for row in &mut stuck {
             if let Some([one]) = connecting.get(&row.sock).map(Vec::as_slice) {
                 row.t.local = *one;

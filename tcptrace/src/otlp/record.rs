@@ -7,9 +7,12 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Valu
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, SeverityNumber};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
-use tcptrace_core::model::{Row, Timing};
+use tcptrace_core::model::Row;
 #[cfg(test)]
-use tcptrace_core::{cgroup, model::Origin};
+use tcptrace_core::{
+    cgroup,
+    model::{Origin, Timing},
+};
 
 /// One row on its way to the collector: what the exporter thread needs to
 /// build its record.

@@ -1,19 +1,24 @@
-//! Holders: who holds a socket right now, found the way `ss -p` finds it.
-//! sock_diag names the socket's inode by its addresses, and every
-//! `/proc/PID/fd/N` linking to that inode is a process holding it.
+//! Holders: who holds a socket right now, found as `ss -p` would see it.
+//! sock_diag names the socket's inode by its addresses, and every process
+//! with a descriptor of that inode holds it: the kernel's iterator over
+//! every process's descriptors says which ([`TaskFiles`]), or, where it
+//! could not be attached, `/proc/PID/fd`, as `ss -p` reads it.
 //!
 //! The events the kernel programs report (accept, fork, close, exit) keep
 //! the holders of each socket as they change; this is the check where they
 //! cannot: a descriptor received over a Unix socket, a `--stuck` warning
 //! that must name the right process, the sockets still open at the end.
-//! Reading other processes' descriptor tables takes CAP_SYS_PTRACE, the one
-//! capability tcptrace keeps after attaching (see `privileges`).
+//! The iterator needs no capability once attached; reading other
+//! processes' descriptor tables in /proc takes CAP_SYS_PTRACE, which
+//! tcptrace keeps only where the iterator is missing (see `privileges`).
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 use tcptrace_core::model::Row;
 
+use crate::kernel::task_files::TaskFiles;
 use crate::system::cgroups::Cgroups;
 use crate::system::snapshot::Namespace;
 use crate::system::sockdiag::{self, Query};
@@ -21,10 +26,78 @@ use tcptrace_core::attribute::Unverified;
 use tcptrace_core::model::State;
 use tcptrace_core::model::{Comm, Task};
 
+/// Where the processes holding a socket inode are found.
+pub enum Finder {
+    /// The kernel's iterator; `warned`: a failed walk was reported.
+    Kernel {
+        task_files: TaskFiles,
+        warned: Cell<bool>,
+    },
+    /// `/proc/PID/fd`.
+    Proc,
+}
+
+impl Finder {
+    pub fn new(task_files: Option<TaskFiles>) -> Finder {
+        match task_files {
+            Some(task_files) => Finder::Kernel {
+                task_files,
+                warned: Cell::new(false),
+            },
+            None => Finder::Proc,
+        }
+    }
+
+    /// The processes holding each of `inodes`: thread group id and name,
+    /// lowest id first, each process once. Inodes nobody holds (or that
+    /// only processes we may not read hold) are absent.
+    pub fn owners(&self, inodes: &HashSet<u32>) -> HashMap<u32, Vec<(u32, String)>> {
+        if inodes.is_empty() {
+            return HashMap::new();
+        }
+        let started = std::time::Instant::now();
+        let (task_files, warned) = match self {
+            Finder::Proc => {
+                let found = sockdiag::owners(inodes);
+                log::debug!("/proc/PID/fd read in {:?}", started.elapsed());
+                return found;
+            }
+            Finder::Kernel { task_files, warned } => (task_files, warned),
+        };
+        let mut held = match task_files.walk() {
+            Ok(held) => held,
+            Err(e) => {
+                if !warned.replace(true) {
+                    log::warn!("cannot tell who holds sockets: {e:#}");
+                }
+                return HashMap::new();
+            }
+        };
+        log::debug!(
+            "{} socket descriptors in the processes' tables, walked in {:?}",
+            held.len(),
+            started.elapsed()
+        );
+        held.retain(|h| inodes.contains(&h.inode));
+        held.sort_unstable_by_key(|h| (h.tgid, h.fd));
+        let mut found: HashMap<u32, Vec<(u32, String)>> = HashMap::new();
+        for h in held {
+            let holders = found.entry(h.inode).or_default();
+            // Two descriptors of one process name it once.
+            if holders.iter().all(|(pid, _)| *pid != h.tgid) {
+                let name = h.comm.split(|&b| b == 0).next().unwrap_or_default();
+                holders.push((h.tgid, String::from_utf8_lossy(name).into_owned()));
+            }
+        }
+        found
+    }
+}
+
 /// The holders of each socket in `sockets` that could be found, by socket
 /// address (`Unverified::skaddr`). A socket not found (closed meanwhile, a
 /// namespace we cannot look into, a holder we may not read) is absent.
 pub fn look_up(
+    finder: &Finder,
     namespaces: &mut [Namespace],
     cgroups: &mut Cgroups,
     sockets: &[Unverified],
@@ -67,7 +140,7 @@ pub fn look_up(
         }
     }
     let wanted: HashSet<u32> = inodes.values().copied().collect();
-    let holders = sockdiag::owners(&wanted);
+    let holders = finder.owners(&wanted);
     inodes
         .into_iter()
         .filter_map(|(skaddr, inode)| {
@@ -104,6 +177,7 @@ pub fn process(pid: u32, cgroups: &mut Cgroups) -> Option<Task> {
 /// One address where that tells; several where it cannot (one process
 /// with several identical connects pending), by `Row::sock`.
 pub fn connecting_ends(
+    finder: &Finder,
     namespaces: &mut [Namespace],
     rows: &[Row],
 ) -> HashMap<u64, Vec<SocketAddr>> {
@@ -137,7 +211,7 @@ pub fn connecting_ends(
             && let Some(owner) = row.owner
         {
             let inodes: HashSet<u32> = same_ends.iter().map(|d| d.inode).collect();
-            let holders = sockdiag::owners(&inodes);
+            let holders = finder.owners(&inodes);
             same_ends.retain(|d| {
                 holders
                     .get(&d.inode)

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use tcptrace_core::attribute::Attributor;
 
 use crate::system::cgroups::Cgroups;
+use crate::system::holders::Finder;
 use crate::system::sockdiag::{self, DiagSocket, Dumper, Query};
 use tcptrace_core::filter::Filter;
 use tcptrace_core::model::State;
@@ -120,6 +121,7 @@ pub struct Found {
 /// The existing sockets that pass the filters, as snapshot rows, each
 /// registered with the attributor (ids, owners, listeners).
 pub fn take(
+    finder: &Finder,
     namespaces: &mut [Namespace],
     filter: &Filter,
     attributor: &mut Attributor,
@@ -141,7 +143,7 @@ pub fn take(
         .map(|(_, s)| s.inode)
         .filter(|&i| i != 0)
         .collect();
-    let owners: HashMap<u32, Vec<(u32, String)>> = sockdiag::owners(&inodes);
+    let owners: HashMap<u32, Vec<(u32, String)>> = finder.owners(&inodes);
     let now = monotonic_ns();
     // Listeners first, then the rest, like netstat; ids follow that order.
     found.sort_by_key(|(netns, s)| (s.state != State::LISTEN, *netns, s.local, s.remote));
