@@ -1607,6 +1607,7 @@ mod tests {
             "@@ programs loaded=9 attached=9\n\
              @@ owners fentry syscall_tracepoints=0 tracepoint_programs=0 timewait=polled\n",
         );
+        console.push_str(FIGURES);
         all_pass(SCENARIOS, &mut console);
         all_pass(FALLBACK, &mut console);
         let o = read(&format!("{console}@@ done\n"));
