@@ -376,31 +376,14 @@ fn ensure_chromium() -> Result<()> {
 /// in tests/otlp.rs (which fails, saying so, where it is missing); skopeo
 /// checks the OCI image archive in tests/package.rs.
 fn ensure_fleet() -> Result<()> {
-    let missing: Vec<&str> = [
-        ("prometheus", Path::new("/usr/bin/prometheus").is_file()),
-        ("skopeo", which("skopeo")),
-    ]
-    .into_iter()
-    .filter(|(_, present)| !present)
-    .map(|(package, _)| package)
-    .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !which("apt-get") || !is_root() {
-        bail!(
-            "the tests need Debian's {} (apt-get install {0}) for the fleet's paths",
-            missing.join(" ")
-        );
-    }
-    eprintln!(
-        "xtask: installing {} (for the fleet tests)",
-        missing.join(", ")
-    );
-    let _ = status("apt-get", &["update", "-qq"]);
-    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    args.extend(&missing);
-    status("apt-get", &args)
+    install_missing(
+        &[
+            ("prometheus", Path::new("/usr/bin/prometheus").is_file()),
+            ("skopeo", which("skopeo")),
+        ],
+        &["--no-install-recommends"],
+        "for the fleet's paths",
+    )
 }
 
 /// The real servers of tests/servers.rs, at the paths the tests run them
@@ -413,31 +396,39 @@ fn ensure_servers() -> Result<()> {
                 .any(|v| v.path().join("bin/postgres").is_file())
         })
     };
-    let missing: Vec<&str> = [
-        ("nginx-light", Path::new("/usr/sbin/nginx").is_file()),
-        ("postgresql", postgres() && which("pgbench")),
-        ("wrk", which("wrk")),
-        ("redis-server", which("redis-server")),
-    ]
-    .into_iter()
-    .filter(|(_, present)| !present)
-    .map(|(package, _)| package)
-    .collect();
+    install_missing(
+        &[
+            ("nginx-light", Path::new("/usr/sbin/nginx").is_file()),
+            ("postgresql", postgres() && which("pgbench")),
+            ("wrk", which("wrk")),
+            ("redis-server", which("redis-server")),
+        ],
+        &[],
+        "to check owners on real servers",
+    )
+}
+
+/// Installs the Debian packages of `wanted` not marked present, saying
+/// what they are `for`.
+fn install_missing(wanted: &[(&str, bool)], options: &[&str], what_for: &str) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, present)| !present)
+        .map(|(package, _)| *package)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !which("apt-get") || !is_root() {
         bail!(
-            "the tests need Debian's {} (apt-get install {0}) to check owners on real servers",
+            "the tests need Debian's {} (apt-get install {0}) {what_for}",
             missing.join(" ")
         );
     }
-    eprintln!(
-        "xtask: installing {} (for the real-server tests)",
-        missing.join(", ")
-    );
+    eprintln!("xtask: installing {} ({what_for})", missing.join(", "));
     let _ = status("apt-get", &["update", "-qq"]);
     let mut args = vec!["install", "-y", "-qq"];
+    args.extend(options);
     args.extend(&missing);
     status("apt-get", &args)
 }
