@@ -38,7 +38,7 @@ fn assert_stopped_by_a_full_disk(out: &Output) {
 
 /// Client closes first, a reset and a refused connect, recorded while the
 /// live output is shown with `live_args`. Returns the live stdout.
-fn record_scenarios(file: &str, live_args: &[&str]) -> String {
+fn record_scenarios(file: &str, live_args: &[&str]) -> Output {
     let ns = Netns::new();
     let (p1, p2) = (unique_port(), unique_port());
     // Exact counts: time-wait rows (which depend on polling) are tested apart.
@@ -61,7 +61,7 @@ fn record_scenarios(file: &str, live_args: &[&str]) -> String {
         .run();
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
-    out.stdout
+    out
 }
 
 #[test]
@@ -69,7 +69,7 @@ fn read_reproduces_the_live_text_output_byte_for_byte() {
     let dir = TempDir::new("read");
     // The default format: binary.
     let file = dir.path("rec.tcpt");
-    let live = record_scenarios(&file, &[]);
+    let live = record_scenarios(&file, &[]).stdout;
     assert!(fs::read(&file).unwrap().starts_with(b"\x89TCPTR\r\n"));
     assert_eq!(live.lines().count(), 1 + 2 + 20 + 2, "{live}");
     let replay = tcptrace(&["read", &file]);
@@ -81,7 +81,8 @@ fn read_reproduces_the_live_text_output_byte_for_byte() {
 fn read_reproduces_relative_times_json_and_filters() {
     let dir = TempDir::new("read-json");
     let file = dir.path("rec.jsonl");
-    let live = record_scenarios(&file, &["--time", "relative", "--format", "json"]);
+    let out = record_scenarios(&file, &["--time", "relative", "--format", "json"]);
+    let live = out.stdout.clone();
     let replay = tcptrace(&["read", &file, "--time", "relative", "--format", "json"]);
     assert_eq!(replay.stdout, live);
     // The recording's own rows are the `--format json --time utc` objects.
@@ -93,6 +94,26 @@ fn read_reproduces_relative_times_json_and_filters() {
     assert_eq!(
         (&stats["type"], &stats["events"], &stats["lost_ring"]),
         (&"stats".into(), &24.into(), &0.into())
+    );
+    // The paths the start said it took, kept for whoever reads it later.
+    let owners = if out.stderr.contains("tcptrace: owners: fentry") {
+        "fentry"
+    } else {
+        "syscalls"
+    };
+    // These scenarios run with --no-timewait: no start line about it.
+    let timewait = if out.timewait_from_kernel() {
+        "kernel"
+    } else if out.stderr.contains("tcptrace: time-wait: polled") {
+        "polled"
+    } else {
+        "none"
+    };
+    assert_eq!(
+        (&stats["owner_path"], &stats["timewait_path"]),
+        (&owners.into(), &timewait.into()),
+        "{}",
+        out.stderr
     );
     assert_eq!(recorded.len(), 26);
     let utc = tcptrace(&["read", &file, "--format", "json", "--time", "utc"]);
@@ -680,7 +701,7 @@ impl Drop for Tmpfs {
 fn read_and_report_take_either_format_without_being_told() {
     let dir = TempDir::new("formats");
     let binary = dir.path("rec.tcpt");
-    let live = record_scenarios(&binary, &["--format", "json", "--time", "utc"]);
+    let live = record_scenarios(&binary, &["--format", "json", "--time", "utc"]).stdout;
     let json = dir.path("converted.jsonl");
     let convert = tcptrace(&["read", &binary, "-w", &json]);
     assert!(convert.status.success(), "{}", convert.stderr);

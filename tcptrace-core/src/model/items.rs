@@ -166,6 +166,14 @@ pub struct Stats {
     /// With `--otlp`: what became of the rows sent to the collector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otlp: Option<OtlpCounts>,
+    /// How owners were followed: `fentry`, `syscalls` (system-call
+    /// tracepoints: every system call of the host paid while tracing) or
+    /// `none`; absent in recordings made before it was said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_path: Option<String>,
+    /// How time-wait was followed: `kernel`, `polled` or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timewait_path: Option<String>,
 }
 
 /// Rows handed to an OTLP collector, by what became of them.

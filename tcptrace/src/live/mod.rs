@@ -38,7 +38,7 @@ use crate::system::timewait::TimeWait;
 use tcptrace_core::analyse::Analysis;
 use tcptrace_core::attribute::Attributor;
 use tcptrace_core::filter::Filter;
-use tcptrace_core::model::{Clock, Counters, Header, Item, OtlpCounts, Spec, Stats};
+use tcptrace_core::model::{Clock, Counters, Header, Item, Spec, Stats};
 use tcptrace_core::order::Order;
 use tcptrace_core::output::metrics::Metrics;
 use tcptrace_core::recording::{self, Recorder};
@@ -558,9 +558,17 @@ impl Live {
             mut outputs,
             tally,
             timewait,
+            following_timewait,
+            kernel_timewait,
             analysis,
             ..
         } = pipe.tail;
+        let timewait_path = match (kernel_timewait.is_some(), following_timewait) {
+            (true, _) => TimeWaitPath::Kernel,
+            (false, true) => TimeWaitPath::Polled,
+            (false, false) => TimeWaitPath::Off,
+        };
+        let capture_paths = [capture.owner_path().name(), timewait_path.name()];
         summary::warn_timewait_missed(timewait.missed);
         // Rows of the last batch (a --count reached mid-batch, a failed
         // recording) still go to the terminal.
@@ -586,7 +594,12 @@ impl Live {
             &counters,
             gaps,
             started,
-            otlp_counts,
+            Stats {
+                otlp: otlp_counts,
+                owner_path: Some(capture_paths[0].to_string()),
+                timewait_path: Some(capture_paths[1].to_string()),
+                ..Stats::default()
+            },
         );
         let otlp_part = otlp.map(|o| o.stats_part()).unwrap_or_default();
         eprintln!(
@@ -631,7 +644,8 @@ fn close_recording(
     counters: &Counters,
     gaps: u64,
     started: Instant,
-    otlp: Option<OtlpCounts>,
+    // What the run adds beyond the counts: the OTLP counts, the paths.
+    extra: Stats,
 ) -> Option<String> {
     let mut failure = match &stop {
         Stop::OutputFailed(message) => Some(message.clone()),
@@ -650,7 +664,7 @@ fn close_recording(
             gaps,
             lost_output: outputs.lost_output,
             duration_s: started.elapsed().as_secs_f64(),
-            otlp,
+            ..extra
         };
         if let Err(f) = r.finish(stats) {
             failure = Some(f.message);
