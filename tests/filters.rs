@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tcptrace_tests::{
-    CLIENT_CLOSES, ClientMode, Netns, Row, SERVER_PASSIVE, ServerMode, TempDir, Tracer,
+    CLIENT_CLOSES, ClientMode, Netns, Release, Row, SERVER_PASSIVE, ServerMode, TempDir, Tracer,
     TracerBuilder, is_stats_line, tcptrace, unique_port,
 };
 
@@ -284,15 +284,24 @@ fn stuck_names_a_fin_wait2_orphan_that_only_the_time_wait_table_holds() {
         .port(port)
         .stuck("1s")
         .start();
-    // The client closes; the server sees EOF and keeps its side open.
+    // The client closes; the server sees EOF and keeps its side open until
+    // both ends were warned about, however long that takes.
     let addr = format!("127.0.0.1:{port}");
+    let open = Release::new();
     let server = ns
         .server(&addr, ServerMode::WaitPeerClose)
-        .hold_ms(2500)
+        .hold_until(&open)
         .start();
     let client = ns.client(&addr, ClientMode::Close).start();
     let client_pid = client.pid;
     client.finish();
+    let _ = tracer.wait_for_stderr(Duration::from_secs(20), |err| {
+        err.contains(" in FIN_WAIT2 for ")
+            && err
+                .lines()
+                .any(|l| l.contains(" in CLOSE_WAIT for ") && l.contains("(tt-server)"))
+    });
+    open.release();
     server.finish();
     let out = tracer.stop();
     assert!(out.status.success(), "{}", out.stderr);
@@ -331,13 +340,16 @@ fn counts_of_one_read_as_english() {
     let ns = Netns::new();
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
-    // One socket before tcptrace starts: the listener.
+    // One socket before tcptrace starts: the listener, kept until tcptrace
+    // traces (its start takes seconds under emulation).
+    let listening = Release::new();
     let server = ns
         .server(&addr, ServerMode::ListenOnly)
-        .hold_ms(800)
+        .hold_until(&listening)
         .start();
     let tracer = Tracer::builder().port(port).netns(&ns).start();
     // Then one transition: the listener closes.
+    listening.release();
     server.finish();
     let out = tracer.stop();
     let stats = out

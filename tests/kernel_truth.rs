@@ -9,7 +9,8 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use tcptrace_tests::{
-    ClientMode, Netns, Row, ServerMode, TempDir, Tracer, monotonic_ns, tcptrace, unique_port,
+    ClientMode, Netns, Release, Row, ServerMode, TempDir, Tracer, monotonic_ns, tcptrace,
+    unique_port,
 };
 
 fn of_sock(rows: &[Row], sock: u64) -> Vec<Row> {
@@ -25,17 +26,24 @@ fn sockets_that_exist_before_tcptrace_starts_appear_as_snapshot_lines() {
         .server(&addr, ServerMode::WaitPeerClose)
         .hold_ms(100)
         .start();
-    // Open until the tracer has looked: longer than a tracer takes to
-    // start under the kernel matrix's arm64 emulation (over 6 s seen).
-    let client = ns.client(&addr, ClientMode::Close).hold_ms(20000).start();
+    // Open until the tracer has looked, however long it takes to start
+    // (over 20 s seen under the kernel matrix's arm64 emulation).
+    let open = Release::new();
+    let client = ns
+        .client(&addr, ClientMode::Close)
+        .hold_until(&open)
+        .start();
     let (spid, cpid) = (server.pid, client.pid);
-    sleep(Duration::from_millis(300));
+    ns.wait_for_socket("the connection", Duration::from_secs(30), |s| {
+        s.state == "ESTAB" && s.on_port(port) && !s.holders.is_empty()
+    });
     let tracer = Tracer::builder()
         .port(port)
         .netns(&ns)
         .json()
         .no_timewait()
         .start();
+    open.release();
     client.finish();
     server.finish();
     let out = tracer.stop();

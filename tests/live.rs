@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use tcptrace_tests::{
-    CLIENT_CLOSES, ClientMode, LISTENER, Netns, Output, Pty, SERVER_PASSIVE, ServerMode, Tracer,
-    life, unique_port,
+    CLIENT_CLOSES, ClientMode, LISTENER, Netns, Output, Pty, Release, SERVER_PASSIVE, ServerMode,
+    Tracer, life, unique_port,
 };
 
 struct Run {
@@ -785,9 +785,10 @@ fn metrics_scraped_during_a_scenario_show_the_right_counters() {
         .quiet()
         .start();
     let addr = format!("127.0.0.1:{port}");
+    let open = Release::new();
     let server = ns
         .server(&addr, ServerMode::WaitPeerClose)
-        .hold_ms(800)
+        .hold_until(&open)
         .start();
     ns.client(&addr, ClientMode::Close).run();
     std::thread::sleep(Duration::from_millis(300));
@@ -801,6 +802,7 @@ fn metrics_scraped_during_a_scenario_show_the_right_counters() {
         during.contains("tcptrace_sockets{state=\"CLOSE_WAIT\"} 1"),
         "{during}"
     );
+    open.release();
     server.finish();
     ns.client(&addr, ClientMode::Refused).run();
     std::thread::sleep(Duration::from_millis(300));

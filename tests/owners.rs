@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tcptrace_tests::{
-    CLIENT_CLOSES, ClientMode, Holder, LISTENER, Life, Netns, Output, Peer, Row, SERVER_PASSIVE,
-    ServerMode, SsSocket, TempDir, Tracer, TracerBuilder, Want, assert_rows, life, tcptrace,
-    thread_names, unique_port,
+    CLIENT_CLOSES, ClientMode, Holder, LISTENER, Life, Netns, Output, Peer, Release, Row,
+    SERVER_PASSIVE, ServerMode, SsSocket, TempDir, Tracer, TracerBuilder, Want, assert_rows, life,
+    tcptrace, thread_names, unique_port, wait_until,
 };
 
 /// A server socket still held in CLOSE_WAIT when tracing stopped.
@@ -64,6 +64,25 @@ fn wait_for_stuck(tracer: &Tracer) {
         err.contains("tcptrace: stuck: ")
     });
     assert!(warned, "no stuck warning: {}", tracer.stderr_so_far());
+}
+
+/// Waits (up to 10 s) until the JSON recording `file` notes `who` as a
+/// socket's holder: tcptrace has looked it up, and names it from then on.
+fn wait_for_holders_note(file: &str, who: &Holder) {
+    let noted = |line: &str| {
+        let v: Value = serde_json::from_str(line).unwrap_or_default();
+        v["type"] == "holders"
+            && v["holders"].as_array().is_some_and(|hs| {
+                hs.iter().any(|h| {
+                    h["pid"].as_u64() == Some(u64::from(who.pid)) && h["comm"] == *who.comm
+                })
+            })
+    };
+    wait_until(
+        &format!("a holders note naming {who:?} in {file}"),
+        Duration::from_secs(10),
+        || std::fs::read_to_string(file).is_ok_and(|text| text.lines().any(noted)),
+    );
 }
 
 /// `tcptrace report --format json` of a recording.
@@ -156,7 +175,12 @@ fn forked_child_leaks_the_socket_and_is_named_for_it() {
     let dir = TempDir::new("owners-leak");
     let file = dir.path("leak.jsonl");
     let tracer = json_tracer(&ns, port).stuck("1s").write(&file).start();
-    let server = ns.server(&addr, ServerMode::ForkLeak).hold_ms(4000).start();
+    // The child holds the leak until tracing has stopped.
+    let leak = Release::new();
+    let server = ns
+        .server(&addr, ServerMode::ForkLeak)
+        .hold_until(&leak)
+        .start();
     let parent = only(holders_of(&ns, "LISTEN", port), "listener");
     assert_eq!(parent.pid, server.pid);
     let (client_peer, client) = client_of(&ns, &addr, 300);
@@ -175,6 +199,7 @@ fn forked_child_leaks_the_socket_and_is_named_for_it() {
     assert_eq!(only(holders_of(&ns, "CLOSE-WAIT", port), "leak"), child);
     let out = tracer.stop();
     assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+    leak.release();
     server.finish();
 
     let lives = out.lives();
@@ -213,13 +238,14 @@ fn named_threads_keep_the_process_name_and_say_their_own() {
     let by_comm = json_tracer(&ns, port)
         .args(&["--comm", "tt-threads"])
         .start();
+    // The closing thread holds the socket until ss has seen it held and the
+    // threads named: under the kernel matrix's emulation one ss run can
+    // take most of a second, and a fixed 600 ms failed there.
+    let closer = Release::new();
     let server = ns
         .server(&addr, ServerMode::Threads)
         .name("tt-threads")
-        // Long enough for ss to see it held and the threads named before
-        // they end: under the kernel matrix's emulation one ss run can take
-        // most of a second, and 600 ms failed there on either owner path.
-        .hold_ms(3000)
+        .hold_until(&closer)
         .start();
     let process = only(holders_of(&ns, "LISTEN", port), "listener");
     assert_eq!(process, Holder::new("tt-threads", server.pid));
@@ -236,6 +262,7 @@ fn named_threads_keep_the_process_name_and_say_their_own() {
             .map(String::from)
             .into(),
     );
+    closer.release();
     client_peer.finish();
     server.finish();
     let out = all.stop();
@@ -290,11 +317,21 @@ fn socket_passed_over_a_unix_socket_is_named_for_its_receiver() {
     let dir = TempDir::new("owners-passfd");
     let file = dir.path("pass.jsonl");
     let tracer = json_tracer(&ns, port).stuck("2s").write(&file).start();
-    let server = ns.server(&addr, ServerMode::PassFd).hold_ms(5000).start();
+    // The receiver holds the socket until tracing has stopped.
+    let receiver_hold = Release::new();
+    let server = ns
+        .server(&addr, ServerMode::PassFd)
+        .hold_until(&receiver_hold)
+        .start();
     let sender = only(holders_of(&ns, "LISTEN", port), "listener");
     assert_eq!(sender.pid, server.pid);
-    // The client closes after a second: the sender has long handed over.
-    let (client_peer, client) = client_of(&ns, &addr, 1000);
+    // The client closes once ss has seen the socket handed over.
+    let client_hold = Release::new();
+    let client_peer = ns
+        .client(&addr, ClientMode::Close)
+        .hold_until(&client_hold)
+        .start();
+    let client = Holder::new("tt-client", client_peer.pid);
     let receiver = only(
         holders_when(&ns, "the passed socket held by one process", |s| {
             s.state == "ESTAB"
@@ -305,6 +342,10 @@ fn socket_passed_over_a_unix_socket_is_named_for_its_receiver() {
         "passed socket",
     );
     assert_eq!(receiver.comm, "tt-receiver");
+    // tcptrace learns of the handover only by looking the socket up (in
+    // batches, every 250 ms at most): the client's FIN must come after.
+    wait_for_holders_note(&file, &receiver);
+    client_hold.release();
     client_peer.finish();
     assert_eq!(
         only(holders_of(&ns, "CLOSE-WAIT", port), "passed socket"),
@@ -317,6 +358,7 @@ fn socket_passed_over_a_unix_socket_is_named_for_its_receiver() {
     );
     let out = tracer.stop();
     assert!(out.status.success(), "tcptrace failed: {}", out.stderr);
+    receiver_hold.release();
     server.finish();
 
     let lives = out.lives();
@@ -351,13 +393,14 @@ fn rows_before_accept_carry_the_listeners_owner_as_queued() {
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
     let tracer = json_tracer(&ns, port).start();
+    // The socket waits in the queue, then is held, each until ss has seen
+    // it: under the kernel matrix's arm64 emulation a connect, a close and
+    // one ss run can take over a second, past any fixed window.
+    let (accept, hold) = (Release::new(), Release::new());
     let server = ns
         .server(&addr, ServerMode::WaitPeerClose)
-        // Both long enough for ss to see the socket queued, then held:
-        // under the kernel matrix's arm64 emulation a connect, a close and
-        // one ss run can take over a second.
-        .delay_accept_ms(3000)
-        .hold_ms(3000)
+        .delay_accept_until(&accept)
+        .hold_until(&hold)
         .start();
     let owner = only(holders_of(&ns, "LISTEN", port), "listener");
     assert_eq!(owner.pid, server.pid);
@@ -368,6 +411,7 @@ fn rows_before_accept_carry_the_listeners_owner_as_queued() {
     let in_queue = holders_of(&ns, "CLOSE-WAIT", port);
     assert!(in_queue.is_empty(), "not accepted yet: {in_queue:?}");
     assert_eq!(only(holders_of(&ns, "LISTEN", port), "listener"), owner);
+    accept.release();
     // Then accepted: the server's until it closes.
     let accepter = only(
         holders_when(&ns, "the accepted socket", |s| {
@@ -376,6 +420,7 @@ fn rows_before_accept_carry_the_listeners_owner_as_queued() {
         "accepted",
     );
     assert_eq!(accepter, owner);
+    hold.release();
     server.finish();
     let out = tracer.stop();
     assert!(out.status.success(), "tcptrace failed: {}", out.stderr);

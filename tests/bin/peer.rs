@@ -1,13 +1,19 @@
 //! A scenario peer: a TCP server or client that does one thing the kernel
 //! will report, under a process name the tests can check.
 //!
-//! tt-peer server ADDR:PORT --mode MODE [--hold-ms N] [--conns N]
-//! tt-peer client ADDR:PORT --mode MODE [--hold-ms N] [--bind IP]
+//! tt-peer server ADDR:PORT --mode MODE [--hold-ms N | --hold-while PATH] [--conns N]
+//! tt-peer client ADDR:PORT --mode MODE [--hold-ms N | --hold-while PATH] [--bind IP]
 //! (either takes --name NAME to choose its process name; a client takes
 //! --repeat N to make N connections one after the other)
 //!
+//! --hold-while PATH holds for as long as the file PATH exists (instead of
+//! --hold-ms): the test removes it once it has seen what it came to see, so
+//! a slow machine makes the scenario longer, never too short to observe. A
+//! pause held by a file ends after 120 s all the same, as a failure.
+//!
 //! A server also takes --delay-accept-ms N (connections wait in the
-//! listener's queue that long before each accept) and --cgroup-procs FILE
+//! listener's queue that long before each accept), or --delay-accept-while
+//! PATH (they wait there while PATH exists), and --cgroup-procs FILE
 //! (it moves itself into that cgroup v2 directory before listening). Modes
 //! that hand a socket to another process or thread (fork-leak, pass-fd,
 //! threads, daemon) are described at `handover`.
@@ -18,9 +24,49 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
 use std::process::exit;
 use std::thread::sleep;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// A wait at a mode's pause: a fixed time, or as long as a file exists.
+enum Pause {
+    For(Duration),
+    While(PathBuf),
+}
+
+/// A file-held pause ends by itself after this long: a test that died
+/// without removing its file leaves no peer behind for good.
+const PAUSE_LIMIT: Duration = Duration::from_secs(120);
+
+impl Pause {
+    fn new(ms: Option<String>, path: Option<String>) -> Pause {
+        match path {
+            Some(p) => Pause::While(p.into()),
+            None => Pause::For(Duration::from_millis(
+                ms.map_or(0, |v| v.parse().unwrap_or(0)),
+            )),
+        }
+    }
+
+    fn wait(&self) {
+        match self {
+            Pause::For(d) => sleep(*d),
+            Pause::While(path) => {
+                let deadline = Instant::now() + PAUSE_LIMIT;
+                while path.exists() {
+                    if Instant::now() > deadline {
+                        fail(&format!(
+                            "{} still there after {PAUSE_LIMIT:?}",
+                            path.display()
+                        ));
+                    }
+                    sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,10 +84,9 @@ fn main() {
             .cloned()
     };
     let mode = opt("--mode").unwrap_or_default();
-    let hold = Duration::from_millis(opt("--hold-ms").map_or(0, |v| v.parse().unwrap_or(0)));
+    let hold = Pause::new(opt("--hold-ms"), opt("--hold-while"));
     let conns: usize = opt("--conns").map_or(1, |v| v.parse().unwrap_or(1));
-    let delay =
-        Duration::from_millis(opt("--delay-accept-ms").map_or(0, |v| v.parse().unwrap_or(0)));
+    let delay = Pause::new(opt("--delay-accept-ms"), opt("--delay-accept-while"));
     let repeat: usize = opt("--repeat").map_or(1, |v| v.parse().unwrap_or(1));
     let bind = opt("--bind").map(|v| v.parse::<IpAddr>().unwrap_or_else(|e| fail(&e)));
     let default_name = if role == "server" {
@@ -55,41 +100,41 @@ fn main() {
             .unwrap_or_else(|e| fail(&format!("{procs}: {e}")));
     }
     match role {
-        "server" if HANDOVERS.contains(&mode.as_str()) => handover(addr, &mode, hold, conns),
-        "server" => server(addr, &mode, hold, conns, delay),
-        "client" => (0..repeat).for_each(|_| client(addr, &mode, hold, bind)),
+        "server" if HANDOVERS.contains(&mode.as_str()) => handover(addr, &mode, &hold, conns),
+        "server" => server(addr, &mode, &hold, conns, &delay),
+        "client" => (0..repeat).for_each(|_| client(addr, &mode, &hold, bind)),
         _ => fail(&format!("unknown role {role}")),
     }
 }
 
-fn server(addr: SocketAddr, mode: &str, hold: Duration, conns: usize, delay: Duration) {
+fn server(addr: SocketAddr, mode: &str, hold: &Pause, conns: usize, delay: &Pause) {
     let listener = TcpListener::bind(addr).unwrap_or_else(|e| fail(&e));
     println!("ready");
     std::io::stdout().flush().ok();
     if mode == "listen-only" {
-        sleep(hold);
+        hold.wait();
         return;
     }
     for _ in 0..conns {
-        sleep(delay);
+        delay.wait();
         let (mut s, _) = listener.accept().unwrap_or_else(|e| fail(&e));
         match mode {
             // The client closes first: we see EOF, linger in CLOSE_WAIT, close.
             "wait-peer-close" => {
                 read_to_eof(&mut s);
-                sleep(hold);
+                hold.wait();
             }
             // We close first, after a moment in ESTABLISHED.
-            "close-first" => sleep(hold),
+            "close-first" => hold.wait(),
             // We abort: SO_LINGER 0, close() sends a reset.
             "reset-first" => {
-                sleep(hold);
+                hold.wait();
                 linger_zero(&s);
             }
             // The client half-closes; we answer after EOF, then close.
             "reply-after-eof" => {
                 read_to_eof(&mut s);
-                sleep(hold);
+                hold.wait();
                 s.write_all(b"pong").unwrap_or_else(|e| fail(&e));
             }
             // The client resets: reading fails or ends.
@@ -123,7 +168,7 @@ const HANDOVERS: [&str; 4] = ["fork-leak", "pass-fd", "threads", "daemon"];
 ///   fork, renamed tt-daemon, stdio on /dev/null) that inherits the
 ///   listener, says "ready" and exits; the daemon serves the connections
 ///   (giving up after 20 s without one) and exits.
-fn handover(addr: SocketAddr, mode: &str, hold: Duration, conns: usize) {
+fn handover(addr: SocketAddr, mode: &str, hold: &Pause, conns: usize) {
     match mode {
         "pass-fd" => return pass_fd(addr, hold, conns),
         "threads" => return threads(addr, hold, conns),
@@ -138,7 +183,7 @@ fn handover(addr: SocketAddr, mode: &str, hold: Duration, conns: usize) {
         for _ in 0..conns {
             let (mut s, _) = listener.accept().unwrap_or_else(|e| fail(&e));
             read_to_eof(&mut s);
-            sleep(hold);
+            hold.wait();
         }
         exit(0);
     }
@@ -154,7 +199,7 @@ fn handover(addr: SocketAddr, mode: &str, hold: Duration, conns: usize) {
             0 => {
                 drop(listener);
                 read_to_eof(&mut s);
-                sleep(hold);
+                hold.wait();
                 // SAFETY: ends the child without running the parent's exit path.
                 unsafe { libc::_exit(0) }
             }
@@ -199,7 +244,7 @@ fn daemonize() {
     }
 }
 
-fn pass_fd(addr: SocketAddr, hold: Duration, conns: usize) {
+fn pass_fd(addr: SocketAddr, hold: &Pause, conns: usize) {
     let mut pair = [0; 2];
     // SAFETY: socketpair fills the two descriptors.
     if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) } != 0 {
@@ -216,7 +261,7 @@ fn pass_fd(addr: SocketAddr, hold: Duration, conns: usize) {
                 // SAFETY: a descriptor received is ours to own.
                 let mut s = unsafe { TcpStream::from_raw_fd(recv_fd(pair[1])) };
                 read_to_eof(&mut s);
-                sleep(hold);
+                hold.wait();
             }
             // SAFETY: ends the receiver without the parent's exit path.
             unsafe { libc::_exit(0) }
@@ -237,7 +282,7 @@ fn pass_fd(addr: SocketAddr, hold: Duration, conns: usize) {
     wait_child(receiver);
 }
 
-fn threads(addr: SocketAddr, hold: Duration, conns: usize) {
+fn threads(addr: SocketAddr, hold: &Pause, conns: usize) {
     let listener = TcpListener::bind(addr).unwrap_or_else(|e| fail(&e));
     println!("ready");
     std::io::stdout().flush().ok();
@@ -258,7 +303,7 @@ fn threads(addr: SocketAddr, hold: Duration, conns: usize) {
             set_comm("tt-closer");
             for mut s in rx.iter().take(conns) {
                 read_to_eof(&mut s);
-                sleep(hold);
+                hold.wait();
             }
             let _ = done_tx.send(());
         });
@@ -352,7 +397,7 @@ fn set_timeout(fd: i32, opt: libc::c_int, secs: i64) {
     };
 }
 
-fn client(addr: SocketAddr, mode: &str, hold: Duration, bind: Option<IpAddr>) {
+fn client(addr: SocketAddr, mode: &str, hold: &Pause, bind: Option<IpAddr>) {
     if mode == "refused" {
         match connect(addr, bind) {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
@@ -361,13 +406,13 @@ fn client(addr: SocketAddr, mode: &str, hold: Duration, bind: Option<IpAddr>) {
     }
     let mut s = connect(addr, bind).unwrap_or_else(|e| fail(&e));
     match mode {
-        "close" => sleep(hold),
+        "close" => hold.wait(),
         "wait-eof" => {
             read_to_eof(&mut s);
-            sleep(hold);
+            hold.wait();
         }
         "reset" => {
-            sleep(hold);
+            hold.wait();
             linger_zero(&s);
         }
         // The server aborts: reading ends in ECONNRESET.

@@ -17,7 +17,7 @@ pub use host::{
     svg_chart, thread_names, unique_port, wait_until,
 };
 pub use netns::Netns;
-pub use peer::{Churn, ClientMode, Peer, PeerBuilder, ServerMode, peer_bin};
+pub use peer::{Churn, ClientMode, Peer, PeerBuilder, Release, ServerMode, peer_bin};
 pub use rows::{CLIENT_CLOSES, LISTENER, Life, Row, SERVER_PASSIVE, Want, assert_rows, life};
 pub use ss::{Holder, SsSocket};
 pub use tracer::{Output, Tracer, TracerBuilder, as_nobody, is_stats_line, tcptrace, tcptrace_bin};

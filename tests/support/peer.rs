@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::host::next_seq;
 use crate::netns::Netns;
 
 /// The helper binaries, built next to the test binaries (target/debug).
@@ -122,6 +123,13 @@ impl PeerBuilder<'_> {
         self.opt("--hold-ms", ms)
     }
 
+    /// Waits at the mode's pause until `release` is released (or dropped),
+    /// rather than for a fixed time: the test observes what the pause holds
+    /// open first, however slow the machine.
+    pub fn hold_until(self, release: &Release) -> Self {
+        self.opt("--hold-while", release.path.display())
+    }
+
     /// How many connections a server accepts.
     pub fn conns(self, n: usize) -> Self {
         self.opt("--conns", n)
@@ -145,6 +153,12 @@ impl PeerBuilder<'_> {
     /// How long a server waits before each accept.
     pub fn delay_accept_ms(self, ms: u32) -> Self {
         self.opt("--delay-accept-ms", ms)
+    }
+
+    /// A server leaves connections in its listener's queue until `release`
+    /// is released (or dropped).
+    pub fn delay_accept_until(self, release: &Release) -> Self {
+        self.opt("--delay-accept-while", release.path.display())
     }
 
     /// The cgroup.procs file the peer moves itself into first.
@@ -280,6 +294,42 @@ impl Drop for Peer {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// The end of a peer's pause, in the test's hands: a file that exists until
+/// `release()` or drop removes it (tt-peer's `--hold-while`), so a test that
+/// fails half-way leaves no peer waiting on it.
+pub struct Release {
+    path: PathBuf,
+}
+
+impl Release {
+    pub fn new() -> Release {
+        let path = std::env::temp_dir().join(format!(
+            "tcptrace-release-{}-{}",
+            std::process::id(),
+            next_seq()
+        ));
+        std::fs::write(&path, b"").expect("create the release file");
+        Release { path }
+    }
+
+    /// Ends the pause of every peer given this release.
+    pub fn release(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Default for Release {
+    fn default() -> Self {
+        Release::new()
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

@@ -92,6 +92,44 @@ const OWNER_SCENARIOS: &[&str] = &[
     "fast_open_children_reset_by_their_listeners_close_name_its_owner",
 ];
 
+/// What the arm64 guest leaves out. It runs under full emulation, 3-10
+/// times slower than an x86_64 guest, and a whole run of SCENARIOS took
+/// 12.5 min of CI's 15-min boot limit (more on a loaded machine). Left
+/// out are scenarios whose code is the same on every CPU (filters,
+/// resets, the time-wait table's reading) and were passing there; what
+/// differs on arm64 stays: system-call numbers (owners, hardening),
+/// structure layouts (every row's fields, snapshots, time-wait rows),
+/// the ring and the recording's byte order (record).
+const ARM64_LEFT_OUT: &[&str] = &[
+    "server_closes_first",
+    "client_resets_with_so_linger_zero",
+    "port_filter_excludes_other_traffic_on_the_same_host",
+    "the_same_tuple_in_two_namespaces_is_two_connections",
+    "a_server_that_never_closes_is_reported_stuck_in_close_wait",
+    "a_peer_that_never_closes_ends_the_fin_wait2_timeout",
+    "an_orphan_in_fin_wait2_that_gets_the_peers_fin_later_takes_its_timers_moment",
+    "stuck_names_a_fin_wait2_orphan_that_only_the_time_wait_table_holds",
+    "an_orphan_in_fin_wait2_ends_when_the_peer_resets_it",
+    "a_namespace_made_after_start_is_followed_through_time_wait",
+];
+
+/// The scenarios a guest of `cpu` runs: [`SCENARIOS`], less
+/// [`ARM64_LEFT_OUT`] on arm64.
+fn scenarios(cpu: Cpu) -> Vec<(&'static str, Vec<&'static str>)> {
+    SCENARIOS
+        .iter()
+        .map(|(binary, names)| {
+            let names = names
+                .iter()
+                .copied()
+                .filter(|n| cpu == Cpu::X86_64 || !ARM64_LEFT_OUT.contains(n))
+                .collect::<Vec<_>>();
+            (*binary, names)
+        })
+        .filter(|(_, names)| !names.is_empty())
+        .collect()
+}
+
 /// Time-wait: from the kernel where fentry loads, polled in the fallback.
 const TIMEWAIT_SCENARIOS: &[&str] = &[
     "the_time_wait_row_comes_with_the_close_that_made_it",
@@ -163,8 +201,8 @@ const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
 
 /// A boot that has not powered off by then is stuck. The time-wait
 /// scenarios, on both paths, took 6.12's run past 9 minutes on a loaded
-/// 2-core machine.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// 2-core machine; the arm64 guest's whole list ran out 15 minutes there.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 /// Where the guest finds this machine's root, and mounts its writable view.
 const NEWROOT: &str = "/newroot";
@@ -762,7 +800,7 @@ fn build(root: &Path, dir: &Path, cpu: Cpu) -> Result<Build> {
     let tcptrace = root.join(crate::dist::build_static(cpu.dist())?);
     let tests = test_binaries(cpu)?;
     let script = dir.join(format!("guest-{}.sh", cpu.name()));
-    fs::write(&script, guest_script(root, &tcptrace, &tests))?;
+    fs::write(&script, guest_script(root, &tcptrace, &tests, cpu))?;
     let userland = match cpu {
         Cpu::X86_64 => None,
         Cpu::Arm64 => Some(arm64_userland(dir)?),
@@ -919,7 +957,7 @@ fn programs(console: &str) -> (Option<String>, Option<u32>, Vec<String>) {
 
 /// The script the guest runs in this machine's root: the probe, then each
 /// test binary with its scenarios, then it returns for the power-off.
-fn guest_script(root: &Path, tcptrace: &Path, tests: &[(String, PathBuf)]) -> String {
+fn guest_script(root: &Path, tcptrace: &Path, tests: &[(String, PathBuf)], cpu: Cpu) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -940,7 +978,7 @@ fn guest_script(root: &Path, tcptrace: &Path, tests: &[(String, PathBuf)]) -> St
         );
         let _ = writeln!(s, "echo \"@@ exit {HOOK_COST_BIN} $?\"");
     }
-    for (name, names) in SCENARIOS {
+    for (name, names) in scenarios(cpu) {
         let Some((_, bin)) = tests.iter().find(|(n, _)| n == name) else {
             continue;
         };
@@ -1185,7 +1223,9 @@ fn outcome(
     problems.extend(hook_cost_problems(&hook_cost));
     let mut passed = Vec::new();
     let mut failed = Vec::new();
-    verdicts(console, SCENARIOS, None, &mut passed, &mut failed);
+    let runs = scenarios(kernel.cpu);
+    let runs: Vec<(&str, &[&str])> = runs.iter().map(|(b, n)| (*b, n.as_slice())).collect();
+    verdicts(console, &runs, None, &mut passed, &mut failed);
     if owners.as_deref() == Some("fentry") && expects_fentry(kernel) {
         verdicts(
             console,
@@ -1578,6 +1618,25 @@ mod tests {
                 console.push_str(&format!("test {name} ... ok\n"));
             }
         }
+    }
+
+    #[test]
+    fn the_arm64_guest_leaves_out_only_scenarios_that_exist() {
+        let all: Vec<&str> = SCENARIOS
+            .iter()
+            .flat_map(|(_, n)| n.iter().copied())
+            .collect();
+        for name in ARM64_LEFT_OUT {
+            assert!(all.contains(name), "{name} is no scenario");
+        }
+        let arm: Vec<&str> = scenarios(Cpu::Arm64)
+            .into_iter()
+            .flat_map(|(_, n)| n)
+            .collect();
+        assert_eq!(arm.len(), all.len() - ARM64_LEFT_OUT.len());
+        assert!(arm.iter().all(|n| !ARM64_LEFT_OUT.contains(n)));
+        let x86: usize = scenarios(Cpu::X86_64).iter().map(|(_, n)| n.len()).sum();
+        assert_eq!(x86, all.len());
     }
 
     #[test]

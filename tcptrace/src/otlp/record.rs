@@ -2,17 +2,14 @@
 //! from. Attribute names follow OpenTelemetry's semantic conventions where
 //! they have one; the rest are `tcp.*` (docs/fleets.md lists them all).
 
+use std::fmt::Write as _;
+
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
-#[cfg(test)]
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, SeverityNumber};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
-use tcptrace_core::model::Row;
-#[cfg(test)]
-use tcptrace_core::{
-    cgroup,
-    model::{Origin, Timing},
-};
+use tcptrace_core::cgroup;
+use tcptrace_core::model::{Origin, Row, State, Timing};
 
 /// One row on its way to the collector: what the exporter thread needs to
 /// build its record.
@@ -45,8 +42,9 @@ fn i(key: &str, value: i64) -> KeyValue {
 }
 
 /// The log record of `e`, observed (handed to the exporter) at
-/// `observed_ns`, as prost's types: what [`wire::log_record`] must encode
-/// byte for byte (its test checks).
+/// `observed_ns`, built afresh: what [`Encoder::record`] must equal (its
+/// test checks). Not the exporter's way: allocating its Strings and
+/// KeyValues per row doubled a record's cost (docs/performance.md).
 #[cfg(test)]
 pub fn log_record(e: &Entry, observed_ns: u64) -> LogRecord {
     let row = &e.row;
@@ -119,11 +117,247 @@ pub fn log_record(e: &Entry, observed_ns: u64) -> LogRecord {
 
 /// The state's name as the rows show it (a number when the kernel has a
 /// state tcptrace does not know).
-fn state_name(st: tcptrace_core::model::State) -> std::borrow::Cow<'static, str> {
+#[cfg(test)]
+fn state_name(st: State) -> std::borrow::Cow<'static, str> {
     match st.name() {
         "" => st.to_string().into(),
         name => name.into(),
     }
+}
+
+/// The attributes a record may carry, in the order it carries them.
+#[derive(Clone, Copy, PartialEq)]
+enum Attr {
+    Transport,
+    NetworkType,
+    LocalAddress,
+    LocalPort,
+    PeerAddress,
+    PeerPort,
+    Pid,
+    Executable,
+    Container,
+    Unit,
+    Thread,
+    StateOld,
+    StateNew,
+    Dwell,
+    Socket,
+    CloseReason,
+    ResetReason,
+    Netns,
+    Queued,
+    Origin,
+    Timing,
+    Seq,
+}
+
+/// Their keys, by [`Attr`].
+const KEYS: [&str; 22] = [
+    "network.transport",
+    "network.type",
+    "network.local.address",
+    "network.local.port",
+    "network.peer.address",
+    "network.peer.port",
+    "process.pid",
+    "process.executable.name",
+    "container.id",
+    "tcp.systemd.unit",
+    "thread.name",
+    "tcp.state.old",
+    "tcp.state.new",
+    "tcp.state.old.duration_ns",
+    "tcp.socket",
+    "tcp.close.reason",
+    "tcp.reset.reason",
+    "tcp.netns",
+    "tcp.queued",
+    "tcp.origin",
+    "tcp.timing",
+    "tcptrace.seq",
+];
+
+/// Rows as log records, one LogRecord rewritten in place for each: once
+/// every kind of row has passed, a record allocates nothing.
+pub struct Encoder {
+    record: LogRecord,
+    /// One KeyValue per [`Attr`], its key written once, while no row
+    /// carries it. The attributes a row carries are moved (not copied)
+    /// into `record.attributes`, in order, and stay there for as long as
+    /// the next rows carry the same: only where a row differs from the
+    /// last do they go back. A value's buffer thus stays its attribute's
+    /// whichever attributes the rows between carry.
+    slots: Vec<KeyValue>,
+    /// The slot each of `record.attributes` came from.
+    lent: Vec<Attr>,
+    /// How many of `record.attributes` this row has written.
+    written: usize,
+}
+
+impl Encoder {
+    pub fn new() -> Encoder {
+        Encoder {
+            record: LogRecord {
+                event_name: "tcp.state_change".into(),
+                attributes: Vec::with_capacity(KEYS.len()),
+                ..Default::default()
+            },
+            slots: KEYS
+                .iter()
+                .map(|&key| KeyValue {
+                    key: key.into(),
+                    ..Default::default()
+                })
+                .collect(),
+            lent: Vec::with_capacity(KEYS.len()),
+            written: 0,
+        }
+    }
+
+    /// The log record of `e`, observed (handed to the exporter) at
+    /// `observed_ns`; valid until the next call.
+    pub fn record(&mut self, e: &Entry, observed_ns: u64) -> &LogRecord {
+        self.written = 0;
+        let row = &e.row;
+        let t = &row.t;
+        let r = &mut self.record;
+        r.time_unix_nano = u64::try_from(e.time_unix_ns).unwrap_or(0);
+        r.observed_time_unix_nano = observed_ns;
+        let (severity, text) = if row.close.is_some() {
+            (SeverityNumber::Warn, "WARN")
+        } else {
+            (SeverityNumber::Info, "INFO")
+        };
+        r.severity_number = severity as i32;
+        r.severity_text.clear();
+        r.severity_text.push_str(text);
+        text_of(&mut r.body).push_str(&e.body);
+
+        self.str(Attr::Transport, "tcp");
+        self.str(Attr::NetworkType, t.family.name());
+        let _ = write!(self.text(Attr::LocalAddress), "{}", t.local.ip());
+        self.int(Attr::LocalPort, i64::from(t.local.port()));
+        let _ = write!(self.text(Attr::PeerAddress), "{}", t.remote.ip());
+        self.int(Attr::PeerPort, i64::from(t.remote.port()));
+        if let Some(o) = &row.owner {
+            self.int(Attr::Pid, i64::from(o.pid));
+            self.str(Attr::Executable, &o.comm.as_str());
+            if let Some(path) = o.cgroup {
+                if let Some(id) = cgroup::container(path) {
+                    self.str(Attr::Container, id);
+                } else if let Some(unit) = cgroup::unit(path) {
+                    self.str(Attr::Unit, unit);
+                }
+            }
+        }
+        let thread = t.thread.as_str();
+        if !thread.is_empty() {
+            self.str(Attr::Thread, &thread);
+        }
+        if row.origin != Origin::Snapshot {
+            self.state(Attr::StateOld, t.old);
+        }
+        self.state(Attr::StateNew, t.new);
+        if let Some(ns) = row.dwell_ns {
+            self.int(Attr::Dwell, ns as i64);
+        }
+        self.int(Attr::Socket, row.sock as i64);
+        if let Some(c) = row.close {
+            self.str(Attr::CloseReason, c.name());
+            if let Some(r) = c.reset_reason() {
+                self.str(Attr::ResetReason, r);
+            }
+        }
+        if t.netns != 0 {
+            self.int(Attr::Netns, i64::from(t.netns));
+        }
+        if row.queued {
+            self.lend(Attr::Queued).value = Some(AnyValue {
+                value: Some(Value::BoolValue(true)),
+            });
+        }
+        self.str(Attr::Origin, row.origin.name());
+        if row.timing != Timing::Exact {
+            self.str(Attr::Timing, row.timing.name());
+        }
+        self.int(Attr::Seq, e.seq as i64);
+        if self.written < self.lent.len() {
+            self.give_back(self.written);
+        }
+        &self.record
+    }
+
+    /// The row carries `a` next: its KeyValue, where the last row had it
+    /// or lent from its slot.
+    fn lend(&mut self, a: Attr) -> &mut KeyValue {
+        let i = self.written;
+        self.written += 1;
+        if self.lent.get(i) != Some(&a) {
+            self.give_back(i);
+            self.record
+                .attributes
+                .push(std::mem::take(&mut self.slots[a as usize]));
+            self.lent.push(a);
+        }
+        &mut self.record.attributes[i]
+    }
+
+    /// The record's attributes from the `from`th on go back to their slots.
+    fn give_back(&mut self, from: usize) {
+        let back = self.record.attributes.drain(from..);
+        for (kv, a) in back.zip(self.lent.drain(from..)) {
+            self.slots[a as usize] = kv;
+        }
+    }
+
+    /// `a`'s string value, emptied, to write into.
+    fn text(&mut self, a: Attr) -> &mut String {
+        text_of(&mut self.lend(a).value)
+    }
+
+    fn str(&mut self, a: Attr, value: &str) {
+        self.text(a).push_str(value);
+    }
+
+    fn int(&mut self, a: Attr, value: i64) {
+        match &mut self.lend(a).value {
+            Some(AnyValue {
+                value: Some(Value::IntValue(v)),
+            }) => *v = value,
+            other => {
+                *other = Some(AnyValue {
+                    value: Some(Value::IntValue(value)),
+                })
+            }
+        }
+    }
+
+    /// The state's name as the rows show it (a number when the kernel has
+    /// a state tcptrace does not know).
+    fn state(&mut self, a: Attr, st: State) {
+        let s = self.text(a);
+        match st.name() {
+            "" => {
+                let _ = write!(s, "{st}");
+            }
+            name => s.push_str(name),
+        }
+    }
+}
+
+/// The string buffer of an AnyValue, emptied; made a string value if it
+/// was not one (only the first time: a slot's kind never changes).
+fn text_of(v: &mut Option<AnyValue>) -> &mut String {
+    let any = v.get_or_insert_with(AnyValue::default);
+    if !matches!(any.value, Some(Value::StringValue(_))) {
+        any.value = Some(Value::StringValue(String::new()));
+    }
+    let Some(Value::StringValue(s)) = &mut any.value else {
+        unreachable!("made a string value above")
+    };
+    s.clear();
+    s
 }
 
 /// What every record of this run shares: tcptrace, its version, this run,
@@ -190,182 +424,11 @@ pub fn unix_now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Protobuf wire encoding of one log record straight from the row, with
-/// the same fields and values as [`log_record`] would give prost: building
-/// a LogRecord of owned Strings and KeyValues and encoding it cost most of
-/// the exporter's time (allocation, copies, prost's length passes).
-pub mod wire {
-    use std::io::Write as _;
-
-    use tcptrace_core::cgroup;
-    use tcptrace_core::model::{Origin, Timing};
-
-    use super::{Entry, state_name};
-
-    const VARINT: u32 = 0;
-    const FIXED64: u32 = 1;
-    const LEN: u32 = 2;
-
-    pub fn varint(out: &mut Vec<u8>, mut v: u64) {
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
-
-    pub fn varint_len(v: u64) -> usize {
-        (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
-    }
-
-    fn tag(out: &mut Vec<u8>, field: u32, wire: u32) {
-        varint(out, u64::from(field << 3 | wire));
-    }
-
-    /// A length-delimited field whose payload is `bytes`.
-    pub fn bytes_field(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
-        tag(out, field, LEN);
-        varint(out, bytes.len() as u64);
-        out.extend_from_slice(bytes);
-    }
-
-    /// A KeyValue (field 6 of LogRecord) holding a string: prost writes
-    /// an empty key or value not at all, and so does this.
-    fn kv_str(out: &mut Vec<u8>, key: &str, value: &str) {
-        // AnyValue { string_value (1) }; the oneof is written even empty.
-        let any = 1 + varint_len(value.len() as u64) + value.len();
-        kv_head(out, key, any);
-        bytes_field(out, 1, value.as_bytes());
-    }
-
-    fn kv_int(out: &mut Vec<u8>, key: &str, value: i64) {
-        let any = 1 + varint_len(value as u64);
-        kv_head(out, key, any);
-        tag(out, 3, VARINT);
-        varint(out, value as u64);
-    }
-
-    fn kv_bool(out: &mut Vec<u8>, key: &str, value: bool) {
-        kv_head(out, key, 2);
-        tag(out, 2, VARINT);
-        out.push(u8::from(value));
-    }
-
-    /// The KeyValue's tag, its length, its key and the head of its value
-    /// (an AnyValue of `any` bytes).
-    fn kv_head(out: &mut Vec<u8>, key: &str, any: usize) {
-        let key_part = if key.is_empty() {
-            0
-        } else {
-            1 + varint_len(key.len() as u64) + key.len()
-        };
-        let len = key_part + 1 + varint_len(any as u64) + any;
-        tag(out, 6, LEN);
-        varint(out, len as u64);
-        if !key.is_empty() {
-            bytes_field(out, 1, key.as_bytes());
-        }
-        tag(out, 2, LEN);
-        varint(out, any as u64);
-    }
-
-    /// An address as text, without allocating.
-    fn ip_text(ip: std::net::IpAddr, buf: &mut [u8; 64]) -> &str {
-        let mut c = std::io::Cursor::new(&mut buf[..]);
-        let _ = write!(c, "{ip}");
-        let n = c.position() as usize;
-        std::str::from_utf8(&buf[..n]).unwrap_or("")
-    }
-
-    /// Appends the LogRecord of `e` (its fields, not a tag or length) to
-    /// `out`.
-    pub fn log_record(out: &mut Vec<u8>, e: &Entry, observed_ns: u64) {
-        let row = &e.row;
-        let t = &row.t;
-        let time = u64::try_from(e.time_unix_ns).unwrap_or(0);
-        if time != 0 {
-            tag(out, 1, FIXED64);
-            out.extend_from_slice(&time.to_le_bytes());
-        }
-        let (severity, text) = if row.close.is_some() {
-            (13u64, "WARN")
-        } else {
-            (9u64, "INFO")
-        };
-        tag(out, 2, VARINT);
-        varint(out, severity);
-        bytes_field(out, 3, text.as_bytes());
-        // body: AnyValue { string_value }
-        let body = e.body.as_bytes();
-        tag(out, 5, LEN);
-        varint(out, (1 + varint_len(body.len() as u64) + body.len()) as u64);
-        bytes_field(out, 1, body);
-
-        let mut buf = [0u8; 64];
-        kv_str(out, "network.transport", "tcp");
-        kv_str(out, "network.type", t.family.name());
-        kv_str(
-            out,
-            "network.local.address",
-            ip_text(t.local.ip(), &mut buf),
-        );
-        kv_int(out, "network.local.port", i64::from(t.local.port()));
-        kv_str(
-            out,
-            "network.peer.address",
-            ip_text(t.remote.ip(), &mut buf),
-        );
-        kv_int(out, "network.peer.port", i64::from(t.remote.port()));
-        if let Some(o) = &row.owner {
-            kv_int(out, "process.pid", i64::from(o.pid));
-            kv_str(out, "process.executable.name", &o.comm.as_str());
-            if let Some(path) = o.cgroup {
-                if let Some(id) = cgroup::container(path) {
-                    kv_str(out, "container.id", id);
-                } else if let Some(unit) = cgroup::unit(path) {
-                    kv_str(out, "tcp.systemd.unit", unit);
-                }
-            }
-        }
-        let thread = t.thread.as_str();
-        if !thread.is_empty() {
-            kv_str(out, "thread.name", &thread);
-        }
-        if row.origin != Origin::Snapshot {
-            kv_str(out, "tcp.state.old", &state_name(t.old));
-        }
-        kv_str(out, "tcp.state.new", &state_name(t.new));
-        if let Some(ns) = row.dwell_ns {
-            kv_int(out, "tcp.state.old.duration_ns", ns as i64);
-        }
-        kv_int(out, "tcp.socket", row.sock as i64);
-        if let Some(c) = row.close {
-            kv_str(out, "tcp.close.reason", c.name());
-            if let Some(r) = c.reset_reason() {
-                kv_str(out, "tcp.reset.reason", r);
-            }
-        }
-        if t.netns != 0 {
-            kv_int(out, "tcp.netns", i64::from(t.netns));
-        }
-        if row.queued {
-            kv_bool(out, "tcp.queued", true);
-        }
-        kv_str(out, "tcp.origin", row.origin.name());
-        if row.timing != Timing::Exact {
-            kv_str(out, "tcp.timing", row.timing.name());
-        }
-        kv_int(out, "tcptrace.seq", e.seq as i64);
-        if observed_ns != 0 {
-            tag(out, 11, FIXED64);
-            out.extend_from_slice(&observed_ns.to_le_bytes());
-        }
-        bytes_field(out, 12, b"tcp.state_change");
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub mod tests {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
     use prost::Message;
     use tcptrace_core::model::{Close, Comm, Family, Origin, Row, State, Task, Timing, Transition};
 
@@ -407,9 +470,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_wire_encoding_is_prosts() {
-        for e in [
+    /// A row of each kind the records differ by.
+    pub fn entries() -> Vec<Entry> {
+        vec![
             entry(
                 "10.0.0.1:443",
                 "10.0.0.2:51000",
@@ -439,13 +502,89 @@ mod tests {
                 e.row.timing = Timing::Poll;
                 e
             },
-        ] {
-            let mut wire = Vec::new();
-            super::wire::log_record(&mut wire, &e, 1_765_000_000_999_000_000);
-            assert_eq!(
-                wire,
-                log_record(&e, 1_765_000_000_999_000_000).encode_to_vec()
-            );
+            {
+                // A container's process; no time, no network namespace.
+                let mut e = entry("10.0.0.1:1", "10.0.0.2:2", None, Origin::Tracepoint);
+                let mut owner = Task::new(7, b"envoy");
+                owner.cgroup = Some(
+                    "/kubepods.slice/cri-containerd-\
+                     0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope",
+                );
+                e.row.owner = Some(owner);
+                e.row.t.netns = 0;
+                e.time_unix_ns = -1;
+                e.body.clear();
+                e
+            },
+        ]
+    }
+
+    #[test]
+    fn a_reused_record_is_the_one_built_afresh() {
+        let entries = entries();
+        let mut enc = Encoder::new();
+        // Every kind after every other, so that each slot is lent after
+        // rows of each shape.
+        for a in &entries {
+            for b in &entries {
+                for e in [a, b] {
+                    let want = log_record(e, 1_765_000_000_999_000_000);
+                    let got = enc.record(e, 1_765_000_000_999_000_000);
+                    assert_eq!(*got, want);
+                    assert_eq!(got.encode_to_vec(), want.encode_to_vec());
+                }
+            }
         }
+    }
+
+    /// Counts the allocations of the thread that counts.
+    struct Counting;
+
+    thread_local! {
+        static COUNTING: Cell<bool> = const { Cell::new(false) };
+        static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    // SAFETY: System's, with a count on the side.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            if COUNTING.with(Cell::get) {
+                ALLOCATIONS.with(|n| n.set(n.get() + 1));
+            }
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            if COUNTING.with(Cell::get) {
+                ALLOCATIONS.with(|n| n.set(n.get() + 1));
+            }
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Counting = Counting;
+
+    #[test]
+    fn once_warm_a_record_allocates_nothing() {
+        let entries = entries();
+        let mut enc = Encoder::new();
+        let mut out = Vec::with_capacity(1 << 16);
+        for e in &entries {
+            let _ = enc.record(e, 1);
+        }
+        COUNTING.with(|c| c.set(true));
+        // The count counts.
+        drop(std::hint::black_box(Vec::<u8>::with_capacity(1)));
+        assert_eq!(ALLOCATIONS.with(|n| n.replace(0)), 1);
+        for _ in 0..3 {
+            for e in entries.iter().rev().chain(&entries) {
+                enc.record(e, 1).encode_length_delimited(&mut out).unwrap();
+            }
+        }
+        COUNTING.with(|c| c.set(false));
+        assert_eq!(ALLOCATIONS.with(Cell::get), 0);
     }
 }

@@ -17,15 +17,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
+use opentelemetry_proto::tonic::resource::v1::Resource;
 
 use tcptrace_core::model::OtlpCounts;
 
 use super::http::{self, HttpClient, Outcome};
-use super::record::{self, Entry};
+use super::record::{self, Encoder, Entry};
 use super::spool::Spool;
 use super::{Config, Shared};
 
@@ -59,16 +61,16 @@ pub struct Worker {
     config: Config,
     client: HttpClient,
     shared: Arc<Shared>,
-    /// The current batch: its log records, encoded (each a ScopeLogs
-    /// field 2), and how many.
+    /// The current batch: its log records, encoded as they come (each a
+    /// ScopeLogs field 2), and how many. Only the envelope's lengths wait
+    /// for the last: a request of 4 MiB is never held twice, as prost's
+    /// structs and their encoding.
     current: Vec<u8>,
     current_n: usize,
-    /// One record's encoding, reused.
-    scratch: Vec<u8>,
-    /// The encoded Resource and InstrumentationScope, the same for every
-    /// request.
-    resource_bytes: Vec<u8>,
-    scope_bytes: Vec<u8>,
+    encoder: Encoder,
+    /// The same for every request.
+    resource: Resource,
+    scope: InstrumentationScope,
     /// A request is in flight: batches grow to BATCH_BYTES_BEHIND.
     busy: bool,
     /// When the current batch goes out however few it holds.
@@ -89,17 +91,16 @@ impl Worker {
         Worker {
             config,
             client: http::client(),
-            resource_bytes: record::resource().encode_to_vec(),
-            scope_bytes: InstrumentationScope {
+            resource: record::resource(),
+            scope: InstrumentationScope {
                 name: "tcptrace".into(),
                 version: env!("CARGO_PKG_VERSION").into(),
                 ..Default::default()
-            }
-            .encode_to_vec(),
+            },
             shared,
             current: Vec::new(),
             current_n: 0,
-            scratch: Vec::with_capacity(1024),
+            encoder: Encoder::new(),
             busy: false,
             due: None,
             memory: VecDeque::new(),
@@ -216,9 +217,10 @@ impl Worker {
     }
 
     fn add(&mut self, e: &Entry, observed_ns: u64) {
-        self.scratch.clear();
-        record::wire::log_record(&mut self.scratch, e, observed_ns);
-        record::wire::bytes_field(&mut self.current, 2, &self.scratch);
+        let r = self.encoder.record(e, observed_ns);
+        encode_key(2, WireType::LengthDelimited, &mut self.current);
+        r.encode_length_delimited(&mut self.current)
+            .expect("a Vec grows");
         self.current_n += 1;
         if self.current_n == 1 {
             self.due = Some(Instant::now() + BATCH_DELAY);
@@ -263,19 +265,27 @@ impl Worker {
     }
 
     /// What comes before `records` bytes of encoded log records in their
-    /// ExportLogsServiceRequest: one ResourceLogs of one ScopeLogs.
+    /// ExportLogsServiceRequest: the head of one ResourceLogs (field 1),
+    /// its Resource, the head of its one ScopeLogs (field 2) and its scope;
+    /// the records are that ScopeLogs' field 2.
     fn envelope_head(&self, records: usize) -> Vec<u8> {
-        use record::wire::{varint, varint_len};
-        let field_len = |len: usize| 1 + varint_len(len as u64) + len;
-        let scope_logs = field_len(self.scope_bytes.len()) + records;
-        let resource_logs = field_len(self.resource_bytes.len()) + field_len(scope_logs);
-        let mut out = Vec::with_capacity(64 + self.resource_bytes.len());
-        out.push(1 << 3 | 2);
-        varint(&mut out, resource_logs as u64);
-        record::wire::bytes_field(&mut out, 1, &self.resource_bytes);
-        out.push(2 << 3 | 2);
-        varint(&mut out, scope_logs as u64);
-        record::wire::bytes_field(&mut out, 1, &self.scope_bytes);
+        // A message field's key, its length and itself.
+        let field = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
+        let scope_logs = field(1, self.scope.encoded_len()) + records;
+        let resource_logs = field(1, self.resource.encoded_len()) + field(2, scope_logs);
+        let mut out = Vec::with_capacity(resource_logs - records + 16);
+        encode_key(1, WireType::LengthDelimited, &mut out);
+        encode_varint(resource_logs as u64, &mut out);
+        encode_key(1, WireType::LengthDelimited, &mut out);
+        self.resource
+            .encode_length_delimited(&mut out)
+            .expect("a Vec grows");
+        encode_key(2, WireType::LengthDelimited, &mut out);
+        encode_varint(scope_logs as u64, &mut out);
+        encode_key(1, WireType::LengthDelimited, &mut out);
+        self.scope
+            .encode_length_delimited(&mut out)
+            .expect("a Vec grows");
         out
     }
 
@@ -464,5 +474,63 @@ impl Worker {
                 .map_or(0, |b| b.records)
             + self.spool.as_ref().map_or(0, Spool::records);
         self.shared.waiting.store(n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::logs::v1::{ResourceLogs, ScopeLogs};
+
+    use super::super::record::tests::entries;
+    use super::*;
+
+    #[test]
+    fn a_request_is_the_one_prost_makes() {
+        let config = Config {
+            uri: "http://127.0.0.1:4318/v1/logs".parse().unwrap(),
+            shown: String::new(),
+            headers: Arc::new(Vec::new()),
+            wait: false,
+        };
+        let mut w = Worker::new(config, None, Arc::new(Shared::default()));
+        let entries = entries();
+        // Each kind after others: what one row leaves in the reused record
+        // must not show in the next.
+        let rows: Vec<&Entry> = entries.iter().chain(entries.iter().rev()).collect();
+        let observed = 1_765_000_000_999_000_000;
+        for e in &rows {
+            w.add(e, observed);
+        }
+        w.seal();
+        let batch = w.memory.pop_front().expect("sealed");
+        assert_eq!(batch.records, rows.len() as u64);
+        let mut sent = Vec::new();
+        flate2::read::GzDecoder::new(&batch.body[..])
+            .read_to_end(&mut sent)
+            .unwrap();
+
+        let want = ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                resource: Some(w.resource.clone()),
+                scope_logs: vec![ScopeLogs {
+                    scope: Some(InstrumentationScope {
+                        name: "tcptrace".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..Default::default()
+                    }),
+                    log_records: rows
+                        .iter()
+                        .map(|e| record::log_record(e, observed))
+                        .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        assert_eq!(ExportLogsServiceRequest::decode(&sent[..]).unwrap(), want);
+        assert_eq!(sent, want.encode_to_vec());
     }
 }
