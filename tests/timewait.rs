@@ -371,6 +371,10 @@ fn a_namespace_made_after_start_is_followed_through_time_wait() {
     server.finish();
     ns.settle("FIN-WAIT-2");
     sleep(SETTLE);
+    // The kernel's own word on whether the time-wait socket still lives:
+    // twice in the matrix's runs one ended within ms of being made (cause
+    // not found), and tcptrace must then say so, not keep it alive.
+    let in_table = ns.ss().iter().any(|s| s.is("TIME-WAIT"));
     let out = tracer.stop();
     if !from_kernel(&out, "a namespace made after start is not polled") {
         assert!(
@@ -382,11 +386,15 @@ fn a_namespace_made_after_start_is_followed_through_time_wait() {
         return;
     }
     let (client, _) = lives(&out, cpid, spid);
-    assert_eq!(
-        changes(&client)[5..],
-        ["FIN_WAIT2>TIME_WAIT timewait-kernel"],
-        "{}",
-        out.stdout
-    );
+    let want: &[&str] = if in_table {
+        &["FIN_WAIT2>TIME_WAIT timewait-kernel"]
+    } else {
+        println!("the kernel ended the time-wait socket early: ss shows none");
+        &[
+            "FIN_WAIT2>TIME_WAIT timewait-kernel",
+            "TIME_WAIT>CLOSE timewait-kernel",
+        ]
+    };
+    assert_eq!(changes(&client)[5..], *want, "{}", out.stdout);
     assert!(client[5].owned_by(cpid, "tt-client"), "{}", client[5]);
 }
