@@ -372,6 +372,16 @@ fn ensure_chromium() -> Result<()> {
     status("apt-get", &["install", "-y", "-qq", "chromium"])
 }
 
+/// nft drops the handshake's last ACK in the Fast Open owner scenario
+/// (tests/owners.rs), so that the child waits in SYN_RECV.
+fn ensure_nft() -> Result<()> {
+    install_missing(
+        &[("nftables", Path::new("/usr/sbin/nft").is_file())],
+        &["--no-install-recommends"],
+        "for the Fast Open owner scenario",
+    )
+}
+
 /// The fleet's real components: Debian's Prometheus scrapes `--metrics`
 /// in tests/otlp.rs (which fails, saying so, where it is missing); skopeo
 /// checks the OCI image archive in tests/package.rs.
@@ -437,6 +447,7 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     ensure_chromium()?;
     ensure_servers()?;
     ensure_fleet()?;
+    ensure_nft()?;
     cargo(&["fmt", "--all", "--", "--check"])
         .context("formatting differs: run `cargo fmt --all`")?;
     cargo(&[
